@@ -1,0 +1,1 @@
+"""Kiln's cloud-agnostic core: servables, engines, and (from here on) serving."""

@@ -1,0 +1,1 @@
+"""Build time only, and the one place that imports TensorFlow: SavedModel -> servable."""

@@ -1,0 +1,187 @@
+"""`kiln compile`: SavedModel in, servable out.
+
+Every selected signature is compiled ahead of time for every bucket, or, when XLA AOT cannot take
+it, packaged for the saved-model engine with its XLA compilations prebuilt (never dropped: with
+--engine xla-aot such a signature is an error naming it and the reason). The servable is built in a
+staging directory and moved into place whole, manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Literal
+
+from runtime.compiler.aot import tfcompile
+from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
+from runtime.compiler.target import resolve_target
+from runtime.compiler.toolchain import Toolchain
+from runtime.engines.saved_model import SAVED_MODEL_DIR
+from runtime.errors import CompileError
+from runtime.manifest import Manifest, Signature, describe_files
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+EngineChoice = Literal["auto", "xla-aot", "saved-model"]
+
+
+def compile_servable(
+    saved_model: Path,
+    out: Path,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    signatures: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    target_cpu: str = "native",
+    engine: EngineChoice = "auto",
+    tags: str = "serve",
+    multithreading: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    saved_model, out = Path(saved_model), Path(out)
+    name, version = _name_and_version(out, name, version)
+    batch_sizes = tuple(sorted(set(batch_sizes)))
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise CompileError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    target = resolve_target(target_cpu)
+    infos = _select(read_signatures(saved_model, tags), signatures, saved_model)
+    reasons = {key: ("built with --engine saved-model" if engine == "saved-model" else info.aot_obstacle())
+               for key, info in infos.items()}
+    _refuse_if_forced(engine, reasons)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
+            aot = {key: info for key, info in infos.items() if not reasons[key]}
+            libraries = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
+                                     Path(work), staging, reasons, log)
+            _refuse_if_forced(engine, reasons)
+        fallback = [key for key in infos if reasons[key]]
+        manifest = Manifest(
+            name=name, version=version, engine=_engine_of(infos, reasons),
+            signatures={key: Signature(
+                method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
+                engine="saved-model" if reasons[key] else "xla-aot",
+                libraries=libraries.get(key, {}), reason=reasons[key])
+                for key, info in infos.items()},
+            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
+        if fallback:
+            log(f"packaging {', '.join(fallback)} for the saved-model engine")
+            shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
+            manifest = _prebuild_xla_cache(staging, manifest)
+        manifest = manifest.model_copy(update={"files": describe_files(staging)})
+        manifest.write(staging)
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
+    """Defaults from a repository layout BASE/NAME/VERSION, else the directory's own name, version 1."""
+    numbered = out.name.isdigit()
+    return (name or (out.parent.name if numbered else out.name),
+            version if version is not None else (int(out.name) if numbered else 1))
+
+
+def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_model: Path):
+    if not infos:
+        raise CompileError(f"the SavedModel at {saved_model} has no signatures to serve")
+    if not wanted:
+        return infos
+    unknown = [key for key in wanted if key not in infos]
+    if unknown:
+        raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has "
+                           f"{', '.join(infos)}")
+    return {key: infos[key] for key in wanted}
+
+
+def _refuse_if_forced(engine: EngineChoice, reasons: dict[str, str]) -> None:
+    if engine == "xla-aot":
+        for key, reason in reasons.items():
+            if reason:
+                raise CompileError(f"signature '{key}' cannot be compiled ahead of time: {reason}")
+
+
+def _engine_of(infos, reasons) -> str:
+    engines = {"saved-model" if reasons[key] else "xla-aot" for key in infos}
+    return engines.pop() if len(engines) == 1 else "mixed"
+
+
+def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
+                 reasons, log) -> dict[str, dict[int, str]]:
+    """tfcompile every (signature, bucket), then link the libraries in parallel.
+
+    A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
+    """
+    if not infos:
+        return {}
+    from tensorflow.python.tools import saved_model_utils
+
+    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items()}
+    static = work / "static"
+    log(f"exporting static shapes for {len(plan)} signature(s)")
+    export_static(saved_model, tags, plan, static)
+    meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
+    toolchain = Toolchain.for_installed_tensorflow(target.cpu)
+    jobs = []
+    for index, (key, batches) in enumerate(plan.items()):
+        compiled = []
+        for batch in batches:
+            cpp_class = f"kiln_s{index}_b{batch}"
+            log(f"compiling {key} for batch {batch or 'static'}")
+            try:
+                header, objects = tfcompile(static, meta_graph, bucket_key(key, batch),
+                                            work / cpp_class, cpp_class, target, multithreading)
+            except CompileError as e:
+                reasons[key] = f"XLA could not compile it: {e}"
+                break
+            library = f"lib/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
+            compiled.append((key, batch, header, cpp_class, objects, library))
+        else:
+            jobs.extend(compiled)
+    (staging / "lib").mkdir(exist_ok=True)
+    log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda job: toolchain.link_bucket(job[2], job[3], job[4], staging / job[5]), jobs))
+    libraries: dict[str, dict[int, str]] = {}
+    for key, batch, _, _, _, library in jobs:
+        libraries.setdefault(key, {})[batch] = library
+    return libraries
+
+
+def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
+    """Run every saved-model signature at every bucket in a fresh process that writes the persistent
+    XLA cache (its flags must be set before TensorFlow starts); learn which ones XLA can compile."""
+    manifest.write(staging)
+    done = subprocess.run([sys.executable, "-m", "runtime.compiler.xla_cache", str(staging)],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    (staging / "manifest.json").unlink()
+    if done.returncode != 0:
+        raise CompileError(f"prebuilding the XLA cache failed:\n{done.stderr[-3000:]}")
+    jit = json.loads(done.stdout.strip().splitlines()[-1])
+    return manifest.model_copy(update={"signatures": {
+        key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()}})
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished servable into place; an older one at the same path is removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""Reading a SavedModel's signatures, and re-exporting them with static shapes, one per bucket.
+
+XLA AOT needs every shape fixed. Users export one signature with a dynamic batch dimension; we load
+it and save a SavedModel holding, for each signature and bucket, a function that calls it with the
+batch fixed, so the compiled code is the user's own graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import CompileError
+from runtime.manifest import TensorSpec, show_shape
+
+AOT_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+              "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"}
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    key: str
+    method: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def batched(self) -> bool:
+        """Dimension 0 of every input and output is free: the batch."""
+        return all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
+
+    def aot_obstacle(self) -> str:
+        """Why XLA AOT cannot take this signature as it stands, or "" if nothing is known against it."""
+        for role, specs in (("input", self.inputs), ("output", self.outputs)):
+            for spec in specs:
+                if spec.dtype not in AOT_DTYPES:
+                    return f"{role} '{spec.name}' has dtype {spec.dtype}, which XLA AOT cannot take"
+                inner = spec.shape[1:] if self.batched else spec.shape
+                if any(dim is None for dim in inner):
+                    return (f"{role} '{spec.name}' has shape {show_shape(spec.shape)} with a dynamic inner "
+                            f"dimension; XLA AOT needs every dimension but the batch fixed")
+        return ""
+
+    def specs_for(self, batch: int) -> tuple[TensorSpec, ...]:
+        """The inputs with the batch dimension fixed (unchanged for an unbatched signature)."""
+        if not self.batched:
+            return self.inputs
+        return tuple(spec.model_copy(update={"shape": (batch, *spec.shape[1:])}) for spec in self.inputs)
+
+
+def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, SignatureInfo]:
+    """Every callable signature of the MetaGraph for the tag set, as the SavedModel declares it."""
+    from tensorflow.python.tools import saved_model_utils
+
+    try:
+        meta_graph = saved_model_utils.get_meta_graph_def(str(saved_model_dir), tags)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CompileError(f"cannot read a SavedModel with tags '{tags}' at {saved_model_dir}: {e}") from None
+    return {
+        key: SignatureInfo(key, sig.method_name or "tensorflow/serving/predict",
+                           _specs(sig.inputs), _specs(sig.outputs))
+        for key, sig in sorted(meta_graph.signature_def.items())
+        if not key.startswith("__")
+    }
+
+
+def _specs(tensor_infos) -> tuple[TensorSpec, ...]:
+    import tensorflow as tf
+
+    specs = []
+    for name, info in sorted(tensor_infos.items()):
+        shape = tf.TensorShape(info.tensor_shape)
+        dims = (None,) if shape.rank is None else tuple(shape.as_list())
+        specs.append(TensorSpec(name=name, dtype=tf.as_dtype(info.dtype).name, shape=dims))
+    return tuple(specs)
+
+
+def bucket_key(signature_key: str, batch: int) -> str:
+    return f"kiln_{signature_key}__b{batch}"
+
+
+def export_static(saved_model_dir: Path, tags: str, plan: dict[str, list[int]], out: Path) -> None:
+    """Save a SavedModel with signature bucket_key(key, b) for each key and bucket b in the plan.
+
+    An unbatched signature is planned with the single bucket 0 and keeps its own static shapes.
+    """
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir), tags=tags.split(","))
+    infos = read_signatures(saved_model_dir, tags)
+    module = tf.Module()
+    module.loaded = loaded  # tracked, so the variables are saved with the new signatures
+    signatures = {}
+    for key, batches in plan.items():
+        function = loaded.signatures[key]
+        for batch in batches:
+            specs = infos[key].specs_for(batch)
+            static = {s.name: tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in specs}
+            signatures[bucket_key(key, batch)] = _caller(function).get_concrete_function(**static)
+    tf.saved_model.save(module, str(out), signatures=signatures)
+
+
+def _caller(function):
+    import tensorflow as tf
+
+    return tf.function(lambda **kwargs: function(**kwargs))

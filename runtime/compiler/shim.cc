@@ -1,0 +1,63 @@
+// A C ABI over one tfcompile-generated class, so the thin runtime can drive it through ctypes.
+// Built by runtime/compiler/toolchain.py with -DKILN_HEADER="..." -DKILN_CLASS=... per bucket.
+#define EIGEN_USE_THREADS
+#include <string>
+
+#include "unsupported/Eigen/CXX11/Tensor"
+#include KILN_HEADER
+
+namespace {
+
+// Owns the Eigen pool and the device the compiled code uses for its matmul and conv kernels.
+struct ThreadPool {
+  explicit ThreadPool(int threads) : pool(threads), device(&pool, threads) {}
+  Eigen::ThreadPool pool;
+  Eigen::ThreadPoolDevice device;
+};
+
+KILN_CLASS* As(void* function) { return static_cast<KILN_CLASS*>(function); }
+
+// tfcompile names a signature's input "feed_<key>" and its output "fetch_<key>", '/' replaced by '_'.
+std::string Mangle(const char* prefix, const char* key) {
+  std::string name = std::string(prefix) + key;
+  for (char& c : name) {
+    if (c == '/') c = '_';
+  }
+  return name;
+}
+
+}  // namespace
+
+extern "C" {
+
+void* kiln_new() { return new KILN_CLASS(); }
+void kiln_delete(void* function) { delete As(function); }
+int kiln_num_args(void* function) { return As(function)->num_args(); }
+int kiln_num_results(void* function) { return As(function)->num_results(); }
+int kiln_arg_index(void* function, const char* key) {
+  return As(function)->LookupArgIndex(Mangle("feed_", key));
+}
+int kiln_result_index(void* function, const char* key) {
+  return As(function)->LookupResultIndex(Mangle("fetch_", key));
+}
+long kiln_arg_size(void* function, int index) { return As(function)->arg_size(index); }
+long kiln_result_size(void* function, int index) { return As(function)->result_size(index); }
+void* kiln_arg_data(void* function, int index) { return As(function)->arg_data(index); }
+void* kiln_result_data(void* function, int index) { return As(function)->result_data(index); }
+
+// Returns nullptr on success, else the compiled code's error message (valid until the next run).
+const char* kiln_run(void* function) {
+  static thread_local std::string error;
+  if (As(function)->Run()) return nullptr;
+  error = As(function)->error_msg();
+  if (error.empty()) error = "the compiled function reported a failure";
+  return error.c_str();
+}
+
+void* kiln_thread_pool_new(int threads) { return new ThreadPool(threads); }
+void kiln_thread_pool_delete(void* pool) { delete static_cast<ThreadPool*>(pool); }
+void kiln_set_thread_pool(void* function, void* pool) {
+  As(function)->set_thread_pool(pool ? &static_cast<ThreadPool*>(pool)->device : nullptr);
+}
+
+}  // extern "C"

@@ -1,0 +1,152 @@
+"""The C++ side of a build: the XLA AOT runtime objects (built once, cached), the shim, the link.
+
+The wheel ships the AOT runtime as sources (tensorflow/xla_aot_runtime_src). Its small "core" files
+are always needed; each heavy kernel file instantiates one Eigen template (a matmul or a convolution
+for one element type) and takes a minute to build, so a kernel is built only when some compiled
+model calls it. Objects are cached under the kiln cache, keyed by TensorFlow version, compiler and
+flags, and written atomically so concurrent builds can share them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.cache import cache_root
+from runtime.errors import CompileError
+
+SHIM_SOURCE = Path(__file__).with_name("shim.cc")
+
+# The template each kernel source instantiates, as `nm -C` prints it among a shim's undefined symbols.
+KERNEL_SOURCES = {
+    "xla/backends/cpu/runtime/dot_lib_f16.cc": "TypedMatMul<Eigen::half, Eigen::half, Eigen::half>",
+    "xla/backends/cpu/runtime/dot_lib_f32.cc": "TypedMatMul<float, float, float>",
+    "xla/backends/cpu/runtime/dot_lib_f64.cc": "TypedMatMul<double, double, double>",
+    "xla/backends/cpu/runtime/dot_lib_c64.cc": "TypedMatMul<std::complex<float>, std::complex<float>, std::complex<float> >",
+    "xla/backends/cpu/runtime/dot_lib_c128.cc": "TypedMatMul<std::complex<double>, std::complex<double>, std::complex<double> >",
+    "xla/backends/cpu/runtime/dot_lib_s8.cc": "TypedMatMul<signed char, signed char, int>",
+    "xla/backends/cpu/runtime/dot_lib_s32.cc": "TypedMatMul<int, int, int>",
+    "xla/backends/cpu/runtime/convolution_lib_f16_2d.cc": "EigenConv2D<Eigen::half>",
+    "xla/backends/cpu/runtime/convolution_lib_f32_2d.cc": "EigenConv2D<float>",
+    "xla/backends/cpu/runtime/convolution_lib_f16_3d.cc": "EigenConv3D<Eigen::half>",
+    "xla/backends/cpu/runtime/convolution_lib_f32_3d.cc": "EigenConv3D<float>",
+    "xla/backends/cpu/runtime/sort_lib.cc": "xla::cpu::SortInplace<",
+}
+
+EXPORTS_MAP = "{ global: kiln_*; local: *; };\n"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """Where TensorFlow's headers and runtime sources are, and how to compile for one target CPU."""
+
+    tensorflow_dir: Path
+    tensorflow_version: str
+    target_cpu: str
+    cxx: str = "g++"
+
+    @classmethod
+    def for_installed_tensorflow(cls, target_cpu: str) -> Toolchain:
+        import tensorflow as tf
+
+        return cls(Path(tf.__file__).parent, tf.__version__, target_cpu, os.environ.get("CXX", "g++"))
+
+    @property
+    def flags(self) -> list[str]:
+        # One set of flags for every object: Eigen's templates must be compiled alike everywhere
+        # they are instantiated (its AVX-512 GEMM specializations clash with the convolution packers).
+        return [
+            "-O3", f"-march={self.target_cpu}", "-fPIC", "-std=c++17", "-w",
+            "-D_GLIBCXX_USE_CXX11_ABI=1", "-DEIGEN_USE_THREADS", "-DEIGEN_USE_AVX512_GEMM_KERNELS=0",
+            f"-I{self.tensorflow_dir / 'include'}",
+        ]
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.tensorflow_dir / "xla_aot_runtime_src"
+
+    @property
+    def framework_library(self) -> Path:
+        return self.tensorflow_dir / "libtensorflow_framework.so.2"
+
+    def cache_dir(self) -> Path:
+        compiler = subprocess.run([self.cxx, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256("\n".join([self.tensorflow_version, compiler, *self.flags]).encode())
+        return cache_root() / "aot-runtime" / f"tf-{self.tensorflow_version}-{key.hexdigest()[:16]}"
+
+    def core_sources(self) -> list[str]:
+        every = sorted(str(p.relative_to(self.sources_dir)) for p in self.sources_dir.rglob("*.cc"))
+        return [s for s in every if s not in KERNEL_SOURCES]
+
+    def runtime_objects(self, kernels: list[str]) -> list[Path]:
+        """The cached objects for the core plus the named kernel sources, building what is missing."""
+        wanted = self.core_sources() + kernels
+        cache = self.cache_dir()
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda s: self._cached_object(s, cache), wanted))
+
+    def _cached_object(self, source: str, cache: Path) -> Path:
+        target = cache / (source.replace("/", "__") + ".o")
+        if target.exists():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not target.exists():
+                self.compile_object(self.sources_dir / source, target)
+        return target
+
+    def compile_object(self, source: Path, target: Path, extra: list[str] = ()) -> None:
+        """Compile one C++ file; the object appears under its final name only when complete."""
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".o", delete=False) as tmp:
+            pass
+        try:
+            run([self.cxx, "-c", *self.flags, *extra, str(source), "-o", tmp.name], f"compiling {source.name}")
+            os.replace(tmp.name, target)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+
+    def kernels_called_by(self, objects: list[Path]) -> list[str]:
+        """Kernel sources whose template the given objects leave undefined."""
+        undefined = run(["nm", "-uC", *map(str, objects)], "listing undefined symbols")
+        return [source for source, symbol in KERNEL_SOURCES.items() if symbol in undefined]
+
+    def link_bucket(self, header: Path, cpp_class: str, model_objects: list[Path], out: Path) -> None:
+        """Compile the shim over one generated class and link it into a self-contained library.
+
+        Only kiln_* is exported, so libraries of several buckets and models load side by side; the
+        Abseil symbols the runtime needs come from the wheel's libtensorflow_framework.so.2.
+        """
+        work = out.parent / f".{out.stem}-build"
+        work.mkdir(parents=True, exist_ok=True)
+        shim = work / "shim.o"
+        self.compile_object(SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"',
+                                                f"-DKILN_CLASS={cpp_class}"])
+        runtime = self.runtime_objects(self.kernels_called_by([shim, *model_objects]))
+        # An archive, so the linker takes only the runtime members this model references.
+        archive = work / "runtime.a"
+        run(["ar", "rcs", str(archive), *map(str, runtime)], "archiving the AOT runtime")
+        exports = work / "exports.map"
+        exports.write_text(EXPORTS_MAP)
+        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, model_objects), str(archive),
+             str(self.framework_library), f"-Wl,--version-script={exports}", "-Wl,--no-undefined",
+             "-Wl,--as-needed", "-s"], f"linking {out.name}")
+        for path in (shim, archive, exports):
+            path.unlink()
+        work.rmdir()
+
+
+def run(command: list[str], what: str) -> str:
+    """Run a build tool; a failure raises CompileError carrying the tool's own message."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-30:]
+        raise CompileError(f"{what} failed:\n" + "\n".join(tail))
+    return done.stdout

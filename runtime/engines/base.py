@@ -1,0 +1,151 @@
+"""A loaded servable: checks its inputs, splits batches into buckets, runs each signature's runner.
+
+Each signature has a Runner from the engine that compiled it (xla-aot or saved-model). Runners see
+only valid inputs of at most one bucket's rows and pad them themselves, which lets the xla-aot
+runner write straight into the compiled code's argument buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.buckets import plan_chunks
+from runtime.cpu import check_target
+from runtime.errors import InvalidInput, NotFound
+from runtime.manifest import Manifest, Signature, TensorSpec, read_manifest, show_shape, verify_files
+
+
+class Runner(Protocol):
+    def run(self, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+        """Run on inputs of n <= bucket rows (all rows for an unbatched signature); return n rows."""
+
+    def close(self) -> None: ...
+
+
+class Engine:
+    """A servable ready to run; safe to call from several threads at once."""
+
+    def __init__(self, directory: Path, manifest: Manifest, runners: dict[str, Runner]):
+        self.directory = directory
+        self.manifest = manifest
+        self._runners = runners
+
+    @classmethod
+    def open(cls, directory: Path, *, verify: bool = True, threads: int | None = None) -> Engine:
+        manifest = read_manifest(directory)
+        if verify:
+            verify_files(directory, manifest)
+        runners: dict[str, Runner] = {}
+        try:
+            for key, signature in manifest.signatures.items():
+                if signature.engine == "xla-aot":
+                    check_target(manifest.target.triple, manifest.target.cpu, list(manifest.target.features))
+                    from runtime.engines.xla_aot import AotRunner
+
+                    runners[key] = AotRunner(directory, signature, threads)
+                else:
+                    from runtime.engines.saved_model import SavedModelRunner
+
+                    runners[key] = SavedModelRunner(directory, key, signature)
+        except BaseException:
+            for runner in runners.values():
+                runner.close()
+            raise
+        return cls(directory, manifest, runners)
+
+    @property
+    def signatures(self) -> dict[str, Signature]:
+        return self.manifest.signatures
+
+    def signature(self, key: str) -> Signature:
+        try:
+            return self.manifest.signatures[key]
+        except KeyError:
+            known = ", ".join(sorted(self.manifest.signatures))
+            raise NotFound(f"signature '{key}' not found in model {self.manifest.name}; "
+                           f"it has: {known}") from None
+
+    def run(self, key: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name for inputs by name; batched signatures take any number of rows."""
+        signature = self.signature(key)
+        arrays, rows = check_inputs(signature, inputs)
+        runner = self._runners[key]
+        if not signature.batched:
+            return runner.run(arrays, 0)
+        chunks = plan_chunks(rows, self.manifest.batch_sizes)
+        if len(chunks) == 1:
+            return runner.run(arrays, chunks[0][2])
+        parts = [runner.run({n: a[start:stop] for n, a in arrays.items()}, bucket)
+                 for start, stop, bucket in chunks]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def close(self) -> None:
+        for runner in self._runners.values():
+            runner.close()
+        self._runners = {}
+
+
+def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Inputs as arrays of the signature's dtypes, and the batch size; one clear error otherwise."""
+    expected = {spec.name for spec in signature.inputs}
+    missing, unknown = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
+    if missing or unknown:
+        parts = [f"missing input(s) {', '.join(missing)}" if missing else "",
+                 f"unknown input(s) {', '.join(unknown)}" if unknown else ""]
+        raise InvalidInput(f"{'; '.join(p for p in parts if p)}; the signature takes "
+                           f"{', '.join(sorted(expected))}")
+    arrays = {spec.name: _as_dtype(spec, inputs[spec.name]) for spec in signature.inputs}
+    rows = 0
+    for spec in signature.inputs:
+        array = arrays[spec.name]
+        if not _shape_fits(spec.shape, array.shape):
+            raise InvalidInput(f"input '{spec.name}' must have shape {show_shape(spec.shape)}, "
+                               f"got {show_shape(array.shape)}")
+    if signature.batched:
+        sizes = {spec.name: arrays[spec.name].shape[0] for spec in signature.inputs}
+        rows = next(iter(sizes.values()))
+        if len(set(sizes.values())) > 1:
+            raise InvalidInput(f"inputs must have the same batch size (dimension 0), got {sizes}")
+        if rows == 0:
+            raise InvalidInput("the batch is empty: dimension 0 of the inputs is 0")
+    return arrays, rows
+
+
+def _as_dtype(spec: TensorSpec, value) -> np.ndarray:
+    array = np.asarray(value)
+    if spec.dtype == "string":
+        if array.dtype.kind in "SUO":
+            return array.astype(object) if array.dtype.kind != "O" else array
+    else:
+        wanted = np.dtype(spec.dtype)
+        if array.dtype == wanted:
+            return np.ascontiguousarray(array)
+        if array.dtype.kind in "biuf" and np.can_cast(array.dtype, wanted, casting="same_kind"):
+            return np.ascontiguousarray(array, dtype=wanted)
+    raise InvalidInput(f"input '{spec.name}' must have dtype {spec.dtype}, got {_dtype_name(array)}")
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    return "string" if array.dtype.kind in "SUO" else str(array.dtype)
+
+
+def _shape_fits(expected: tuple[int | None, ...], got: tuple[int, ...]) -> bool:
+    if len(expected) != len(got):
+        return False
+    return all(e is None or e == g for e, g in zip(expected, got))
+
+
+def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]:
+    """Zero inputs (empty strings) of the signature's shapes at one bucket, for warm-up."""
+    inputs = {}
+    for spec in signature.inputs:
+        shape = tuple(bucket if d is None else d for d in spec.shape)
+        if spec.dtype == "string":
+            inputs[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return inputs

@@ -1,0 +1,193 @@
+"""The thin engine: runs XLA ahead-of-time compiled libraries through ctypes, without TensorFlow.
+
+Each (signature, bucket) is one shared library exporting the kiln_* C functions of
+runtime/compiler/shim.cc. An instance of the compiled class owns its argument, result and temp
+buffers, so instances are pooled: a thread takes one, fills its arguments through numpy views,
+runs it with the GIL released (ctypes releases it), copies the results out and gives it back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import InvalidInput, ServableError
+from runtime.manifest import Signature, TensorSpec
+
+FRAMEWORK_LIBRARY = "libtensorflow_framework.so.2"
+P = ctypes.c_void_p
+PROTOTYPES = {
+    "kiln_new": (P, []), "kiln_delete": (None, [P]),
+    "kiln_num_args": (ctypes.c_int, [P]), "kiln_num_results": (ctypes.c_int, [P]),
+    "kiln_arg_index": (ctypes.c_int, [P, ctypes.c_char_p]),
+    "kiln_result_index": (ctypes.c_int, [P, ctypes.c_char_p]),
+    "kiln_arg_size": (ctypes.c_long, [P, ctypes.c_int]),
+    "kiln_result_size": (ctypes.c_long, [P, ctypes.c_int]),
+    "kiln_arg_data": (P, [P, ctypes.c_int]), "kiln_result_data": (P, [P, ctypes.c_int]),
+    "kiln_run": (ctypes.c_char_p, [P]),
+    "kiln_thread_pool_new": (P, [ctypes.c_int]), "kiln_thread_pool_delete": (None, [P]),
+    "kiln_set_thread_pool": (None, [P, P]),
+}
+
+
+@functools.cache
+def load_framework_library() -> ctypes.CDLL:
+    """The Abseil the compiled code links against ships in TensorFlow's framework library.
+
+    It is loaded by path (KILN_TF_FRAMEWORK_LIBRARY, else found beside an installed tensorflow
+    package, which is located but never imported) with RTLD_GLOBAL, so the bucket libraries, which
+    name it as a dependency, resolve to it.
+    """
+    path = os.environ.get("KILN_TF_FRAMEWORK_LIBRARY")
+    if not path:
+        spec = importlib.util.find_spec("tensorflow")
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        path = next((str(Path(d) / FRAMEWORK_LIBRARY) for d in locations
+                     if (Path(d) / FRAMEWORK_LIBRARY).exists()), "")
+    if not path:
+        raise ServableError(f"xla-aot servables need {FRAMEWORK_LIBRARY}: install tensorflow-cpu or set "
+                            f"KILN_TF_FRAMEWORK_LIBRARY to the file's path")
+    try:
+        return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise ServableError(f"cannot load {path}: {e}") from None
+
+
+def default_threads() -> int:
+    configured = os.environ.get("KILN_INTRA_OP_THREADS")
+    return int(configured) if configured else len(os.sched_getaffinity(0))
+
+
+class BucketLibrary:
+    """One compiled library: its C functions, its pool of instances, the argument layout."""
+
+    def __init__(self, path: Path, signature: Signature, bucket: int):
+        try:
+            self.lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise ServableError(f"cannot load compiled library {path.name}: {e}") from None
+        for name, (restype, argtypes) in PROTOTYPES.items():
+            try:
+                function = getattr(self.lib, name)
+            except AttributeError:
+                raise ServableError(f"{path.name} is not a Kiln library: it lacks {name}") from None
+            function.restype, function.argtypes = restype, argtypes
+        self.name = path.name
+        self.signature = signature
+        self.bucket = bucket
+        self.thread_pool: int | None = None
+        self._idle: list[Instance] = []
+        self._lock = threading.Lock()
+        self._all: list[Instance] = []
+
+    def acquire(self) -> Instance:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        instance = Instance(self)
+        with self._lock:
+            self._all.append(instance)
+        return instance
+
+    def release(self, instance: Instance) -> None:
+        with self._lock:
+            self._idle.append(instance)
+
+    def close(self) -> None:
+        with self._lock:
+            for instance in self._all:
+                instance.delete()
+            self._all, self._idle = [], []
+
+
+class Instance:
+    """One compiled-function object and numpy views on its argument and result buffers."""
+
+    def __init__(self, library: BucketLibrary):
+        lib = library.lib
+        self.lib = lib
+        self.handle = lib.kiln_new()
+        if not self.handle:
+            raise ServableError(f"{library.name}: the compiled function could not be created")
+        lib.kiln_set_thread_pool(self.handle, library.thread_pool)
+        signature, bucket = library.signature, library.bucket
+        self.args = {spec.name: self._view(library, spec, bucket, lib.kiln_arg_index,
+                                           lib.kiln_arg_size, lib.kiln_arg_data)
+                     for spec in signature.inputs}
+        self.results = {spec.name: self._view(library, spec, bucket, lib.kiln_result_index,
+                                              lib.kiln_result_size, lib.kiln_result_data)
+                        for spec in signature.outputs}
+
+    def _view(self, library, spec: TensorSpec, bucket, index_of, size_of, data_of) -> np.ndarray:
+        index = index_of(self.handle, spec.name.encode())
+        shape = tuple(bucket if d is None else d for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if index < 0 or size_of(self.handle, index) != nbytes:
+            raise ServableError(f"{library.name} does not match the manifest: tensor '{spec.name}' "
+                                f"of shape {list(shape)} {spec.dtype} is not in the compiled code")
+        buffer = (ctypes.c_char * nbytes).from_address(data_of(self.handle, index))
+        return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def run(self) -> None:
+        error = self.lib.kiln_run(self.handle)
+        if error is not None:
+            raise InvalidInput(f"the compiled model failed: {error.decode(errors='replace')}")
+
+    def delete(self) -> None:
+        self.lib.kiln_delete(self.handle)
+        self.handle = None
+
+
+class AotRunner:
+    """Runs one signature: one library per bucket, one Eigen thread pool shared by all of them."""
+
+    def __init__(self, directory: Path, signature: Signature, threads: int | None = None):
+        load_framework_library()
+        self.signature = signature
+        self.threads = default_threads() if threads is None else threads
+        self.libraries: dict[int, BucketLibrary] = {}
+        self._pool = None
+        try:
+            for bucket, relative in sorted(signature.libraries.items()):
+                self.libraries[bucket] = BucketLibrary(directory / relative, signature, bucket)
+            self._pool_owner = next(iter(self.libraries.values())).lib
+            if self.threads > 1:
+                self._pool = self._pool_owner.kiln_thread_pool_new(self.threads)
+            for library in self.libraries.values():
+                library.thread_pool = self._pool
+                library.release(library.acquire())  # the first instance checks the layout
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+        library = self.libraries[bucket]
+        instance = library.acquire()
+        try:
+            for name, view in instance.args.items():
+                rows = inputs[name].shape[0] if self.signature.batched else view.shape[0]
+                view[:rows] = inputs[name]
+                if rows < view.shape[0]:
+                    view[rows:] = 0
+            instance.run()
+            if not self.signature.batched:
+                return {name: view.copy() for name, view in instance.results.items()}
+            rows = next(iter(inputs.values())).shape[0]
+            return {name: view[:rows].copy() for name, view in instance.results.items()}
+        finally:
+            library.release(instance)
+
+    def close(self) -> None:
+        for library in self.libraries.values():
+            library.close()
+        self.libraries = {}
+        if self._pool is not None:
+            self._pool_owner.kiln_thread_pool_delete(self._pool)
+            self._pool = None

@@ -1,0 +1,164 @@
+"""The servable manifest: what a servable holds and what it needs, and the checks made before use.
+
+A servable is a directory BASE/NAME/VERSION/ with manifest.json and its artifacts. The manifest is
+written last, so a directory without one is not (yet) a servable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runtime.errors import ServableError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+Engine = Literal["xla-aot", "saved-model"]
+PREDICT = "tensorflow/serving/predict"
+CLASSIFY = "tensorflow/serving/classify"
+REGRESS = "tensorflow/serving/regress"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(Model):
+    """One input or output. dtype is numpy's name ("float32"), or "string" for bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...] = Field(description="None where any size is accepted")
+
+
+class Signature(Model):
+    """One callable entry point, TensorFlow Serving's SignatureDef as Kiln runs it.
+
+    When batched, dimension 0 of every input and output is the batch, and a request of any batch
+    size is split into and padded to the servable's buckets.
+    """
+
+    method: str = PREDICT
+    engine: Engine
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batched: bool = True
+    libraries: dict[int, str] = Field(default_factory=dict, description="bucket -> library (xla-aot)")
+    reason: str = Field("", description="why this signature is not ahead-of-time compiled")
+    jit: bool = Field(False, description="saved-model: runs under XLA JIT from the prebuilt cache")
+
+    @model_validator(mode="after")
+    def _libraries_match_engine(self) -> Signature:
+        if self.engine == "xla-aot" and not self.libraries:
+            raise ValueError("an xla-aot signature needs a library for each bucket")
+        return self
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+
+class Target(Model):
+    """The machine code's target: the LLVM triple, the CPU name, the features it needs."""
+
+    triple: str
+    cpu: str
+    features: tuple[str, ...]
+
+
+class FileEntry(Model):
+    sha256: str
+    size: int
+
+
+class Manifest(Model):
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: int
+    engine: Literal["xla-aot", "saved-model", "mixed"]
+    signatures: dict[str, Signature]
+    batch_sizes: tuple[int, ...]
+    target: Target
+    tensorflow_version: str
+    files: dict[str, FileEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        engines = {sig.engine for sig in self.signatures.values()}
+        expected = engines.pop() if len(engines) == 1 else "mixed"
+        if self.engine != expected:
+            raise ValueError(f"engine is '{self.engine}' but its signatures make it '{expected}'")
+        if list(self.batch_sizes) != sorted(set(self.batch_sizes)) or min(self.batch_sizes, default=0) < 1:
+            raise ValueError(f"batch_sizes must be positive and increasing, got {list(self.batch_sizes)}")
+        return self
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+
+    def write(self, directory: Path) -> None:
+        """Write manifest.json last and atomically: its presence publishes the servable."""
+        tmp = directory / f".{MANIFEST_FILE}.tmp"
+        tmp.write_bytes(self.to_json())
+        tmp.replace(directory / MANIFEST_FILE)
+
+
+def show_shape(shape) -> str:
+    """A shape as TensorFlow prints it in signatures: [-1, 28, 28, 1]."""
+    return "[" + ", ".join("-1" if d is None else str(d) for d in shape) + "]"
+
+
+def describe_files(directory: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file under the directory except the manifest itself."""
+    return {
+        str(path.relative_to(directory)): FileEntry(sha256=sha256_of(path), size=path.stat().st_size)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and validate manifest.json, with a clear error for anything unreadable."""
+    path = directory / MANIFEST_FILE
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ServableError(f"{directory} is not a servable: {MANIFEST_FILE} is missing") from None
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise ServableError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ServableError(f"{path} must hold a JSON object")
+    found = raw.get("format_version")
+    if found != FORMAT_VERSION:
+        raise ServableError(
+            f"{path} has format_version {found!r}; this Kiln reads format_version {FORMAT_VERSION}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ServableError(f"{path} is not a valid manifest: {problems}") from None
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every listed file is present with its recorded size and sha256 (sizes first: they are cheap)."""
+    for relative, entry in manifest.files.items():
+        path = directory / relative
+        if not path.is_file():
+            raise ServableError(f"servable {directory}: file {relative} is missing")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise ServableError(
+                f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
+    for relative, entry in manifest.files.items():
+        digest = sha256_of(directory / relative)
+        if digest != entry.sha256:
+            raise ServableError(
+                f"servable {directory}: file {relative} has sha256 {digest}, the manifest says {entry.sha256}")
