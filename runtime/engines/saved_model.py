@@ -59,7 +59,9 @@ def load_saved_model(path: Path):
 
 
 class SavedModelRunner:
-    def __init__(self, directory: Path, key: str, signature: Signature, writable_cache: bool = False):
+    def __init__(self, directory: Path, key: str, signature: Signature, writable_cache: bool | None = None):
+        if writable_cache is None:  # operators may let serving add shapes the build did not prebuild
+            writable_cache = os.environ.get("KILN_XLA_CACHE_WRITABLE", "") == "1"
         self.tf = import_tensorflow(directory / XLA_CACHE_DIR, writable_cache)
         self.signature = signature
         loaded = load_saved_model(directory / SAVED_MODEL_DIR)

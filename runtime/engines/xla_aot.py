@@ -12,6 +12,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def load_framework_library() -> ctypes.CDLL:
     if not path:
         raise ServableError(f"xla-aot servables need {FRAMEWORK_LIBRARY}: install tensorflow-cpu or set "
                             f"KILN_TF_FRAMEWORK_LIBRARY to the file's path")
+    if "tensorflow" not in sys.modules:  # else TensorFlow has read it already
+        # Its static start-up announces oneDNN on stderr unless oneDNN is off; nothing here uses it.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:

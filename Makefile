@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` (build the example servables and run them) and `make test`.
+PYTHON ?= python3
+SERVABLES ?= servables
+STAMP := .venv-stamp
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) examples/build.py $(SERVABLES)
+	kiln inspect $(SERVABLES)/digits/1
+	kiln predict $(SERVABLES)/half_plus_two/1 --input '{"instances": [1.0, 2.0, 5.0]}'
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+.PHONY: setup demo test

@@ -1,0 +1,1 @@
+"""Example SavedModels built from data shipped in installed packages, compiled into servables."""

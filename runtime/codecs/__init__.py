@@ -1,0 +1,1 @@
+"""Wire formats: request bodies to arrays and arrays to response bodies."""

@@ -1,0 +1,159 @@
+"""TensorFlow Serving's JSON predict format: request bodies to arrays, outputs to response bodies.
+
+Row format ("instances") adds a batch dimension and answers "predictions"; columnar ("inputs")
+takes tensors as they are and answers "outputs". Binary strings travel as {"b64": ...}, and bare
+NaN / Infinity / -Infinity are accepted and written, as the real server does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from runtime.errors import InvalidInput
+from runtime.manifest import Signature
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    signature_name: str
+    inputs: dict[str, np.ndarray]
+    row_format: bool
+
+
+def loads(body: bytes | str):
+    """Parse JSON with orjson; only a body that orjson refuses is retried with the standard
+    parser, which also takes the bare NaN and Infinity that TensorFlow Serving clients send."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as first:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidInput(f"malformed JSON: {first}") from None
+
+
+def read_predict(body: bytes | str) -> tuple[str, dict]:
+    """The signature name and the parsed body, checking the envelope before any signature lookup."""
+    request = loads(body)
+    if not isinstance(request, dict):
+        raise InvalidInput(f"the request body must be a JSON object, got {type(request).__name__}")
+    name = request.get("signature_name", DEFAULT_SIGNATURE)
+    if not isinstance(name, str):
+        raise InvalidInput("'signature_name' must be a string")
+    if ("instances" in request) == ("inputs" in request):
+        raise InvalidInput("the request must have exactly one of 'instances' (row format) or "
+                           "'inputs' (columnar format)")
+    return name, request
+
+
+def decode_predict(name: str, request: dict, signature: Signature) -> PredictRequest:
+    """Arrays by input name, converted to the signature's dtypes."""
+    names = [spec.name for spec in signature.inputs]
+    if "instances" in request:
+        instances = request["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput("'instances' must be a non-empty list")
+        if isinstance(instances[0], dict):
+            if not all(isinstance(i, dict) for i in instances):
+                raise InvalidInput("'instances' must be all objects or all values, not a mix")
+            keys = set(instances[0])
+            if any(set(i) != keys for i in instances):
+                raise InvalidInput("every instance must name the same inputs")
+            columns = {key: [i[key] for i in instances] for key in keys}
+        else:
+            columns = {_only_input(names, "instances"): instances}
+        return PredictRequest(name, _arrays(columns, signature), True)
+    inputs = request["inputs"]
+    if isinstance(inputs, dict) and not (len(names) == 1 and "b64" in inputs and len(inputs) == 1):
+        columns = inputs
+    else:
+        columns = {_only_input(names, "inputs"): inputs}
+    return PredictRequest(name, _arrays(columns, signature), False)
+
+
+def _only_input(names: list[str], key: str) -> str:
+    if len(names) != 1:
+        raise InvalidInput(f"'{key}' must be an object keyed by input name: the signature takes "
+                           f"{len(names)} inputs ({', '.join(names)})")
+    return names[0]
+
+
+def _arrays(columns: dict, signature: Signature) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, value in columns.items():
+        spec = signature.input(key)
+        if spec is None:  # the engine names unknown inputs along with the expected ones
+            arrays[key] = np.asarray(value, dtype=object)
+            continue
+        try:
+            if spec.dtype == "string":
+                arrays[key] = np.array(_unwrap_b64(value), dtype=object)
+            else:
+                arrays[key] = np.array(value, dtype=spec.dtype)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InvalidInput(f"input '{key}' cannot be read as a {spec.dtype} tensor of one shape: "
+                               f"{e}") from None
+        except RecursionError:
+            raise InvalidInput(f"input '{key}' is nested too deeply") from None
+    return arrays
+
+
+def _unwrap_b64(value):
+    if isinstance(value, list):
+        return [_unwrap_b64(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise InvalidInput('a binary value must be {"b64": "<base64 string>"}')
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except binascii.Error as e:
+            raise InvalidInput(f"invalid base64 in a b64 value: {e}") from None
+    if isinstance(value, str):
+        return value.encode()
+    raise InvalidInput(f"a string input must hold strings or b64 objects, got {type(value).__name__}")
+
+
+def encode_predict(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
+    """"predictions" (per row) or "outputs" (per tensor); one output is unnamed, several named."""
+    values = {name: _jsonable(name, array) for name, array in outputs.items()}
+    if row_format:
+        if len(values) == 1:
+            body = {"predictions": next(iter(values.values()))}
+        else:
+            rows = len(next(iter(outputs.values())))
+            body = {"predictions": [{name: v[i] for name, v in values.items()} for i in range(rows)]}
+    else:
+        body = {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+    if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in outputs.values()):
+        # orjson would write null; the standard encoder writes NaN and Infinity as TF Serving does.
+        return json.dumps(body, allow_nan=True, separators=(",", ":"), default=_tolist).encode()
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _tolist(value):
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _jsonable(name: str, array: np.ndarray):
+    """Strings become text, or {"b64": ...} for outputs named *_bytes; numbers stay arrays."""
+    if array.dtype == object or array.dtype.kind == "S":
+        return _map_strings(array.tolist(), name.endswith("_bytes"))
+    return array
+
+
+def _map_strings(value, as_b64: bool):
+    if isinstance(value, list):
+        return [_map_strings(v, as_b64) for v in value]
+    if as_b64:
+        return {"b64": base64.b64encode(value).decode()}
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,36 @@
+"""A manifest as the tables `kiln inspect` and `kiln compile` print for a person."""
+
+from __future__ import annotations
+
+from runtime.manifest import Manifest, TensorSpec, show_shape
+
+
+def render(manifest: Manifest) -> str:
+    total = sum(entry.size for entry in manifest.files.values())
+    head = [
+        ("model", f"{manifest.name} version {manifest.version}"),
+        ("engine", manifest.engine),
+        ("batch sizes", ", ".join(map(str, manifest.batch_sizes))),
+        ("target", f"{manifest.target.triple} cpu={manifest.target.cpu}"),
+        ("cpu features", " ".join(manifest.target.features) or "-"),
+        ("tensorflow", manifest.tensorflow_version),
+        ("files", f"{len(manifest.files)} ({total / 1e6:.1f} MB)"),
+    ]
+    width = max(len(key) for key, _ in head)
+    lines = [f"{key:<{width}}  {value}" for key, value in head]
+    rows = [("signature", "method", "engine", "inputs", "outputs")]
+    for key, sig in manifest.signatures.items():
+        rows.append((key, sig.method.rsplit("/", 1)[-1], sig.engine + (" (jit)" if sig.jit else ""),
+                     _specs(sig.inputs), _specs(sig.outputs)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for key, sig in manifest.signatures.items():
+        if sig.reason:
+            lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")
+    return "\n".join(lines)
+
+
+def _specs(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name}:{s.dtype}{show_shape(s.shape)}" for s in specs)
