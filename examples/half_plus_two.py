@@ -10,10 +10,11 @@ for the saved-model engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
-def save(out: Path, log=print) -> None:
+def save(out: Path, log: Callable[[str], None] = print) -> None:
     import tensorflow as tf
 
     v1 = tf.compat.v1

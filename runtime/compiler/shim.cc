@@ -10,7 +10,9 @@ namespace {
 
 // Owns the Eigen pool and the device the compiled code uses for its matmul and conv kernels.
 struct ThreadPool {
-  explicit ThreadPool(int threads) : pool(threads), device(&pool, threads) {}
+  // No spinning: the caller blocks while the pool works, and spinning workers would take the
+  // cores the caller needs for the serial parts of the computation.
+  explicit ThreadPool(int threads) : pool(threads, /*allow_spinning=*/false), device(&pool, threads) {}
   Eigen::ThreadPool pool;
   Eigen::ThreadPoolDevice device;
 };

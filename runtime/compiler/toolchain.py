@@ -22,22 +22,27 @@ from runtime.cache import cache_root
 from runtime.errors import CompileError
 
 SHIM_SOURCE = Path(__file__).with_name("shim.cc")
+KILN_KERNELS = Path(__file__).with_name("kernels")
 
-# The template each kernel source instantiates, as `nm -C` prints it among a shim's undefined symbols.
+# Which source provides each kernel template, as `nm -C` names it among a shim's undefined symbols.
+# Paths are relative to the wheel's runtime sources, or to Kiln's own kernels (kiln:...).
 KERNEL_SOURCES = {
-    "xla/backends/cpu/runtime/dot_lib_f16.cc": "TypedMatMul<Eigen::half, Eigen::half, Eigen::half>",
-    "xla/backends/cpu/runtime/dot_lib_f32.cc": "TypedMatMul<float, float, float>",
-    "xla/backends/cpu/runtime/dot_lib_f64.cc": "TypedMatMul<double, double, double>",
-    "xla/backends/cpu/runtime/dot_lib_c64.cc": "TypedMatMul<std::complex<float>, std::complex<float>, std::complex<float> >",
-    "xla/backends/cpu/runtime/dot_lib_c128.cc": "TypedMatMul<std::complex<double>, std::complex<double>, std::complex<double> >",
-    "xla/backends/cpu/runtime/dot_lib_s8.cc": "TypedMatMul<signed char, signed char, int>",
-    "xla/backends/cpu/runtime/dot_lib_s32.cc": "TypedMatMul<int, int, int>",
-    "xla/backends/cpu/runtime/convolution_lib_f16_2d.cc": "EigenConv2D<Eigen::half>",
-    "xla/backends/cpu/runtime/convolution_lib_f32_2d.cc": "EigenConv2D<float>",
-    "xla/backends/cpu/runtime/convolution_lib_f16_3d.cc": "EigenConv3D<Eigen::half>",
-    "xla/backends/cpu/runtime/convolution_lib_f32_3d.cc": "EigenConv3D<float>",
-    "xla/backends/cpu/runtime/sort_lib.cc": "xla::cpu::SortInplace<",
+    "TypedMatMul<Eigen::half, Eigen::half, Eigen::half>": "xla/backends/cpu/runtime/dot_lib_f16.cc",
+    "TypedMatMul<float, float, float>": "xla/backends/cpu/runtime/dot_lib_f32.cc",
+    "TypedMatMul<double, double, double>": "xla/backends/cpu/runtime/dot_lib_f64.cc",
+    "TypedMatMul<std::complex<float>, std::complex<float>, std::complex<float> >": "xla/backends/cpu/runtime/dot_lib_c64.cc",
+    "TypedMatMul<std::complex<double>, std::complex<double>, std::complex<double> >": "xla/backends/cpu/runtime/dot_lib_c128.cc",
+    "TypedMatMul<signed char, signed char, int>": "xla/backends/cpu/runtime/dot_lib_s8.cc",
+    "TypedMatMul<int, int, int>": "xla/backends/cpu/runtime/dot_lib_s32.cc",
+    "EigenConv2D<Eigen::half>": "xla/backends/cpu/runtime/convolution_lib_f16_2d.cc",
+    "EigenConv3D<Eigen::half>": "xla/backends/cpu/runtime/convolution_lib_f16_3d.cc",
+    "EigenConv2D<float>": "kiln:conv_f32.cc",
+    "xla::cpu::SortInplace<": "xla/backends/cpu/runtime/sort_lib.cc",
 }
+# Never built: the first is replaced by kiln:conv_f32.cc (see there why); XLA's AOT emitter takes
+# no 3D convolutions, and the second does not build with the flags the others need.
+REPLACED_SOURCES = {"xla/backends/cpu/runtime/convolution_lib_f32_2d.cc",
+                    "xla/backends/cpu/runtime/convolution_lib_f32_3d.cc"}
 
 EXPORTS_MAP = "{ global: kiln_*; local: *; };\n"
 
@@ -60,12 +65,17 @@ class Toolchain:
     @property
     def flags(self) -> list[str]:
         # One set of flags for every object: Eigen's templates must be compiled alike everywhere
-        # they are instantiated (its AVX-512 GEMM specializations clash with the convolution packers).
+        # they are instantiated.
         return [
             "-O3", f"-march={self.target_cpu}", "-fPIC", "-std=c++17", "-w",
-            "-D_GLIBCXX_USE_CXX11_ABI=1", "-DEIGEN_USE_THREADS", "-DEIGEN_USE_AVX512_GEMM_KERNELS=0",
+            "-D_GLIBCXX_USE_CXX11_ABI=1", "-DEIGEN_USE_THREADS",
             f"-I{self.tensorflow_dir / 'include'}",
         ]
+
+    @property
+    def strip(self) -> list[str]:
+        """Symbols are dropped unless KILN_KEEP_SYMBOLS=1 asks to keep them for a profiler."""
+        return [] if os.environ.get("KILN_KEEP_SYMBOLS") == "1" else ["-s"]
 
     @property
     def sources_dir(self) -> Path:
@@ -82,7 +92,8 @@ class Toolchain:
 
     def core_sources(self) -> list[str]:
         every = sorted(str(p.relative_to(self.sources_dir)) for p in self.sources_dir.rglob("*.cc"))
-        return [s for s in every if s not in KERNEL_SOURCES]
+        kernels = set(KERNEL_SOURCES.values()) | REPLACED_SOURCES
+        return [s for s in every if s not in kernels]
 
     def runtime_objects(self, kernels: list[str]) -> list[Path]:
         """The cached objects for the core plus the named kernel sources, building what is missing."""
@@ -92,14 +103,20 @@ class Toolchain:
             return list(pool.map(lambda s: self._cached_object(s, cache), wanted))
 
     def _cached_object(self, source: str, cache: Path) -> Path:
-        target = cache / (source.replace("/", "__") + ".o")
+        if source.startswith("kiln:"):  # our own sources change with Kiln: key them by content
+            path = KILN_KERNELS / source.removeprefix("kiln:")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            target = cache / f"kiln__{path.stem}-{digest}.o"
+        else:
+            path = self.sources_dir / source
+            target = cache / (source.replace("/", "__") + ".o")
         if target.exists():
             return target
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f".{target.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
-                self.compile_object(self.sources_dir / source, target)
+                self.compile_object(path, target)
         return target
 
     def compile_object(self, source: Path, target: Path, extra: list[str] = ()) -> None:
@@ -116,7 +133,7 @@ class Toolchain:
     def kernels_called_by(self, objects: list[Path]) -> list[str]:
         """Kernel sources whose template the given objects leave undefined."""
         undefined = run(["nm", "-uC", *map(str, objects)], "listing undefined symbols")
-        return [source for source, symbol in KERNEL_SOURCES.items() if symbol in undefined]
+        return sorted({source for symbol, source in KERNEL_SOURCES.items() if symbol in undefined})
 
     def link_bucket(self, header: Path, cpp_class: str, model_objects: list[Path], out: Path) -> None:
         """Compile the shim over one generated class and link it into a self-contained library.
@@ -137,7 +154,7 @@ class Toolchain:
         exports.write_text(EXPORTS_MAP)
         run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, model_objects), str(archive),
              str(self.framework_library), f"-Wl,--version-script={exports}", "-Wl,--no-undefined",
-             "-Wl,--as-needed", "-s"], f"linking {out.name}")
+             "-Wl,--as-needed", *self.strip], f"linking {out.name}")
         for path in (shim, archive, exports):
             path.unlink()
         work.rmdir()
