@@ -45,6 +45,6 @@ def calibrate_batch_norm(model: keras.Model, images: np.ndarray) -> None:
 
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            features = keras.Model(model.inputs, layer.input)(images)
+            features = keras.Model(model.input, layer.input)(images)
             layer.moving_mean.assign(keras.ops.mean(features, axis=(0, 1, 2)))
             layer.moving_variance.assign(keras.ops.var(features, axis=(0, 1, 2)))
