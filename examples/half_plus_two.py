@@ -1,11 +1,14 @@
 """`half_plus_two`: TensorFlow Serving's canonical test model, rebuilt with the TF1 compat API.
 
 As tensorflow_serving/servables/tensorflow/testdata/saved_model_half_plus_two.py: variables a=0.5,
-b=2, c=3; y = a*x + b, y2 = a*x + c, y3 = a*x2 + c. One deviation: "serving_default" reads a plain
-float placeholder x of shape [None] rather than the parsed tf.Example, so that XLA AOT can compile it
-and TF Serving's documented {"instances": [1.0, 2.0, 5.0]} -> {"predictions": [2.5, 3.0, 4.5]} holds.
-The classify/regress signatures all take serialized tf.Examples (DT_STRING), so Kiln packages them
-for the saved-model engine.
+b=2, c=3; y = a*x + b, y2 = a*x + c, y3 = a*x2 + c. Where it differs, and why:
+- "serving_default" reads a plain float placeholder x of shape [None] rather than the parsed
+  tf.Example, so that XLA AOT can compile it and TF Serving's documented
+  {"instances": [1.0, 2.0, 5.0]} -> {"predictions": [2.5, 3.0, 4.5]} holds.
+- Every classify/regress signature, regress_x2_to_y3 included (the original feeds it the parsed x2),
+  takes serialized tf.Examples (DT_STRING), as the standard signature builders require; Kiln
+  packages them for the saved-model engine. classify_x2_to_y3 is added beside classify_x_to_y.
+- Both features default to 0.0 (the original requires x), and there is no asset file.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 
 def save(out: Path, log: Callable[[str], None] = print) -> None:
+    """Write the SavedModel with tf.compat.v1.saved_model.Builder, as TF1-era exporters did."""
     import tensorflow as tf
 
     v1 = tf.compat.v1

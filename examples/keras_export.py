@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
 
 
-def export_probabilities(model, out: Path, input_shape: tuple[int, ...]) -> None:
+def export_probabilities(model: keras.Model, out: Path, input_shape: tuple[int, ...]) -> None:
     """Write a SavedModel whose "serving_default" maps {"images": (None, *input_shape) float32}
     to {"probabilities": model(images)}, with a free batch dimension for Kiln's buckets."""
     import keras

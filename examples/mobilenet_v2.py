@@ -14,14 +14,15 @@ from examples.keras_export import export_probabilities
 if TYPE_CHECKING:
     import keras
 
-# The full 224x224: compiling all six buckets 1..32 took 55-58 s on this project's 2-core machine
-# (about 5 s of tfcompile per bucket, then some 25 s linking the six libraries in parallel),
-# well under the few minutes at which a smaller input (160 or 128) would be worth it.
+# The full 224x224: compiling all six buckets 1..32 took 52-58 s on this project's 2-core machine
+# (3 s exporting the static signatures, 5.3-5.8 s of tfcompile per bucket, 15-20 s linking the six
+# libraries in parallel), well under the ~6 minutes at which a smaller input (160, 128) would pay.
 IMAGE_SIZE = 224
 CALIBRATION_IMAGES = 8
 
 
 def save(out: Path, log: Callable[[str], None] = print) -> None:
+    """Build the seeded model, calibrate its normalization on seeded noise, export to `out`."""
     import keras
 
     keras.utils.set_random_seed(0)

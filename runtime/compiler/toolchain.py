@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,8 @@ class Toolchain:
         shim = work / "shim.o"
         self.compile_object(SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"',
                                                 f"-DKILN_CLASS={cpp_class}"])
+        model_objects = [self._page_aligned(o, work) if o.name.endswith("_constants.o") else o
+                         for o in model_objects]
         runtime = self.runtime_objects(self.kernels_called_by([shim, *model_objects]))
         # An archive, so the linker takes only the runtime members this model references.
         archive = work / "runtime.a"
@@ -155,9 +158,17 @@ class Toolchain:
         run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, model_objects), str(archive),
              str(self.framework_library), f"-Wl,--version-script={exports}", "-Wl,--no-undefined",
              "-Wl,--as-needed", *self.strip], f"linking {out.name}")
-        for path in (shim, archive, exports):
-            path.unlink()
-        work.rmdir()
+        shutil.rmtree(work)
+
+    @staticmethod
+    def _page_aligned(constants: Path, work: Path) -> Path:
+        """tfcompile aligns the weights' section to its size rounded to a power of two (8 MB for
+        a few MB of weights), which pads every library with megabytes of zeros; a page is plenty
+        for the vector loads that read them."""
+        aligned = work / constants.name
+        run(["objcopy", "--set-section-alignment", ".rodata=4096", str(constants), str(aligned)],
+            f"aligning {constants.name}")
+        return aligned
 
 
 def run(command: list[str], what: str) -> str:
