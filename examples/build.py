@@ -5,8 +5,8 @@
 
 Training and XLA compiles take minutes, so each example's SavedModel and servable are cached under
 cache_root()/examples/NAME-KEY, KEY a hash of everything they are built from: the example's own
-source files, Kiln's runtime and compiler code (*.py, *.cc), the TensorFlow version, the batch sizes
-and the name. A changed input gives a new key, so a stale entry is never used. Entries are built in
+source files, the Kiln code a servable is built from (the compiler, the manifest, the saved-model
+engine that prebuilds XLA caches), the TensorFlow version, the batch sizes and the name. A changed input gives a new key, so a stale entry is never used. Entries are built in
 a temporary directory beside their final place and renamed into it whole, so an interrupted build
 never leaves something that counts as a hit.
 """
@@ -34,6 +34,10 @@ if not __package__:  # run as a script: import this checkout's runtime and examp
 from runtime.cache import cache_root  # noqa: E402
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
+# The Kiln code whose changes change a built servable (serving code does not).
+BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/engines/saved_model.py",
+              "runtime/engines/base.py")
+KEEP_ENTRIES = 2  # per example: the newest, and one more for switching back and forth
 # Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`,
 # and these are the files (under examples/) that it is built from.
 SOURCES: dict[str, tuple[str, ...]] = {
@@ -78,6 +82,7 @@ def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: L
         with _locked(entry.parent / f".{key}.lock"):  # concurrent builds of one key wait for the first
             if not entry.is_dir():
                 _build_entry(name, entry, batch_sizes, log)
+                _prune(name, entry.parent)
     servable = out_dir / name / str(VERSION)
     _install(entry / "servable", servable)
     log(f"{name}: servable at {servable} ({time.perf_counter() - started:.1f} s)")
@@ -86,7 +91,7 @@ def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: L
 
 def cache_key(name: str, batch_sizes: tuple[int, ...]) -> str:
     """NAME-HASH over everything the cached SavedModel and servable are built from."""
-    runtime_files = sorted(path for path in (REPO_ROOT / "runtime").rglob("*")
+    runtime_files = sorted(path for part in BUILT_FROM for path in [REPO_ROOT / part, *(REPO_ROOT / part).rglob("*")]
                            if path.suffix in (".py", ".cc") and path.is_file())
     digest = hashlib.sha256()
     for path in [*(EXAMPLES_DIR / source for source in SOURCES[name]), *runtime_files]:
@@ -124,6 +129,13 @@ def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _prune(name: str, examples: Path) -> None:
+    """Drop all but the newest KEEP_ENTRIES entries of one example: each code change makes one."""
+    entries = sorted((p for p in examples.glob(f"{name}-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in entries[:-KEEP_ENTRIES]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _install(source: Path, target: Path) -> None:

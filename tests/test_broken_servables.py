@@ -59,7 +59,17 @@ def truncated_library_with_matching_manifest(servable):
     path.write_bytes(path.read_bytes()[:4096])
     entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).model_dump()
     edit_manifest(servable, lambda m: m["files"].__setitem__(name, entry))
-    return "cannot load compiled library"
+    return "is truncated"
+
+
+def not_a_library(servable):
+    """Right size and checksum in the manifest, but not a library at all."""
+    name = first_library(servable)
+    path = servable / name
+    path.write_bytes(b"#!/bin/sh\necho not a library\n" * 10)
+    entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).model_dump()
+    edit_manifest(servable, lambda m: m["files"].__setitem__(name, entry))
+    return "is not a 64-bit little-endian ELF library"
 
 
 def other_cpu_features(servable):
@@ -92,7 +102,7 @@ def manifest_missing(servable):
     return "manifest.json is missing"
 
 
-BREAKAGES = [missing_file, wrong_checksum, truncated_library, truncated_library_with_matching_manifest,
+BREAKAGES = [missing_file, wrong_checksum, truncated_library, truncated_library_with_matching_manifest, not_a_library,
              other_cpu_features, other_architecture, unknown_format_version, manifest_not_json,
              manifest_invalid, manifest_missing]
 

@@ -178,6 +178,9 @@ def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
 
 def _replace(staging: Path, out: Path) -> None:
     """Move the finished servable into place; an older one at the same path is removed after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp made it private; servers may run as another user
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

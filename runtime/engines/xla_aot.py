@@ -12,12 +12,14 @@ import ctypes
 import functools
 import importlib.util
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from runtime.cpu import host_architecture
 from runtime.errors import InvalidInput, ServableError
 from runtime.manifest import Signature, TensorSpec
 
@@ -68,10 +70,45 @@ def default_threads() -> int:
     return int(configured) if configured else len(os.sched_getaffinity(0))
 
 
+ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
+PT_LOAD = 1
+
+
+def check_elf(path: Path) -> None:
+    """Refuse a library that is not a complete ELF shared object for this machine.
+
+    dlopen maps segments as the headers describe them; a truncated file would fault with SIGBUS
+    inside the loader, killing the process instead of raising.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+            if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+                raise ServableError(f"{path.name} is not a 64-bit little-endian ELF library")
+            machine, = struct.unpack_from("<H", data, 18)
+            if machine != ELF_MACHINES.get(host_architecture()):
+                raise ServableError(f"{path.name} is for another machine (ELF machine {machine})")
+            phoff, shoff = struct.unpack_from("<QQ", data, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+            if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+                raise ServableError(f"{path.name} is truncated: its headers lie past its {size} bytes")
+            f.seek(phoff)
+            headers = f.read(phnum * phentsize)
+    except OSError as e:
+        raise ServableError(f"cannot read compiled library {path.name}: {e.strerror}") from None
+    for i in range(phnum):
+        kind, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", headers, i * phentsize)
+        if kind == PT_LOAD and offset + filesz > size:
+            raise ServableError(f"{path.name} is truncated: a segment ends at byte {offset + filesz} "
+                                f"of a {size}-byte file")
+
+
 class BucketLibrary:
     """One compiled library: its C functions, its pool of instances, the argument layout."""
 
     def __init__(self, path: Path, signature: Signature, bucket: int):
+        check_elf(path)
         try:
             self.lib = ctypes.CDLL(str(path))
         except OSError as e:
