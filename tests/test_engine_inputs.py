@@ -56,7 +56,9 @@ def test_padding_is_removed_and_rows_stay_in_order(engine):
     assert together.shape == (45, 10)
     one_by_one = np.concatenate([engine.run("serving_default", {"images": batch[i:i + 1]})["probabilities"]
                                  for i in range(45)])
-    np.testing.assert_allclose(together, one_by_one, atol=1e-6)
+    # Buckets are separately compiled programs (batch 1 runs XLA's own dot, larger ones Eigen's
+    # GEMM), so sums are ordered differently: the same 1e-5 that bounds Kiln against TensorFlow.
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows, chunks", [
