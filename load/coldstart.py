@@ -31,7 +31,8 @@ TENSORFLOW = """
 import sys, resource
 import numpy as np
 import tensorflow as tf
-function = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+loaded = tf.saved_model.load(sys.argv[1])
+function = loaded.signatures["serving_default"]
 name, spec = next(iter(function.structured_input_signature[1].items()))
 function(**{name: tf.zeros((1, *spec.shape[1:]), spec.dtype)})
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)

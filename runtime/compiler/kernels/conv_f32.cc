@@ -60,11 +60,21 @@ struct Conv {
   Index Source(const std::array<Index, R>& origin, const std::array<Index, R>& k) const {
     Index pixel = 0;
     for (int d = 0; d < R; ++d) {
-      const Index pos = origin[d] + k[d] * rhs_dilation[d];
-      if (pos < 0 || pos % lhs_dilation[d] != 0 || pos / lhs_dilation[d] >= in[d]) return -1;
-      pixel = pixel * in[d] + pos / lhs_dilation[d];
+      const Index pos = Along(d, origin[d] + k[d] * rhs_dilation[d]);
+      if (pos < 0) return -1;
+      pixel = pixel * in[d] + pos;
     }
     return pixel;
+  }
+
+  // The input index along dimension d at position `pos` of the padded, dilated input, or -1.
+  Index Along(int d, Index pos) const {
+    if (pos < 0) return -1;
+    if (lhs_dilation[d] != 1) {  // divisions cost tens of cycles: only where the input is dilated
+      if (pos % lhs_dilation[d] != 0) return -1;
+      pos /= lhs_dilation[d];
+    }
+    return pos < in[d] ? pos : -1;
   }
 
   // Steps kernel coordinates k through dimensions [0, dims) like an odometer.
@@ -111,9 +121,9 @@ struct Conv {
       Index offset = 0;
       bool inside = true;
       for (int d = 0; d < last; ++d) {
-        Index pos = origin[d] + k[d] * rhs_dilation[d];
-        if (pos < 0 || pos % lhs_dilation[d] != 0 || pos / lhs_dilation[d] >= in[d]) inside = false;
-        offset = offset * in[d] + pos / lhs_dilation[d];
+        const Index pos = Along(d, origin[d] + k[d] * rhs_dilation[d]);
+        inside = inside && pos >= 0;
+        offset = offset * in[d] + pos;
       }
       const Index run = kernel[last];
       if (!inside) {
@@ -123,12 +133,12 @@ struct Conv {
         std::copy(from, from + run * cg, dst);
       } else {
         for (Index j = 0; j < run; ++j) {
-          const Index pos = origin[last] + j * rhs_dilation[last];
+          const Index pos = Along(last, origin[last] + j * rhs_dilation[last]);
           float* to = dst + j * cg;
-          if (pos < 0 || pos % lhs_dilation[last] != 0 || pos / lhs_dilation[last] >= in[last]) {
+          if (pos < 0) {
             std::fill(to, to + cg, 0.0f);
           } else {
-            const float* from = base + (offset * in[last] + pos / lhs_dilation[last]) * channels;
+            const float* from = base + (offset * in[last] + pos) * channels;
             for (Index c = 0; c < cg; ++c) to[c] = from[c];
           }
         }
