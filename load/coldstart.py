@@ -17,25 +17,26 @@ from pathlib import Path
 
 from common import ROOT, example_servables, pyplot, write_results
 
-# Each child prints one line when its first prediction is done: "<peak RSS in KiB>".
+# Each child prints one line when its first prediction is done: "<peak RSS in KiB>", read from
+# VmHWM (getrusage's ru_maxrss would carry the parent's peak over a fork).
 THIN = """
-import sys, resource
+import sys
 import numpy as np
 from runtime.engines import open_servable
 engine = open_servable(sys.argv[1])
 spec = engine.signature("serving_default").inputs[0]
 engine.run("serving_default", {spec.name: np.zeros((1, *spec.shape[1:]), spec.dtype)})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")), flush=True)
 """
 TENSORFLOW = """
-import sys, resource
+import sys
 import numpy as np
 import tensorflow as tf
 loaded = tf.saved_model.load(sys.argv[1])
 function = loaded.signatures["serving_default"]
 name, spec = next(iter(function.structured_input_signature[1].items()))
 function(**{name: tf.zeros((1, *spec.shape[1:]), spec.dtype)})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")), flush=True)
 """
 
 

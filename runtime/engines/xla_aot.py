@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.cpu import host_architecture
-from runtime.errors import InvalidInput, ServableError
+from runtime.errors import ServableError
 from runtime.manifest import Signature, TensorSpec
 
 FRAMEWORK_LIBRARY = "libtensorflow_framework.so.2"
@@ -39,8 +39,11 @@ PROTOTYPES = {
 }
 
 
+_framework_lock = threading.Lock()
+
+
 @functools.cache
-def load_framework_library() -> ctypes.CDLL:
+def _framework_library() -> ctypes.CDLL:
     """The Abseil the compiled code links against ships in TensorFlow's framework library.
 
     It is loaded by path (KILN_TF_FRAMEWORK_LIBRARY, else found beside an installed tensorflow
@@ -63,6 +66,24 @@ def load_framework_library() -> ctypes.CDLL:
         return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         raise ServableError(f"cannot load {path}: {e}") from None
+
+
+def load_framework_library() -> ctypes.CDLL:
+    with _framework_lock:  # one load, even when the background preload is still running
+        return _framework_library()
+
+
+def preload_framework_library() -> None:
+    """Start loading the framework library in the background (dlopen does not hold the GIL);
+    load_framework_library() then waits for it."""
+    threading.Thread(target=_load_quietly, daemon=True).start()
+
+
+def _load_quietly() -> None:
+    try:
+        load_framework_library()
+    except ServableError:
+        pass  # reported again, in the caller's thread, by the load that needs it
 
 
 def default_threads() -> int:
@@ -179,7 +200,7 @@ class Instance:
     def run(self) -> None:
         error = self.lib.kiln_run(self.handle)
         if error is not None:
-            raise InvalidInput(f"the compiled model failed: {error.decode(errors='replace')}")
+            raise ServableError(f"the compiled model failed: {error.decode(errors='replace')}")
 
     def delete(self) -> None:
         self.lib.kiln_delete(self.handle)
