@@ -24,3 +24,11 @@ class ServableError(KilnError):
 
 class CompileError(KilnError):
     """A SavedModel that cannot be compiled as asked, naming the signature and the reason."""
+
+
+class StorageError(KilnError):
+    """A model store that cannot be read: unreachable after retries, or refusing access."""
+
+
+class ConfigError(KilnError):
+    """A model configuration (flags, models.config, YAML or JSON) that cannot be used as written."""
