@@ -24,6 +24,7 @@ SAVED_MODEL_DIR = "saved_model"
 XLA_CACHE_DIR = "xla_cache"
 log = logging.getLogger(__name__)
 _import_lock = threading.Lock()
+_configured_cache: Path | None = None  # the XLA cache TensorFlow was started with, if Kiln started it
 
 
 def import_tensorflow(cache: Path, writable: bool = False):
@@ -32,16 +33,18 @@ def import_tensorflow(cache: Path, writable: bool = False):
     The flags are read when TensorFlow starts, so they only take effect in a process that has not
     imported it yet; otherwise compilations fall back to TensorFlow's in-memory cache.
     """
+    global _configured_cache
     with _import_lock:
-        if "tensorflow" in sys.modules:
-            log.warning("tensorflow was imported before the servable loaded: its XLA cache at %s "
-                        "is not used", cache)
-        else:
+        if "tensorflow" not in sys.modules:
             flags = f"--tf_xla_persistent_cache_directory={cache}"
             if not writable:
                 flags += " --tf_xla_persistent_cache_read_only=true"
             os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {flags}".strip()
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            _configured_cache = cache
+        elif _configured_cache != cache:
+            log.warning("tensorflow started before this servable loaded: its prebuilt XLA cache at %s "
+                        "is not used, so first calls compile", cache)
         import tensorflow as tf
 
         return tf
