@@ -2,9 +2,13 @@
 PYTHON ?= python3
 SERVABLES ?= servables
 STAMP := .venv-stamp
+PROTOS := $(shell find runtime/protos -name '*.proto')
 
-$(STAMP): pyproject.toml
+# Install, then generate the protobuf modules (runtime/protos/generated/, a build output): again
+# whenever a .proto file or the generator changes.
+$(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev]'
+	$(PYTHON) -m runtime.protos.build
 	touch $(STAMP)
 
 setup: $(STAMP)

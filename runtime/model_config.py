@@ -1,0 +1,269 @@
+"""The list of models Kiln serves, from TensorFlow Serving's models.config (protobuf text format),
+from YAML or JSON of the same structure, or for one model from flags.
+
+Every form is parsed into the generated ModelServerConfig message first and converted by one
+function, so the forms cannot drift apart and a file written for TensorFlow Serving means the same
+here. YAML and JSON follow protobuf's JSON mapping of that message (field names as in the text
+format), with one shorthand: `model_config_list` may be the list of models itself:
+
+    {"model_config_list": [{"name": "m", "base_path": "s3://bucket/models/m",
+                            "model_version_policy": {"latest": {"num_versions": 2}},
+                            "version_labels": {"stable": 1}}]}
+
+Checks made as TensorFlow Serving makes them (tensorflow_serving/model_servers/server_core.cc,
+ValidateModelConfigList and GetPlatform): a model listed twice; a base_path that is neither an
+absolute path nor a URL; model_type (deprecated) set together with model_platform, or set to
+anything but TENSORFLOW; custom_model_config (for servers built with a custom loader). Where Kiln
+differs: model_platform defaults to "tensorflow" instead of being required, and "kiln" is accepted
+too; a specific policy must list at least one version; logging_config is refused as unsupported.
+
+Version labels. TF Serving checks a label against what is being served, not against the file
+(ServerCore::UpdateModelVersionLabelMap): when a configuration is (re)loaded, every label must
+point to a version that is AVAILABLE at that moment, except that with
+--allow_version_labels_for_unavailable_models a new label, or one that keeps its version, may point
+to a version not yet available; moving an existing label always needs an AVAILABLE target. That is
+`check_version_labels`, for the repository to call with the current states. A file alone is refused
+only where a label can never be satisfied: a negative version, or one a specific policy does not
+list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runtime.errors import ConfigError
+from runtime.version_policy import Latest, Specific, VersionPolicy
+
+Format = Literal["text", "yaml", "json"]
+FORMATS: dict[str, Format] = {".config": "text", ".pbtxt": "text", ".txt": "text",
+                              ".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Model):
+    """One model: where its versions are (BASE/NAME, holding VERSION/ directories), which of them
+    to serve, and names for some of them."""
+
+    name: str
+    base_path: str
+    model_platform: Literal["tensorflow", "kiln"] = "tensorflow"
+    version_policy: VersionPolicy = Latest()
+    version_labels: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name:
+            raise ValueError("is missing")
+        return name
+
+    @field_validator("base_path")
+    @classmethod
+    def _absolute_or_url(cls, base_path: str) -> str:
+        if not base_path:
+            raise ValueError("is missing")
+        if not (_URL.match(base_path) or os.path.isabs(base_path)):
+            raise ValueError(f"must be an absolute path or a URL such as s3://bucket/models/NAME, "
+                             f"got {base_path!r}")
+        return base_path
+
+    @model_validator(mode="after")
+    def _labels_can_be_served(self) -> ModelConfig:
+        for label, version in self.version_labels.items():
+            if version < 0:
+                raise ValueError(f"version_labels: label {label!r} points to version {version}; "
+                                 f"versions are numbered from 0")
+            if isinstance(self.version_policy, Specific) and version not in self.version_policy.versions:
+                raise ValueError(
+                    f"version_labels: label {label!r} points to version {version}, which the specific "
+                    f"policy does not list (versions {list(self.version_policy.versions)})")
+        return self
+
+
+class ModelConfigList(_Model):
+    models: tuple[ModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelConfigList:
+        names = [model.name for model in self.models]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"model {repeated[0]!r} is listed more than once; names must be unique")
+        return self
+
+
+def load_model_config(path: str | Path) -> ModelConfigList:
+    """Read a local configuration file, its format chosen by its extension."""
+    format = format_of(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
+    return parse_model_config(data, format, source=str(path))
+
+
+def format_of(path: str | Path) -> Format:
+    """The format a file name (or URL) implies: .config/.pbtxt/.txt, .yaml/.yml, .json."""
+    suffix = PurePosixPath(str(path)).suffix.lower()
+    if suffix not in FORMATS:
+        raise ConfigError(f"{path}: cannot tell the configuration format from the extension "
+                          f"{suffix or '(none)'!r}; expected one of {', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def parse_model_config(data: bytes | str, format: Format, source: str = "<config>") -> ModelConfigList:
+    """Parse configuration text read from anywhere (a file, object storage, a request); `source`
+    names it in error messages."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: is not UTF-8 text (byte {e.start})") from None
+    message = _parse_text(data, source) if format == "text" else _parse_mapping(
+        _load_mapping(data, format, source), source)
+    return from_proto(message, source)
+
+
+def single_model(name: str, base_path: str) -> ModelConfigList:
+    """One model from flags (TF Serving's --model_name and --model_base_path), its latest version.
+    A relative local path is taken from the current directory, as a shell user means it."""
+    if base_path and not _URL.match(base_path):
+        base_path = os.path.abspath(base_path)
+    try:
+        return ModelConfigList(models=(ModelConfig(name=name, base_path=base_path),))
+    except ValidationError as e:
+        raise ConfigError(f"--model_name/--model_base_path: {_problems(e)}") from None
+
+
+def from_proto(message: Any, source: str = "<ModelServerConfig>") -> ModelConfigList:
+    """Convert a ModelServerConfig message (parsed here, or received by HandleReloadConfigRequest)."""
+    if message.WhichOneof("config") == "custom_model_config":
+        raise ConfigError(f"{source}: custom_model_config is not supported; "
+                          f"Kiln serves the models of a model_config_list")
+    models = []
+    for index, model in enumerate(message.model_config_list.config):
+        where = f"{source}: model_config_list.config[{index}]"
+        models.append(_model_from_proto(model, f"{where} (model {model.name!r})" if model.name else where))
+    try:
+        return ModelConfigList(models=tuple(models))
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_problems(e)}") from None
+
+
+def check_version_labels(model: ModelConfig, available: set[int], current: Mapping[str, int],
+                         allow_unavailable: bool = False) -> None:
+    """TF Serving's rule for accepting a configuration's labels now: each must point to an
+    AVAILABLE version; with `allow_unavailable` (--allow_version_labels_for_unavailable_models)
+    a label that is new or keeps its version (`current`: the labels in force) may point elsewhere."""
+    for label, version in model.version_labels.items():
+        if version in available or (allow_unavailable and current.get(label, version) == version):
+            continue
+        raise ConfigError(
+            f"model {model.name!r}: label {label!r} cannot be assigned to version {version}, which is "
+            f"not available for inference (available: {sorted(available) or 'none'})")
+
+
+def _messages() -> ModuleType:
+    """The generated model_server_config_pb2, imported only when a configuration is parsed."""
+    from runtime.protos import generated_module
+
+    return generated_module("tensorflow_serving.config.model_server_config_pb2")
+
+
+def _parse_text(text: str, source: str) -> Any:
+    from google.protobuf import text_format
+
+    try:
+        return text_format.Parse(text, _messages().ModelServerConfig())
+    except text_format.ParseError as e:
+        line, column = e.GetLine(), e.GetColumn()
+        reason = str(e).removeprefix(f"{line}:{column} : ")
+        raise ConfigError(f"{source}:{line}:{column}: {reason}") from None
+
+
+def _load_mapping(text: str, format: Format, source: str) -> Any:
+    if format == "json":
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise ConfigError(f"{source}: is not valid JSON: {e}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: is not valid YAML: {e}") from None
+
+
+def _parse_mapping(data: Any, source: str) -> Any:
+    from google.protobuf import json_format
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with model_config_list at the top, "
+                          f"got {type(data).__name__}")
+    if isinstance(data.get("model_config_list"), list):
+        data = {**data, "model_config_list": {"config": data["model_config_list"]}}
+    try:
+        return json_format.ParseDict(data, _messages().ModelServerConfig())
+    except json_format.ParseError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _model_from_proto(model: Any, where: str) -> ModelConfig:
+    if model.HasField("logging_config"):
+        raise ConfigError(f"{where}: logging_config is not supported by Kiln")
+    platform = model.model_platform
+    if model.model_type:
+        type_name = _messages().ModelType.Name(model.model_type)
+        if platform:
+            raise ConfigError(f"{where}: sets both model_platform and the deprecated model_type; "
+                              f"keep model_platform")
+        if type_name != "TENSORFLOW":
+            raise ConfigError(f"{where}: model_type {type_name} is not supported; "
+                              f"use model_platform: \"tensorflow\"")
+        platform = "tensorflow"
+    fields: dict[str, Any] = {"name": model.name, "base_path": model.base_path,
+                              "version_policy": _policy_from_proto(model.model_version_policy),
+                              "version_labels": dict(model.version_labels)}
+    if platform:
+        fields["model_platform"] = platform
+    try:
+        return ModelConfig.model_validate(fields)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_problems(e)}") from None
+
+
+def _policy_from_proto(policy: Any) -> dict[str, Any]:
+    """As TF Serving reads it: unset means latest 1, and num_versions 0 counts as 1."""
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return {"kind": "all"}
+    if choice == "specific":
+        return {"kind": "specific", "versions": list(policy.specific.versions)}
+    return {"kind": "latest", "num_versions": max(policy.latest.num_versions, 1)}
+
+
+def _problems(error: ValidationError) -> str:
+    """pydantic's errors as 'field: what is wrong (got what)', one clause each."""
+    clauses = []
+    for err in error.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "value_error":
+            text = str(err["ctx"]["error"])
+        else:
+            text = f"{err['msg']} (got {err['input']!r})"
+        clauses.append(f"{where}: {text}" if where else text)
+    return "; ".join(clauses)
