@@ -12,44 +12,15 @@ this one's interpreter lock.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from common import ROOT, example_servables, pyplot, write_results
+from common import ROOT, example_servables, moto_server, pyplot, write_results
 
 BUCKET = "kiln-benchmark"
-
-
-@contextmanager
-def moto_server():
-    """moto's S3-compatible server on a free loopback port; yields its endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait()
 
 
 def fetch_with_cache(storage, name: str, work: Path) -> float:
@@ -85,9 +56,7 @@ def main() -> None:
     source = example_servables(Path(tempfile.mkdtemp(prefix="kiln-download-")), [args.model])[args.model].servable
     files = sorted(p for p in source.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
-    with moto_server() as endpoint:
-        os.environ.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    with moto_server():
         import boto3
 
         from runtime.storage import open_storage

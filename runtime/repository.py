@@ -24,7 +24,7 @@ from runtime.engines.base import Engine, synthetic_inputs
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound
 from runtime.model_config import ModelConfig, ModelConfigList, check_version_labels
 from runtime.servable_cache import FetchedServable, NotPublished, ServableCache
-from runtime.storage import Storage, open_storage
+from runtime.storage import Retry, Storage, open_storage
 from runtime.version_policy import (Load, State, Unload, VersionSnapshot, aspired_versions,
                                     availability_preserving)
 
@@ -74,8 +74,9 @@ class Repository:
     """Serves the models of a ModelConfigList; safe to use from many threads."""
 
     def __init__(self, config: ModelConfigList, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
-                 cache: ServableCache | None = None, threads: int | None = None):
+                 cache: ServableCache | None = None, threads: int | None = None, retry: Retry = Retry()):
         self.poll_seconds = poll_seconds
+        self.retry = retry
         self.cache = cache or ServableCache()
         self.threads = threads
         self._lock = threading.Condition()
@@ -134,7 +135,8 @@ class Repository:
                     current.config = model_config
                 else:
                     parent, directory = split_base_path(model_config.base_path)
-                    self._models[model_config.name] = Model(model_config, open_storage(parent), directory)
+                    self._models[model_config.name] = Model(model_config, open_storage(parent, retry=self.retry),
+                                                            directory)
             self._configured = {m.name for m in config.models}
 
     # Polling and the policy --------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Shared fixtures: the example servables (built once, cached under ~/.cache/kiln) and small
-purpose-built SavedModels for the compiler's edge cases."""
+"""Shared fixtures: the example servables (built once, cached under ~/.cache/kiln), and moto's
+S3-compatible server on loopback with boto3 pointed at it through its standard variables."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,48 @@ def examples(repository):
 @pytest.fixture(scope="session")
 def digits(examples):
     return examples["digits"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server, in a thread of this process, on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, tmp_path):
+    """boto3's standard settings, and nothing from this machine's own AWS configuration."""
+
+    def point_at(endpoint: str) -> None:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return point_at
+
+
+@pytest.fixture
+def bucket(s3_endpoint, s3_env):
+    """A fresh bucket; returns a boto3 client and its name."""
+    import boto3
+
+    s3_env(s3_endpoint)
+    client = boto3.client("s3")
+    name = f"kiln-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return client, name
 
 
 def run_python(code: str, *args: str, env: dict | None = None):
