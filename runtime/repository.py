@@ -62,6 +62,16 @@ class VersionStatus:
 
 
 @dataclass(frozen=True)
+class ModelStatus:
+    """What GetModelStatus reports: every version's state (newest first), and why the model's
+    store could not be read at the last poll, if it could not ("" otherwise)."""
+
+    name: str
+    versions: list[VersionStatus]
+    error: str
+
+
+@dataclass(frozen=True)
 class ServableHandle:
     """A version held for one request: it cannot unload until the handle is released."""
 
@@ -275,8 +285,8 @@ class Repository:
         raise NotFound(f"Servable not found for request: model {model.config.name!r} version "
                        f"{number} is not available")
 
-    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
-        """Every version's state and error, newest first, as GetModelStatus reports them."""
+    def status(self, name: str, version: int | None = None) -> ModelStatus:
+        """The model's versions (or the one asked for) with their states and errors."""
         with self._lock:
             model = self._models.get(name)
             if model is None:
@@ -284,15 +294,10 @@ class Repository:
             versions = [VersionStatus(v.number, v.state, v.error) for v in model.versions.values()
                         if version is None or v.number == version]
             if not versions:
-                reason = model.error or (f"version {version} of model {name!r} was not found"
-                                         if version is not None else f"model {name!r} has no versions yet")
-                raise NotFound(reason)
-            return sorted(versions, key=lambda s: -s.version)
-
-    def poll_error(self, name: str) -> str:
-        with self._lock:
-            model = self._models.get(name)
-            return model.error if model else ""
+                reason = (f"version {version} of model {name!r} was not found" if version is not None
+                          else f"model {name!r} has no versions yet")
+                raise NotFound(f"{reason}: {model.error}" if model.error else reason)
+            return ModelStatus(name, sorted(versions, key=lambda s: -s.version), model.error)
 
     def wait_for(self, name: str, version: int, state: State, timeout: float) -> bool:
         """Block until the version reaches `state` (for start-up and tests); False on timeout."""

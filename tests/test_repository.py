@@ -88,7 +88,7 @@ def repository(store, tmp_path, poll_seconds=0, **model):
 
 
 def states(repo, name="digits"):
-    return {s.version: s.state for s in repo.status(name)}
+    return {s.version: s.state for s in repo.status(name).versions}
 
 
 def served_version(repo, **which):
@@ -159,7 +159,7 @@ def test_broken_version_shows_its_error_and_the_old_one_keeps_serving(store, tmp
     try:
         store.publish(2, damage=True)
         repo.poll()
-        status = {s.version: s for s in repo.status("digits")}
+        status = {s.version: s for s in repo.status("digits").versions}
         assert status[2].state is State.ERROR and "sha256" in status[2].error
         assert status[1].state is State.AVAILABLE
         assert served_version(repo) == 1
@@ -213,7 +213,7 @@ def test_hot_swap_under_load_fails_no_request(store, tmp_path):
         while not stop.is_set():
             try:
                 with repo.handle("digits") as handle:
-                    assert repo.status("digits", handle.version)[0].state in (State.AVAILABLE, State.UNLOADING)
+                    assert repo.status("digits", handle.version).versions[0].state in (State.AVAILABLE, State.UNLOADING)
                     handle.engine.run("serving_default", IMAGES)
                     answers.append(handle.version)
             except Exception as e:  # noqa: BLE001 - any failure is what this test counts
@@ -264,8 +264,10 @@ def test_unreachable_store_is_reported_and_serving_goes_on(own_s3, digits, tmp_p
         assert served_version(repo) == 1
         server.stop()
         repo.poll()
-        assert "cannot read versions of model digits" in repo.poll_error("digits")
-        assert "failed after 3 attempt(s)" in repo.poll_error("digits")
+        status = repo.status("digits")
+        assert "cannot read versions of model digits" in status.error
+        assert "failed after 3 attempt(s)" in status.error
+        assert [(v.version, v.state) for v in status.versions] == [(1, State.AVAILABLE)]
         assert served_version(repo) == 1
     finally:
         repo.stop()
