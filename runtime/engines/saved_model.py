@@ -36,10 +36,12 @@ def import_tensorflow(cache: Path, writable: bool = False):
     global _configured_cache
     with _import_lock:
         if "tensorflow" not in sys.modules:
-            flags = f"--tf_xla_persistent_cache_directory={cache}"
-            if not writable:
-                flags += " --tf_xla_persistent_cache_read_only=true"
-            os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {flags}".strip()
+            # Ours replace any cache flags inherited from a parent process that served another one.
+            kept = [f for f in os.environ.get("TF_XLA_FLAGS", "").split()
+                    if not f.startswith("--tf_xla_persistent_cache_")]
+            os.environ["TF_XLA_FLAGS"] = " ".join([
+                *kept, f"--tf_xla_persistent_cache_directory={cache}",
+                f"--tf_xla_persistent_cache_read_only={'false' if writable else 'true'}"])
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             _configured_cache = cache
         elif _configured_cache != cache:
