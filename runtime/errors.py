@@ -1,5 +1,9 @@
-"""Typed errors. Each carries a message meant for the person who sent the request or built the
-servable: what was wrong, what was expected, what was received. Protocol mapping lives elsewhere."""
+"""Typed errors, and the one place they become protocol statuses.
+
+Each error carries a message meant for the person who sent the request or built the servable: what
+was wrong, what was expected, what was received. status_of() maps an error to TensorFlow Serving's
+HTTP status and gRPC code; no handler maps errors itself.
+"""
 
 
 class KilnError(Exception):
@@ -7,11 +11,16 @@ class KilnError(Exception):
 
 
 class InvalidInput(KilnError):
-    """A request's inputs do not fit the signature: names, dtypes, shapes or values."""
+    """A request that does not fit: its body, its inputs' names, dtypes, shapes or values, or a
+    signature or version label the model does not have (TF Serving answers those with 400 too)."""
+
+
+class BodyTooLarge(InvalidInput):
+    """A request body over the configured limit."""
 
 
 class NotFound(KilnError):
-    """A model, version or signature that does not exist."""
+    """A model or version that is not served."""
 
 
 class Unsupported(KilnError):
@@ -32,3 +41,24 @@ class StorageError(KilnError):
 
 class ConfigError(KilnError):
     """A model configuration (flags, models.config, YAML or JSON) that cannot be used as written."""
+
+
+# (HTTP status, gRPC status code name), most specific class first.
+STATUSES: list[tuple[type[KilnError], int, str]] = [
+    (BodyTooLarge, 413, "INVALID_ARGUMENT"),
+    (InvalidInput, 400, "INVALID_ARGUMENT"),
+    (ConfigError, 400, "INVALID_ARGUMENT"),
+    (NotFound, 404, "NOT_FOUND"),
+    (Unsupported, 501, "UNIMPLEMENTED"),
+    (StorageError, 503, "UNAVAILABLE"),
+    (ServableError, 500, "INTERNAL"),
+    (CompileError, 500, "INTERNAL"),
+]
+
+
+def status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and gRPC code for an error; anything unexpected is an internal error."""
+    for kind, http, grpc in STATUSES:
+        if isinstance(error, kind):
+            return http, grpc
+    return 500, "INTERNAL"

@@ -8,7 +8,7 @@ import pytest
 
 from runtime.buckets import plan_chunks
 from runtime.engines import open_servable
-from runtime.errors import InvalidInput, NotFound
+from runtime.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_bad_inputs_are_named(engine, inputs, message):
 
 
 def test_unknown_signature_lists_the_known_ones(engine):
-    with pytest.raises(NotFound, match="signature 'nope' not found in model digits; it has: serving_default"):
+    with pytest.raises(InvalidInput, match="signature 'nope' not found in model digits; it has: serving_default"):
         engine.run("nope", {"images": images(1)})
 
 

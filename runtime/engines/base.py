@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.buckets import plan_chunks
 from runtime.cpu import check_target
-from runtime.errors import InvalidInput, NotFound
+from runtime.errors import InvalidInput
 from runtime.manifest import Manifest, Signature, TensorSpec, read_manifest, show_shape, verify_files
 
 
@@ -70,8 +70,8 @@ class Engine:
             return self.manifest.signatures[key]
         except KeyError:
             known = ", ".join(sorted(self.manifest.signatures))
-            raise NotFound(f"signature '{key}' not found in model {self.manifest.name}; "
-                           f"it has: {known}") from None
+            raise InvalidInput(f"signature '{key}' not found in model {self.manifest.name}; "
+                               f"it has: {known}") from None
 
     def run(self, key: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name; batched signatures take any number of rows."""

@@ -1,0 +1,94 @@
+"""The protocol-neutral core with TensorFlow Serving's REST routes, over a repository of the example
+servables: status, metadata, predict in both formats, and every error as TF Serving answers it."""
+
+from __future__ import annotations
+
+import shutil
+
+import orjson
+import pytest
+
+from runtime.app import App, Request
+from runtime.model_config import ModelConfig, ModelConfigList
+from runtime.repository import Repository
+from runtime.servable_cache import ServableCache
+from runtime.version_policy import All
+
+
+@pytest.fixture(scope="module")
+def app(examples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    for name in ("half_plus_two", "digits"):
+        shutil.copytree(examples[name].servable, root / name / "1")
+    shutil.copytree(examples["half_plus_two"].servable, root / "half_plus_two" / "2")
+    config = ModelConfigList(models=(
+        ModelConfig(name="half_plus_two", base_path=str(root / "half_plus_two"), version_policy=All(),
+                    version_labels={"stable": 1}),
+        ModelConfig(name="digits", base_path=str(root / "digits")),
+    ))
+    repository = Repository(config, poll_seconds=0, cache=ServableCache(root / ".cache"))
+    repository.start()
+    yield App(repository, max_body_bytes=1 << 20)
+    repository.stop()
+
+
+def call(app, method, path, body=None):
+    response = app.handle(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
+                                  if body is not None else b""))
+    assert response.headers["Content-Type"] == "application/json"
+    return response.status, orjson.loads(response.body)
+
+
+def test_predict_row_and_columnar_as_tf_serving_documents(app):
+    assert call(app, "POST", "/v1/models/half_plus_two:predict", {"instances": [1.0, 2.0, 5.0]}) == \
+        (200, {"predictions": [2.5, 3.0, 4.5]})
+    assert call(app, "POST", "/v1/models/half_plus_two:predict", {"inputs": {"x": [1.0, 2.0]}}) == \
+        (200, {"outputs": [2.5, 3.0]})
+    assert call(app, "POST", "/v1/models/half_plus_two/versions/1:predict", {"instances": [4.0]}) == \
+        (200, {"predictions": [4.0]})
+    assert call(app, "POST", "/v1/models/half_plus_two/labels/stable:predict", {"instances": [0.0]}) == \
+        (200, {"predictions": [2.0]})
+
+
+def test_status_of_every_version_and_of_one(app):
+    status, body = call(app, "GET", "/v1/models/half_plus_two")
+    assert status == 200
+    assert body == {"model_version_status": [
+        {"version": v, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}} for v in ("2", "1")]}
+    assert call(app, "GET", "/v1/models/half_plus_two/versions/1")[1]["model_version_status"][0]["version"] == "1"
+    assert call(app, "GET", "/v1/models/half_plus_two/labels/stable")[1]["model_version_status"][0]["version"] == "1"
+
+
+def test_metadata_lists_signatures_as_signature_defs(app):
+    status, body = call(app, "GET", "/v1/models/digits/metadata")
+    assert status == 200
+    assert body["model_spec"] == {"name": "digits", "signature_name": "", "version": "1"}
+    signature = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["method_name"] == "tensorflow/serving/predict"
+    assert signature["inputs"]["images"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in signature["inputs"]["images"]["tensor_shape"]["dim"]] == ["-1", "28", "28", "1"]
+
+
+def test_percent_encoded_names(app):
+    assert call(app, "POST", "/v1/models/half%5Fplus%5Ftwo:predict", {"instances": [1.0]}) == (200, {"predictions": [2.5]})
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/v1/models/nope:predict", {"instances": [1.0]}, 404, "model 'nope' is not served"),
+    ("POST", "/v1/models/half_plus_two/versions/7:predict", {"instances": [1.0]}, 404, "version 7 is not available"),
+    ("POST", "/v1/models/half_plus_two/labels/beta:predict", {"instances": [1.0]}, 400, "no version label 'beta'"),
+    ("POST", "/v1/models/half_plus_two:predict", b"{not json", 400, "malformed JSON"),
+    ("POST", "/v1/models/half_plus_two:predict", {"signature_name": "nope", "instances": [1.0]}, 400,
+     "signature 'nope' not found"),
+    ("POST", "/v1/models/digits:predict", {"instances": [[1.0, 2.0]]}, 400, "input 'images' must have shape"),
+    ("POST", "/v1/models/half_plus_two:predict", b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),
+    ("POST", "/v1/models/half_plus_two:predict", b" " * (2 << 20), 413, "the limit is"),
+    ("POST", "/v1/models/half_plus_two:explain", {"instances": [1.0]}, 400, "unknown method ':explain'"),
+    ("GET", "/v1/models/half_plus_two:predict", None, 400, "takes POST"),
+    ("GET", "/v2/health/ready", None, 404, "no such endpoint"),
+    ("GET", "/v1/models/half_plus_two/versions/x", None, 400, "Malformed request"),
+])
+def test_errors_are_tf_serving_json_with_its_statuses(app, method, path, body, status, message):
+    got_status, got = call(app, method, path, body)
+    assert got_status == status
+    assert set(got) == {"error"} and message in got["error"]
