@@ -40,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--signature", help="signature key (default: the body's signature_name)")
     predict.set_defaults(run=_predict)
 
+    serve = commands.add_parser("serve", help="serve models over TensorFlow Serving's REST API")
+    serve.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix; "
+                       "every NAME in it is served (latest version)")
+    serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON")
+    serve.add_argument("--rest-port", type=int, default=8501)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--poll-seconds", type=float, default=1.0,
+                       help="how often to look for new versions (0: once; negative: never)")
+    serve.set_defaults(run=_serve)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -96,6 +106,37 @@ def _predict(args) -> int:
         engine.close()
     sys.stdout.buffer.write(encode_predict(outputs, decoded.row_format) + b"\n")
     return 0
+
+
+def _serve(args) -> int:
+    from handlers.local import serve
+    from runtime.app import App
+    from runtime.repository import Repository
+
+    repository = Repository(_model_config(args), poll_seconds=args.poll_seconds)
+    repository.start()
+    try:
+        serve(App(repository), host=args.host, rest_port=args.rest_port)
+    finally:
+        repository.stop()
+    return 0
+
+
+def _model_config(args):
+    from runtime.model_config import ModelConfig, ModelConfigList, load_model_config
+    from runtime.storage import open_storage
+
+    if args.model_config_file:
+        return load_model_config(args.model_config_file)
+    if not args.model_repository:
+        raise KilnError("give --model-repository or --model-config-file")
+    base = args.model_repository.rstrip("/")
+    if "://" not in base:
+        base = str(Path(base).resolve())
+    names = open_storage(base).list_children("")
+    if not names:
+        raise KilnError(f"no models in {base}: expected NAME/VERSION directories")
+    return ModelConfigList(models=tuple(ModelConfig(name=name, base_path=f"{base}/{name}") for name in names))
 
 
 def _read_input(value: str) -> bytes:

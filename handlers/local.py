@@ -1,0 +1,80 @@
+"""The local server: the core as an ASGI application, served by uvicorn for `kiln serve`.
+
+The adapter only turns ASGI into runtime.app.Request and back. Bodies are read up to the core's
+limit and no further (a larger one is answered 413 without reading it all). Model work runs in a
+thread pool, so the event loop stays free for other requests; uvicorn's own shutdown lets
+in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import partial
+
+from runtime.app import App, Request, Response, error_response
+from runtime.errors import BodyTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class AsgiApp:
+    def __init__(self, app: App):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            body = await _read_body(receive, self.app.max_body_bytes)
+        except BodyTooLarge as e:
+            await _send(send, error_response(e))
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request = Request(scope["method"], scope["path"], headers, body)
+        response = await asyncio.get_running_loop().run_in_executor(None, partial(self.app.handle, request))
+        await _send(send, response)
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+async def _send(send, response: Response) -> None:
+    headers = [(k.lower().encode(), v.encode()) for k, v in response.headers.items()]
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501) -> None:
+    """Serve REST until SIGINT or SIGTERM; in-flight requests finish before the process exits."""
+    import uvicorn
+
+    uvicorn.run(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=30)

@@ -1,0 +1,83 @@
+"""`kiln serve` as a user runs it: a real process on loopback, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(examples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("repository")
+    for name in ("half_plus_two", "digits"):
+        shutil.copytree(examples[name].servable, root / name / "1")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
+                                "--rest-port", str(port), "--host", "127.0.0.1"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/models/half_plus_two", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"kiln serve did not come up: {process.stdout.read()}")
+        time.sleep(0.2)
+    yield url, process
+    if process.poll() is None:
+        process.kill()
+
+
+def test_predict_status_and_errors_over_http(server):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/models/half_plus_two:predict", json={"instances": [1.0, 2.0, 5.0]})
+    assert response.status_code == 200 and response.json() == {"predictions": [2.5, 3.0, 4.5]}
+    assert response.headers["content-type"] == "application/json"
+    status = httpx.get(f"{url}/v1/models/digits").json()["model_version_status"]
+    assert status == [{"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+    missing = httpx.post(f"{url}/v1/models/nope:predict", json={"instances": [1.0]})
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    malformed = httpx.post(f"{url}/v1/models/half_plus_two:predict", content=b"{nope")
+    assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
+
+
+def test_oversized_body_is_refused_with_413(server):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/models/half_plus_two:predict", content=b" " * (65 << 20))
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+
+
+def test_sigterm_lets_in_flight_requests_finish(server):
+    """uvicorn finishes what is in flight, then exits by the signal it caught (status -15)."""
+    url, process = server
+    image = [[[0.5]] * 28] * 28
+    answers = []
+    in_flight = threading.Thread(target=lambda: answers.append(httpx.post(
+        f"{url}/v1/models/digits:predict", json={"instances": [image] * 3000}, timeout=60)))
+    in_flight.start()
+    time.sleep(0.5)  # the body is sent and the batch is running
+    process.send_signal(signal.SIGTERM)
+    in_flight.join()
+    assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 3000
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "Traceback" not in process.stdout.read()
