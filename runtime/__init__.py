@@ -1,1 +1,3 @@
-"""Kiln's cloud-agnostic core: servables, engines, and (from here on) serving."""
+"""Kiln's cloud-agnostic core: servables, engines, the repository and the protocol-neutral app."""
+
+__version__ = "0.1.0"

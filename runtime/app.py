@@ -3,10 +3,14 @@ decodes it with a codec, runs it on the version the repository hands out, and en
 Every handler (local server, Lambda, Cloud Run) adapts its events to `App.handle`; none routes,
 decodes or maps errors itself.
 
-Routes so far, TensorFlow Serving's REST API v1:
+Routes so far. TensorFlow Serving's REST API v1:
   GET  /v1/models/NAME[/versions/N | /labels/L]            model status
   GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   signature metadata
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    predict (row or columnar JSON)
+The Open Inference Protocol (KServe v2) over REST:
+  GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
+  GET  /v2/models/NAME[/versions/N][/ready]                model metadata, model readiness
+  POST /v2/models/NAME[/versions/N]/infer                  inference on JSON tensors
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from runtime import __version__
+from runtime.codecs import oip
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
 from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
 from runtime.manifest import Signature, TensorSpec
@@ -39,6 +45,10 @@ DTYPE_ENUM = {"float16": "DT_HALF", "bfloat16": "DT_BFLOAT16", "float32": "DT_FL
 MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$")
+
+
+OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
+DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ class App:
             return error_response(e, "internal error")
 
     def _route(self, request: Request) -> Response:
+        if request.path == "/v2" or request.path.startswith("/v2/"):
+            return self._route_oip(request)
         match = MODEL_PATH.match(request.path)
         if match is None:  # as TF Serving: malformed under /v1/, unknown elsewhere
             if request.path.startswith("/v1/"):
@@ -94,12 +106,49 @@ class App:
             return self._metadata(target) if metadata else self._status(target)
         if request.method != "POST":
             raise InvalidInput(f":{verb} takes POST, not {request.method}")
-        if len(request.body) > self.max_body_bytes:
-            raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is "
-                               f"{self.max_body_bytes}")
+        self._check_size(request)
         if verb == "predict":
             return self._predict(target, request.body)
         raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict")
+
+    def _route_oip(self, request: Request) -> Response:
+        if request.path == "/v2":
+            return _json({"name": "kiln", "version": __version__, "extensions": []})
+        if request.path == "/v2/health/live":
+            return _json({"live": True})
+        if request.path == "/v2/health/ready":
+            ready = all(self.repository.is_available(name) for name in self.repository.names())
+            return _json({"ready": ready}, 200 if ready else 503)
+        match = OIP_MODEL_PATH.match(request.path)
+        if match is None:
+            raise NotFound(f"no such endpoint: {request.method} {request.path}")
+        target = Target(unquote(match["name"]), int(match["version"]) if match["version"] else None)
+        action = match["action"]
+        if action == "/infer":
+            if request.method != "POST":
+                raise InvalidInput(f"/infer takes POST, not {request.method}")
+            self._check_size(request)
+            return self._infer(target, request.body)
+        if request.method != "GET":
+            raise InvalidInput(f"{request.method} is not supported on {request.path}; use GET")
+        with self._handle(target) as handle:
+            if action == "/ready":
+                return _json({"name": handle.name, "ready": True})
+            versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
+            return _json(oip.metadata(handle.name, versions, _default_signature(handle.engine)[1]))
+
+    def _infer(self, target: Target, body: bytes) -> Response:
+        with self._handle(target) as handle:
+            key, signature = _default_signature(handle.engine)
+            inputs, names, request_id = oip.decode_infer(body, signature)
+            outputs = handle.engine.run(key, inputs)
+            return Response(200, orjson.dumps(oip.encode_infer(handle.name, handle.version, outputs, names, request_id),
+                                              option=orjson.OPT_SERIALIZE_NUMPY))
+
+    def _check_size(self, request: Request) -> None:
+        if len(request.body) > self.max_body_bytes:
+            raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is "
+                               f"{self.max_body_bytes}")
 
     def _status(self, target: Target) -> Response:
         version = target.version
@@ -133,6 +182,17 @@ def _target(match: re.Match) -> Target:
     version, label = match["version"], match["label"]
     return Target(unquote(match["name"]), int(version) if version is not None else None,
                   unquote(label) if label is not None else None)
+
+
+def _default_signature(engine) -> tuple[str, Signature]:
+    """The signature the Open Inference Protocol, which has none, reaches: serving_default, or the
+    only one."""
+    if DEFAULT_SIGNATURE in engine.signatures:
+        return DEFAULT_SIGNATURE, engine.signatures[DEFAULT_SIGNATURE]
+    if len(engine.signatures) == 1:
+        return next(iter(engine.signatures.items()))
+    raise InvalidInput(f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
+                       f"({', '.join(engine.signatures)}); the Open Inference Protocol cannot choose")
 
 
 def _signature_def(signature: Signature) -> dict:

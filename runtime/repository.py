@@ -285,6 +285,17 @@ class Repository:
         raise NotFound(f"Servable not found for request: model {model.config.name!r} version "
                        f"{number} is not available")
 
+    def names(self) -> list[str]:
+        """The models the configuration lists."""
+        with self._lock:
+            return sorted(self._configured)
+
+    def is_available(self, name: str) -> bool:
+        """Whether some version of the model can take a request now."""
+        with self._lock:
+            model = self._models.get(name)
+            return model is not None and any(v.state is State.AVAILABLE for v in model.versions.values())
+
     def status(self, name: str, version: int | None = None) -> ModelStatus:
         """The model's versions (or the one asked for) with their states and errors."""
         with self._lock:

@@ -85,10 +85,46 @@ def test_percent_encoded_names(app):
     ("POST", "/v1/models/half_plus_two:predict", b" " * (2 << 20), 413, "the limit is"),
     ("POST", "/v1/models/half_plus_two:explain", {"instances": [1.0]}, 400, "unknown method ':explain'"),
     ("GET", "/v1/models/half_plus_two:predict", None, 400, "takes POST"),
-    ("GET", "/v2/health/ready", None, 404, "no such endpoint"),
+    ("GET", "/v3/health/ready", None, 404, "no such endpoint"),
     ("GET", "/v1/models/half_plus_two/versions/x", None, 400, "Malformed request"),
 ])
 def test_errors_are_tf_serving_json_with_its_statuses(app, method, path, body, status, message):
     got_status, got = call(app, method, path, body)
     assert got_status == status
     assert set(got) == {"error"} and message in got["error"]
+
+
+def test_oip_health_metadata_and_readiness(app):
+    assert call(app, "GET", "/v2/health/live") == (200, {"live": True})
+    assert call(app, "GET", "/v2/health/ready") == (200, {"ready": True})
+    assert call(app, "GET", "/v2")[1]["name"] == "kiln"
+    assert call(app, "GET", "/v2/models/digits/ready") == (200, {"name": "digits", "ready": True})
+    status, body = call(app, "GET", "/v2/models/digits")
+    assert status == 200
+    assert body["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
+    assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert call(app, "GET", "/v2/models/nope/ready")[0] == 404
+
+
+def test_oip_infer_json_tensors(app):
+    request = {"id": "r1", "inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0, 5.0]}]}
+    status, body = call(app, "POST", "/v2/models/half_plus_two/versions/2/infer", request)
+    assert status == 200
+    assert body == {"model_name": "half_plus_two", "model_version": "2", "id": "r1",
+                    "outputs": [{"name": "y", "shape": [3], "datatype": "FP32", "data": [2.5, 3.0, 4.5]}]}
+    image = {"name": "images", "shape": [2, 28, 28, 1], "datatype": "FP32", "data": [0.5] * (2 * 784)}
+    status, body = call(app, "POST", "/v2/models/digits/infer", {"inputs": [image], "outputs": [{"name": "probabilities"}]})
+    assert status == 200 and body["outputs"][0]["shape"] == [2, 10]
+
+
+@pytest.mark.parametrize("request_body, message", [
+    ({"inputs": []}, "'inputs' must be a non-empty list"),
+    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0]}]}, "needs 2 values, data has 1"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}, "must have datatype FP32, got INT64"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]}, "unknown datatype"),
+    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}], "outputs": [{"name": "z"}]},
+     "unknown output(s) z"),
+])
+def test_oip_errors(app, request_body, message):
+    status, body = call(app, "POST", "/v2/models/half_plus_two/infer", request_body)
+    assert status == 400 and message in body["error"]

@@ -61,6 +61,24 @@ def test_predict_status_and_errors_over_http(server):
     assert malformed.status_code == 400 and "malformed JSON" in malformed.json()["error"]
 
 
+def test_tritonclient_http_speaks_the_open_inference_protocol(server):
+    import numpy as np
+    import tritonclient.http as triton
+
+    url, _ = server
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+    metadata = client.get_model_metadata("digits")
+    assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
+    images = triton.InferInput("images", [3, 28, 28, 1], "FP32")
+    images.set_data_from_numpy(np.full((3, 28, 28, 1), 0.5, np.float32), binary_data=False)
+    result = client.infer("digits", [images], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert not client.is_model_ready("nope")
+
+
 def test_oversized_body_is_refused_with_413(server):
     url, _ = server
     response = httpx.post(f"{url}/v1/models/half_plus_two:predict", content=b" " * (65 << 20))
