@@ -8,6 +8,8 @@ PROTOS := $(shell find runtime/protos -name '*.proto')
 # whenever a .proto file or the generator changes.
 $(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev]'
+	# Test client only; it asks for the full tensorflow package, which tensorflow-cpu provides.
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps 'tensorflow-serving-api==2.21.*'
 	$(PYTHON) -m runtime.protos.build
 	touch $(STAMP)
 

@@ -3,7 +3,8 @@
 The adapter only turns ASGI into runtime.app.Request and back. Bodies are read up to the core's
 limit and no further (a larger one is answered 413 without reading it all). Model work runs in a
 thread pool, so the event loop stays free for other requests; uvicorn's own shutdown lets
-in-flight requests finish.
+in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc_server)
+runs beside it on the same event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from runtime.app import App, Request, Response, error_response
 from runtime.errors import BodyTooLarge
 
 log = logging.getLogger(__name__)
+GRACE_SECONDS = 30  # how long in-flight requests may take to finish at shutdown, REST and gRPC
 
 
 class AsgiApp:
@@ -72,9 +74,32 @@ async def _lifespan(receive, send) -> None:
             return
 
 
-def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501) -> None:
-    """Serve REST until SIGINT or SIGTERM; in-flight requests finish before the process exits."""
+def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501, grpc_port: int | None = None) -> None:
+    """Serve REST (and gRPC when grpc_port is given) until SIGINT or SIGTERM; in-flight requests
+    finish before the process exits."""
+    asyncio.run(_serve(app, host, rest_port, grpc_port))
+
+
+async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None) -> None:
+    """Both servers on one event loop; uvicorn owns the signals. The gRPC server (imported only when
+    asked for) stops inside uvicorn's graceful shutdown: after it, uvicorn re-raises the signal."""
     import uvicorn
 
-    uvicorn.run(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=30)
+    grpc_server = None
+    if grpc_port is not None:
+        from handlers.grpc_server import serve_grpc
+
+        grpc_server = await serve_grpc(app, grpc_port, host)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            stopping = [grpc_server.stop(GRACE_SECONDS)] if grpc_server is not None else []
+            await asyncio.gather(super().shutdown(sockets), *stopping)
+
+    config = uvicorn.Config(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=GRACE_SECONDS)
+    try:
+        await Server(config).serve()
+    finally:  # uvicorn failed to start, or returned without a signal
+        if grpc_server is not None:
+            await grpc_server.stop(GRACE_SECONDS)

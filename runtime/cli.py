@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--signature", help="signature key (default: the body's signature_name)")
     predict.set_defaults(run=_predict)
 
-    serve = commands.add_parser("serve", help="serve models over TensorFlow Serving's REST API")
+    serve = commands.add_parser("serve", help="serve models over TensorFlow Serving's REST (and gRPC) API")
     serve.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix; "
                        "every NAME in it is served (latest version)")
     serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON")
     serve.add_argument("--rest-port", type=int, default=8501)
+    serve.add_argument("--grpc-port", type=int, help="also serve TensorFlow Serving's gRPC API on this port "
+                       "(TF Serving's default: 8500)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--poll-seconds", type=float, default=1.0,
                        help="how often to look for new versions (0: once; negative: never)")
@@ -116,7 +118,7 @@ def _serve(args) -> int:
     repository = Repository(_model_config(args), poll_seconds=args.poll_seconds)
     repository.start()
     try:
-        serve(App(repository), host=args.host, rest_port=args.rest_port)
+        serve(App(repository), host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port)
     finally:
         repository.stop()
     return 0

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,54 @@ def bucket(s3_endpoint, s3_env):
     name = f"kiln-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return client, name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def kiln_serve(examples, root: Path, *args: str):
+    """`kiln serve` in its own process over half_plus_two and digits (version 1) copied into root,
+    on free loopback ports; yields (process, REST URL) once both models answer status."""
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    for name in ("half_plus_two", "digits"):
+        shutil.copytree(examples[name].servable, root / name / "1")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
+                                "--rest-port", str(port), "--host", "127.0.0.1", *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if all(httpx.get(f"{url}/v1/models/{name}", timeout=2).status_code == 200
+                   for name in ("half_plus_two", "digits")):
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"kiln serve did not come up: {process.stdout.read()}")
+        time.sleep(0.2)
+    try:
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def run_python(code: str, *args: str, env: dict | None = None):

@@ -43,9 +43,10 @@ def tree(tmp_path, monkeypatch):
 def test_generates_modules_and_stubs_with_imports_into_the_package(tree):
     root, out = tree
     assert build(root, out, "kiln_test_generated") is True
-    generated = sorted(str(path.relative_to(out)) for path in out.rglob("*_pb2*.py"))
-    assert generated == ["kiln_test/echo_pb2.py", "kiln_test/echo_pb2_grpc.py"] + [
-        f"tensorflow_serving/config/{name}_pb2.py" for name in sorted(FILES)]
+    generated = {str(path.relative_to(out)) for path in out.rglob("*_pb2*.py")}
+    protos = {str(path.relative_to(root))[:-len(".proto")] for path in root.rglob("*.proto")}
+    services = {"kiln_test/echo", "tensorflow_serving/apis/prediction_service", "tensorflow_serving/apis/model_service"}
+    assert generated == {f"{name}_pb2.py" for name in protos} | {f"{name}_pb2_grpc.py" for name in services}
     assert "from kiln_test_generated.tensorflow_serving.config import model_server_config_pb2" in (
         out / "kiln_test" / "echo_pb2.py").read_text()
     stubs = importlib.import_module("kiln_test_generated.kiln_test.echo_pb2_grpc")
@@ -136,6 +137,33 @@ def test_descriptors_are_identical_to_tf_serving():
     for name in FILES:
         module = generated_module(f"tensorflow_serving.config.{name}_pb2")
         assert module.DESCRIPTOR.serialized_pb.hex() == theirs[module.DESCRIPTOR.name], name
+
+
+# Every file of the gRPC API: the services' import closure, TensorFlow's own protos included.
+API_SIDE = """
+import orjson
+from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+files = {}
+def walk(file):
+    for dependency in file.dependencies:
+        walk(dependency)
+    if not file.name.startswith("google/protobuf/"):
+        files[file.name] = file.serialized_pb.hex()
+walk(prediction_service_pb2.DESCRIPTOR)
+walk(model_service_pb2.DESCRIPTOR)
+print(orjson.dumps(files).decode())
+"""
+
+
+@needs_tf_serving
+def test_grpc_api_descriptors_are_identical_to_tf_serving():
+    done = run_python(API_SIDE)
+    assert done.returncode == 0, done.stderr
+    theirs = orjson.loads(done.stdout)
+    assert {str(path.relative_to(ROOT)) for path in ROOT.rglob("*.proto")} == set(theirs)
+    for name, serialized in theirs.items():
+        module = generated_module(name[:-len(".proto")].replace("/", ".") + "_pb2")
+        assert module.DESCRIPTOR.serialized_pb.hex() == serialized, name
 
 
 @needs_tf_serving

@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import kiln_serve
 
 
 @pytest.fixture(scope="module")
 def server(examples, tmp_path_factory):
-    root = tmp_path_factory.mktemp("repository")
-    for name in ("half_plus_two", "digits"):
-        shutil.copytree(examples[name].servable, root / name / "1")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
-                                "--rest-port", str(port), "--host", "127.0.0.1"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/models/half_plus_two", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"kiln serve did not come up: {process.stdout.read()}")
-        time.sleep(0.2)
-    yield url, process
-    if process.poll() is None:
-        process.kill()
+    with kiln_serve(examples, tmp_path_factory.mktemp("repository")) as (process, url):
+        yield url, process
 
 
 def test_predict_status_and_errors_over_http(server):

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "generated"
 PACKAGE = "runtime.protos.generated"
-_IMPORT = re.compile(r"^(from|import) ([\w.]+)( import (\w+))?( as \w+)?$", re.MULTILINE)
+_IMPORT = re.compile(r"^(from|import) ([\w.]+)( import (\w+|\*))?( as \w+)?$", re.MULTILINE)
 
 
 def build(root: Path = ROOT, out: Path = OUT, package: str = PACKAGE) -> bool:
@@ -85,11 +85,12 @@ def _drop_empty_stubs(staged: Path, descriptor_set: bytes) -> None:
 
 
 def _rewrite_imports(staged: Path, package: str, modules: set[str]) -> None:
-    """Point imports of generated modules into `package`; leave google.protobuf and grpc alone."""
+    """Point imports of generated modules into `package` (`import *` too: protoc's form of a public
+    import); leave google.protobuf and grpc alone."""
 
     def rewrite(match: re.Match) -> str:
         keyword, name, _, imported, alias = match.groups()
-        if keyword == "from" and f"{name}.{imported}" in modules:
+        if keyword == "from" and (f"{name}.{imported}" in modules or imported == "*" and name in modules):
             return f"from {package}.{name} import {imported}{alias or ''}"
         if keyword == "import" and name in modules:
             return f"from {package} import {name}{alias or ''}"
