@@ -7,6 +7,8 @@ Routes so far. TensorFlow Serving's REST API v1:
   GET  /v1/models/NAME[/versions/N | /labels/L]            model status
   GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   signature metadata
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    predict (row or columnar JSON)
+  POST /v1/models/NAME[/versions/N | /labels/L]:classify   classify tf.Examples given as JSON
+  POST /v1/models/NAME[/versions/N | /labels/L]:regress    regress tf.Examples given as JSON
 The Open Inference Protocol (KServe v2) over REST:
   GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
   GET  /v2/models/NAME[/versions/N][/ready]                model metadata, model readiness
@@ -24,7 +26,7 @@ from urllib.parse import unquote
 import orjson
 
 from runtime import __version__
-from runtime.codecs import oip
+from runtime.codecs import examples, oip
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
 from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
 from runtime.manifest import Signature, TensorSpec
@@ -109,7 +111,9 @@ class App:
         self._check_size(request)
         if verb == "predict":
             return self._predict(target, request.body)
-        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict")
+        if verb in examples.METHODS:
+            return self._classify_or_regress(target, request.body, examples.METHODS[verb])
+        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify and :regress")
 
     def _route_oip(self, request: Request) -> Response:
         if request.path == "/v2":
@@ -173,6 +177,15 @@ class App:
             decoded = decode_predict(signature_name, parsed, handle.engine.signature(signature_name))
             outputs = handle.engine.run(signature_name, decoded.inputs)
         return Response(200, encode_predict(outputs, decoded.row_format))
+
+    def _classify_or_regress(self, target: Target, body: bytes, method: str) -> Response:
+        signature_name, rows = examples.read_examples(body)
+        serialized = examples.serialize(rows)
+        with self._handle(target) as handle:
+            signature = handle.engine.signature(signature_name)
+            input_name = examples.check_method(signature_name, signature, method)
+            outputs = handle.engine.run(signature_name, {input_name: serialized})
+        return _json(examples.encode_results(outputs, method))
 
     def _handle(self, target: Target):
         return self.repository.handle(target.name, version=target.version, label=target.label)

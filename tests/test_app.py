@@ -50,6 +50,26 @@ def test_predict_row_and_columnar_as_tf_serving_documents(app):
         (200, {"predictions": [2.0]})
 
 
+def test_classify_and_regress_as_tf_serving_documents(app):
+    body = {"signature_name": "classify_x_to_y", "examples": [{"x": 1.0}, {"x": 2.0}]}
+    assert call(app, "POST", "/v1/models/half_plus_two:classify", body) == (200, {"results": [[["", 2.5]], [["", 3.0]]]})
+    body = {"signature_name": "regress_x_to_y", "examples": [{"x": 1.0}, {"x": 5.0}]}
+    assert call(app, "POST", "/v1/models/half_plus_two:regress", body) == (200, {"results": [2.5, 4.5]})
+    body = {"signature_name": "regress_x2_to_y3", "context": {"x2": 4.0}, "examples": [{"x": 1.0}, {}]}
+    assert call(app, "POST", "/v1/models/half_plus_two:regress", body) == (200, {"results": [5.0, 5.0]})
+
+
+@pytest.mark.parametrize("verb, body, message", [
+    ("classify", {"examples": [{"x": 1.0}]}, "has method tensorflow/serving/predict; this request needs"),
+    ("regress", {"signature_name": "classify_x_to_y", "examples": [{"x": 1.0}]}, "this request needs tensorflow/serving/regress"),
+    ("regress", {"signature_name": "regress_x_to_y", "examples": []}, "'examples' must be a non-empty list"),
+    ("regress", {"signature_name": "regress_x_to_y", "examples": [{"x": [1.0, "a"]}]}, "mixes kinds of values"),
+])
+def test_classify_and_regress_errors(app, verb, body, message):
+    status, got = call(app, "POST", f"/v1/models/half_plus_two:{verb}", body)
+    assert status == 400 and message in got["error"]
+
+
 def test_status_of_every_version_and_of_one(app):
     status, body = call(app, "GET", "/v1/models/half_plus_two")
     assert status == 200
