@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
 
 setup: $(STAMP)
 
+# Build the example servables, then serve them (REST on 8501, gRPC on 8500) until Ctrl-C.
 demo: $(STAMP)
 	$(PYTHON) examples/build.py $(SERVABLES)
 	kiln inspect $(SERVABLES)/digits/1
 	kiln predict $(SERVABLES)/half_plus_two/1 --input '{"instances": [1.0, 2.0, 5.0]}'
+	kiln serve --model-repository $(SERVABLES) --rest-port 8501 --grpc-port 8500
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -p no:cacheprovider
