@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "generated"
 PACKAGE = "runtime.protos.generated"
+GENERATOR_STAMP = ".generator"
 _IMPORT = re.compile(r"^(from|import) ([\w.]+)( import (\w+|\*))?( as \w+)?$", re.MULTILINE)
 
 
@@ -49,6 +50,7 @@ def build(root: Path = ROOT, out: Path = OUT, package: str = PACKAGE) -> bool:
         _rewrite_imports(staged, package, {_module(proto) for proto in protos})
         for directory in [staged, *(path for path in staged.rglob("*") if path.is_dir())]:
             (directory / "__init__.py").touch()
+        (staged / GENERATOR_STAMP).write_text(_generator())
         old = Path(tmp) / "old"
         if out.exists():
             out.rename(old)
@@ -56,10 +58,19 @@ def build(root: Path = ROOT, out: Path = OUT, package: str = PACKAGE) -> bool:
     return True
 
 
+def _generator() -> str:
+    """The generator's version: its output embeds (and at import checks) the protobuf runtime version."""
+    from importlib.metadata import version
+
+    return f"grpcio-tools {version('grpcio-tools')}"
+
+
 def _fresh(root: Path, out: Path, protos: list[Path]) -> bool:
-    """The outputs are exactly this set of .proto files' modules, all newer than every input."""
+    """The outputs are exactly this set of .proto files' modules, made by this generator, all newer
+    than every input."""
     outputs = list(out.rglob("*.py")) if out.is_dir() else []
-    if not outputs:
+    stamp = out / GENERATOR_STAMP
+    if not outputs or not stamp.is_file() or stamp.read_text() != _generator():
         return False
     expected = {proto.with_name(proto.stem + "_pb2.py") for proto in protos}
     if {path.relative_to(out) for path in outputs if path.name.endswith("_pb2.py")} != expected:
