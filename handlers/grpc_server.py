@@ -1,25 +1,30 @@
-"""TensorFlow Serving's gRPC API (PredictionService, ModelService) for `kiln serve --grpc-port`.
+"""TensorFlow Serving's gRPC API (PredictionService, ModelService) for `kiln serve`.
 
-The servicers only adapt: they resolve the ModelSpec with the core's repository, turn TensorProtos
-into arrays with runtime.codecs.tensor_proto, run the model in the event loop's thread pool (the
-loop stays free for other calls, REST included), and map a KilnError to its gRPC code through
-runtime.errors.status_of, as every other handler does. The messages are Kiln's own generated ones,
-wire-identical to tensorflow-serving-api's; grpc is imported here and nowhere else in the runtime.
+The servicers only adapt: they turn TensorProtos and tf.Examples into arrays with runtime.codecs,
+resolve the ModelSpec with the core's repository, and hand the model work to `App.execute`, as the
+REST routes do (same thread pool, deadlines, metrics). `serve_call` wraps every call, here and in the
+Open Inference Protocol's service: request id, authentication from metadata, the client's deadline,
+a KilnError mapped to its gRPC code through runtime.errors.status_of, the metrics and the access log.
+The messages are Kiln's own generated ones, wire-identical to tensorflow-serving-api's; grpc is
+imported by the handlers only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from runtime.app import DTYPE_ENUM, REPORTED_STATE, App
+from runtime import logs
+from runtime.app import DTYPE_ENUM, REPORTED_STATE, App, Exchange
+from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
 from runtime.errors import InvalidInput, KilnError, status_of
-from runtime.manifest import Signature, TensorSpec
+from runtime.manifest import CLASSIFY, REGRESS, Signature, TensorSpec
 from runtime.protos import generated_module
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,9 @@ T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"  # TF Serving's kDefaultServingSignatureDefKey
 
 _predict = generated_module("tensorflow_serving.apis.predict_pb2")
+_classification = generated_module("tensorflow_serving.apis.classification_pb2")
+_regression = generated_module("tensorflow_serving.apis.regression_pb2")
+_inference = generated_module("tensorflow_serving.apis.inference_pb2")
 _metadata = generated_module("tensorflow_serving.apis.get_model_metadata_pb2")
 _status = generated_module("tensorflow_serving.apis.get_model_status_pb2")
 _management = generated_module("tensorflow_serving.apis.model_management_pb2")
@@ -35,21 +43,30 @@ _prediction_grpc = generated_module("tensorflow_serving.apis.prediction_service_
 _model_grpc = generated_module("tensorflow_serving.apis.model_service_pb2_grpc")
 
 
-async def _call(context: grpc.aio.ServicerContext, work: Callable[[], T]) -> T:
-    """Run blocking model work in the thread pool within the client's deadline; a KilnError (or a
-    bug) ends the call with its gRPC code."""
-    remaining = context.time_remaining()
-    future = asyncio.get_running_loop().run_in_executor(None, work)
+async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
+                     work: Callable[[Exchange], Awaitable[T]]) -> T:
+    """Serve one call: what every servicer method does around its own work."""
+    exchange = Exchange("grpc", api=api)
+    metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()
+                if isinstance(value, str)}
+    token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
+    context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
+    code, message = "OK", ""
     try:
-        return await asyncio.wait_for(future, remaining)
-    except asyncio.TimeoutError:
-        error: tuple[grpc.StatusCode, str] = (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        exchange.tenant = app.auth.tenant(metadata)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            exchange.deadline = time.monotonic() + remaining
+        return await work(exchange)
     except KilnError as e:
-        error = (grpc.StatusCode[status_of(e)[1]], str(e))
+        code, message = status_of(e)[1], str(e)
     except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback
-        log.exception("internal error serving a gRPC call")
-        error = (grpc.StatusCode.INTERNAL, "internal error")
-    await context.abort(*error)
+        log.exception("internal error serving gRPC %s", api)
+        code, message = "INTERNAL", "internal error"
+    finally:
+        app.finished(exchange, code, f"gRPC {api}")
+        logs.request_id.reset(token)
+    await context.abort(grpc.StatusCode[code], message)
 
 
 def _target(spec: Any) -> dict[str, Any]:
@@ -72,16 +89,31 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
         self.app = app
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _call(context, lambda: self._predict(request))
+        return await serve_call(self.app, context, "predict", lambda exchange: self._predict(request, exchange))
+
+    async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await serve_call(self.app, context, "classify",
+                                lambda exchange: self._examples(request, CLASSIFY, exchange))
+
+    async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await serve_call(self.app, context, "regress",
+                                lambda exchange: self._examples(request, REGRESS, exchange))
+
+    async def MultiInference(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await serve_call(self.app, context, "multi_inference",
+                                lambda exchange: self._multi_inference(request, exchange))
 
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _call(context, lambda: self._get_model_metadata(request))
+        async def work(exchange: Exchange) -> Any:
+            return self._get_model_metadata(request)
 
-    def _predict(self, request: Any) -> Any:
+        return await serve_call(self.app, context, "metadata", work)
+
+    async def _predict(self, request: Any, exchange: Exchange) -> Any:
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         inputs = {name: to_ndarray(tensor) for name, tensor in request.inputs.items()}
         with self.app.repository.handle(**_target(request.model_spec)) as handle:
-            outputs = handle.engine.run(key, inputs)
+            outputs = await self.app.execute(handle, key, inputs, exchange)
             version = handle.version
         wanted = list(request.output_filter) or list(outputs)
         unknown = sorted(set(wanted) - set(outputs))
@@ -92,6 +124,48 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
         _spec_of(response.model_spec, request.model_spec.name, version, key)
         for name in wanted:
             from_ndarray(outputs[name], response.outputs[name])
+        return response
+
+    async def _examples(self, request: Any, method: str, exchange: Exchange) -> Any:
+        """Classify or Regress: one signature over the request's tf.Examples."""
+        key = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        serialized = examples.from_input(request.input)
+        with self.app.repository.handle(**_target(request.model_spec)) as handle:
+            outputs = await self.app.run_examples(handle, key, method, serialized, exchange)
+            version = handle.version
+        response = (_classification.ClassificationResponse() if method == CLASSIFY
+                    else _regression.RegressionResponse())
+        _spec_of(response.model_spec, request.model_spec.name, version, key)
+        _fill_result(response.result, outputs, method)
+        return response
+
+    async def _multi_inference(self, request: Any, exchange: Exchange) -> Any:
+        """Several classify and regress signatures of one model version over the same examples,
+        with TF Serving's rules: one model and version for all tasks, each signature once."""
+        if not request.tasks:
+            raise InvalidInput("MultiInferenceRequest must name at least one task")
+        specs = [task.model_spec for task in request.tasks]
+        if len({spec.name for spec in specs}) != 1:
+            raise InvalidInput("all tasks of a MultiInferenceRequest must name the same model")
+        if len({(spec.WhichOneof("version_choice"), spec.version.value, spec.version_label) for spec in specs}) != 1:
+            raise InvalidInput("all tasks of a MultiInferenceRequest must name the same model version")
+        keys = [spec.signature_name or DEFAULT_SIGNATURE for spec in specs]
+        if len(set(keys)) != len(keys):
+            raise InvalidInput("a signature may appear in only one task of a MultiInferenceRequest")
+        methods = {CLASSIFY: CLASSIFY, REGRESS: REGRESS}
+        for task in request.tasks:
+            if task.method_name not in methods:
+                raise InvalidInput(f"unsupported method {task.method_name!r} in a MultiInferenceRequest task; "
+                                   f"supported: {CLASSIFY}, {REGRESS}")
+        serialized = examples.from_input(request.input)
+        response = _inference.MultiInferenceResponse()
+        with self.app.repository.handle(**_target(specs[0])) as handle:
+            for task, key in zip(request.tasks, keys):
+                outputs = await self.app.run_examples(handle, key, task.method_name, serialized, exchange)
+                result = response.results.add()
+                _spec_of(result.model_spec, task.model_spec.name, handle.version, key)
+                _fill_result(result.classification_result if task.method_name == CLASSIFY
+                             else result.regression_result, outputs, task.method_name)
         return response
 
     def _get_model_metadata(self, request: Any) -> Any:
@@ -113,6 +187,20 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
         return response
 
 
+def _fill_result(result: Any, outputs: dict, method: str) -> None:
+    """A ClassificationResult or RegressionResult from a signature's outputs."""
+    if method == REGRESS:
+        for value in examples.regressions(outputs):
+            result.regressions.add(value=value)
+        return
+    for row in examples.classifications(outputs):
+        classes = result.classifications.add().classes
+        for label, score in row:
+            added = classes.add(label=label)
+            if score is not None:
+                added.score = score
+
+
 def _signature_def(signature: Signature, message: Any) -> None:
     message.method_name = signature.method
     for specs, infos in ((signature.inputs, message.inputs), (signature.outputs, message.outputs)):
@@ -132,10 +220,20 @@ class ModelService(_model_grpc.ModelServiceServicer):
         self.app = app
 
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _call(context, lambda: self._get_model_status(request))
+        async def work(exchange: Exchange) -> Any:
+            return self._get_model_status(request)
+
+        return await serve_call(self.app, context, "status", work)
 
     async def HandleReloadConfigRequest(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _call(context, lambda: self._reload(request))
+        async def work(exchange: Exchange) -> Any:
+            from runtime.model_config import from_proto
+
+            config = from_proto(request.config)
+            await asyncio.get_running_loop().run_in_executor(None, self.app.repository.reload, config)
+            return _management.ReloadConfigResponse()
+
+        return await serve_call(self.app, context, "reload_config", work)
 
     def _get_model_status(self, request: Any) -> Any:
         target = _target(request.model_spec)
@@ -151,15 +249,10 @@ class ModelService(_model_grpc.ModelServiceServicer):
                 status={"error_code": 2 if v.error else 0, "error_message": v.error})  # UNKNOWN or OK
         return response
 
-    def _reload(self, request: Any) -> Any:
-        from runtime.model_config import from_proto
-
-        self.app.repository.reload(from_proto(request.config))
-        return _management.ReloadConfigResponse()
-
 
 async def serve_grpc(app: App, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
-    """Start the gRPC server on host:port and return it (the caller stops it)."""
+    """Start the gRPC server on host:port and return it (the caller stops it): TensorFlow
+    Serving's services, and the Open Inference Protocol's."""
     # As TF Serving: no cap on message size (a big batch is one message).
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])

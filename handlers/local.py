@@ -1,8 +1,8 @@
 """The local server: the core as an ASGI application, served by uvicorn for `kiln serve`.
 
 The adapter only turns ASGI into runtime.app.Request and back. Bodies are read up to the core's
-limit and no further (a larger one is answered 413 without reading it all). Model work runs in a
-thread pool, so the event loop stays free for other requests; uvicorn's own shutdown lets
+limit and no further (a larger one is answered 413 without reading it all). The core runs model
+work off the event loop, so the loop stays free for other requests; uvicorn's own shutdown lets
 in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc_server)
 runs beside it on the same event loop.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import partial
+from dataclasses import replace
 
-from runtime.app import App, Request, Response, error_response
+from runtime.app import App, Request, Response
 from runtime.errors import BodyTooLarge
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,14 @@ class AsgiApp:
             return
         if scope["type"] != "http":
             return
-        try:
-            body = await _read_body(receive, self.app.max_body_bytes)
-        except BodyTooLarge as e:
-            await _send(send, error_response(e))
-            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request = Request(scope["method"], scope["path"], headers, body)
-        response = await asyncio.get_running_loop().run_in_executor(None, partial(self.app.handle, request))
-        await _send(send, response)
+        request = Request(scope["method"], scope["path"], headers)
+        try:
+            request = replace(request, body=await _read_body(receive, self.app.max_body_bytes))
+        except BodyTooLarge as e:
+            await _send(send, await self.app.handle(request, refused=e))
+            return
+        await _send(send, await self.app.handle(request))
 
 
 async def _read_body(receive, limit: int) -> bytes:

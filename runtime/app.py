@@ -1,41 +1,57 @@
 """The protocol-neutral core: a request is (method, path, headers, body); the core routes it,
 decodes it with a codec, runs it on the version the repository hands out, and encodes the answer.
-Every handler (local server, Lambda, Cloud Run) adapts its events to `App.handle`; none routes,
-decodes or maps errors itself.
+Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.handle`, or for
+calls it decodes itself (gRPC) to `App.execute`; none routes, runs models or maps errors itself.
 
-Routes so far. TensorFlow Serving's REST API v1:
+Routes. TensorFlow Serving's REST API v1:
   GET  /v1/models/NAME[/versions/N | /labels/L]            model status
   GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   signature metadata
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    predict (row or columnar JSON)
   POST /v1/models/NAME[/versions/N | /labels/L]:classify   classify tf.Examples given as JSON
   POST /v1/models/NAME[/versions/N | /labels/L]:regress    regress tf.Examples given as JSON
+  GET  /v1/models                                          every served model (Kiln's; TF Serving lacks it)
 The Open Inference Protocol (KServe v2) over REST:
   GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
   GET  /v2/models/NAME[/versions/N][/ready]                model metadata, model readiness
   POST /v2/models/NAME[/versions/N]/infer                  inference on JSON tensors
+  POST /v2/repository/index                                every served model version (Triton's extension)
+Prometheus metrics: GET /monitoring/prometheus/metrics (TF Serving's path) and /metrics.
+
+Around every request: its id (X-Request-Id, echoed), authentication and CORS (runtime.access), its
+deadline (X-Kiln-Timeout-Ms on HTTP; the handler's own, such as a gRPC deadline), a metrics record
+and a JSON access log line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
+import numpy as np
 import orjson
 
-from runtime import __version__
+from runtime import __version__, logs
+from runtime.access import OPEN_PATHS, Auth, Cors
 from runtime.codecs import examples, oip
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
-from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
+from runtime.errors import BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, status_of
 from runtime.manifest import Signature, TensorSpec
-from runtime.repository import Repository
+from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.metrics import Metrics
+from runtime.repository import Repository, ServableHandle
 from runtime.version_policy import State
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("kiln.access")
 JSON = {"Content-Type": "application/json"}
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+TIMEOUT_HEADER = "x-kiln-timeout-ms"
 # TF Serving's ModelVersionStatus states: a failed load is END with an error status.
 REPORTED_STATE = {State.START: "START", State.LOADING: "LOADING", State.AVAILABLE: "AVAILABLE",
                   State.UNLOADING: "UNLOADING", State.END: "END", State.ERROR: "END"}
@@ -47,9 +63,8 @@ DTYPE_ENUM = {"float16": "DT_HALF", "bfloat16": "DT_BFLOAT16", "float32": "DT_FL
 MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$")
-
-
 OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
+METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
 DEFAULT_SIGNATURE = "serving_default"
 
 
@@ -57,8 +72,9 @@ DEFAULT_SIGNATURE = "serving_default"
 class Request:
     method: str
     path: str
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-case
     body: bytes = b""
+    deadline: float | None = None  # time.monotonic() by which the answer is due, from the platform
 
 
 @dataclass(frozen=True)
@@ -77,24 +93,127 @@ class Target:
     label: str | None = None
 
 
+@dataclass
+class Exchange:
+    """What one request is and did, filled in as it is served: the labels of its metrics and
+    its access log line, and the tenant its credentials name."""
+
+    protocol: str
+    api: str = "unknown"
+    model: str = ""
+    version: str = ""
+    tenant: str | None = None
+    deadline: float | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
 class App:
-    def __init__(self, repository: Repository, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, repository: Repository, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 metrics: Metrics | None = None, auth: Auth = Auth(), cors: Cors = Cors()):
         self.repository = repository
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics or Metrics(repository)
+        self.auth = auth
+        self.cors = cors
 
-    def handle(self, request: Request) -> Response:
-        """Answer one request; every failure becomes TF Serving's {"error": ...} with its status."""
+    # Around every request ------------------------------------------------------------------------
+
+    async def handle(self, request: Request, refused: KilnError | None = None) -> Response:
+        """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
+        `refused`: why the handler could not take the request (a body over the limit while reading
+        it), answered here so that it is counted, logged and marked like any other answer."""
+        exchange = Exchange("rest", deadline=request.deadline)
+        token = logs.request_id.set(logs.new_request_id(request.headers.get("x-request-id")))
         try:
-            return self._route(request)
+            response = error_response(refused) if refused else await self._answer(request, exchange)
+            origin = request.headers.get("origin")
+            response = Response(response.status, response.body,
+                                {**response.headers, **self.cors.headers(origin), "X-Request-Id": logs.request_id.get()})
+            self.finished(exchange, str(response.status), f"{request.method} {request.path}")
+            return response
+        finally:
+            logs.request_id.reset(token)
+
+    async def _answer(self, request: Request, exchange: Exchange) -> Response:
+        try:
+            if request.method == "OPTIONS":
+                exchange.api = "preflight"
+                return Response(204, b"", self.cors.preflight_headers(
+                    request.headers.get("origin"), request.headers.get("access-control-request-headers")))
+            if request.path not in OPEN_PATHS:
+                exchange.tenant = self.auth.tenant(request.headers)
+            exchange.deadline = _deadline(request)
+            return await self._route(request, exchange)
         except KilnError as e:
             return error_response(e)
         except Exception as e:  # a bug: the client gets a plain 500, the log gets the traceback
             log.exception("internal error serving %s %s", request.method, request.path)
             return error_response(e, "internal error")
 
-    def _route(self, request: Request) -> Response:
+    def finished(self, exchange: Exchange, status: str, what: str) -> None:
+        """Count the request in the metrics and write its access log line."""
+        seconds = time.perf_counter() - exchange.started
+        self.metrics.request(exchange.protocol, exchange.api, exchange.model, exchange.version, status, seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s", what, status, extra={"fields": {
+                "protocol": exchange.protocol, "api": exchange.api, "model": exchange.model,
+                "version": exchange.version, "status": status, "duration_ms": round(seconds * 1e3, 3)}})
+
+    async def execute(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
+                      exchange: Exchange) -> dict[str, np.ndarray]:
+        """Run a signature on decoded inputs: the one place model work starts. It runs in the event
+        loop's thread pool (the loop stays free); a request whose deadline passes first answers
+        DeadlineExceeded, and its work is skipped if it has not started yet."""
+        exchange.model, exchange.version = handle.name, str(handle.version)
+        remaining = None if exchange.deadline is None else exchange.deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed before its model work could start")
+        abandoned = False
+        release = self.repository.retain(handle)
+        queue = self.metrics.queue_depth.labels(handle.name)
+
+        def work() -> dict[str, np.ndarray]:
+            try:
+                if abandoned:
+                    raise DeadlineExceeded("abandoned")
+                started = time.perf_counter()
+                outputs = handle.engine.run(key, inputs)
+                self._observe_execution(handle, key, inputs, time.perf_counter() - started)
+                return outputs
+            finally:
+                queue.dec()
+                release()
+
+        queue.inc()
+        future = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, work)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), remaining)
+        except asyncio.TimeoutError:
+            abandoned = True
+            raise DeadlineExceeded(f"the request's deadline passed after {remaining * 1e3:.0f} ms, before "
+                                   f"the model answered") from None
+
+    def _observe_execution(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
+                           seconds: float) -> None:
+        signature = handle.engine.signatures.get(key)
+        labels = (handle.name, str(handle.version), key)
+        if signature is not None and signature.batched and inputs:
+            self.metrics.batch_size.labels(*labels).observe(len(next(iter(inputs.values()))))
+        self.metrics.execution.labels(*labels).observe(seconds)
+
+    # Routing ------------------------------------------------------------------------------------
+
+    async def _route(self, request: Request, exchange: Exchange) -> Response:
+        if request.path in METRICS_PATHS:
+            exchange.api = "metrics"
+            _only(request, "GET")
+            return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})
         if request.path == "/v2" or request.path.startswith("/v2/"):
-            return self._route_oip(request)
+            return await self._route_oip(request, exchange)
+        if request.path in ("/v1/models", "/v1/models/"):
+            exchange.api = "list"
+            _only(request, "GET")
+            return _json({"models": self._served_models()})
         match = MODEL_PATH.match(request.path)
         if match is None:  # as TF Serving: malformed under /v1/, unknown elsewhere
             if request.path.startswith("/v1/"):
@@ -103,25 +222,32 @@ class App:
         target = _target(match)
         verb, metadata = match["verb"], match["metadata"]
         if verb is None:
-            if request.method != "GET":
-                raise InvalidInput(f"{request.method} is not supported on {request.path}; use GET")
-            return self._metadata(target) if metadata else self._status(target)
+            exchange.api = "metadata" if metadata else "status"
+            _only(request, "GET")
+            return self._metadata(target, exchange) if metadata else self._status(target, exchange)
+        exchange.api = verb if verb in ("predict", *examples.METHODS) else "unknown"
         if request.method != "POST":
             raise InvalidInput(f":{verb} takes POST, not {request.method}")
         self._check_size(request)
         if verb == "predict":
-            return self._predict(target, request.body)
+            return await self._predict(target, request.body, exchange)
         if verb in examples.METHODS:
-            return self._classify_or_regress(target, request.body, examples.METHODS[verb])
+            return await self._classify_or_regress(target, request.body, examples.METHODS[verb], exchange)
         raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify and :regress")
 
-    def _route_oip(self, request: Request) -> Response:
-        if request.path == "/v2":
-            return _json({"name": "kiln", "version": __version__, "extensions": []})
-        if request.path == "/v2/health/live":
-            return _json({"live": True})
-        if request.path == "/v2/health/ready":
-            ready = all(self.repository.is_available(name) for name in self.repository.names())
+    async def _route_oip(self, request: Request, exchange: Exchange) -> Response:
+        if request.path == "/v2/repository/index":
+            exchange.api = "repository_index"
+            _only(request, "POST")
+            return Response(200, orjson.dumps(self._repository_index()))
+        if request.path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+            exchange.api = "health" if "health" in request.path else "server_metadata"
+            _only(request, "GET")
+            if request.path == "/v2":
+                return _json({"name": "kiln", "version": __version__, "extensions": ["model_repository"]})
+            if request.path == "/v2/health/live":
+                return _json({"live": True})
+            ready = self.ready()
             return _json({"ready": ready}, 200 if ready else 503)
         match = OIP_MODEL_PATH.match(request.path)
         if match is None:
@@ -129,23 +255,29 @@ class App:
         target = Target(unquote(match["name"]), int(match["version"]) if match["version"] else None)
         action = match["action"]
         if action == "/infer":
-            if request.method != "POST":
-                raise InvalidInput(f"/infer takes POST, not {request.method}")
+            exchange.api = "infer"
+            _only(request, "POST")
             self._check_size(request)
-            return self._infer(target, request.body)
-        if request.method != "GET":
-            raise InvalidInput(f"{request.method} is not supported on {request.path}; use GET")
-        with self._handle(target) as handle:
+            return await self._infer(target, request.body, exchange)
+        exchange.api = "ready" if action == "/ready" else "metadata"
+        _only(request, "GET")
+        with self._handle(target, exchange) as handle:
             if action == "/ready":
                 return _json({"name": handle.name, "ready": True})
             versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
-            return _json(oip.metadata(handle.name, versions, _default_signature(handle.engine)[1]))
+            return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
 
-    def _infer(self, target: Target, body: bytes) -> Response:
-        with self._handle(target) as handle:
-            key, signature = _default_signature(handle.engine)
+    def ready(self) -> bool:
+        """Every configured model has a version that can take requests."""
+        return all(self.repository.is_available(name) for name in self.repository.names())
+
+    # Endpoints ----------------------------------------------------------------------------------
+
+    async def _infer(self, target: Target, body: bytes, exchange: Exchange) -> Response:
+        with self._handle(target, exchange) as handle:
+            key, signature = default_signature(handle.engine)
             inputs, names, request_id = oip.decode_infer(body, signature)
-            outputs = handle.engine.run(key, inputs)
+            outputs = await self.execute(handle, key, inputs, exchange)
             return Response(200, orjson.dumps(oip.encode_infer(handle.name, handle.version, outputs, names, request_id),
                                               option=orjson.OPT_SERIALIZE_NUMPY))
 
@@ -154,41 +286,85 @@ class App:
             raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is "
                                f"{self.max_body_bytes}")
 
-    def _status(self, target: Target) -> Response:
+    def _status(self, target: Target, exchange: Exchange) -> Response:
         version = target.version
         if target.label is not None:
-            with self.repository.handle(target.name, label=target.label) as handle:
+            with self._handle(target, exchange) as handle:
                 version = handle.version
         status = self.repository.status(target.name, version)
+        exchange.model = target.name
         return _json({"model_version_status": [
             {"version": str(v.version), "state": REPORTED_STATE[v.state],
              "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error}}
             for v in status.versions]})
 
-    def _metadata(self, target: Target) -> Response:
-        with self._handle(target) as handle:
+    def _served_models(self) -> list[dict]:
+        models = []
+        for name in self.repository.names():
+            try:
+                versions = self.repository.status(name).versions
+            except NotFound:  # configured, nothing found in its store yet
+                versions = []
+            labels = self.repository.version_labels(name)
+            models.append({"name": name, "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]}
+                                                      for v in versions],
+                           "labels": {label: str(number) for label, number in labels.items()}})
+        return models
+
+    def _repository_index(self) -> list[dict]:
+        return [{"name": model["name"], "version": v["version"],
+                 "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE", "reason": ""}
+                for model in self._served_models() for v in model["versions"]]
+
+    def _metadata(self, target: Target, exchange: Exchange) -> Response:
+        with self._handle(target, exchange) as handle:
             signatures = {key: _signature_def(sig) for key, sig in handle.engine.signatures.items()}
             return _json({"model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
                           "metadata": {"signature_def": {"signature_def": signatures}}})
 
-    def _predict(self, target: Target, body: bytes) -> Response:
+    async def _predict(self, target: Target, body: bytes, exchange: Exchange) -> Response:
         signature_name, parsed = read_predict(body)
-        with self._handle(target) as handle:
+        with self._handle(target, exchange) as handle:
             decoded = decode_predict(signature_name, parsed, handle.engine.signature(signature_name))
-            outputs = handle.engine.run(signature_name, decoded.inputs)
+            outputs = await self.execute(handle, signature_name, decoded.inputs, exchange)
         return Response(200, encode_predict(outputs, decoded.row_format))
 
-    def _classify_or_regress(self, target: Target, body: bytes, method: str) -> Response:
+    async def _classify_or_regress(self, target: Target, body: bytes, method: str, exchange: Exchange) -> Response:
         signature_name, rows = examples.read_examples(body)
         serialized = examples.serialize(rows)
-        with self._handle(target) as handle:
-            signature = handle.engine.signature(signature_name)
-            input_name = examples.check_method(signature_name, signature, method)
-            outputs = handle.engine.run(signature_name, {input_name: serialized})
+        with self._handle(target, exchange) as handle:
+            outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
         return _json(examples.encode_results(outputs, method))
 
-    def _handle(self, target: Target):
+    async def run_examples(self, handle: ServableHandle, key: str, method: str, serialized: np.ndarray,
+                           exchange: Exchange) -> dict[str, np.ndarray]:
+        """Run a classify or regress signature on serialized tf.Examples (REST and gRPC alike)."""
+        input_name = examples.check_method(key, handle.engine.signature(key), method)
+        return await self.execute(handle, key, {input_name: serialized}, exchange)
+
+    def _handle(self, target: Target, exchange: Exchange):
+        exchange.model = target.name if target.name in self.repository.names() else ""
         return self.repository.handle(target.name, version=target.version, label=target.label)
+
+
+def _only(request: Request, method: str) -> None:
+    if request.method != method:
+        raise InvalidInput(f"{request.method} is not supported on {request.path}; use {method}")
+
+
+def _deadline(request: Request) -> float | None:
+    """The earlier of the platform's deadline and the one the X-Kiln-Timeout-Ms header asks for."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return request.deadline
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        milliseconds = float("nan")
+    if not milliseconds > 0 or milliseconds == float("inf"):
+        raise InvalidInput(f"X-Kiln-Timeout-Ms must be a positive number of milliseconds, got {value!r}")
+    deadline = time.monotonic() + milliseconds / 1e3
+    return deadline if request.deadline is None else min(deadline, request.deadline)
 
 
 def _target(match: re.Match) -> Target:
@@ -197,7 +373,7 @@ def _target(match: re.Match) -> Target:
                   unquote(label) if label is not None else None)
 
 
-def _default_signature(engine) -> tuple[str, Signature]:
+def default_signature(engine) -> tuple[str, Signature]:
     """The signature the Open Inference Protocol, which has none, reaches: serving_default, or the
     only one."""
     if DEFAULT_SIGNATURE in engine.signatures:

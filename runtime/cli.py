@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -40,16 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--signature", help="signature key (default: the body's signature_name)")
     predict.set_defaults(run=_predict)
 
-    serve = commands.add_parser("serve", help="serve models over TensorFlow Serving's REST (and gRPC) API")
+    serve = commands.add_parser("serve", help="serve models over REST and gRPC: TensorFlow Serving's APIs and "
+                                "the Open Inference Protocol")
     serve.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix; "
                        "every NAME in it is served (latest version)")
     serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON")
     serve.add_argument("--rest-port", type=int, default=8501)
-    serve.add_argument("--grpc-port", type=int, help="also serve TensorFlow Serving's gRPC API on this port "
-                       "(TF Serving's default: 8500)")
+    serve.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0: no gRPC)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--poll-seconds", type=float, default=1.0,
                        help="how often to look for new versions (0: once; negative: never)")
+    serve.add_argument("--cors-origins", default=os.environ.get("KILN_CORS_ORIGINS"),
+                       help="origins browsers may call from: '*' or a comma-separated list "
+                       "(default: $KILN_CORS_ORIGINS; none)")
+    serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="request body limit (default 64 MiB)")
+    serve.add_argument("--log-level", default=os.environ.get("KILN_LOG_LEVEL", "INFO"),
+                       help="JSON logs to stderr at this level; INFO logs every request (default: $KILN_LOG_LEVEL, INFO)")
     serve.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
@@ -112,13 +119,19 @@ def _predict(args) -> int:
 
 def _serve(args) -> int:
     from handlers.local import serve
+    from runtime import logs
+    from runtime.access import Auth, Cors
     from runtime.app import App
     from runtime.repository import Repository
 
+    logs.configure(args.log_level)
+    auth = Auth.from_env()
     repository = Repository(_model_config(args), poll_seconds=args.poll_seconds)
     repository.start()
     try:
-        serve(App(repository), host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port)
+        app = App(repository, max_body_bytes=args.max_body_bytes, auth=auth, cors=Cors.parse(args.cors_origins))
+        app.metrics.started()
+        serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None)
     finally:
         repository.stop()
     return 0

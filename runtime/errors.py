@@ -39,6 +39,22 @@ class StorageError(KilnError):
     """A model store that cannot be read: unreachable after retries, or refusing access."""
 
 
+class Unauthenticated(KilnError):
+    """A request without credentials where the server requires them."""
+
+
+class PermissionDenied(KilnError):
+    """A request whose credentials the server does not accept, or from an origin it does not allow."""
+
+
+class DeadlineExceeded(KilnError):
+    """A request whose deadline passed before its answer was ready; its work is not started."""
+
+
+class ResourceExhausted(KilnError):
+    """A request refused at once because the server's queue for its model is full."""
+
+
 class ConfigError(KilnError):
     """A model configuration (flags, models.config, YAML or JSON) that cannot be used as written."""
 
@@ -48,7 +64,11 @@ STATUSES: list[tuple[type[KilnError], int, str]] = [
     (BodyTooLarge, 413, "INVALID_ARGUMENT"),
     (InvalidInput, 400, "INVALID_ARGUMENT"),
     (ConfigError, 400, "INVALID_ARGUMENT"),
+    (Unauthenticated, 401, "UNAUTHENTICATED"),
+    (PermissionDenied, 403, "PERMISSION_DENIED"),
     (NotFound, 404, "NOT_FOUND"),
+    (DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
+    (ResourceExhausted, 503, "RESOURCE_EXHAUSTED"),
     (Unsupported, 501, "UNIMPLEMENTED"),
     (StorageError, 503, "UNAVAILABLE"),
     (ServableError, 500, "INTERNAL"),

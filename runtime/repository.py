@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from runtime.engines.base import Engine, synthetic_inputs
@@ -43,6 +44,8 @@ class Version:
     engine: Engine | None = None
     fetched: FetchedServable | None = None
     in_flight: int = 0
+    load_seconds: float = 0.0  # fetch, verify and open, of the last load
+    warmup_seconds: float = 0.0
 
 
 @dataclass
@@ -59,6 +62,8 @@ class VersionStatus:
     version: int
     state: State
     error: str
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class ServableHandle:
     name: str
     version: int
     engine: Engine
+    held: Version = field(repr=False, compare=False)
 
 
 class Repository:
@@ -205,6 +211,7 @@ class Repository:
         try:
             fetched = self.cache.fetch(model.storage, model.directory, version.number)
             engine = Engine.open(fetched.directory, verify=not fetched.verified, threads=self.threads)
+            opened = time.perf_counter()
             try:
                 warm_up(engine)
             except BaseException:
@@ -223,11 +230,13 @@ class Repository:
             log.error("model %s version %d failed to load: %s", model.config.name, version.number,
                       message, exc_info=not isinstance(e, KilnError))
             return
+        warmed = time.perf_counter()
         with self._lock:
             version.engine, version.fetched = engine, fetched
+            version.load_seconds, version.warmup_seconds = opened - started, warmed - opened
             self._set(version, State.AVAILABLE)
-        log.info("model %s version %d AVAILABLE in %.2f s", model.config.name, version.number,
-                 time.perf_counter() - started)
+        log.info("model %s version %d AVAILABLE in %.2f s (warm-up %.2f s)", model.config.name, version.number,
+                 warmed - started, warmed - opened)
 
     def _unload(self, version: Version) -> None:
         """Wait for the requests holding the version, then release it."""
@@ -264,12 +273,23 @@ class Repository:
             chosen = self._available(model, version)
             chosen.in_flight += 1
         try:
-            yield ServableHandle(name, chosen.number, chosen.engine)
+            yield ServableHandle(name, chosen.number, chosen.engine, chosen)
         finally:
-            with self._lock:
-                chosen.in_flight -= 1
-                if not chosen.in_flight:
-                    self._lock.notify_all()
+            self._release(chosen)
+
+    def retain(self, handle: ServableHandle) -> Callable[[], None]:
+        """Hold a held version once more, until the returned function is called: for model work
+        that may outlive the request that started it (one that gave up at its deadline), so the
+        version never unloads under running code."""
+        with self._lock:
+            handle.held.in_flight += 1
+        return partial(self._release, handle.held)
+
+    def _release(self, version: Version) -> None:
+        with self._lock:
+            version.in_flight -= 1
+            if not version.in_flight:
+                self._lock.notify_all()
 
     @staticmethod
     def _available(model: Model, number: int | None) -> Version:
@@ -290,6 +310,14 @@ class Repository:
         with self._lock:
             return sorted(self._configured)
 
+    def version_labels(self, name: str) -> dict[str, int]:
+        """The model's version labels as configured (label -> version)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise NotFound(f"model {name!r} is not configured")
+            return dict(model.config.version_labels)
+
     def is_available(self, name: str) -> bool:
         """Whether some version of the model can take a request now."""
         with self._lock:
@@ -302,7 +330,8 @@ class Repository:
             model = self._models.get(name)
             if model is None:
                 raise NotFound(f"model {name!r} is not configured")
-            versions = [VersionStatus(v.number, v.state, v.error) for v in model.versions.values()
+            versions = [VersionStatus(v.number, v.state, v.error, v.load_seconds, v.warmup_seconds)
+                        for v in model.versions.values()
                         if version is None or v.number == version]
             if not versions:
                 reason = (f"version {version} of model {name!r} was not found" if version is not None

@@ -97,9 +97,11 @@ def kiln_serve(examples, root: Path, *args: str):
     for name in ("half_plus_two", "digits"):
         shutil.copytree(examples[name].servable, root / name / "1")
     port = free_port()
+    log = (root / "serve.log").open("w+")  # a file, not a pipe: nobody reads the log while it runs
     process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
-                                "--rest-port", str(port), "--host", "127.0.0.1", *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--rest-port", str(port), "--grpc-port", "0", "--host", "127.0.0.1", *args],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log_path = root / "serve.log"
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -111,7 +113,7 @@ def kiln_serve(examples, root: Path, *args: str):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"kiln serve did not come up: {process.stdout.read()}")
+            pytest.fail(f"kiln serve did not come up: {process.log_path.read_text()}")
         time.sleep(0.2)
     try:
         yield process, url
@@ -122,6 +124,7 @@ def kiln_serve(examples, root: Path, *args: str):
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        log.close()
 
 
 def run_python(code: str, *args: str, env: dict | None = None):

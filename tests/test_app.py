@@ -3,6 +3,7 @@ servables: status, metadata, predict in both formats, and every error as TF Serv
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import orjson
@@ -33,8 +34,8 @@ def app(examples, tmp_path_factory):
 
 
 def call(app, method, path, body=None):
-    response = app.handle(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
-                                  if body is not None else b""))
+    response = asyncio.run(app.handle(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
+                                              if body is not None else b"")))
     assert response.headers["Content-Type"] == "application/json"
     return response.status, orjson.loads(response.body)
 

@@ -68,4 +68,4 @@ def test_sigterm_lets_in_flight_requests_finish(server):
     in_flight.join()
     assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 3000
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-    assert "Traceback" not in process.stdout.read()
+    assert "Traceback" not in process.log_path.read_text()

@@ -82,19 +82,42 @@ def check_method(name: str, signature: Signature, method: str) -> str:
     return strings[0]
 
 
-def encode_results(outputs: dict[str, np.ndarray], method: str) -> dict:
-    """Classify: per example a list of [label, score] (labels "" without a classes output);
-    regress: one value per example."""
-    if method == REGRESS:
-        return {"results": np.asarray(outputs["outputs"]).reshape(-1).tolist()}
+def from_input(message) -> np.ndarray:
+    """tensorflow.serving.Input (gRPC) to serialized examples, as TF Serving makes them: the
+    context's bytes before each example's, so that parsing merges the two with the example's own
+    features taking precedence."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidInput("Input is empty: set example_list or example_list_with_context")
+    listed = getattr(message, kind)
+    if not listed.examples:
+        raise InvalidInput(f"Input is empty: {kind} has no examples")
+    context = listed.context.SerializeToString() if kind == "example_list_with_context" else b""
+    return np.array([context + example.SerializeToString() for example in listed.examples], dtype=object)
+
+
+def classifications(outputs: dict[str, np.ndarray]) -> list[list[tuple[str, float | None]]]:
+    """Per example, its (label, score) pairs: labels "" without a classes output, scores None
+    without a scores output."""
     scores, classes = outputs.get("scores"), outputs.get("classes")
     rows = len(scores if scores is not None else classes)
     results = []
     for i in range(rows):
         labels = [c.decode() if isinstance(c, bytes) else str(c) for c in classes[i]] if classes is not None else None
         values = scores[i].tolist() if scores is not None else [None] * len(labels)
-        results.append([[labels[j] if labels else "", values[j]] for j in range(len(values))])
-    return {"results": results}
+        results.append([(labels[j] if labels else "", values[j]) for j in range(len(values))])
+    return results
+
+
+def regressions(outputs: dict[str, np.ndarray]) -> list[float]:
+    return np.asarray(outputs["outputs"]).reshape(-1).tolist()
+
+
+def encode_results(outputs: dict[str, np.ndarray], method: str) -> dict:
+    """Classify: per example a list of [label, score]; regress: one value per example."""
+    if method == REGRESS:
+        return {"results": regressions(outputs)}
+    return {"results": [[list(pair) for pair in row] for row in classifications(outputs)]}
 
 
 METHODS = {"classify": CLASSIFY, "regress": REGRESS}
