@@ -40,7 +40,8 @@ from runtime import __version__, logs
 from runtime.access import OPEN_PATHS, Auth, Cors
 from runtime.codecs import examples, oip
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
-from runtime.errors import BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, status_of
+from runtime.errors import (BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated,
+                           status_of)
 from runtime.manifest import Signature, TensorSpec
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import Metrics
@@ -402,4 +403,5 @@ def _json(body: dict, status: int = 200) -> Response:
 
 def error_response(error: BaseException, message: str | None = None) -> Response:
     http, _ = status_of(error)
-    return _json({"error": message if message is not None else str(error)}, http)
+    headers = {**JSON, "WWW-Authenticate": "Bearer"} if isinstance(error, Unauthenticated) else JSON
+    return Response(http, orjson.dumps({"error": message if message is not None else str(error)}), headers)

@@ -85,9 +85,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def kiln_serve(examples, root: Path, *args: str):
+def kiln_serve(examples, root: Path, *args: str, env: dict | None = None):
     """`kiln serve` in its own process over half_plus_two and digits (version 1) copied into root,
-    on free loopback ports; yields (process, REST URL) once both models answer status."""
+    on free loopback ports, with `env` added to the environment; yields (process, REST URL) once both
+    models answer status (with the first key of KILN_API_KEYS, if env gives one)."""
     import shutil
     import subprocess
     import time
@@ -100,13 +101,16 @@ def kiln_serve(examples, root: Path, *args: str):
     log = (root / "serve.log").open("w+")  # a file, not a pipe: nobody reads the log while it runs
     process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
                                 "--rest-port", str(port), "--grpc-port", "0", "--host", "127.0.0.1", *args],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(env or {})})
     process.log_path = root / "serve.log"
     url = f"http://127.0.0.1:{port}"
+    key = (env or {}).get("KILN_API_KEYS", "").split(",")[0].rpartition(":")[2]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + 120
     while True:
         try:
-            if all(httpx.get(f"{url}/v1/models/{name}", timeout=2).status_code == 200
+            if all(httpx.get(f"{url}/v1/models/{name}", timeout=2, headers=headers).status_code == 200
                    for name in ("half_plus_two", "digits")):
                 break
         except httpx.TransportError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 
 import orjson
 import pytest
@@ -149,3 +150,28 @@ def test_oip_infer_json_tensors(app):
 def test_oip_errors(app, request_body, message):
     status, body = call(app, "POST", "/v2/models/half_plus_two/infer", request_body)
     assert status == 400 and message in body["error"]
+
+
+def test_a_deadline_passing_while_the_model_runs_answers_504_and_the_work_keeps_its_version(app, monkeypatch):
+    with app.repository.handle("half_plus_two", version=1) as handle:
+        engine, held = handle.engine, handle.held
+    release, original = threading.Event(), engine.run
+
+    def slow(key, inputs):
+        release.wait(30)
+        return original(key, inputs)
+
+    monkeypatch.setattr(engine, "run", slow)
+    request = Request("POST", "/v1/models/half_plus_two/versions/1:predict", {"x-kiln-timeout-ms": "200"},
+                      orjson.dumps({"instances": [1.0]}))
+    loop = asyncio.new_event_loop()  # kept open: asyncio.run would wait for the work at its end
+    try:
+        response = loop.run_until_complete(app.handle(request))
+        assert response.status == 504 and "deadline passed after 200 ms" in orjson.loads(response.body)["error"]
+        assert held.in_flight == 1  # the request has gone; its running work still holds the version
+        release.set()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        assert held.in_flight == 0
+    finally:
+        release.set()
+        loop.close()
