@@ -29,7 +29,7 @@ import contextvars
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -38,6 +38,8 @@ import orjson
 
 from runtime import __version__, logs
 from runtime.access import OPEN_PATHS, Auth, Cors
+from runtime.batcher import Batcher
+from runtime.batching import BatchingParameters
 from runtime.codecs import examples, oip
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
 from runtime.errors import (BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated,
@@ -110,12 +112,16 @@ class Exchange:
 
 class App:
     def __init__(self, repository: Repository, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics: Metrics | None = None, auth: Auth = Auth(), cors: Cors = Cors()):
+                 metrics: Metrics | None = None, auth: Auth = Auth(), cors: Cors = Cors(),
+                 batching: Callable[[str], BatchingParameters] | None = None):
+        """`batching`: each model's batching parameters by name; None runs every request alone."""
         self.repository = repository
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics or Metrics(repository)
         self.auth = auth
         self.cors = cors
+        self.batching = batching
+        self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
 
     # Around every request ------------------------------------------------------------------------
 
@@ -163,12 +169,16 @@ class App:
     async def execute(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
                       exchange: Exchange) -> dict[str, np.ndarray]:
         """Run a signature on decoded inputs: the one place model work starts. It runs in the event
-        loop's thread pool (the loop stays free); a request whose deadline passes first answers
-        DeadlineExceeded, and its work is skipped if it has not started yet."""
+        loop's thread pool (the loop stays free), merged with other requests by the batcher where the
+        model's batching is on; a request whose deadline passes first answers DeadlineExceeded, and
+        its work is skipped if it has not started yet."""
         exchange.model, exchange.version = handle.name, str(handle.version)
         remaining = None if exchange.deadline is None else exchange.deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before its model work could start")
+        if self.batcher is not None and self.batching(handle.name).mode != "off" and \
+                handle.engine.signature(key).batched:
+            return await self.batcher.run(handle, key, inputs, exchange.deadline)
         abandoned = False
         release = self.repository.retain(handle)
         queue = self.metrics.queue_depth.labels(handle.name)
@@ -245,7 +255,7 @@ class App:
             exchange.api = "health" if "health" in request.path else "server_metadata"
             _only(request, "GET")
             if request.path == "/v2":
-                return _json({"name": "kiln", "version": __version__, "extensions": ["model_repository"]})
+                return _json(oip.server_metadata(__version__))
             if request.path == "/v2/health/live":
                 return _json({"live": True})
             ready = self.ready()
@@ -259,7 +269,7 @@ class App:
             exchange.api = "infer"
             _only(request, "POST")
             self._check_size(request)
-            return await self._infer(target, request.body, exchange)
+            return await self._infer(target, request.body, exchange, request.headers)
         exchange.api = "ready" if action == "/ready" else "metadata"
         _only(request, "GET")
         with self._handle(target, exchange) as handle:
@@ -274,13 +284,16 @@ class App:
 
     # Endpoints ----------------------------------------------------------------------------------
 
-    async def _infer(self, target: Target, body: bytes, exchange: Exchange) -> Response:
+    async def _infer(self, target: Target, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
         with self._handle(target, exchange) as handle:
             key, signature = default_signature(handle.engine)
-            inputs, names, request_id = oip.decode_infer(body, signature)
-            outputs = await self.execute(handle, key, inputs, exchange)
-            return Response(200, orjson.dumps(oip.encode_infer(handle.name, handle.version, outputs, names, request_id),
-                                              option=orjson.OPT_SERIALIZE_NUMPY))
+            request = oip.read_infer(body, signature, headers.get(oip.HEADER_LENGTH.lower()))
+            outputs = await self.execute(handle, key, request.inputs, exchange)
+            body, header_length = oip.write_infer(handle.name, handle.version, outputs, request)
+        if header_length is None:
+            return Response(200, body)
+        # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).
+        return Response(200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length)})
 
     def _check_size(self, request: Request) -> None:
         if len(request.body) > self.max_body_bytes:
@@ -306,7 +319,7 @@ class App:
                 versions = self.repository.status(name).versions
             except NotFound:  # configured, nothing found in its store yet
                 versions = []
-            labels = self.repository.version_labels(name)
+            labels = self.repository.config_of(name).version_labels
             models.append({"name": name, "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]}
                                                       for v in versions],
                            "labels": {label: str(number) for label, number in labels.items()}})

@@ -57,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="request body limit (default 64 MiB)")
     serve.add_argument("--log-level", default=os.environ.get("KILN_LOG_LEVEL", "INFO"),
                        help="JSON logs to stderr at this level; INFO logs every request (default: $KILN_LOG_LEVEL, INFO)")
+    batching = serve.add_argument_group("batching", "TensorFlow Serving's batching parameters; a model's own "
+                                        "batching_parameters in a YAML or JSON model config override them")
+    batching.add_argument("--batching", dest="mode", choices=("adaptive", "fixed", "off"),
+                          help="adaptive (default): wait only while it pays off; fixed: TF Serving's timeout rule; "
+                          "off: every request alone")
+    batching.add_argument("--batching-parameters-file", help="TF Serving's batching parameters (text format), "
+                          "or YAML/JSON")
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+        batching.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int)
+    batching.add_argument("--allowed-batch-sizes", dest="allowed_batch_sizes", type=_sizes,
+                          help="comma-separated, increasing, the last equal to --max-batch-size")
+    for name in ("pad_variable_length_inputs", "enable_large_batch_splitting"):
+        batching.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", default=None)
     serve.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
@@ -122,14 +135,20 @@ def _serve(args) -> int:
     from runtime import logs
     from runtime.access import Auth, Cors
     from runtime.app import App
+    from runtime.batching import BatchingPolicy, server_parameters
     from runtime.repository import Repository
 
     logs.configure(args.log_level)
     auth = Auth.from_env()
+    server_batching = server_parameters(args.batching_parameters_file, {name: getattr(args, name) for name in (
+        "mode", "max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
+        "allowed_batch_sizes", "pad_variable_length_inputs", "enable_large_batch_splitting")})
     repository = Repository(_model_config(args), poll_seconds=args.poll_seconds)
     repository.start()
     try:
-        app = App(repository, max_body_bytes=args.max_body_bytes, auth=auth, cors=Cors.parse(args.cors_origins))
+        batching = BatchingPolicy(server_batching, lambda name: repository.config_of(name).batching_parameters)
+        app = App(repository, max_body_bytes=args.max_body_bytes, auth=auth, cors=Cors.parse(args.cors_origins),
+                  batching=batching)
         app.metrics.started()
         serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None)
     finally:

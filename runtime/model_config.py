@@ -61,6 +61,9 @@ class ModelConfig(_Model):
     model_platform: Literal["tensorflow", "kiln"] = "tensorflow"
     version_policy: VersionPolicy = Latest()
     version_labels: dict[str, int] = Field(default_factory=dict)
+    # Kiln's extension, YAML and JSON only: this model's batching parameters (runtime.batching)
+    # over the server's.
+    batching_parameters: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -130,9 +133,12 @@ def parse_model_config(data: bytes | str, format: Format, source: str = "<config
             data = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{source}: is not UTF-8 text (byte {e.start})") from None
-    message = _parse_text(data, source) if format == "text" else _parse_mapping(
-        _load_mapping(data, format, source), source)
-    return from_proto(message, source)
+    if format == "text":
+        return from_proto(_parse_text(data, source), source)
+    mapping, batching = _batching_parameters(_load_mapping(data, format, source), source)
+    config = from_proto(_parse_mapping(mapping, source), source)
+    return config.model_copy(update={"models": tuple(
+        model.model_copy(update={"batching_parameters": batching.get(model.name, {})}) for model in config.models)})
 
 
 def single_model(name: str, base_path: str) -> ModelConfigList:
@@ -204,6 +210,30 @@ def _load_mapping(text: str, format: Format, source: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: is not valid YAML: {e}") from None
+
+
+def _batching_parameters(data: Any, source: str) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Take each model's `batching_parameters` (Kiln's, unknown to ModelServerConfig) out of a
+    YAML or JSON configuration, checked; returns the rest and them by model name."""
+    from runtime.batching import parse
+
+    models = data.get("model_config_list") if isinstance(data, dict) else None
+    if isinstance(models, dict):
+        models = models.get("config")
+    if not isinstance(models, list):
+        return data, {}
+    found, kept = {}, []
+    for index, model in enumerate(models):
+        if isinstance(model, dict) and "batching_parameters" in model:
+            model = dict(model)
+            overrides = model.pop("batching_parameters")
+            where = f"{source}: model_config_list.config[{index}].batching_parameters"
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{where}: expected a mapping of batching parameters")
+            parse(overrides, where)
+            found[model.get("name")] = overrides
+        kept.append(model)
+    return {**data, "model_config_list": {"config": kept}}, found
 
 
 def _parse_mapping(data: Any, source: str) -> Any:

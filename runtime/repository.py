@@ -310,13 +310,13 @@ class Repository:
         with self._lock:
             return sorted(self._configured)
 
-    def version_labels(self, name: str) -> dict[str, int]:
-        """The model's version labels as configured (label -> version)."""
+    def config_of(self, name: str) -> ModelConfig:
+        """The model's configuration as it stands."""
         with self._lock:
             model = self._models.get(name)
             if model is None:
                 raise NotFound(f"model {name!r} is not configured")
-            return dict(model.config.version_labels)
+            return model.config
 
     def is_available(self, name: str) -> bool:
         """Whether some version of the model can take a request now."""

@@ -133,3 +133,10 @@ def test_a_deadline_in_a_header_is_honoured(server):
         response = httpx.post(f"{url}/v1/models/digits:predict", json={"instances": [IMAGE]},
                               headers={"X-Kiln-Timeout-Ms": bad})
         assert response.status_code == 400 and "X-Kiln-Timeout-Ms" in response.json()["error"]
+
+
+def test_a_request_over_max_batch_size_is_refused_as_tf_serving_does(server):
+    _, url, _ = server
+    response = httpx.post(f"{url}/v1/models/half_plus_two:predict", json={"instances": [1.0] * 1001})
+    assert response.status_code == 400
+    assert response.json() == {"error": "Task size 1001 is larger than maximum batch size 1000"}

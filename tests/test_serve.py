@@ -14,7 +14,8 @@ from tests.conftest import kiln_serve
 
 @pytest.fixture(scope="module")
 def server(examples, tmp_path_factory):
-    with kiln_serve(examples, tmp_path_factory.mktemp("repository")) as (process, url):
+    # Splitting: the drain test's request is larger than max_batch_size (1000).
+    with kiln_serve(examples, tmp_path_factory.mktemp("repository"), "--enable-large-batch-splitting") as (process, url):
         yield url, process
 
 

@@ -1,0 +1,307 @@
+"""The in-container micro-batcher: requests that arrive together run as one compiled batch.
+
+One queue per model version and signature, on the server's event loop. A request's inputs are
+checked on their own before they join a queue, so one bad request fails alone; a batch that fails
+as a whole is rerun request by request for the same reason. A dispatched batch is the queued
+requests in arrival order, up to the dispatch size (max_batch_size, and no more than the largest
+compiled bucket, past which a bigger batch only runs its buckets one after another); the engine
+pads it to its bucket, and each caller gets exactly its own rows back.
+
+When a batch goes (runtime.batching has the modes): at once when it is full or in `fixed` mode
+with no timeout; in `fixed` mode when its oldest request has waited batch_timeout_micros; in
+`adaptive` mode while a worker is free, only as long as waiting pays off: the bucket the queued rows
+would be padded to has free slots, the arrival rate learned so far fills them sooner than one
+execution of that bucket takes (learned per bucket as batches run), the timeout has not passed,
+and no queued request's deadline would be missed by waiting and then running. Up to
+num_batch_threads batches of a queue run at once, in the event loop's thread pool.
+
+Back-pressure: a queue holding max_enqueued_batches batches' worth of rows refuses new requests at
+once (ResourceExhausted: 503, RESOURCE_EXHAUSTED). A request whose deadline passes is answered
+DeadlineExceeded at that moment, and if it was still queued it is never run; a cancelled one (its
+client went away) is dropped from the queue. Requests arriving in one event-loop step (the records of one Lambda event) are merged
+without any waiting: a queue is looked at only after the step's other callbacks have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.batching import BatchingParameters
+from runtime.engines.base import check_inputs
+from runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
+from runtime.metrics import Metrics
+from runtime.repository import Repository, ServableHandle
+
+SMOOTHING = 0.2  # weight of the newest sample in the learned execution times and arrival gaps
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+    deadline: float | None
+    release: Callable[[], None]  # the request's own hold on its version
+    inner_shapes: tuple = ()
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, repository: Repository, parameters: Callable[[str], BatchingParameters], metrics: Metrics):
+        self.repository = repository
+        self.parameters = parameters  # by model name
+        self.metrics = metrics
+        self._queues: dict[tuple[str, int, str], _Queue] = {}
+
+    async def run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
+                  deadline: float | None) -> dict[str, np.ndarray]:
+        """The signature's outputs for these inputs, run in a batch with whatever else is queued."""
+        signature = handle.engine.signature(key)
+        arrays, rows = check_inputs(signature, inputs)
+        parameters = self.parameters(handle.name)
+        queue = self._queue(handle, key, parameters)
+        if rows <= queue.dispatch_size:
+            return await queue.submit(arrays, rows, deadline)
+        if rows > parameters.max_batch_size and not parameters.enable_large_batch_splitting:
+            raise InvalidInput(f"Task size {rows} is larger than maximum batch size {parameters.max_batch_size}")
+        queue.admit(rows)  # all of it or none
+        step = queue.dispatch_size
+        parts = await asyncio.gather(*(
+            queue.submit({name: array[start:start + step] for name, array in arrays.items()},
+                         min(step, rows - start), deadline) for start in range(0, rows, step)))
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _queue(self, handle: ServableHandle, key: str, parameters: BatchingParameters) -> _Queue:
+        queue_key = (handle.name, handle.version, key)
+        queue = self._queues.get(queue_key)
+        if queue is None or queue.handle.engine is not handle.engine or queue.parameters != parameters:
+            # A reloaded version or new parameters: a fresh queue; the old one drains on its own.
+            queue = self._queues[queue_key] = _Queue(self, handle, key, parameters)
+        return queue
+
+    def forget(self, queue: _Queue) -> None:
+        """Drop an idle queue (its version may be unloading; a new request makes a fresh one)."""
+        queue_key = (queue.handle.name, queue.handle.version, queue.key)
+        if self._queues.get(queue_key) is queue:
+            del self._queues[queue_key]
+
+
+class _Queue:
+    """One model version's signature: its waiting requests, running batches, and what it has
+    learned of execution times and arrivals."""
+
+    def __init__(self, batcher: Batcher, handle: ServableHandle, key: str, parameters: BatchingParameters):
+        self.batcher, self.handle, self.key, self.parameters = batcher, handle, key, parameters
+        engine_buckets = handle.engine.manifest.batch_sizes
+        self.sizes = parameters.allowed_batch_sizes or tuple(b for b in engine_buckets if b < parameters.max_batch_size)
+        if not parameters.allowed_batch_sizes:
+            self.sizes = (*self.sizes, min(parameters.max_batch_size, engine_buckets[-1]))
+        self.dispatch_size = self.sizes[-1]
+        self.capacity = parameters.max_enqueued_batches * parameters.max_batch_size  # TF Serving's batches
+        self.waiting: deque[_Request] = deque()
+        self.rows = 0
+        self.running = 0
+        self.execution: dict[int, float] = {}  # size -> learned seconds
+        self.gap: float | None = None  # learned seconds between requests
+        self.rows_per_request: float = 1.0
+        self.last_arrival: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.depth = batcher.metrics.queue_depth.labels(handle.name)
+        self.labels = (handle.name, str(handle.version), key)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def admit(self, rows: int) -> None:
+        if self.rows + rows > self.capacity:
+            raise ResourceExhausted(f"the batching queue of model {self.handle.name!r} is full "
+                                    f"({self.rows} rows waiting, room for {self.capacity}); retry later")
+
+    async def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
+        self.admit(rows)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("the request's deadline passed before it could be queued")
+        loop = asyncio.get_running_loop()
+        request = _Request(inputs, rows, loop.create_future(), deadline, self.batcher.repository.retain(self.handle),
+                           tuple(a.shape[1:] for a in inputs.values()), now)
+        self._learn_arrival(now, rows)
+        self.waiting.append(request)
+        self.rows += rows
+        self.depth.inc()
+        loop.call_soon(self.pump)  # after this step's other arrivals have joined
+        try:
+            if deadline is None:
+                return await asyncio.shield(request.future)
+            return await asyncio.wait_for(asyncio.shield(request.future), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            queued = self._withdraw(request)
+            raise DeadlineExceeded(f"the request's deadline passed {'in the batching queue; it was not run' if queued else 'while its batch ran'}") from None
+        except asyncio.CancelledError:  # the client went away
+            self._withdraw(request)
+            raise
+
+    def _withdraw(self, request: _Request) -> bool:
+        """Take a request that will not be answered out of the queue; whether it was still queued."""
+        request.future.cancel()  # a running batch will not answer it
+        if request not in self.waiting:
+            return False
+        self.waiting.remove(request)
+        self.rows -= request.rows
+        self.depth.dec()
+        request.release()
+        return True
+
+    # Deciding when a batch goes -----------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Dispatch what should go now, and set the timer for the next look."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        now = time.monotonic()
+        while self.waiting and self.running < self.parameters.num_batch_threads:
+            when = self._dispatch_at(now)
+            if when > now:
+                self.timer = asyncio.get_running_loop().call_at(when, self.pump)
+                break
+            self._dispatch(self._take())
+        if not self.busy:
+            self.batcher.forget(self)
+
+    def _dispatch_at(self, now: float) -> float:
+        """When the waiting requests should go (a time not after now: at once)."""
+        mode, oldest = self.parameters.mode, self.waiting[0].enqueued
+        if self.rows >= self.dispatch_size:
+            return now
+        latest = oldest + self.parameters.timeout_seconds
+        if mode == "fixed":
+            return latest
+        size = next(s for s in self.sizes if s >= self.rows)
+        free = size - self.rows
+        execution = self._execution_estimate(size)
+        rate = self._arrival_rate(now)
+        if free == 0 or execution is None or not rate:
+            return now
+        fill = free / rate
+        if fill > execution:  # the slots would fill slower than a whole execution: go now
+            return now
+        deadlines = [r.deadline - execution for r in self.waiting if r.deadline is not None]
+        return min([now + fill, latest, *deadlines])
+
+    def _execution_estimate(self, size: int) -> float | None:
+        if size in self.execution:
+            return self.execution[size]
+        smaller = [s for s in self.execution if s < size]  # an unmeasured bigger bucket costs at least as much
+        return self.execution[max(smaller)] if smaller else None
+
+    def _arrival_rate(self, now: float) -> float | None:
+        """Rows per second lately; it falls as soon as requests stop coming."""
+        if self.gap is None or self.last_arrival is None:
+            return None
+        gap = max(self.gap, now - self.last_arrival)
+        return self.rows_per_request / gap if gap > 0 else None
+
+    def _learn_arrival(self, now: float, rows: int) -> None:
+        if self.last_arrival is not None:
+            gap = now - self.last_arrival
+            self.gap = gap if self.gap is None else (1 - SMOOTHING) * self.gap + SMOOTHING * gap
+        self.rows_per_request = (1 - SMOOTHING) * self.rows_per_request + SMOOTHING * rows
+        self.last_arrival = now
+
+    # Forming, running and answering a batch --------------------------------------------------------
+
+    def _take(self) -> list[_Request]:
+        """Waiting requests in arrival order up to the dispatch size (the first always), skipping
+        ones whose inner shapes differ from the first's unless they will be padded."""
+        first = self.waiting[0]
+        batch, rows, skipped = [], 0, deque()
+        while self.waiting and (not batch or rows + self.waiting[0].rows <= self.dispatch_size):
+            request = self.waiting.popleft()
+            if batch and request.inner_shapes != first.inner_shapes and not self.parameters.pad_variable_length_inputs:
+                skipped.append(request)
+                continue
+            batch.append(request)
+            rows += request.rows
+        self.waiting.extendleft(reversed(skipped))
+        self.rows -= rows
+        self.depth.dec(len(batch))
+        return batch
+
+    def _dispatch(self, batch: list[_Request]) -> None:
+        self.running += 1
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, self._execute, batch)
+        work.add_done_callback(lambda done: self._answer(batch, done))
+
+    def _execute(self, batch: list[_Request]) -> tuple[list, float]:
+        """In a worker thread: the batch's outputs for each request (or its error), and the
+        seconds the merged run took (0 when it was rerun request by request)."""
+        engine = self.handle.engine
+        rows = sum(r.rows for r in batch)
+        try:
+            started = time.perf_counter()
+            outputs = engine.run(self.key, self._merge(batch))
+            elapsed = time.perf_counter() - started
+        except Exception as e:
+            if len(batch) == 1:
+                return [e], 0.0
+            return [self._run_alone(request) for request in batch], 0.0
+        self.batcher.metrics.batch_size.labels(*self.labels).observe(rows)
+        self.batcher.metrics.execution.labels(*self.labels).observe(elapsed)
+        results, start = [], 0
+        for request in batch:
+            results.append({name: array[start:start + request.rows] for name, array in outputs.items()})
+            start += request.rows
+        return results, elapsed if rows <= self.dispatch_size else 0.0
+
+    def _run_alone(self, request: _Request):
+        try:
+            return self.handle.engine.run(self.key, request.inputs)
+        except Exception as e:  # this request's own failure, answered to it alone
+            return e
+
+    def _merge(self, batch: list[_Request]) -> dict[str, np.ndarray]:
+        if len(batch) == 1:
+            return batch[0].inputs
+        merged = {}
+        for name in batch[0].inputs:
+            arrays = [r.inputs[name] for r in batch]
+            if self.parameters.pad_variable_length_inputs:
+                arrays = _pad_to_largest(arrays)
+            merged[name] = np.concatenate(arrays)
+        return merged
+
+    def _answer(self, batch: list[_Request], done: asyncio.Future) -> None:
+        """On the event loop: hand each caller its result, learn the execution time, look again."""
+        self.running -= 1
+        try:
+            results, elapsed = done.result()
+        except Exception as e:  # _execute catches the model's errors; this is a bug
+            results, elapsed = [e] * len(batch), 0.0
+        if elapsed:
+            size = next((s for s in self.sizes if s >= sum(r.rows for r in batch)), self.dispatch_size)
+            previous = self.execution.get(size)
+            self.execution[size] = elapsed if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * elapsed
+        for request, result in zip(batch, results):
+            request.release()
+            if request.future.done():  # withdrawn: its client went away or its deadline passed
+                continue
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+        self.pump()
+
+
+def _pad_to_largest(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Zero-pad each array's inner dimensions to the largest in the batch (pad_variable_length_inputs)."""
+    target = np.max([a.shape[1:] for a in arrays], axis=0)
+    return [np.pad(a, [(0, 0), *((0, int(t) - s) for t, s in zip(target, a.shape[1:]))]) for a in arrays]
