@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,21 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     predict.set_defaults(run=_predict)
 
     serve = commands.add_parser("serve", help="serve models over REST and gRPC: TensorFlow Serving's APIs and "
-                                "the Open Inference Protocol")
+                                "the Open Inference Protocol", description="Every option defaults to its KILN_ "
+                                "environment variable (runtime/settings.py), then to the value shown.")
     serve.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix; "
-                       "every NAME in it is served (latest version)")
-    serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON")
+                       "every NAME in it is served (latest version) unless --model-name picks one")
+    serve.add_argument("--model-name", help="serve only BASE/NAME of --model-repository")
+    serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON; local or s3://")
     serve.add_argument("--rest-port", type=int, default=8501)
     serve.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0: no gRPC)")
     serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--poll-seconds", type=float, default=1.0,
-                       help="how often to look for new versions (0: once; negative: never)")
-    serve.add_argument("--cors-origins", default=os.environ.get("KILN_CORS_ORIGINS"),
-                       help="origins browsers may call from: '*' or a comma-separated list "
-                       "(default: $KILN_CORS_ORIGINS; none)")
-    serve.add_argument("--max-body-bytes", type=int, default=64 << 20, help="request body limit (default 64 MiB)")
-    serve.add_argument("--log-level", default=os.environ.get("KILN_LOG_LEVEL", "INFO"),
-                       help="JSON logs to stderr at this level; INFO logs every request (default: $KILN_LOG_LEVEL, INFO)")
+    serve.add_argument("--poll-seconds", type=float,
+                       help="how often to look for new versions (default 1; 0: once; negative: never)")
+    serve.add_argument("--cors-origins", help="origins browsers may call from: '*' or a comma-separated list")
+    serve.add_argument("--max-body-bytes", type=int, help="request body limit (default 64 MiB)")
+    serve.add_argument("--log-level", help="JSON logs to stderr at this level (default INFO)")
+    serve.add_argument("--access-log", action="store_true", default=None, help="log a JSON line per request")
     batching = serve.add_argument_group("batching", "TensorFlow Serving's batching parameters; a model's own "
                                         "batching_parameters in a YAML or JSON model config override them")
     batching.add_argument("--batching", dest="mode", choices=("adaptive", "fixed", "off"),
@@ -133,44 +132,21 @@ def _predict(args) -> int:
 def _serve(args) -> int:
     from handlers.local import serve
     from runtime import logs
-    from runtime.access import Auth, Cors
     from runtime.app import App
-    from runtime.batching import BatchingPolicy, server_parameters
-    from runtime.repository import Repository
+    from runtime.settings import Settings
 
-    logs.configure(args.log_level)
-    auth = Auth.from_env()
-    server_batching = server_parameters(args.batching_parameters_file, {name: getattr(args, name) for name in (
-        "mode", "max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-        "allowed_batch_sizes", "pad_variable_length_inputs", "enable_large_batch_splitting")})
-    repository = Repository(_model_config(args), poll_seconds=args.poll_seconds)
-    repository.start()
+    flags = ("model_repository", "model_name", "model_config_file", "poll_seconds", "cors_origins", "max_body_bytes",
+             "log_level", "access_log", "batching_parameters_file", "mode", "max_batch_size", "batch_timeout_micros",
+             "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes", "pad_variable_length_inputs",
+             "enable_large_batch_splitting")
+    settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
+    logs.configure(settings.log_level)
+    app = App.start(settings)
     try:
-        batching = BatchingPolicy(server_batching, lambda name: repository.config_of(name).batching_parameters)
-        app = App(repository, max_body_bytes=args.max_body_bytes, auth=auth, cors=Cors.parse(args.cors_origins),
-                  batching=batching)
-        app.metrics.started()
         serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None)
     finally:
-        repository.stop()
+        app.repository.stop()
     return 0
-
-
-def _model_config(args):
-    from runtime.model_config import ModelConfig, ModelConfigList, load_model_config
-    from runtime.storage import open_storage
-
-    if args.model_config_file:
-        return load_model_config(args.model_config_file)
-    if not args.model_repository:
-        raise KilnError("give --model-repository or --model-config-file")
-    base = args.model_repository.rstrip("/")
-    if "://" not in base:
-        base = str(Path(base).resolve())
-    names = open_storage(base).list_children("")
-    if not names:
-        raise KilnError(f"no models in {base}: expected NAME/VERSION directories")
-    return ModelConfigList(models=tuple(ModelConfig(name=name, base_path=f"{base}/{name}") for name in names))
 
 
 def _read_input(value: str) -> bytes:

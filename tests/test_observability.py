@@ -18,7 +18,8 @@ IMAGE = [[[0.5]] * 28] * 28
 @pytest.fixture(scope="module")
 def server(examples, tmp_path_factory):
     grpc_port = free_port()
-    with kiln_serve(examples, tmp_path_factory.mktemp("repository"), "--grpc-port", str(grpc_port)) as (process, url):
+    with kiln_serve(examples, tmp_path_factory.mktemp("repository"), "--grpc-port", str(grpc_port),
+                    "--access-log") as (process, url):
         yield process, url, grpc_port
 
 
@@ -100,7 +101,7 @@ def test_logs_are_json_lines_carrying_the_request_id(server):
                           headers={"X-Request-Id": "trace-4242"})
     assert response.status_code == 400 and response.headers["x-request-id"] == "trace-4242"
     fresh = httpx.get(f"{url}/v1/models/digits").headers["x-request-id"]
-    assert len(fresh) == 32 and fresh != "trace-4242"
+    assert len(fresh) == 32 and fresh != "trace-4242" and fresh != httpx.get(f"{url}/v2").headers["x-request-id"]
     lines = [json.loads(line) for line in process.log_path.read_text().splitlines() if line.startswith("{")]
     (entry,) = [line for line in lines if line.get("request_id") == "trace-4242"]
     assert entry["severity"] == "INFO" and entry["logger"] == "kiln.access"

@@ -1,0 +1,161 @@
+"""Server settings from the environment, the same for every entry point: `kiln serve` (whose flags
+override them), the Lambda handler and the Cloud Run service and job. They are read and checked
+once, at start-up (Lambda: in the init phase), so a wrong setting fails the start with a message
+naming the variable, never a request.
+
+    KILN_MODEL_CONFIG_FILE    a models.config (text), YAML or JSON: a local path or s3://bucket/key
+    KILN_MODEL_REPOSITORY     BASE holding NAME/VERSION (a path or s3://bucket/prefix); with
+    KILN_MODEL_NAME           one model, BASE/NAME; without it every NAME under BASE
+    KILN_POLL_SECONDS         how often to look for new versions (default 1; 0 once; negative never)
+    KILN_BATCHING             adaptive | fixed | off (the entry point's default otherwise)
+    KILN_BATCHING_PARAMETERS_FILE  TF Serving's batching parameters file
+    KILN_MAX_BATCH_SIZE, KILN_BATCH_TIMEOUT_MICROS, KILN_MAX_ENQUEUED_BATCHES, KILN_NUM_BATCH_THREADS,
+    KILN_ALLOWED_BATCH_SIZES (comma-separated), KILN_PAD_VARIABLE_LENGTH_INPUTS,
+    KILN_ENABLE_LARGE_BATCH_SPLITTING (true/false)
+    KILN_API_KEYS             TENANT:KEY or KEY, comma-separated (runtime.access)
+    KILN_CORS_ORIGINS         * or comma-separated origins
+    KILN_MAX_BODY_BYTES       request body limit (default 64 MiB)
+    KILN_LOG_LEVEL            default INFO
+    KILN_ACCESS_LOG           true: a JSON line per request (default false)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.access import Auth, Cors
+from runtime.batching import BatchingParameters, server_parameters
+from runtime.errors import ConfigError, KilnError
+from runtime.model_config import ModelConfig, ModelConfigList
+
+DEFAULT_MAX_BODY_BYTES = 64 << 20
+_INTEGERS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
+_BOOLEANS = ("pad_variable_length_inputs", "enable_large_batch_splitting")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_config_file: str | None = None
+    model_repository: str | None = None
+    model_name: str | None = None
+    poll_seconds: float = 1.0
+    batching: BatchingParameters = field(default_factory=BatchingParameters)
+    auth: Auth = Auth()
+    cors: Cors = Cors()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_level: str = "INFO"
+    access_log: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
+                 overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Settings from `environ`, then `overrides` (flags given, None for those not given) on top.
+        `batching_mode`: the entry point's default when KILN_BATCHING says nothing."""
+        given = {key: value for key, value in (overrides or {}).items() if value is not None}
+        env = _Env(environ)
+        batching_flags = {name: env.integer(f"KILN_{name.upper()}") for name in _INTEGERS}
+        batching_flags |= {name: env.boolean(f"KILN_{name.upper()}") for name in _BOOLEANS}
+        batching_flags["allowed_batch_sizes"] = env.sizes("KILN_ALLOWED_BATCH_SIZES")
+        batching_flags["mode"] = env.get("KILN_BATCHING") or batching_mode
+        batching_flags |= {name: given.pop(name) for name in [*batching_flags] if name in given}
+        batching = server_parameters(given.pop("batching_parameters_file", env.get("KILN_BATCHING_PARAMETERS_FILE")),
+                                     batching_flags)
+        poll = env.number("KILN_POLL_SECONDS")
+        max_body = env.integer("KILN_MAX_BODY_BYTES")
+        settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
+                       model_repository=env.get("KILN_MODEL_REPOSITORY"), model_name=env.get("KILN_MODEL_NAME"),
+                       poll_seconds=1.0 if poll is None else poll, batching=batching, auth=Auth.from_env(environ),
+                       cors=Cors.parse(env.get("KILN_CORS_ORIGINS")),
+                       max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
+                       log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")))
+        if "cors_origins" in given:
+            given["cors"] = Cors.parse(given.pop("cors_origins"))
+        settings = cls(**{**settings.__dict__, **given})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.model_config_file and self.model_repository:
+            raise ConfigError("give a model config file (KILN_MODEL_CONFIG_FILE, --model-config-file) or a model "
+                              "repository (KILN_MODEL_REPOSITORY, --model-repository), not both")
+        if not self.model_config_file and not self.model_repository:
+            raise ConfigError("no models to serve: set KILN_MODEL_CONFIG_FILE (a models.config, local or s3://) "
+                              "or KILN_MODEL_REPOSITORY (with KILN_MODEL_NAME for one model), or pass "
+                              "--model-config-file or --model-repository")
+        if self.model_name and not self.model_repository:
+            raise ConfigError("KILN_MODEL_NAME names a model in KILN_MODEL_REPOSITORY, which is not set")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"the request body limit must be positive, got {self.max_body_bytes}")
+
+    def model_config(self) -> ModelConfigList:
+        """The models to serve: the config file's, the one named, or every NAME in the repository."""
+        from runtime.model_config import format_of, parse_model_config
+        from runtime.storage import open_storage
+
+        if self.model_config_file:
+            location = self.model_config_file
+            if "://" in location:
+                parent, _, name = location.rpartition("/")
+            else:
+                parent, name = str(Path(location).resolve().parent), Path(location).name
+            try:
+                data = open_storage(parent).read_bytes(name)
+            except KilnError as e:
+                raise ConfigError(f"cannot read the model config file {location}: {e}") from None
+            return parse_model_config(data, format_of(location), source=location)
+        base = self.model_repository.rstrip("/")
+        if "://" not in base:
+            base = str(Path(base).resolve())
+        names = [self.model_name] if self.model_name else open_storage(base).list_children("")
+        if not names:
+            raise ConfigError(f"no models in {base}: expected NAME/VERSION directories")
+        return ModelConfigList(models=tuple(ModelConfig(name=name, base_path=f"{base}/{name}") for name in names))
+
+
+class _Env:
+    """Typed reads of environment variables; a ConfigError names the variable and the value."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+
+    def get(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value or None
+
+    def integer(self, name: str) -> int | None:
+        return self._typed(name, int, "an integer")
+
+    def number(self, name: str) -> float | None:
+        return self._typed(name, float, "a number")
+
+    def boolean(self, name: str) -> bool | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def sizes(self, name: str) -> tuple[int, ...] | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        try:
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be comma-separated integers, got {value!r}") from None
+
+    def _typed(self, name: str, kind, what: str):
+        value = self.get(name)
+        if value is None:
+            return None
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be {what}, got {value!r}") from None

@@ -1,0 +1,80 @@
+"""Settings from the environment, the same for every entry point: read and checked at start-up,
+with errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.errors import ConfigError
+from runtime.settings import Settings
+
+
+def test_everything_from_the_environment(tmp_path):
+    settings = Settings.from_env({
+        "KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_MODEL_NAME": "digits", "KILN_POLL_SECONDS": "0.5",
+        "KILN_BATCHING": "fixed", "KILN_MAX_BATCH_SIZE": "8", "KILN_ALLOWED_BATCH_SIZES": "2,4,8",
+        "KILN_BATCH_TIMEOUT_MICROS": "500", "KILN_ENABLE_LARGE_BATCH_SPLITTING": "true",
+        "KILN_API_KEYS": "acme:k1", "KILN_CORS_ORIGINS": "https://a.example", "KILN_MAX_BODY_BYTES": "1024",
+        "KILN_LOG_LEVEL": "WARNING"})
+    assert settings.poll_seconds == 0.5 and settings.max_body_bytes == 1024 and settings.log_level == "WARNING"
+    batching = settings.batching
+    assert (batching.mode, batching.max_batch_size, batching.allowed_batch_sizes, batching.timeout_seconds,
+            batching.enable_large_batch_splitting) == ("fixed", 8, (2, 4, 8), 0.0005, True)
+    assert settings.auth.keys == (("acme", "k1"),) and settings.cors.origins == ("https://a.example",)
+    (model,) = settings.model_config().models
+    assert model.name == "digits" and model.base_path == f"{tmp_path}/digits"
+
+
+def test_flags_override_the_environment_and_the_entry_point_picks_the_default_mode(tmp_path):
+    env = {"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_MAX_BATCH_SIZE": "8"}
+    assert Settings.from_env(env, batching_mode="fixed").batching.mode == "fixed"
+    settings = Settings.from_env(env, overrides={"max_batch_size": 16, "mode": "off", "batch_timeout_micros": None})
+    assert settings.batching.max_batch_size == 16 and settings.batching.mode == "off"
+
+
+def test_the_batching_parameters_file_in_tf_servings_text_format(tmp_path):
+    path = tmp_path / "batching.config"
+    path.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 1000 }\n"
+                    "max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 2 }\n"
+                    "allowed_batch_sizes: 8\nallowed_batch_sizes: 32\npad_variable_length_inputs: true\n"
+                    "thread_pool_name { value: 'ignored' }\n")
+    batching = Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path),
+                                  "KILN_BATCHING_PARAMETERS_FILE": str(path)}).batching
+    assert (batching.max_batch_size, batching.batch_timeout_micros, batching.max_enqueued_batches,
+            batching.num_batch_threads, batching.allowed_batch_sizes, batching.pad_variable_length_inputs) == \
+        (32, 1000, 4, 2, (8, 32), True)
+    path.write_text("max_batch_size { value: 32 }\nallowed_batch_sizes: 8\n")
+    with pytest.raises(ConfigError, match="must equal max_batch_size"):
+        Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_BATCHING_PARAMETERS_FILE": str(path)})
+    path.write_text("max_batch_sise { value: 32 }\n")
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_BATCHING_PARAMETERS_FILE": str(path)})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "no models to serve: set KILN_MODEL_CONFIG_FILE"),
+    ({"KILN_MODEL_CONFIG_FILE": "/m.config", "KILN_MODEL_REPOSITORY": "/m"}, "not both"),
+    ({"KILN_MODEL_NAME": "digits", "KILN_MODEL_CONFIG_FILE": "/m.config"}, "KILN_MODEL_REPOSITORY, which is not set"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_MAX_BATCH_SIZE": "lots"}, "KILN_MAX_BATCH_SIZE must be an integer, got 'lots'"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_BATCHING": "eager"}, "mode"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_PAD_VARIABLE_LENGTH_INPUTS": "maybe"}, "must be true or false"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_API_KEYS": "acme:"}, "empty key"),
+])
+def test_bad_settings_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_a_model_config_file_in_s3(bucket, tmp_path):
+    client, name = bucket
+    client.put_object(Bucket=name, Key="config/models.yaml", Body=b"model_config_list:\n"
+                      b"  - {name: digits, base_path: s3://models/digits, batching_parameters: {max_batch_size: 8}}\n")
+    (model,) = Settings.from_env({"KILN_MODEL_CONFIG_FILE": f"s3://{name}/config/models.yaml"}).model_config().models
+    assert model.base_path == "s3://models/digits" and model.batching_parameters == {"max_batch_size": 8}
+    with pytest.raises(ConfigError, match="cannot read the model config file"):
+        Settings.from_env({"KILN_MODEL_CONFIG_FILE": f"s3://{name}/config/missing.yaml"}).model_config()
+    with pytest.raises(ConfigError, match="batching_parameters: max_batch_sise"):
+        client.put_object(Bucket=name, Key="config/bad.yaml", Body=b"model_config_list:\n"
+                          b"  - {name: d, base_path: /d, batching_parameters: {max_batch_sise: 8}}\n")
+        Settings.from_env({"KILN_MODEL_CONFIG_FILE": f"s3://{name}/config/bad.yaml"}).model_config()
