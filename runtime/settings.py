@@ -17,6 +17,8 @@ naming the variable, never a request.
     KILN_MAX_BODY_BYTES       request body limit (default 64 MiB)
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
+    KILN_OUTPUT_PREFIX        where batch scoring writes results (s3://bucket/prefix, gs://..., a path)
+    KILN_SCORE_MODEL          the model batch scoring and queue records use (default: the only one)
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "INFO"
     access_log: bool = False
+    output_prefix: str | None = None
+    score_model: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
@@ -71,7 +75,8 @@ class Settings:
                        poll_seconds=1.0 if poll is None else poll, batching=batching, auth=Auth.from_env(environ),
                        cors=Cors.parse(env.get("KILN_CORS_ORIGINS")),
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
-                       log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")))
+                       log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
+                       output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
         settings = cls(**{**settings.__dict__, **given})
