@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 from runtime.engines.base import Engine, synthetic_inputs
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound
