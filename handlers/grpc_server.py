@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from runtime import logs
 from runtime.app import DTYPE_ENUM, REPORTED_STATE, App, Exchange
@@ -60,6 +62,10 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
         return await work(exchange)
     except KilnError as e:
         code, message = status_of(e)[1], str(e)
+    except asyncio.CancelledError:  # grpc ended the call: its deadline passed, or the client left
+        passed = exchange.deadline is not None and time.monotonic() >= exchange.deadline
+        code = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
+        raise
     except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback
         log.exception("internal error serving gRPC %s", api)
         code, message = "INTERNAL", "internal error"
@@ -250,14 +256,43 @@ class ModelService(_model_grpc.ModelServiceServicer):
         return response
 
 
+def add_service(server: grpc.aio.Server, servicer: Any, module: Any, service: str) -> None:
+    """Serve a servicer's methods, as the generated add_*_to_server would, except that each request
+    is parsed inside the call: bytes that are not the request message then answer INVALID_ARGUMENT
+    naming it, where grpc's own parsing would answer UNKNOWN."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for method in descriptor.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+
+        async def call(raw: bytes, context: grpc.aio.ServicerContext, behavior=getattr(servicer, method.name),
+                       request_class=request_class) -> Any:
+            try:
+                request = request_class.FromString(raw)
+            except DecodeError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is not a valid {request_class.DESCRIPTOR.full_name}: {e}")
+            return await behavior(request, context)
+
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=None, response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+
+
 async def serve_grpc(app: App, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
     """Start the gRPC server on host:port and return it (the caller stops it): TensorFlow
     Serving's services, and the Open Inference Protocol's."""
     # As TF Serving: no cap on message size (a big batch is one message).
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
-    _prediction_grpc.add_PredictionServiceServicer_to_server(PredictionService(app), server)
-    _model_grpc.add_ModelServiceServicer_to_server(ModelService(app), server)
+    add_service(server, PredictionService(app), generated_module("tensorflow_serving.apis.prediction_service_pb2"),
+                "PredictionService")
+    add_service(server, ModelService(app), generated_module("tensorflow_serving.apis.model_service_pb2"),
+                "ModelService")
+    from handlers.oip_grpc import InferenceService  # it imports serve_call from here
+
+    add_service(server, InferenceService(app), generated_module("grpc_service_pb2"), "GRPCInferenceService")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

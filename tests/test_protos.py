@@ -18,6 +18,7 @@ from tests.conftest import run_python
 from tests.test_model_config import EXPECTED, MODELS_CONFIG
 
 FILES = ["log_collector_config", "logging_config", "file_system_storage_path_source", "model_server_config"]
+TRITON_FILES = ["model_config.proto", "grpc_service.proto"]  # the Open Inference Protocol's gRPC API
 
 ECHO = """\
 syntax = "proto3";
@@ -45,7 +46,8 @@ def test_generates_modules_and_stubs_with_imports_into_the_package(tree):
     assert build(root, out, "kiln_test_generated") is True
     generated = {str(path.relative_to(out)) for path in out.rglob("*_pb2*.py")}
     protos = {str(path.relative_to(root))[:-len(".proto")] for path in root.rglob("*.proto")}
-    services = {"kiln_test/echo", "tensorflow_serving/apis/prediction_service", "tensorflow_serving/apis/model_service"}
+    services = {"kiln_test/echo", "tensorflow_serving/apis/prediction_service", "tensorflow_serving/apis/model_service",
+                "grpc_service"}
     assert generated == {f"{name}_pb2.py" for name in protos} | {f"{name}_pb2_grpc.py" for name in services}
     assert "from kiln_test_generated.tensorflow_serving.config import model_server_config_pb2" in (
         out / "kiln_test" / "echo_pb2.py").read_text()
@@ -160,7 +162,8 @@ def test_grpc_api_descriptors_are_identical_to_tf_serving():
     done = run_python(API_SIDE)
     assert done.returncode == 0, done.stderr
     theirs = orjson.loads(done.stdout)
-    assert {str(path.relative_to(ROOT)) for path in ROOT.rglob("*.proto")} == set(theirs)
+    ours = {str(path.relative_to(ROOT)) for path in ROOT.rglob("*.proto")} - set(TRITON_FILES)
+    assert {name for name in ours if not name.startswith("kiln/")} == set(theirs)  # kiln/: Kiln's own messages
     for name, serialized in theirs.items():
         module = generated_module(name[:-len(".proto")].replace("/", ".") + "_pb2")
         assert module.DESCRIPTOR.serialized_pb.hex() == serialized, name
@@ -178,3 +181,85 @@ def test_both_load_into_one_process(first):
     done = run_python(code)
     assert done.returncode == 0, done.stderr
 
+
+
+# --- against tritonclient's grpc_service.proto (the Open Inference Protocol over gRPC) -----------
+
+needs_tritonclient = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                                        reason="tritonclient is not installed")
+
+# What Kiln's GRPCInferenceService serves, and every message those calls carry.
+OIP_METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"]
+OIP_MESSAGES = ["ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse",
+                "ModelReadyRequest", "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse",
+                "ModelMetadataRequest", "ModelMetadataResponse", "ModelInferRequest", "ModelInferResponse",
+                "InferTensorContents", "InferParameter"]
+
+# Run in a fresh interpreter per side, so that nothing of the other side is registered when one loads.
+OIP_SIDE = """
+import sys, orjson
+if sys.argv[1] == "tritonclient":
+    from tritonclient.grpc import model_config_pb2, service_pb2
+else:
+    from runtime.protos import generated_module
+    model_config_pb2, service_pb2 = generated_module("model_config_pb2"), generated_module("grpc_service_pb2")
+def fields(message):
+    table = {message.full_name: [[f.number, f.name, f.type, f.is_repeated, f.message_type.full_name if f.message_type else "",
+                                  f.containing_oneof.name if f.containing_oneof else ""] for f in message.fields]}
+    for nested in message.nested_types:
+        table.update(fields(nested))
+    return table
+service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+print(orjson.dumps({
+    "descriptors": {m.DESCRIPTOR.name: m.DESCRIPTOR.serialized_pb.hex() for m in (model_config_pb2, service_pb2)},
+    "fields": {k: v for name in sys.argv[2:] for k, v in fields(service_pb2.DESCRIPTOR.message_types_by_name[name]).items()},
+    "methods": {m.name: [m.input_type.full_name, m.output_type.full_name] for m in service.methods},
+}).decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def oip_sides() -> dict[str, dict]:
+    sides = {}
+    for side in ("kiln", "tritonclient"):
+        done = run_python(OIP_SIDE, side, *OIP_MESSAGES)
+        assert done.returncode == 0, done.stderr
+        sides[side] = orjson.loads(done.stdout)
+    return sides
+
+
+@needs_tritonclient
+def test_oip_descriptors_are_identical_to_tritonclient(oip_sides):
+    """Byte-identical files are what let tritonclient's modules and Kiln's share protobuf's default
+    pool: a file of another name defining the same `inference.*` messages (KServe's
+    grpc_predict_v2.proto) would be refused there as a duplicate symbol."""
+    ours, theirs = oip_sides["kiln"]["descriptors"], oip_sides["tritonclient"]["descriptors"]
+    assert set(theirs) == set(TRITON_FILES) == set(ours)
+    for name in TRITON_FILES:
+        assert ours[name] == theirs[name], name
+
+
+@needs_tritonclient
+def test_oip_messages_have_tritonclients_fields(oip_sides):
+    """Field by field (number, name, type, repeated, message type, oneof), for every message the
+    served calls carry: a readable failure if the files ever drift apart."""
+    ours, theirs = oip_sides["kiln"], oip_sides["tritonclient"]
+    assert "inference.ModelInferRequest.InferInputTensor" in theirs["fields"]
+    assert set(ours["fields"]) == set(theirs["fields"])
+    for name, fields in theirs["fields"].items():
+        assert ours["fields"][name] == fields, name
+    for name in OIP_METHODS:
+        assert ours["methods"][name] == theirs["methods"][name], name
+
+
+@needs_tritonclient
+@pytest.mark.parametrize("first", ["kiln", "tritonclient"])
+def test_oip_protos_load_beside_tritonclient(first):
+    imports = {"kiln": "from runtime.protos import generated_module; ours = generated_module('grpc_service_pb2')",
+               "tritonclient": "from tritonclient.grpc import service_pb2 as theirs"}
+    code = "; ".join([imports[first], *(v for k, v in imports.items() if k != first),
+                      "m = theirs.ModelInferRequest(model_name='digits', raw_input_contents=[b'x'])",
+                      "m.inputs.add(name='images', datatype='FP32', shape=[1, 28, 28, 1])",
+                      "assert ours.ModelInferRequest.FromString(m.SerializeToString()) == m"])
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr

@@ -9,6 +9,8 @@ its last value. Responses use `tensor_content`, or `string_val` for DT_STRING.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from runtime.errors import InvalidInput, Unsupported
@@ -21,6 +23,7 @@ DTYPES: dict[int, np.dtype] = {
     6: np.dtype("i1"), 8: np.dtype("<c8"), 9: np.dtype("<i8"), 10: np.dtype("?"), 17: np.dtype("<u2"),
     18: np.dtype("<c16"), 19: np.dtype("<f2"), 22: np.dtype("<u4"), 23: np.dtype("<u8"),
 }
+MAX_ELEMENTS = 2**63 - 1  # TensorShape's limit on the number of elements
 ENUM_OF: dict[str, int] = {dtype.name: number for number, dtype in DTYPES.items()}
 # The typed field that holds each dtype's values when tensor_content is empty.
 VALUE_FIELD: dict[int, str] = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val",
@@ -36,9 +39,12 @@ def to_ndarray(tensor) -> np.ndarray:
     shape = tuple(dim.size for dim in tensor.tensor_shape.dim)
     if any(size < 0 for size in shape):
         raise InvalidInput(f"a request tensor must have a fully defined shape, got {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact: numpy's int64 product wraps around
+    if count > MAX_ELEMENTS:
+        raise InvalidInput(f"a tensor of shape {list(shape)} has {count} elements; TensorFlow counts at most "
+                           f"{MAX_ELEMENTS}")
     if tensor.dtype == DT_STRING:
-        return _fill(np.array(list(tensor.string_val), dtype=object), count, "string_val").reshape(shape)
+        return _shaped(_fill(np.array(list(tensor.string_val), dtype=object), count, "string_val"), shape)
     dtype = DTYPES.get(tensor.dtype)
     if dtype is None:
         raise Unsupported(f"tensor dtype enum {tensor.dtype} is not supported")
@@ -46,17 +52,22 @@ def to_ndarray(tensor) -> np.ndarray:
         if len(tensor.tensor_content) != count * dtype.itemsize:
             raise InvalidInput(f"tensor_content has {len(tensor.tensor_content)} bytes; shape {list(shape)} "
                                f"of {dtype.name} needs {count * dtype.itemsize}")
-        return np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        return _shaped(np.frombuffer(tensor.tensor_content, dtype=dtype), shape).astype(dtype.newbyteorder("="))
     field = VALUE_FIELD[tensor.dtype]
     values = getattr(tensor, field)
-    if tensor.dtype == DT_HALF:  # half_val holds each float16's bit pattern
-        flat = np.array(values, dtype=np.uint16).view(np.float16)
+    if tensor.dtype == DT_HALF:  # half_val holds each float16's bit pattern in an int32's low 16 bits
+        flat = np.array(values, dtype=np.int32).astype(np.uint16).view(np.float16)
+    elif field == "int_val":  # int32s for the narrower dtypes too: cast (wrapping) as TensorFlow does
+        flat = np.array(values, dtype=np.int32).astype(dtype)
     elif field in ("scomplex_val", "dcomplex_val"):  # real and imaginary parts, interleaved
         parts = np.array(values, dtype=np.float32 if field == "scomplex_val" else np.float64)
-        flat = (parts[0::2] + 1j * parts[1::2]).astype(dtype)
+        if len(parts) % 2:
+            raise InvalidInput(f"{field} holds (real, imaginary) pairs; it has an odd number of values, "
+                               f"{len(parts)}")
+        flat = parts.view(dtype)  # their memory layout: not arithmetic, which turns 1j * inf into nan
     else:
         flat = np.array(values, dtype=dtype)
-    return _fill(flat, count, field).reshape(shape)
+    return _shaped(_fill(flat, count, field), shape)
 
 
 def _fill(flat: np.ndarray, count: int, field: str) -> np.ndarray:
@@ -65,9 +76,21 @@ def _fill(flat: np.ndarray, count: int, field: str) -> np.ndarray:
         return flat
     if len(flat) > count:
         raise InvalidInput(f"{field} has {len(flat)} values; the tensor's shape holds {count}")
-    if len(flat) == 0:
-        return np.full(count, b"", dtype=object) if flat.dtype == object else np.zeros(count, flat.dtype)
-    return np.concatenate([flat, np.full(count - len(flat), flat[-1], dtype=flat.dtype)])
+    try:
+        if len(flat) == 0:
+            return np.full(count, b"", dtype=object) if flat.dtype == object else np.zeros(count, flat.dtype)
+        return np.concatenate([flat, np.full(count - len(flat), flat[-1], dtype=flat.dtype)])
+    except (MemoryError, ValueError) as e:  # TF Serving answers a tensor it cannot allocate as a parse error
+        raise InvalidInput(f"cannot fill {field} out to the tensor's {count} values: {e}") from None
+
+
+def _shaped(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """numpy refuses a shape whose nonzero dimensions multiply past its address space, even when
+    another dimension is 0."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as e:
+        raise InvalidInput(f"a tensor of shape {list(shape)} cannot be held: {e}") from None
 
 
 def from_ndarray(array: np.ndarray, tensor) -> None:

@@ -35,9 +35,33 @@ def loads(body: bytes | str):
         return orjson.loads(body)
     except orjson.JSONDecodeError as first:
         try:
-            return json.loads(body)
+            value = json.loads(body)
         except (ValueError, RecursionError):
             raise InvalidInput(f"malformed JSON: {first}") from None
+        if (isinstance(body, str) or b"\\u" in body) and _lone_surrogate(value):
+            raise InvalidInput("malformed JSON: a string escapes a lone UTF-16 surrogate (such as \\ud800), "
+                               "which is not Unicode text") from None
+        return value
+
+
+def _lone_surrogate(value) -> bool:
+    """Whether any string holds one: the standard parser takes "\\ud800", and every encoder (orjson,
+    protobuf, UTF-8) refuses it later, far from the request."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return False
 
 
 def read_predict(body: bytes | str) -> tuple[str, dict]:
@@ -61,8 +85,8 @@ def decode_predict(name: str, request: dict, signature: Signature) -> PredictReq
         instances = request["instances"]
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list")
-        if isinstance(instances[0], dict):
-            if not all(isinstance(i, dict) for i in instances):
+        if _named(instances[0]):
+            if not all(_named(i) for i in instances):
                 raise InvalidInput("'instances' must be all objects or all values, not a mix")
             keys = set(instances[0])
             if any(set(i) != keys for i in instances):
@@ -77,6 +101,11 @@ def decode_predict(name: str, request: dict, signature: Signature) -> PredictReq
     else:
         columns = {_only_input(names, "inputs"): inputs}
     return PredictRequest(name, _arrays(columns, signature), False)
+
+
+def _named(value) -> bool:
+    """An object of tensors by input name; {"b64": "..."} is one binary value, as in TF Serving."""
+    return isinstance(value, dict) and not (set(value) == {"b64"} and isinstance(value["b64"], str))
 
 
 def _only_input(names: list[str], key: str) -> str:
@@ -145,10 +174,11 @@ def _tolist(value):
 
 
 def _jsonable(name: str, array: np.ndarray):
-    """Strings become text, or {"b64": ...} for outputs named *_bytes; numbers stay arrays."""
+    """Strings become text, or {"b64": ...} for outputs named *_bytes; numbers stay arrays, but a
+    scalar becomes a numpy scalar (orjson refuses 0-d arrays)."""
     if array.dtype == object or array.dtype.kind == "S":
         return _map_strings(array.tolist(), name.endswith("_bytes"))
-    return array
+    return array if array.ndim else array[()]
 
 
 def _map_strings(value, as_b64: bool):

@@ -126,10 +126,12 @@ def _as_dtype(spec: TensorSpec, value) -> np.ndarray:
             return array.astype(object) if array.dtype.kind != "O" else array
     else:
         wanted = np.dtype(spec.dtype)
+        # np.asarray(order="C"), not np.ascontiguousarray, which makes a scalar 1-d and so would
+        # let a rank-0 value pass for a batch of one.
         if array.dtype == wanted:
-            return np.ascontiguousarray(array)
+            return np.asarray(array, order="C")
         if array.dtype.kind in "biuf" and np.can_cast(array.dtype, wanted, casting="same_kind"):
-            return np.ascontiguousarray(array, dtype=wanted)
+            return np.asarray(array, dtype=wanted, order="C")
     raise InvalidInput(f"input '{spec.name}' must have dtype {spec.dtype}, got {_dtype_name(array)}")
 
 
