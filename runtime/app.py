@@ -13,7 +13,7 @@ Routes. TensorFlow Serving's REST API v1:
 The Open Inference Protocol (KServe v2) over REST:
   GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
   GET  /v2/models/NAME[/versions/N][/ready]                model metadata, model readiness
-  POST /v2/models/NAME[/versions/N]/infer                  inference on JSON tensors
+  POST /v2/models/NAME[/versions/N]/infer                  inference on JSON tensors (or binary: the extension)
   POST /v2/repository/index                                every served model version (Triton's extension)
 Prometheus metrics: GET /monitoring/prometheus/metrics (TF Serving's path) and /metrics.
 
