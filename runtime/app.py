@@ -132,7 +132,8 @@ class App:
     def start(cls, settings: Settings) -> App:
         """The app an entry point serves: its repository started (the models loaded and warmed
         up) and batching per the settings. The caller stops app.repository when done."""
-        repository = Repository(settings.model_config(), poll_seconds=settings.poll_seconds)
+        repository = Repository(settings.model_config(), poll_seconds=settings.poll_seconds,
+                                warmup_iterations=settings.warmup_iterations)
         repository.start()
         batching = BatchingPolicy(settings.batching, lambda name: repository.config_of(name).batching_parameters)
         app = cls(repository, max_body_bytes=settings.max_body_bytes, auth=settings.auth, cors=settings.cors,

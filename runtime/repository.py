@@ -20,13 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
-from runtime.engines.base import Engine, synthetic_inputs
+from runtime.engines.base import Engine
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound
 from runtime.model_config import ModelConfig, ModelConfigList, check_version_labels
 from runtime.servable_cache import FetchedServable, NotPublished, ServableCache
 from runtime.storage import Retry, Storage, open_storage
 from runtime.version_policy import (Load, State, Unload, VersionSnapshot, aspired_versions,
                                     availability_preserving)
+from runtime.warmup import warm_up
 
 log = logging.getLogger(__name__)
 DEFAULT_POLL_SECONDS = 1.0
@@ -89,8 +90,10 @@ class Repository:
     """Serves the models of a ModelConfigList; safe to use from many threads."""
 
     def __init__(self, config: ModelConfigList, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
-                 cache: ServableCache | None = None, threads: int | None = None, retry: Retry = Retry()):
+                 cache: ServableCache | None = None, threads: int | None = None, retry: Retry = Retry(),
+                 warmup_iterations: int = 1):
         self.poll_seconds = poll_seconds
+        self.warmup_iterations = warmup_iterations
         self.retry = retry
         self.cache = cache or ServableCache()
         self.threads = threads
@@ -212,7 +215,7 @@ class Repository:
             engine = Engine.open(fetched.directory, verify=not fetched.verified, threads=self.threads)
             opened = time.perf_counter()
             try:
-                warm_up(engine)
+                warm_up(engine, self.warmup_iterations)
             except BaseException:
                 engine.close()
                 raise
@@ -351,18 +354,6 @@ class Repository:
                 if remaining <= 0:
                     return False
                 self._lock.wait(remaining)
-
-
-def warm_up(engine: Engine) -> None:
-    """Run every signature at every bucket once, so no request pays a first-call cost.
-
-    String signatures are skipped: there is no input to synthesize that a model must accept.
-    """
-    for key, signature in engine.signatures.items():
-        if any(spec.dtype == "string" for spec in signature.inputs):
-            continue
-        for bucket in engine.manifest.batch_sizes if signature.batched else (0,):
-            engine.run(key, synthetic_inputs(signature, bucket))
 
 
 def split_base_path(base_path: str) -> tuple[str, str]:

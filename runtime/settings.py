@@ -17,6 +17,7 @@ naming the variable, never a request.
     KILN_MAX_BODY_BYTES       request body limit (default 64 MiB)
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
+    KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
     KILN_OUTPUT_PREFIX        where batch scoring writes results (s3://bucket/prefix, gs://..., a path)
     KILN_SCORE_MODEL          the model batch scoring and queue records use (default: the only one)
 """
@@ -51,6 +52,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "INFO"
     access_log: bool = False
+    warmup_iterations: int = 1
     output_prefix: str | None = None
     score_model: str | None = None
 
@@ -64,18 +66,20 @@ class Settings:
         batching_flags = {name: env.integer(f"KILN_{name.upper()}") for name in _INTEGERS}
         batching_flags |= {name: env.boolean(f"KILN_{name.upper()}") for name in _BOOLEANS}
         batching_flags["allowed_batch_sizes"] = env.sizes("KILN_ALLOWED_BATCH_SIZES")
-        batching_flags["mode"] = env.get("KILN_BATCHING") or batching_mode
+        batching_flags["mode"] = env.choice("KILN_BATCHING", ("adaptive", "fixed", "off")) or batching_mode
         batching_flags |= {name: given.pop(name) for name in [*batching_flags] if name in given}
         batching = server_parameters(given.pop("batching_parameters_file", env.get("KILN_BATCHING_PARAMETERS_FILE")),
                                      batching_flags)
         poll = env.number("KILN_POLL_SECONDS")
         max_body = env.integer("KILN_MAX_BODY_BYTES")
+        iterations = env.integer("KILN_WARMUP_ITERATIONS")
         settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
                        model_repository=env.get("KILN_MODEL_REPOSITORY"), model_name=env.get("KILN_MODEL_NAME"),
                        poll_seconds=1.0 if poll is None else poll, batching=batching, auth=Auth.from_env(environ),
                        cors=Cors.parse(env.get("KILN_CORS_ORIGINS")),
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
                        log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
+                       warmup_iterations=1 if iterations is None else iterations,
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
@@ -93,6 +97,8 @@ class Settings:
                               "--model-config-file or --model-repository")
         if self.model_name and not self.model_repository:
             raise ConfigError("KILN_MODEL_NAME names a model in KILN_MODEL_REPOSITORY, which is not set")
+        if self.warmup_iterations < 1:
+            raise ConfigError(f"KILN_WARMUP_ITERATIONS must be at least 1, got {self.warmup_iterations}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"the request body limit must be positive, got {self.max_body_bytes}")
 
@@ -146,6 +152,12 @@ class _Env:
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self.get(name)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
 
     def sizes(self, name: str) -> tuple[int, ...] | None:
         value = self.get(name)

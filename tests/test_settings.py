@@ -57,7 +57,8 @@ def test_the_batching_parameters_file_in_tf_servings_text_format(tmp_path):
     ({"KILN_MODEL_NAME": "digits", "KILN_MODEL_CONFIG_FILE": "/m.config"}, "KILN_MODEL_REPOSITORY, which is not set"),
     ({"KILN_MODEL_REPOSITORY": "/m", "KILN_MAX_BATCH_SIZE": "lots"}, "KILN_MAX_BATCH_SIZE must be an integer, got 'lots'"),
     ({"KILN_MODEL_REPOSITORY": "/m", "KILN_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
-    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_BATCHING": "eager"}, "mode"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_BATCHING": "eager"}, "KILN_BATCHING must be one of adaptive, fixed, off"),
+    ({"KILN_MODEL_REPOSITORY": "/m", "KILN_WARMUP_ITERATIONS": "0"}, "KILN_WARMUP_ITERATIONS must be at least 1"),
     ({"KILN_MODEL_REPOSITORY": "/m", "KILN_PAD_VARIABLE_LENGTH_INPUTS": "maybe"}, "must be true or false"),
     ({"KILN_MODEL_REPOSITORY": "/m", "KILN_API_KEYS": "acme:"}, "empty key"),
 ])

@@ -26,6 +26,7 @@ from runtime.compiler.toolchain import Toolchain
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
 from runtime.manifest import Manifest, Signature, describe_files
+from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 EngineChoice = Literal["auto", "xla-aot", "saved-model"]
@@ -80,6 +81,7 @@ def compile_servable(
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
             manifest = _prebuild_xla_cache(staging, manifest)
+        _copy_warmup_requests(saved_model, staging, log)
         manifest = manifest.model_copy(update={"files": describe_files(staging)})
         manifest.write(staging)
         _replace(staging, out)
@@ -87,6 +89,16 @@ def compile_servable(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
+    """The SavedModel's warm-up requests (TF Serving's TFRecord, Kiln's JSON) go with the servable."""
+    for name in WARMUP_FILES:
+        source = saved_model / WARMUP_DIR / name
+        if source.is_file():
+            (staging / WARMUP_DIR).mkdir(exist_ok=True)
+            shutil.copy(source, staging / WARMUP_DIR / name)
+            log(f"warm-up requests: {WARMUP_DIR}/{name}")
 
 
 def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
