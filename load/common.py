@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,3 +168,22 @@ def kiln_serve(repository: Path, model: str, log: Path, flags: list[str],
     finally:
         server.terminate()
         server.wait(60)
+
+
+def read_py_spy(raw: Path, waits, classify) -> tuple[Counter, Counter, int]:
+    """Samples of a `py-spy record --format raw` file, less those whose innermost frame is one of
+    `waits` (an idle thread that py-spy counts as active): counted by innermost frame, and by what
+    classify(frames) names (frames outermost first, line numbers dropped); and how many samples
+    were left out."""
+    import re
+
+    own, groups, waiting = Counter(), Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        if frames[-1] in waits:
+            waiting += int(count)
+        else:
+            own[frames[-1]] += int(count)
+            groups[classify(frames)] += int(count)
+    return own, groups, waiting

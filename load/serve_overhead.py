@@ -62,8 +62,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (ROOT, HttpConnection, ServerError, example_servables, kiln_serve, pyplot, tfserving_requests,
-                    write_results)
+from common import (ROOT, HttpConnection, ServerError, example_servables, kiln_serve, pyplot, read_py_spy,
+                    tfserving_requests, write_results)
 
 MODEL, KEY = "digits", "serving_default"
 MODES = ("engine", "rest", "grpc")
@@ -322,15 +322,7 @@ def profile_server(pid: int, run: Callable[[str, int, float], Window], mode: str
     if recorder.returncode != 0:
         print(f"py-spy failed: {error}", file=sys.stderr)
         return {"skipped": f"py-spy failed: {error.strip()}"}
-    own, layers, waiting = Counter(), Counter(), 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
-        if frames[-1] in WAITS:
-            waiting += int(count)
-            continue
-        own[frames[-1]] += int(count)
-        layers[layer(frames)] += int(count)
+    own, layers, waiting = read_py_spy(raw, WAITS, layer)
     working = sum(own.values())
     per_request = 1e6 / SAMPLES_PER_SECOND / window.requests  # a sample stands for 1/rate s of a thread
 
