@@ -71,6 +71,65 @@ def main(argv: list[str] | None = None) -> int:
         batching.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", default=None)
     serve.set_defaults(run=_serve)
 
+    score = commands.add_parser("score", help="score the rows of JSON Lines and CSV files with a model",
+                                description="Score every row of each input and write JSON Lines results under "
+                                "OUT/NAME.predictions/ (runtime/scoring.py). Inputs whose results exist are "
+                                "skipped and finished parts kept: rerun the same command to resume.")
+    score.add_argument("inputs", nargs="+", metavar="INPUT", help="a .jsonl, .ndjson or .csv file (optionally .gz), "
+                       "a directory, or s3://BUCKET/KEY, s3://BUCKET/PREFIX/, gs://...")
+    score.add_argument("--out", help="where results go: a directory, s3://bucket/prefix or gs://bucket/prefix "
+                       "(default: KILN_OUTPUT_PREFIX)")
+    score.add_argument("--model", help="the model to score with (default: KILN_SCORE_MODEL, else the only one)")
+    score.add_argument("--signature", default="serving_default", help="signature key (default: serving_default)")
+    score.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix")
+    score.add_argument("--model-name", help="load only BASE/NAME of --model-repository")
+    score.add_argument("--model-config-file", help="models.config (text format), YAML or JSON; local or s3://")
+    score.add_argument("--chunk-rows", type=int, default=256, help="rows decoded and run together (default 256)")
+    score.add_argument("--part-rows", type=int, default=10_000,
+                       help="rows per results part, the most an interruption loses (default 10000)")
+    score.add_argument("--inputs-at-once", type=int, default=2, help="inputs scored at the same time (default 2)")
+    score.set_defaults(run=_score)
+
+    warmpool = commands.add_parser("warmpool", help="size a warm pool and apply it (warmpool/)")
+    pool = warmpool.add_subparsers(dest="warmpool_command", required=True)
+    plan = pool.add_parser("plan", help="warm instances per window from a schedule and observed traffic",
+                           description="File formats and the model (Little's law, square-root staffing, Erlang B): "
+                           "warmpool/plan.py.")
+    plan.add_argument("--schedule", help="YAML/JSON: timezone and windows (days, start, end, min_instances)")
+    plan.add_argument("--traffic", help="YAML/JSON: buckets (start, end, rate, latency) or requests [[time, seconds]]")
+    plan.add_argument("--memory-gb", type=float, default=1.0, help="memory of one instance (default 1)")
+    plan.add_argument("--concurrency", type=int, default=1,
+                      help="requests one instance serves at once (Lambda: 1; Cloud Run: containerConcurrency)")
+    plan.add_argument("--headroom", default="sqrt:1", help="sqrt:K (L + K·√L, default sqrt:1), factor:F (F·L) or "
+                      "target:P (the fewest instances whose expected cold-start fraction is at most P)")
+    plan.add_argument("--timezone", help="IANA time zone of the windows (default: the schedule's, else UTC)")
+    plan.add_argument("--out", help="also write the plan to this file (.json, else YAML), for `apply`")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=_warmpool, command="warmpool plan")
+    apply = pool.add_parser("apply", help="apply a plan: Lambda provisioned concurrency or Cloud Run min instances",
+                            description="What it calls and writes: warmpool/apply.py.")
+    apply.add_argument("--plan", required=True, help="a plan written by `kiln warmpool plan --out`")
+    apply.add_argument("--lambda-function", help="the Lambda function (boto3's usual region and credentials)")
+    apply.add_argument("--alias", default="live", help="the function's alias (default: live)")
+    apply.add_argument("--scheduled-actions", action="store_true", help="Lambda: also put every change of the "
+                       "plan as an Application Auto Scaling scheduled action")
+    apply.add_argument("--cloud-run-service", nargs="?", const="infra/cloud_run/service.yaml",
+                       help="the Cloud Run service YAML to write (default: infra/cloud_run/service.yaml)")
+    apply.add_argument("--level", choices=("auto", "service", "revision"), default="auto",
+                       help="Cloud Run: service- or revision-level minimum (default: the one the file uses)")
+    apply.add_argument("--region", help="Cloud Run region for the printed gcloud commands")
+    apply.add_argument("--at", help="apply the window of this ISO 8601 time (default: now)")
+    apply.set_defaults(run=_warmpool, command="warmpool apply")
+
+    coldstart = commands.add_parser("coldstart", help="one cold start, phase by phase, in a fresh process",
+                                    description="Phases: warmpool/coldstart.py.")
+    coldstart.add_argument("servable", help="a servable directory, BASE/NAME[/VERSION], or s3:// gs:// URL")
+    coldstart.add_argument("--runs", type=int, default=1, help="fresh processes to take the median of (default 1)")
+    coldstart.add_argument("--cache-dir", help="servable cache to download into (default: a fresh empty one)")
+    coldstart.add_argument("--signature", help="signature of the first request (default serving_default)")
+    coldstart.add_argument("--json", action="store_true", help="print the phases and every run as JSON")
+    coldstart.set_defaults(run=_coldstart)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -147,6 +206,83 @@ def _serve(args) -> int:
     finally:
         app.repository.stop()
     return 0
+
+
+def _score(args) -> int:
+    import asyncio
+    import os
+    import signal
+
+    import orjson
+
+    from runtime import logs, scoring
+    from runtime.app import App
+    from runtime.progress import ProgressBar
+    from runtime.settings import Settings
+
+    settings = Settings.from_env(batching_mode="fixed", overrides={
+        "model_repository": args.model_repository,
+        "model_name": args.model_name or (args.model if args.model_repository else None),
+        "model_config_file": args.model_config_file, "poll_seconds": 0})
+    output = args.out or settings.output_prefix
+    if not output:
+        raise KilnError("no output prefix: pass --out or set KILN_OUTPUT_PREFIX")
+    logs.configure(os.environ.get("KILN_LOG_LEVEL") or "WARNING")
+    sources, names = scoring.plan_inputs(args.inputs, output)
+    bar = ProgressBar(sum(scoring.input_size(source) for source in sources), len(sources))
+    counts = {"scored": 0, "skipped": 0, "failed": 0, "rows": 0, "errors": 0}
+
+    def done(source: str, result) -> None:
+        if isinstance(result, KilnError):
+            counts["failed"] += 1
+            bar.message(f"kiln score: {source}: error: {result}")
+        else:
+            counts["skipped" if result.skipped else "scored"] += 1
+            counts["rows"] += result.rows
+            counts["errors"] += result.errors
+            bar.message(orjson.dumps({"source": source, "output": result.output, "rows": result.rows,
+                                      "errors": result.errors, "skipped": result.skipped}).decode(), sys.stdout)
+        bar.item_done()
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda signum=signum: (stopped.append(signum), task.cancel()))
+        await scoring.score_many(app, sources, output, names=names, at_once=args.inputs_at_once, done=done,
+                                 progress=bar.advance, model=args.model or settings.score_model,
+                                 signature=args.signature, chunk_rows=args.chunk_rows, part_rows=args.part_rows)
+
+    stopped: list[int] = []
+    app = App.start(settings)
+    try:
+        scoring.default_model(app, args.model or settings.score_model)
+        asyncio.run(run())
+    except asyncio.CancelledError:
+        pass
+    finally:
+        bar.close()
+        app.repository.stop()
+    summary = (f"{counts['scored']} scored, {counts['skipped']} skipped (results exist), {counts['failed']} failed "
+               f"of {len(sources)} inputs; {counts['rows']:,} rows ({counts['errors']:,} with errors), "
+               f"{bar.rate:,.0f} rows/s")
+    if stopped:
+        print(f"kiln score: interrupted: {summary}; run the same command again to finish", file=sys.stderr)
+        return 128 + stopped[0]
+    print(f"kiln score: {summary}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _warmpool(args) -> int:
+    from warmpool import commands
+
+    return commands.plan(args) if args.warmpool_command == "plan" else commands.apply(args)
+
+
+def _coldstart(args) -> int:
+    from warmpool import commands
+
+    return commands.coldstart(args)
 
 
 def _read_input(value: str) -> bytes:
