@@ -84,19 +84,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def install_examples(examples, root: Path, names=("half_plus_two", "digits")) -> Path:
+    """A model repository at root: the example servables named, as NAME/1."""
+    import shutil
+
+    for name in names:
+        shutil.copytree(examples[name].servable, root / name / "1")
+    return root
+
+
 @contextmanager
 def kiln_serve(examples, root: Path, *args: str, env: dict | None = None):
     """`kiln serve` in its own process over half_plus_two and digits (version 1) copied into root,
     on free loopback ports, with `env` added to the environment; yields (process, REST URL) once both
     models answer status (with the first key of KILN_API_KEYS, if env gives one)."""
-    import shutil
     import subprocess
-    import time
 
     import httpx
 
-    for name in ("half_plus_two", "digits"):
-        shutil.copytree(examples[name].servable, root / name / "1")
+    install_examples(examples, root)
     port = free_port()
     log = (root / "serve.log").open("w+")  # a file, not a pipe: nobody reads the log while it runs
     process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
@@ -107,28 +113,46 @@ def kiln_serve(examples, root: Path, *args: str, env: dict | None = None):
     url = f"http://127.0.0.1:{port}"
     key = (env or {}).get("KILN_API_KEYS", "").split(",")[0].rpartition(":")[2]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    deadline = time.monotonic() + 120
+    wait_until_up(process, lambda: all(
+        httpx.get(f"{url}/v1/models/{name}", timeout=2, headers=headers).status_code == 200
+        for name in ("half_plus_two", "digits")), process.log_path, "kiln serve")
+    try:
+        yield process, url
+    finally:
+        stop(process)
+        log.close()
+
+
+def wait_until_up(process, ready, log_path: Path, what: str, seconds: float = 120) -> None:
+    """Poll ready() (HTTP calls to the process) until it holds; if the process exits or the time runs
+    out first, kill it and fail the test with its log."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            if all(httpx.get(f"{url}/v1/models/{name}", timeout=2, headers=headers).status_code == 200
-                   for name in ("half_plus_two", "digits")):
-                break
+            if ready():
+                return
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            pytest.fail(f"kiln serve did not come up: {process.log_path.read_text()}")
+            pytest.fail(f"{what} did not come up: {log_path.read_text()}")
         time.sleep(0.2)
-    try:
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        log.close()
+
+
+def stop(process, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after grace seconds."""
+    import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def run_python(code: str, *args: str, env: dict | None = None):

@@ -1,0 +1,500 @@
+"""AWS Lambda: every event a Kiln function meets, adapted to the core (runtime.app).
+
+    Handler: handlers.aws_lambda.handler
+
+Init phase. Lambda's runtime imports this module and looks `handler` up during the init phase;
+that look-up builds the function (build()): the settings from the same KILN_* environment as
+`kiln serve` (runtime.settings), validated there, so a wrong setting fails init with a ConfigError
+naming the variable; App.start, which loads and warms the models; Powertools' Logger, Metrics and
+Tracer; and one asyncio event loop that every invocation reuses. Importing the module alone builds
+nothing. Batching defaults to `fixed` with no timeout (KILN_BATCHING and the KILN_ batching variables
+override it): one invocation runs at a time, so what is batched is what one event carries, merged
+without waiting (the records of a queue batch, the items of a Step Functions batch, the rows of a
+request or of an object).
+
+Events, told apart by their shape:
+
+- HTTP: API Gateway REST APIs and HTTP APIs (payload format 1.0 and 2.0), Lambda function URLs and
+  Application Load Balancers serve the same REST APIs as `kiln serve` (TF Serving's REST API, the
+  Open Inference Protocol, metrics, with API keys and CORS): the event becomes a runtime.app.Request
+  (base64 bodies decoded, multi-value headers joined, the path percent-decoded as an ASGI server
+  does, an HTTP API's named stage taken off the path) and the Response that event type's answer;
+  bodies that are not text (the OIP binary tensor extension) go base64-encoded. The Lambda request id
+  is the X-Request-Id unless the caller sent one, and the deadline is Lambda's, less DEADLINE_MARGIN.
+- SQS and Kinesis batches: each record's body (Kinesis: its data) is a TF Serving predict body with a
+  "model" key naming the model (optional where KILN_SCORE_MODEL names one or only one is served).
+  Every record is decoded, then all run at once so that the batcher merges them into compiled
+  batches. A record's predictions go to KILN_OUTPUT_PREFIX as JSON, at sqs/QUEUE/MESSAGE_ID.json or
+  kinesis/STREAM/SHARD/SEQUENCE_NUMBER.json ({"id", "model", "version", and "predictions" or
+  "outputs"}): a record delivered again writes the same key again, so reruns never duplicate output.
+  The answer is Lambda's partial batch response (Powertools' batch processor; SQS FIFO queues fail
+  the rest of a failed record's message group, to keep its order): only failed records are retried,
+  when the event source mapping has ReportBatchItemFailures on. Without KILN_OUTPUT_PREFIX a queue
+  batch fails as a whole with a ConfigError saying so.
+- S3 "object created" notifications, directly or through EventBridge ("Object Created"): each object
+  (JSON Lines or CSV rows) is scored by runtime.scoring into KILN_OUTPUT_PREFIX, idempotently (a
+  retried event finds its output and skips the object). Objects under the output prefix itself are
+  never scored (outputs written beside the inputs do not trigger themselves). The answer lists each
+  object's result; when any object failed for a reason that may pass (storage, deadline, a bug) the
+  invocation fails after the others are done, so that Lambda's retry scores just that one again;
+  bad data is reported in the answer and the logs, not retried.
+- S3 Batch Operations (invocation schema 1.0 and 2.0): each task's object is scored the same way,
+  answered with S3's documented response: Succeeded, TemporaryFailure (may pass: S3 retries it) or
+  PermanentFailure (bad data, no such object or model). The object's version id is not used.
+- Step Functions Distributed Map with an ItemBatcher ({"Items": [...], "BatchInput": {...}}): each
+  item is one TF Serving instance, or a whole predict body (with "instances" or "inputs"); BatchInput
+  may give "model" and "signature_name" for all. The answer is {"predictions": [...]} in item order:
+  an instance's prediction, or a predict body's whole response (with "model" and "version"). All the
+  items run at once, merged into compiled batches. A batch with a failed item fails with the item's
+  error type (InvalidInput, NotFound, ...), its message naming the items, for the state machine's
+  Retry and Catch.
+- Direct invocation with a TF Serving predict body (instances or inputs; optional "model" and
+  "signature_name"): answered with the predict response and the "model" and "version" that answered;
+  an error is answered, not raised, as TF Serving's error body with the HTTP status it would have:
+  {"error": ..., "status": 400}.
+- Keep-warm pings, an EventBridge scheduled event or {"kiln": "warm"}: {"warm": true, "ready": ...},
+  with no model work.
+- Anything else raises InvalidInput naming the events this handler takes.
+
+Observability: Powertools Logger (service "kiln"; runtime's own loggers write through it, and the
+Lambda request id is runtime.logs.request_id too), Metrics in CloudWatch's embedded metric format
+(namespace "Kiln", dimension "event_source": Requests, Predictions and Errors counting requests,
+records, items and objects; ScoredRows, WarmPings, FailedInvocations, and Powertools' ColdStart), and
+Tracer (X-Ray; off outside Lambda or with POWERTOOLS_TRACE_DISABLED; the `aws` extra installs its SDK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TypeVar
+from urllib.parse import unquote, unquote_plus
+
+import orjson
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import (BatchProcessor, EventType, SqsFifoPartialProcessor,
+                                                   process_partial_response)
+from aws_lambda_powertools.utilities.data_classes import (S3BatchOperationEvent, S3BatchOperationResponseRecord,
+                                                          S3Event, S3EventBridgeNotificationEvent)
+
+from runtime import logs, scoring
+from runtime.app import App, Exchange, Request, Response
+from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
+from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, Unsupported, status_of
+from runtime.settings import Settings
+from runtime.storage import KeyNotFound, Storage, open_storage
+
+SERVICE = "kiln"
+NAMESPACE = "Kiln"
+DEADLINE_MARGIN = 0.25  # seconds kept back from Lambda's deadline to send the answer
+PROTOCOL = "lambda"  # the protocol label of everything but HTTP events in Kiln's own metrics
+LOGGERS = {"runtime", "handlers", "kiln"}  # Kiln's loggers, written through Powertools' Logger
+# Failures that the same work will meet again: not retried (S3 Batch Operations: PermanentFailure).
+PERMANENT = (InvalidInput, NotFound, Unsupported, ConfigError, KeyNotFound)
+EXPECTED = ("an API Gateway (REST or HTTP API), function URL or ALB request; an SQS, Kinesis or S3 "
+            "notification batch (Records); an EventBridge S3 Object Created or Scheduled Event; an S3 "
+            "Batch Operations job (invocationSchemaVersion, tasks); a Step Functions item batch (Items); "
+            "a TF Serving predict body (instances or inputs); or {\"kiln\": \"warm\"}")
+T = TypeVar("T")
+
+
+def __getattr__(name: str):
+    """`handler`, built on first look-up: the Lambda runtime's, during the init phase."""
+    if name == "handler":
+        global handler
+        handler = build(os.environ).handler
+        return handler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build(environ: Mapping[str, str]) -> LambdaFunction:
+    """The function for this environment: settings checked, models loaded, ready for events."""
+    started = time.perf_counter()
+    settings = Settings.from_env(environ, batching_mode="fixed")
+    service = environ.get("POWERTOOLS_SERVICE_NAME") or SERVICE
+    logger = Logger(service=service, level=settings.log_level)
+    copy_config_to_registered_loggers(source_logger=logger, include=set(LOGGERS))
+    logging.getLogger(service).propagate = False  # once, through Powertools' handler, whatever else the root has
+    app = App.start(settings)
+    for name in app.repository.names():
+        if not app.repository.is_available(name):
+            logger.warning("model not available after init", extra={"model": name})
+    function = LambdaFunction(app, settings, logger,
+                              Metrics(namespace=environ.get("POWERTOOLS_METRICS_NAMESPACE") or NAMESPACE,
+                                      service=service),
+                              Tracer(service=service))
+    logger.info("initialized", extra={"models": app.repository.names(),
+                                      "init_seconds": round(time.perf_counter() - started, 3)})
+    return function
+
+
+@dataclass
+class Invocation:
+    """What one invocation is: its event's kind, deadline and Lambda context."""
+
+    kind: str
+    deadline: float | None
+    context: Any
+
+
+class LambdaFunction:
+    def __init__(self, app: App, settings: Settings, logger: Logger, metrics: Metrics, tracer: Tracer):
+        self.app = app
+        self.settings = settings
+        self.logger = logger
+        self.metrics = metrics
+        self.tracer = tracer
+        self.loop = asyncio.new_event_loop()
+        self._outputs: Storage | None = None
+        handle = tracer.capture_lambda_handler(self._handle, capture_response=False)
+        handle = metrics.log_metrics(handle, capture_cold_start_metric=True)
+        self.handler = logger.inject_lambda_context(handle, clear_state=True)
+        self.kinds: dict[str, Callable[[dict, Invocation], Any]] = {
+            "warm": self._warm, "http_v1": self._http, "http_v2": self._http, "alb": self._http,
+            "sqs": self._queue, "kinesis": self._queue, "s3": self._s3_event, "s3_eventbridge": self._s3_event,
+            "s3_batch": self._s3_batch, "items": self._items, "predict": self._direct}
+
+    def _handle(self, event: Any, context: Any) -> Any:
+        kind = event_kind(event)
+        self.logger.append_keys(event_source=kind)
+        self.metrics.add_dimension(name="event_source", value=kind)
+        self.tracer.put_annotation(key="event_source", value=kind)
+        token = logs.request_id.set(getattr(context, "aws_request_id", None) or logs.new_request_id())
+        try:
+            if kind == "unknown":
+                raise InvalidInput(f"unrecognized event: {_described(event)}; expected {EXPECTED}")
+            return self.kinds[kind](event, Invocation(kind, _deadline(context), context))
+        except BaseException:
+            self.metrics.add_metric(name="FailedInvocations", unit=MetricUnit.Count, value=1)
+            raise
+        finally:
+            logs.request_id.reset(token)
+
+    def run(self, work: Awaitable[T]) -> T:
+        """Run the invocation's async work on the function's own event loop."""
+        return self.loop.run_until_complete(work)
+
+    def _count(self, *, requests: int, predictions: int = 0, errors: int = 0) -> None:
+        """Requests (even none: the invocation's metrics are never empty), and those that succeeded
+        and failed."""
+        self.metrics.add_metric(name="Requests", unit=MetricUnit.Count, value=requests)
+        for name, value in (("Predictions", predictions), ("Errors", errors)):
+            if value:
+                self.metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+    # Keep-warm ----------------------------------------------------------------------------------
+
+    def _warm(self, event: dict, invocation: Invocation) -> dict:
+        self.metrics.add_metric(name="WarmPings", unit=MetricUnit.Count, value=1)
+        return {"warm": True, "ready": self.app.ready()}
+
+    # HTTP ---------------------------------------------------------------------------------------
+
+    def _http(self, event: dict, invocation: Invocation) -> dict:
+        request, refused = http_request(event, invocation.kind, invocation.deadline,
+                                        getattr(invocation.context, "aws_request_id", None))
+        response = self.run(self.app.handle(request, refused))
+        self._count(requests=1, predictions=int(request.method == "POST" and response.status < 400),
+                    errors=int(response.status >= 400))
+        return http_response(response, invocation.kind, event)
+
+    # Predict bodies: queue records, Step Functions items, direct invocations ----------------------
+
+    async def predict(self, body: bytes | str, deadline: float | None) -> dict:
+        """A TF Serving predict body's response, on the model its "model" key names (or
+        KILN_SCORE_MODEL's, or the only one), with "model" and "version" added."""
+        exchange = Exchange(PROTOCOL, api="predict", deadline=deadline)
+        status = "OK"
+        try:
+            signature_name, request = read_predict(body)
+            name = request.get("model", self.settings.score_model)
+            if name is not None and not isinstance(name, str):
+                raise InvalidInput("'model' must be a string naming the model")
+            with self.app.repository.handle(scoring.default_model(self.app, name)) as handle:
+                decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
+                outputs = await self.app.execute(handle, signature_name, decoded.inputs, exchange)
+                served = {"model": handle.name, "version": str(handle.version)}
+            return {**served, **orjson.loads(encode_predict(outputs, decoded.row_format))}
+        except BaseException as e:
+            status = status_of(e)[1] if isinstance(e, Exception) else "CANCELLED"
+            raise
+        finally:
+            self.app.finished(exchange, status, "lambda predict")
+
+    def _direct(self, event: dict, invocation: Invocation) -> dict:
+        try:
+            response = self.run(self.predict(orjson.dumps(event), invocation.deadline))
+        except KilnError as e:
+            self._count(requests=1, errors=1)
+            return {"error": str(e), "status": status_of(e)[0]}
+        except Exception:  # a bug: the caller gets a plain 500, the log gets the traceback
+            self.logger.exception("internal error serving a direct invocation")
+            self._count(requests=1, errors=1)
+            return {"error": "internal error", "status": 500}
+        self._count(requests=1, predictions=1)
+        return response
+
+    def _items(self, event: dict, invocation: Invocation) -> dict:
+        items = event["Items"]
+        defaults = event.get("BatchInput") or {}
+        if not isinstance(defaults, dict):
+            raise InvalidInput(f"BatchInput must be an object, got {type(defaults).__name__}")
+        defaults = {key: defaults[key] for key in ("model", "signature_name") if key in defaults}
+        bodies = [item if _is_predict_body(item) else {"instances": [item]} for item in items]
+        results = self.run(_gather(self.predict(orjson.dumps({**defaults, **body}), invocation.deadline)
+                                   for body in bodies))
+        failures = [(index, result) for index, result in enumerate(results) if isinstance(result, BaseException)]
+        self._count(requests=len(items), predictions=len(items) - len(failures), errors=len(failures))
+        if failures:
+            first = failures[0][1]
+            detail = "; ".join(f"item {index}: {error}" for index, error in failures[:10])
+            if not isinstance(first, KilnError):
+                raise first
+            raise type(first)(f"{len(failures)} of {len(items)} items failed: {detail}")
+        return {"predictions": [result if _is_predict_body(item) else _only_prediction(result)
+                                for item, result in zip(items, results)]}
+
+    def _queue(self, event: dict, invocation: Invocation) -> dict:
+        """An SQS or Kinesis batch: every record predicted at once, its predictions written to the
+        output prefix, the failed ones reported for Lambda to retry."""
+        outputs = self._output_storage(invocation.kind)
+        records = event["Records"]
+        results = self.run(_gather(self._record(record, invocation, outputs) for record in records))
+        outcomes = {_record_id(record): result for record, result in zip(records, results)}
+        for record_id, outcome in outcomes.items():
+            if isinstance(outcome, KilnError):
+                self.logger.warning("record failed", extra={"record": record_id, "error": str(outcome)})
+            elif isinstance(outcome, BaseException):
+                self.logger.error("record failed", extra={"record": record_id}, exc_info=outcome)
+        failed = sum(isinstance(outcome, BaseException) for outcome in outcomes.values())
+        self._count(requests=len(records), predictions=len(records) - failed, errors=failed)
+
+        def record_handler(record) -> Any:  # Powertools' record: its outcome, computed above
+            outcome = outcomes[_record_id(record.raw_event)]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return process_partial_response(event=event, record_handler=record_handler,
+                                        processor=_processor(invocation.kind, records), context=invocation.context)
+
+    async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> str:
+        if invocation.kind == "sqs":
+            body = record["body"]
+            key = f"sqs/{_source_name(record['eventSourceARN'])}/{record['messageId']}.json"
+        else:
+            body = base64.b64decode(record["kinesis"]["data"])
+            shard, _, sequence = record["eventID"].partition(":")
+            key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}.json"
+        response = await self.predict(body, invocation.deadline)
+        await asyncio.to_thread(outputs.write_bytes, key, orjson.dumps({"id": _record_id(record), **response}))
+        return f"{outputs.url}/{key}"
+
+    def _output_storage(self, kind: str) -> Storage:
+        if self.settings.output_prefix is None:
+            raise ConfigError(f"KILN_OUTPUT_PREFIX is not set: {kind} events write their results under it "
+                              f"(s3://bucket/prefix or a path)")
+        if self._outputs is None:
+            self._outputs = open_storage(self.settings.output_prefix)
+        return self._outputs
+
+    # S3 objects ---------------------------------------------------------------------------------
+
+    def _score_all(self, objects: list[tuple[str, str]], invocation: Invocation) -> list:
+        """Every object scored at once by runtime.scoring (one already scored, or under the output
+        prefix, is skipped); each one's ScoreResult or exception, in order."""
+        self._output_storage(invocation.kind)
+        results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", self.settings.output_prefix,
+                                                        model=self.settings.score_model) for bucket, key in objects))
+        failed = [result for result in results if isinstance(result, BaseException)]
+        rows = sum(result.rows for result in results if isinstance(result, scoring.ScoreResult))
+        self._count(requests=len(objects), predictions=len(objects) - len(failed), errors=len(failed))
+        self.metrics.add_metric(name="ScoredRows", unit=MetricUnit.Count, value=rows)
+        for (bucket, key), result in zip(objects, results):
+            if isinstance(result, BaseException):
+                self.logger.warning("scoring failed", extra={"source": f"s3://{bucket}/{key}", "error": str(result)},
+                                    exc_info=None if isinstance(result, KilnError) else result)
+            else:
+                self.logger.info("scored", extra={"source": result.source, "output": result.output,
+                                                  "rows": result.rows, "skipped": result.skipped,
+                                                  "errors": result.errors})
+        return results
+
+    def _s3_event(self, event: dict, invocation: Invocation) -> dict:
+        if invocation.kind == "s3_eventbridge":
+            detail = S3EventBridgeNotificationEvent(event).detail
+            objects = [(detail.bucket.name, detail.object.key)]
+        else:
+            # Notifications URL-encode keys ("a b.csv" is "a+b.csv"); Powertools' EventBridge detail decodes.
+            objects = [(record.s3.bucket.name, unquote_plus(record.s3.get_object.key))
+                       for record in S3Event(event).records if record.event_name.startswith("ObjectCreated:")]
+        results = self._score_all(objects, invocation)
+        transient = [result for result in results if isinstance(result, BaseException) and not _permanent(result)]
+        if transient:  # Lambda retries the event; what was scored is skipped then
+            raise transient[0]
+        return {"results": [_result_dict(f"s3://{bucket}/{key}", result)
+                            for (bucket, key), result in zip(objects, results)]}
+
+    def _s3_batch(self, event: dict, invocation: Invocation) -> dict:
+        batch = S3BatchOperationEvent(event)
+        tasks = list(batch.tasks)
+        results = self._score_all([(task.s3_bucket, task.s3_key) for task in tasks], invocation)
+        return {"invocationSchemaVersion": batch.invocation_schema_version,
+                "treatMissingKeysAs": "PermanentFailure",
+                "invocationId": batch.invocation_id,
+                "results": [_task_result(task.task_id, result).asdict() for task, result in zip(tasks, results)]}
+
+
+def event_kind(event: Any) -> str:
+    """Which kind of event this is, by its shape; "unknown" for anything this handler does not take."""
+    if not isinstance(event, dict):
+        return "unknown"
+    records = event.get("Records")
+    if isinstance(records, list) and records and isinstance(records[0], dict):
+        return {"aws:sqs": "sqs", "aws:kinesis": "kinesis", "aws:s3": "s3"}.get(records[0].get("eventSource"),
+                                                                              "unknown")
+    if event.get("kiln") == "warm" or (event.get("source") == "aws.events"
+                                       and event.get("detail-type") == "Scheduled Event"):
+        return "warm"
+    if event.get("source") == "aws.s3" and event.get("detail-type") == "Object Created":
+        return "s3_eventbridge"
+    if "invocationSchemaVersion" in event and isinstance(event.get("tasks"), list):
+        return "s3_batch"
+    context = event.get("requestContext")
+    if isinstance(context, dict):
+        if "elb" in context:
+            return "alb"
+        if event.get("version") == "2.0" and "rawPath" in event:
+            return "http_v2"  # HTTP API payload 2.0, and function URLs
+        if "httpMethod" in event:
+            return "http_v1"  # REST API, and HTTP API payload 1.0
+    if isinstance(event.get("Items"), list):
+        return "items"
+    if _is_predict_body(event):
+        return "predict"
+    return "unknown"
+
+
+def http_request(event: dict, kind: str, deadline: float | None,
+                 request_id: str | None) -> tuple[Request, InvalidInput | None]:
+    """The core's request for an API Gateway, function URL or ALB event, and why it cannot be
+    taken (a body that is not the base64 the event says it is), if it cannot."""
+    if kind == "http_v2":
+        context = event["requestContext"]
+        method, path = context["http"]["method"], event["rawPath"]
+        stage = context.get("stage")
+        if stage and stage != "$default" and path.startswith(f"/{stage}/"):
+            path = path[len(stage) + 1:]
+        headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+        if event.get("cookies"):
+            headers["cookie"] = "; ".join(event["cookies"])
+    else:
+        method, path = event["httpMethod"], event["path"]
+        multi = event.get("multiValueHeaders")
+        headers = ({name.lower(): ", ".join(values) for name, values in multi.items() if values} if multi else
+                   {name.lower(): value for name, value in (event.get("headers") or {}).items()})
+    body, refused = event.get("body") or "", None
+    try:
+        body = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode()
+    except ValueError:
+        body, refused = b"", InvalidInput("the request body is marked base64-encoded, and is not valid base64")
+    if request_id and "x-request-id" not in headers:
+        headers["x-request-id"] = request_id
+    return Request(method.upper(), unquote(path), headers, body, deadline), refused
+
+
+def http_response(response: Response, kind: str, event: dict) -> dict:
+    """The event type's answer: API Gateway's and function URLs' proxy response, or ALB's."""
+    content_type = next((value for name, value in response.headers.items() if name.lower() == "content-type"), "")
+    text = content_type.startswith("text/") or "json" in content_type
+    try:
+        body = response.body.decode() if text else None
+    except UnicodeDecodeError:
+        body = None
+    answer: dict[str, Any] = {"statusCode": response.status, "headers": dict(response.headers),
+                              "body": body if body is not None else base64.b64encode(response.body).decode(),
+                              "isBase64Encoded": body is None}
+    if kind == "alb":
+        answer["statusDescription"] = f"{response.status} {HTTPStatus(response.status).phrase}"
+        if event.get("multiValueHeaders") is not None:  # the target group's multi-value headers are on
+            answer["multiValueHeaders"] = {name: [value] for name, value in answer.pop("headers").items()}
+    return answer
+
+
+def _deadline(context: Any) -> float | None:
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return None
+    return time.monotonic() + remaining() / 1e3 - DEADLINE_MARGIN
+
+
+async def _gather(works) -> list:
+    """Every work's result or exception, in order; all started in one event-loop step."""
+    return await asyncio.gather(*works, return_exceptions=True)
+
+
+def _is_predict_body(value: Any) -> bool:
+    return isinstance(value, dict) and ("instances" in value or "inputs" in value)
+
+
+def _only_prediction(response: dict) -> Any:
+    return response["predictions"][0]
+
+
+def _described(event: Any) -> str:
+    if not isinstance(event, dict):
+        kinds = {str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
+        return f"a JSON {kinds.get(type(event), type(event).__name__)}, not an object"
+    keys = sorted(map(str, event))
+    return f"an object with keys {', '.join(keys[:12])}{', ...' if len(keys) > 12 else ''}" if keys else "{}"
+
+
+def _record_id(record: dict) -> str:
+    return record["messageId"] if "messageId" in record else record["eventID"]
+
+
+def _source_name(arn: str) -> str:
+    """A queue's or stream's name from its ARN (arn:aws:sqs:REGION:ACCOUNT:NAME, ...:stream/NAME)."""
+    return arn.rpartition(":")[2].rpartition("/")[2]
+
+
+def _processor(kind: str, records: list[dict]):
+    """Powertools' batch processor for the event; it reports every failed record, never raising
+    for a batch that failed whole (that is reported the same way)."""
+    if kind == "sqs" and records[0].get("eventSourceARN", "").endswith(".fifo"):
+        processor = SqsFifoPartialProcessor(skip_group_on_error=True)
+    else:
+        processor = BatchProcessor(EventType.SQS if kind == "sqs" else EventType.KinesisDataStreams)
+    processor.raise_on_entire_batch_failure = False
+    return processor
+
+
+def _permanent(error: BaseException) -> bool:
+    return isinstance(error, PERMANENT)
+
+
+def _result_dict(source: str, result: Any) -> dict:
+    if isinstance(result, BaseException):
+        return {"source": source, "error": str(result) if isinstance(result, KilnError) else "internal error",
+                "status": status_of(result)[0]}
+    return {"source": result.source, "output": result.output, "rows": result.rows, "skipped": result.skipped,
+            "errors": result.errors}
+
+
+def _task_result(task_id: str, result: Any) -> S3BatchOperationResponseRecord:
+    if isinstance(result, BaseException):
+        code = "PermanentFailure" if _permanent(result) else "TemporaryFailure"
+        message = str(result) if isinstance(result, KilnError) else f"internal error: {type(result).__name__}"
+        return S3BatchOperationResponseRecord(task_id, code, message)
+    if result.skipped and not result.output:
+        return S3BatchOperationResponseRecord(task_id, "Succeeded", "not scored: the object is under the output prefix")
+    what = "already scored" if result.skipped else f"scored {result.rows} rows"
+    return S3BatchOperationResponseRecord(task_id, "Succeeded", f"{what} into {result.output}")
