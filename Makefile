@@ -7,6 +7,8 @@ PROTOS := $(shell find runtime/protos -name '*.proto')
 # Install, then generate the protobuf modules (runtime/protos/generated/, a build output): again
 # whenever a .proto file or the generator changes.
 $(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
+	# Debian's redis-server: the session store's tests run a real one.
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev]'
 	# Test client only; it asks for the full tensorflow package, which tensorflow-cpu provides.
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps 'tensorflow-serving-api==2.21.*'
