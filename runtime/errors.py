@@ -59,11 +59,46 @@ class ConfigError(KilnError):
     """A model configuration (flags, models.config, YAML or JSON) that cannot be used as written."""
 
 
+class StoreUnavailable(StorageError):
+    """A session store that cannot be reached or does not answer in time; nothing was read or used."""
+
+
+class SessionConflict(KilnError):
+    """A session advanced by another request while this one worked from an older version of it:
+    this request's state was not stored (exactly one of two concurrent writers wins)."""
+
+
+class SessionLost(KilnError):
+    """A session whose stored state cannot be used. `version` is the version to save a rebuilt
+    state over; `history` its token history (a numpy array) when one is kept, else None."""
+
+    def __init__(self, message: str, *, version: int = 0, history=None):
+        super().__init__(message)
+        self.version = version
+        self.history = history
+
+
+class SessionNotFound(SessionLost):
+    """A session with no state stored: never saved, deleted, or expired."""
+
+
+class SessionCorrupt(SessionLost):
+    """A session whose stored state fails its checks (header, checksum, a missing part); never used."""
+
+
+class SessionStale(SessionLost):
+    """A session whose state was saved by another servable version than the one asked for."""
+
+
 # (HTTP status, gRPC status code name), most specific class first.
 STATUSES: list[tuple[type[KilnError], int, str]] = [
     (BodyTooLarge, 413, "INVALID_ARGUMENT"),
     (InvalidInput, 400, "INVALID_ARGUMENT"),
     (ConfigError, 400, "INVALID_ARGUMENT"),
+    (SessionConflict, 409, "ABORTED"),
+    (SessionNotFound, 404, "NOT_FOUND"),
+    (SessionStale, 412, "FAILED_PRECONDITION"),
+    (SessionCorrupt, 500, "DATA_LOSS"),
     (Unauthenticated, 401, "UNAUTHENTICATED"),
     (PermissionDenied, 403, "PERMISSION_DENIED"),
     (NotFound, 404, "NOT_FOUND"),
