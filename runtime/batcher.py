@@ -9,10 +9,11 @@ pads it to its bucket, and each caller gets exactly its own rows back.
 
 When a batch goes (runtime.batching has the modes): at once when it is full or in `fixed` mode
 with no timeout; in `fixed` mode when its oldest request has waited batch_timeout_micros; in
-`adaptive` mode while a worker is free, only as long as waiting pays off: the bucket the queued rows
-would be padded to has free slots, the arrival rate learned so far fills them sooner than one
-execution of that bucket takes (learned per bucket as batches run), the timeout has not passed,
-and no queued request's deadline would be missed by waiting and then running. Up to
+`adaptive` mode while a worker is free, only as long as waiting pays off: the arrival rate learned
+so far would bring the rows of the next size up (the free slots of the bucket the queued rows would
+be padded to, or the next bucket) sooner than one execution of that size comes back (its round
+trip, learned per size as batches run), the timeout has not passed, and no queued request's
+deadline would be missed by waiting and then running. Up to
 num_batch_threads batches of a queue run at once, in the event loop's thread pool.
 
 Back-pressure: a queue holding max_enqueued_batches batches' worth of rows refuses new requests at
@@ -184,14 +185,16 @@ class _Queue:
         latest = oldest + self.parameters.timeout_seconds
         if mode == "fixed":
             return latest
-        size = next(s for s in self.sizes if s >= self.rows)
-        free = size - self.rows
+        # The next size up: the free slots of the bucket the rows would be padded to, or for a full
+        # bucket the next one's. Worth waiting for while the rows to fill it would arrive before one
+        # execution of it could even come back (they would otherwise wait for a batch of their own).
+        size = next(s for s in self.sizes if s > self.rows)
         execution = self._execution_estimate(size)
         rate = self._arrival_rate(now)
-        if free == 0 or execution is None or not rate:
+        if execution is None or not rate:
             return now
-        fill = free / rate
-        if fill > execution:  # the slots would fill slower than a whole execution: go now
+        fill = (size - self.rows) / rate
+        if fill > execution:
             return now
         deadlines = [r.deadline - execution for r in self.waiting if r.deadline is not None]
         return min([now + fill, latest, *deadlines])
@@ -238,12 +241,13 @@ class _Queue:
     def _dispatch(self, batch: list[_Request]) -> None:
         self.running += 1
         loop = asyncio.get_running_loop()
+        dispatched = time.monotonic()
         work = loop.run_in_executor(None, self._execute, batch)
-        work.add_done_callback(lambda done: self._answer(batch, done))
+        work.add_done_callback(lambda done: self._answer(batch, done, dispatched))
 
-    def _execute(self, batch: list[_Request]) -> tuple[list, float]:
-        """In a worker thread: the batch's outputs for each request (or its error), and the
-        seconds the merged run took (0 when it was rerun request by request)."""
+    def _execute(self, batch: list[_Request]) -> tuple[list, bool]:
+        """In a worker thread: the batch's outputs for each request (or its error), and whether
+        it ran as one execution of one bucket (so its time says what that bucket costs)."""
         engine = self.handle.engine
         rows = sum(r.rows for r in batch)
         try:
@@ -252,15 +256,15 @@ class _Queue:
             elapsed = time.perf_counter() - started
         except Exception as e:
             if len(batch) == 1:
-                return [e], 0.0
-            return [self._run_alone(request) for request in batch], 0.0
+                return [e], False
+            return [self._run_alone(request) for request in batch], False
         self.batcher.metrics.batch_size.labels(*self.labels).observe(rows)
         self.batcher.metrics.execution.labels(*self.labels).observe(elapsed)
         results, start = [], 0
         for request in batch:
             results.append({name: array[start:start + request.rows] for name, array in outputs.items()})
             start += request.rows
-        return results, elapsed if rows <= self.dispatch_size else 0.0
+        return results, rows <= self.dispatch_size
 
     def _run_alone(self, request: _Request):
         try:
@@ -279,14 +283,17 @@ class _Queue:
             merged[name] = np.concatenate(arrays)
         return merged
 
-    def _answer(self, batch: list[_Request], done: asyncio.Future) -> None:
-        """On the event loop: hand each caller its result, learn the execution time, look again."""
+    def _answer(self, batch: list[_Request], done: asyncio.Future, dispatched: float) -> None:
+        """On the event loop: hand each caller its result, learn the bucket's round trip (dispatch
+        to answer: the run, and what handing it to a thread and back costs on a busy server),
+        look again."""
         self.running -= 1
         try:
-            results, elapsed = done.result()
+            results, one_run = done.result()
         except Exception as e:  # _execute catches the model's errors; this is a bug
-            results, elapsed = [e] * len(batch), 0.0
-        if elapsed:
+            results, one_run = [e] * len(batch), False
+        if one_run:
+            elapsed = time.monotonic() - dispatched
             size = next((s for s in self.sizes if s >= sum(r.rows for r in batch)), self.dispatch_size)
             previous = self.execution.get(size)
             self.execution[size] = elapsed if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * elapsed

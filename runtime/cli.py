@@ -189,6 +189,9 @@ def _predict(args) -> int:
 
 
 def _serve(args) -> int:
+    import importlib
+    import threading
+
     from handlers.local import serve
     from runtime import logs
     from runtime.app import App
@@ -200,7 +203,13 @@ def _serve(args) -> int:
              "enable_large_batch_splitting")
     settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
     logs.configure(settings.log_level)
+    # The servers' modules import while the models load: importing holds the interpreter lock, but
+    # loading mostly does not (hashing, dlopen, the compiled code of the warm-up).
+    servers = ["uvicorn", "uvloop", "handlers.grpc_server"] if args.grpc_port else ["uvicorn", "uvloop"]
+    preload = threading.Thread(target=lambda: [importlib.import_module(name) for name in servers], daemon=True)
+    preload.start()
     app = App.start(settings)
+    preload.join()
     try:
         serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None)
     finally:
