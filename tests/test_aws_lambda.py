@@ -9,6 +9,7 @@ import base64
 import copy
 import io
 import json
+import logging
 import struct
 import uuid
 from urllib.parse import quote_plus
@@ -53,6 +54,18 @@ def event(name: str) -> dict:
 @pytest.fixture(scope="module")
 def served(examples, tmp_path_factory) -> Path:
     return install_examples(examples, tmp_path_factory.mktemp("lambda-models"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_logging():
+    """The handler routes Kiln's loggers through Powertools, as it must in Lambda; the other test
+    modules of this process get them back as they were."""
+    saved = {name: (logger.handlers[:], logger.propagate, logger.level)
+             for name in aws_lambda.LOGGERS | {aws_lambda.SERVICE} for logger in [logging.getLogger(name)]}
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate, logger.level = handlers, propagate, level
 
 
 def build(environ: dict) -> aws_lambda.LambdaFunction:
