@@ -1,6 +1,6 @@
 """Build the example SavedModels and compile each into a servable repository OUT_DIR/NAME/1.
 
-    python examples/build.py OUT_DIR [--models digits,half_plus_two,mobilenet_v2]
+    python examples/build.py OUT_DIR [--models digits,half_plus_two,mobilenet_v2,tiny_lm]
                                      [--batch-sizes 1,2,4,8,16,32]
 
 Training and XLA compiles take minutes, so each example's SavedModel and servable are cached under
@@ -38,12 +38,14 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/warmup.py", "runtime/engines/saved_model.py",
               "runtime/engines/base.py")
 KEEP_ENTRIES = 2  # per example: the newest, and one more for switching back and forth
-# Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`,
-# and these are the files (under examples/) that it is built from.
+# Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`
+# (and whose COMPILE_OPTIONS, if any, are more arguments of compile_servable: a stateful model's
+# state pairing), and these are the files (under examples/) that it is built from.
 SOURCES: dict[str, tuple[str, ...]] = {
     "digits": ("digits.py", "keras_export.py"),
     "half_plus_two": ("half_plus_two.py",),
     "mobilenet_v2": ("mobilenet_v2.py", "keras_export.py"),
+    "tiny_lm": ("tiny_lm.py",),
 }
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 VERSION = 1
@@ -119,11 +121,13 @@ def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
     try:
         started = time.perf_counter()
-        importlib.import_module(f"examples.{name}").save(staging / "saved_model", log)
+        example = importlib.import_module(f"examples.{name}")
+        example.save(staging / "saved_model", log)
         log(f"{name}: SavedModel exported ({time.perf_counter() - started:.1f} s)")
         started = time.perf_counter()
         compile_servable(staging / "saved_model", staging / "servable", name=name, version=VERSION,
-                         batch_sizes=batch_sizes, log=lambda message: log(f"{name}: {message}"))
+                         batch_sizes=batch_sizes, log=lambda message: log(f"{name}: {message}"),
+                         **getattr(example, "COMPILE_OPTIONS", {}))
         log(f"{name}: compiled for batch sizes {list(batch_sizes)} ({time.perf_counter() - started:.1f} s)")
         staging.rename(entry)
     except BaseException:

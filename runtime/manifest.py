@@ -2,6 +2,21 @@
 
 A servable is a directory BASE/NAME/VERSION/ with manifest.json and its artifacts. The manifest is
 written last, so a directory without one is not (yet) a servable.
+
+Stateful signatures (format version 1, optional fields; `kiln compile --state`, `--state-capacity`).
+A signature's `state` maps each state input to the output that is fed back into it on the next call
+of the same session (an RNN's hidden state, a transformer's K/V cache and its position): a request
+names a session, its state inputs are loaded from the session store (zeros for a new session), the
+request supplies the other inputs, and the paired outputs are saved as the session's new state.
+A pair has the same dtype and shape, batch dimension included, so in a batch each row is a session.
+A session's state is stored by input name: signatures that share sessions (a prefill, then decode
+steps) name their state inputs alike, and the manifest requires those to agree in dtype and shape.
+`position`, when set, names the state input that counts the tokens the state holds (integer, one
+per row) and the most it can hold: a call whose paired output exceeds `capacity` overflowed the
+state, and its results must be refused rather than saved. Stateless signatures have `state` {} and
+`position` null, and leave both out of manifest.json, which then reads as before: servables
+compiled before these fields existed load unchanged, and stateless ones compiled now load in a Kiln
+that predates them.
 """
 
 from __future__ import annotations
@@ -9,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer,
+                      model_validator)
 
 from runtime.errors import ServableError
 
@@ -37,6 +54,13 @@ class TensorSpec(Model):
     shape: tuple[int | None, ...] = Field(description="None where any size is accepted")
 
 
+class Position(Model):
+    """The state input counting the tokens a session's state holds, and the most it can hold."""
+
+    input: str
+    capacity: int = Field(ge=1)
+
+
 class Signature(Model):
     """One callable entry point, TensorFlow Serving's SignatureDef as Kiln runs it.
 
@@ -52,12 +76,27 @@ class Signature(Model):
     libraries: dict[int, str] = Field(default_factory=dict, description="bucket -> library (xla-aot)")
     reason: str = Field("", description="why this signature is not ahead-of-time compiled")
     jit: bool = Field(False, description="saved-model: runs under XLA JIT from the prebuilt cache")
+    state: dict[str, str] = Field(default_factory=dict, description="state input -> the output fed back into it")
+    position: Position | None = Field(None, description="the state input counting tokens held, and its capacity")
 
     @model_validator(mode="after")
     def _libraries_match_engine(self) -> Signature:
         if self.engine == "xla-aot" and not self.libraries:
             raise ValueError("an xla-aot signature needs a library for each bucket")
         return self
+
+    @model_serializer(mode="wrap")
+    def _stateless_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A stateless signature is written without the state fields, as before they existed."""
+        data = handler(self)
+        if not self.state and self.position is None:
+            data.pop("state", None)
+            data.pop("position", None)
+        return data
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.state)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
@@ -95,6 +134,9 @@ class Manifest(Model):
             raise ValueError(f"engine is '{self.engine}' but its signatures make it '{expected}'")
         if list(self.batch_sizes) != sorted(set(self.batch_sizes)) or min(self.batch_sizes, default=0) < 1:
             raise ValueError(f"batch_sizes must be positive and increasing, got {list(self.batch_sizes)}")
+        problems = state_problems(self.signatures)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def to_json(self) -> bytes:
@@ -105,6 +147,63 @@ class Manifest(Model):
         tmp = directory / f".{MANIFEST_FILE}.tmp"
         tmp.write_bytes(self.to_json())
         tmp.replace(directory / MANIFEST_FILE)
+
+
+class Stateful(Protocol):
+    """What the state checks read of a signature (a manifest's, or the compiler's before it has one)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    state: Mapping[str, str]
+    position: Position | None
+
+
+def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
+    """Everything wrong with the signatures' state pairings and positions, each naming its signature."""
+    problems = []
+    shared: dict[str, tuple[str, TensorSpec]] = {}  # state input -> the first signature declaring it
+    capacities: dict[str, tuple[str, int]] = {}  # position input -> the first signature declaring it
+    for key, signature in signatures.items():
+        inputs = {spec.name: spec for spec in signature.inputs}
+        outputs = {spec.name: spec for spec in signature.outputs}
+        fed: dict[str, str] = {}
+        for name, output in signature.state.items():
+            pair = f"signature '{key}': state {name}={output}"
+            if name not in inputs:
+                problems.append(f"{pair}: '{name}' is not an input; the inputs are {', '.join(inputs) or 'none'}")
+            elif output not in outputs:
+                problems.append(f"{pair}: '{output}' is not an output; the outputs are {', '.join(outputs) or 'none'}")
+            elif output in fed:
+                problems.append(f"{pair}: output '{output}' is already fed back into input '{fed[output]}'")
+            elif (inputs[name].dtype, inputs[name].shape) != (outputs[output].dtype, outputs[output].shape):
+                problems.append(f"{pair}: the input is {_describe(inputs[name])} but the output is "
+                                f"{_describe(outputs[output])}; state must keep its dtype and shape, batch "
+                                f"dimension included")
+            else:
+                fed[output] = name
+                first = shared.setdefault(name, (key, inputs[name]))
+                if (first[1].dtype, first[1].shape) != (inputs[name].dtype, inputs[name].shape):
+                    problems.append(f"signature '{key}': state input '{name}' is {_describe(inputs[name])} but "
+                                    f"signature '{first[0]}' has it as {_describe(first[1])}; sessions keep state "
+                                    f"by input name, so signatures must agree on it")
+        position = signature.position
+        if position is not None:
+            spec = inputs.get(position.input)
+            if position.input not in signature.state:
+                problems.append(f"signature '{key}': position input '{position.input}' is not one of its state "
+                                f"inputs ({', '.join(signature.state) or 'none'})")
+            elif spec is not None and (spec.dtype not in ("int32", "int64") or len(spec.shape) > 1):
+                problems.append(f"signature '{key}': position input '{position.input}' is {_describe(spec)}; a "
+                                f"position is an int32 or int64 count, one per row")
+            first_capacity = capacities.setdefault(position.input, (key, position.capacity))
+            if first_capacity[1] != position.capacity:
+                problems.append(f"signature '{key}': position '{position.input}' has capacity {position.capacity} "
+                                f"but signature '{first_capacity[0]}' gives it {first_capacity[1]}")
+    return problems
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.dtype}{show_shape(spec.shape)}"
 
 
 def show_shape(shape) -> str:

@@ -29,6 +29,10 @@ def render(manifest: Manifest) -> str:
     for key, sig in manifest.signatures.items():
         if sig.reason:
             lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")
+        if sig.state:
+            pairs = ", ".join(f"{name} <- {output}" for name, output in sig.state.items())
+            held = f"; {sig.position.input} counts tokens, at most {sig.position.capacity}" if sig.position else ""
+            lines.append(f"  {key}: state {pairs}{held}")
     return "\n".join(lines)
 
 

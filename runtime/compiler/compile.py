@@ -2,8 +2,10 @@
 
 Every selected signature is compiled ahead of time for every bucket, or, when XLA AOT cannot take
 it, packaged for the saved-model engine with its XLA compilations prebuilt (never dropped: with
---engine xla-aot such a signature is an error naming it and the reason). The servable is built in a
-staging directory and moved into place whole, manifest last.
+--engine xla-aot such a signature is an error naming it and the reason). Stateful signatures are
+declared here (--state, --state-capacity), checked against the signatures before anything compiles,
+and recorded in the manifest. The servable is built in a staging directory and moved into place
+whole, manifest last.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -25,7 +29,7 @@ from runtime.compiler.target import resolve_target
 from runtime.compiler.toolchain import Toolchain
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
-from runtime.manifest import Manifest, Signature, describe_files
+from runtime.manifest import Manifest, Position, Signature, describe_files, state_problems
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -44,8 +48,16 @@ def compile_servable(
     engine: EngineChoice = "auto",
     tags: str = "serve",
     multithreading: bool = True,
+    state: Mapping[str, Mapping[str, str]] | None = None,
+    positions: Mapping[str, tuple[str, int]] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
+    """Compile the SavedModel's signatures into a servable at `out`; see the module's documentation.
+
+    `state` declares stateful signatures, {signature: {state input: the output fed back into it}},
+    and `positions` {signature: (position input, capacity)} the state input that counts the tokens
+    a session holds (runtime/manifest.py has the rules); both are checked before anything compiles.
+    """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
     batch_sizes = tuple(sorted(set(batch_sizes)))
@@ -55,7 +67,8 @@ def compile_servable(
     import tensorflow as tf
 
     target = resolve_target(target_cpu)
-    infos = _select(read_signatures(saved_model, tags), signatures, saved_model)
+    infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
+                           state or {}, positions or {})
     reasons = {key: ("built with --engine saved-model" if engine == "saved-model" else info.aot_obstacle())
                for key, info in infos.items()}
     _refuse_if_forced(engine, reasons)
@@ -74,7 +87,8 @@ def compile_servable(
             signatures={key: Signature(
                 method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
                 engine="saved-model" if reasons[key] else "xla-aot",
-                libraries=libraries.get(key, {}), reason=reasons[key])
+                libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
+                position=info.position)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
         if fallback:
@@ -118,6 +132,57 @@ def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_mod
         raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has "
                            f"{', '.join(infos)}")
     return {key: infos[key] for key in wanted}
+
+
+def _declare_state(infos: dict[str, SignatureInfo], state: Mapping[str, Mapping[str, str]],
+                   positions: Mapping[str, tuple[str, int]]) -> dict[str, SignatureInfo]:
+    for option, named in (("--state", state), ("--state-capacity", positions)):
+        unknown = [key for key in named if key not in infos]
+        if unknown:
+            raise CompileError(f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
+                               f"the signatures are {', '.join(infos)}")
+    for key, (name, capacity) in positions.items():
+        if type(capacity) is not int or capacity < 1:
+            raise CompileError(f"--state-capacity for {key}:{name} must be a positive number of tokens, "
+                               f"got {capacity!r}")
+    declared = {key: replace(info, state=dict(state.get(key, {})),
+                             position=Position(input=positions[key][0], capacity=positions[key][1])
+                             if key in positions else None)
+                for key, info in infos.items()}
+    problems = state_problems(declared)
+    if problems:
+        raise CompileError("the state declared does not fit the signatures: " + "; ".join(problems))
+    return declared
+
+
+def parse_state(text: str) -> dict[str, dict[str, str]]:
+    """`kiln compile --state SIGNATURE:INPUT=OUTPUT[,...]` as {signature: {input: output}}."""
+    state: dict[str, dict[str, str]] = {}
+    for key, name, output in _declarations(text, "--state", "SIGNATURE:INPUT=OUTPUT"):
+        if name in state.setdefault(key, {}):
+            raise CompileError(f"--state pairs input '{name}' of signature '{key}' twice")
+        state[key][name] = output
+    return state
+
+
+def parse_capacities(text: str) -> dict[str, tuple[str, int]]:
+    """`kiln compile --state-capacity SIGNATURE:INPUT=TOKENS[,...]` as {signature: (input, tokens)}."""
+    positions: dict[str, tuple[str, int]] = {}
+    for key, name, tokens in _declarations(text, "--state-capacity", "SIGNATURE:INPUT=TOKENS"):
+        if key in positions:
+            raise CompileError(f"--state-capacity names two positions for signature '{key}'")
+        positions[key] = (name, int(tokens) if tokens.isdigit() else tokens)  # compile_servable checks it
+    return positions
+
+
+def _declarations(text: str, option: str, form: str) -> Iterator[tuple[str, str, str]]:
+    """(signature, input, value) for each comma-separated SIGNATURE:INPUT=VALUE."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        head, equals, value = item.partition("=")
+        key, colon, name = head.rpartition(":")
+        if not (equals and colon and key.strip() and name.strip() and value.strip()):
+            raise CompileError(f"{option} takes {form}[,...]; '{item}' is not of that form")
+        yield key.strip(), name.strip(), value.strip()
 
 
 def _refuse_if_forced(engine: EngineChoice, reasons: dict[str, str]) -> None:

@@ -7,11 +7,12 @@ batch fixed, so the compiled code is the user's own graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import CompileError
-from runtime.manifest import TensorSpec, show_shape
+from runtime.manifest import Position, TensorSpec, show_shape
 
 AOT_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
               "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"}
@@ -23,6 +24,9 @@ class SignatureInfo:
     method: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Declared at compile time (kiln compile --state, --state-capacity), not read from the SavedModel.
+    state: Mapping[str, str] = field(default_factory=dict)
+    position: Position | None = None
 
     @property
     def batched(self) -> bool:
