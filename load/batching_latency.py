@@ -40,7 +40,6 @@ from common import HttpConnection, ServerError, example_servables, kiln_serve, p
 MODEL, KEY = "digits", "serving_default"
 PATH = f"/v1/models/{MODEL}:predict"
 MODES = ("off", "fixed", "adaptive")
-MAX_CONNECTIONS = 1024
 
 
 def engine_best(servable: str, seconds: float) -> dict:
@@ -103,16 +102,20 @@ async def closed_loop(port: int, body: bytes, callers: int, seconds: float) -> f
             connection.close()
 
 
-async def open_loop(port: int, body: bytes, rate: float, seconds: float, seed: int) -> dict:
-    """Poisson arrivals at `rate` per second for `seconds`; each request takes an idle keep-alive
-    connection (or opens one). Latency runs from the scheduled arrival."""
+async def open_loop(port: int, body: bytes, rate: float, seconds: float, seed: int, connections: int) -> dict:
+    """Poisson arrivals at `rate` per second for `seconds`, over at most `connections` keep-alive
+    connections (as a front end in front of a container holds a bounded pool): an arrival takes an
+    idle one, opens one while fewer are open, else waits for one. Latency runs from the scheduled
+    arrival, so that wait counts."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, size=int(rate * seconds * 1.5) + 10))
     arrivals = arrivals[arrivals < seconds]
-    idle: list[HttpConnection] = [await HttpConnection.open(port, PATH, body) for _ in range(8)]
-    opened = len(idle)
+    idle: asyncio.Queue[HttpConnection] = asyncio.Queue()
+    for _ in range(min(8, connections)):
+        idle.put_nowait(await HttpConnection.open(port, PATH, body))
+    opened = idle.qsize()
     latencies: list[float] = []
     errors: list[str] = []
     loop = asyncio.get_running_loop()
@@ -120,21 +123,19 @@ async def open_loop(port: int, body: bytes, rate: float, seconds: float, seed: i
 
     async def one(at: float) -> None:
         nonlocal opened
-        if idle:
-            connection = idle.pop()
-        elif opened < MAX_CONNECTIONS:
+        if idle.empty() and opened < connections:
             opened += 1
             connection = await HttpConnection.open(port, PATH, body)
         else:
-            errors.append("the client ran out of connections")
-            return
+            connection = await idle.get()
         try:
             await connection.post()
             latencies.append(loop.time() - (start + at))
-            idle.append(connection)
+            idle.put_nowait(connection)
         except (ServerError, OSError, asyncio.IncompleteReadError) as e:
             errors.append(str(e)[:200])
             connection.close()
+            opened -= 1
 
     tasks = []
     for at in arrivals:
@@ -144,8 +145,8 @@ async def open_loop(port: int, body: bytes, rate: float, seconds: float, seed: i
         tasks.append(asyncio.ensure_future(one(at)))
     await asyncio.gather(*tasks)
     finished = loop.time() - start
-    for connection in idle:
-        connection.close()
+    while not idle.empty():
+        idle.get_nowait().close()
     lat = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
     return {"offered_per_second": rate, "answered_per_second": len(latencies) / finished,
             "requests": len(arrivals), "errors": len(errors), "first_errors": errors[:3],
@@ -155,7 +156,7 @@ async def open_loop(port: int, body: bytes, rate: float, seconds: float, seed: i
 
 def generator(connection, rows: int) -> None:
     """The load generator's process: ("engine", servable, seconds) | ("closed", port, callers,
-    seconds) | ("open", port, rate, seconds, seed) -> ("ok", result) or ("error", message)."""
+    seconds) | ("open", port, rate, seconds, seed, connections) -> ("ok", result) or ("error", message)."""
     body = request_body(rows)
     while (command := connection.recv()) is not None:
         try:
@@ -176,7 +177,8 @@ def main() -> None:
     parser.add_argument("--loads", default="0.25,0.5,0.75,0.9", help="fractions of saturation to offer")
     parser.add_argument("--seconds", type=float, default=6.0, help="per load level and mode")
     parser.add_argument("--saturation-seconds", type=float, default=4.0)
-    parser.add_argument("--callers", type=int, default=64, help="closed-loop connections measuring saturation")
+    parser.add_argument("--callers", type=int, default=64, help="connections: the closed loop measuring saturation "
+                        "keeps them all busy; the open loop uses at most as many")
     parser.add_argument("--timeout-micros", type=int, default=2000, help="batch_timeout_micros, fixed and adaptive")
     parser.add_argument("--rows-per-request", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -211,7 +213,8 @@ def main() -> None:
             for mode in MODES:
                 with kiln_serve(work / "models", MODEL, work / f"{mode}.log", flags[mode]) as (_, port, _grpc):
                     ask("closed", port, 8, 1.0)  # warm: queues learn, connections open
-                    levels[mode] = [{"load": load, **ask("open", port, reference * load, args.seconds, index)}
+                    levels[mode] = [{"load": load, **ask("open", port, reference * load, args.seconds, index,
+                                                         args.callers)}
                                     for index, load in enumerate(loads)]
         finally:
             ours.send(None)

@@ -42,7 +42,7 @@ from runtime.access import OPEN_PATHS, Auth, Cors
 from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
 from runtime.codecs import examples, oip
-from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
+from runtime.codecs.tfserving import decode_predict, encode_predict, fast_predict, instances_text, read_predict
 from runtime.errors import (BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated,
                            status_of)
 from runtime.manifest import Signature, TensorSpec
@@ -359,10 +359,17 @@ class App:
                           "metadata": {"signature_def": {"signature_def": signatures}}})
 
     async def _predict(self, target: Target, body: bytes, exchange: Exchange) -> Response:
-        signature_name, parsed = read_predict(body)
+        instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
+        if instances is None:
+            signature_name, parsed = read_predict(body)
         with self._handle(target, exchange) as handle:
-            decoded = decode_predict(signature_name, parsed, handle.engine.signature(signature_name))
-            outputs = await self.execute(handle, signature_name, decoded.inputs, exchange)
+            signature = handle.engine.signatures.get(DEFAULT_SIGNATURE)
+            decoded = fast_predict(instances, signature) if instances is not None and signature else None
+            if decoded is None:
+                if instances is not None:
+                    signature_name, parsed = read_predict(body)
+                decoded = decode_predict(signature_name, parsed, handle.engine.signature(signature_name))
+            outputs = await self.execute(handle, decoded.signature_name, decoded.inputs, exchange)
         return Response(200, encode_predict(outputs, decoded.row_format))
 
     async def _classify_or_regress(self, target: Target, body: bytes, method: str, exchange: Exchange) -> Response:

@@ -81,7 +81,7 @@ import numpy as np
 import orjson
 
 from runtime.app import Exchange
-from runtime.codecs.tfserving import _jsonable, _tolist, decode_predict, loads
+from runtime.codecs.tfserving import NUMBER_BYTES, _jsonable, _tolist, decode_predict, fixed_size, loads, skeleton
 from runtime.engines.base import check_inputs
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, ResourceExhausted, status_of
 from runtime.manifest import Signature, TensorSpec
@@ -96,7 +96,6 @@ MANIFEST_FORMAT = "kiln-score/1"
 PART = re.compile(r"part-(\d{5})-([0-9a-f]{12})\.jsonl")
 DEFAULT_CHUNK_ROWS = 256
 DEFAULT_PART_ROWS = 10_000
-NUMBER_BYTES = b"0123456789.-+eE \t\r\n"  # what JSON numbers and whitespace are made of
 FAST_PARSE_ROWS = 32  # rows parsed per call on the fast path (see _JsonLines._fast)
 IN_FLIGHT_CHUNKS = 4  # chunks decoded ahead and running at once: the batcher merges them
 MAX_LINE_BYTES = 64 << 20  # a longer JSON line is an error row, skipped without reading it whole
@@ -676,8 +675,9 @@ class _JsonLines(_Rows):
         super().__init__(source, signature)
         self.stream = stream
         spec = signature.inputs[0] if len(signature.inputs) == 1 else None
-        flat = spec is not None and spec.dtype not in ("string", "bool") and _fixed_size(spec) is not None
-        self.flat, self.skeleton = (spec, _skeleton(spec.shape[1:])) if flat else (None, b"")
+        # Floats only: integer inputs take the general path, which refuses fractions (np.array would cut them).
+        flat = spec is not None and spec.dtype.startswith("float") and fixed_size(spec.shape) is not None
+        self.flat, self.skeleton = (spec, skeleton(spec.shape[1:])) if flat else (None, b"")
 
     def _records(self, count: int) -> list[tuple[int, object]]:
         records: list[tuple[int, object]] = []
@@ -708,7 +708,7 @@ class _JsonLines(_Rows):
                 rest.append((offset, record))
         if not offsets:
             return rest
-        spec, size = self.flat, _fixed_size(self.flat)
+        spec, size = self.flat, fixed_size(self.flat.shape)
         array = np.empty((len(offsets), size), dtype=spec.dtype)
         # A few rows per parse, letting go of the interpreter lock after each: the threads that run the
         # model need it to hand back a batch's results and to start the next one, and would otherwise
@@ -769,7 +769,7 @@ class _CsvRows(_Rows):
         if sorted(self.columns) == sorted(names):
             return
         spec = self.signature.inputs[0] if len(self.signature.inputs) == 1 else None
-        size = _fixed_size(spec) if spec is not None and spec.dtype != "string" else None
+        size = fixed_size(spec.shape) if spec is not None and spec.dtype != "string" else None
         if size is not None and len(self.columns) == size:
             self.flat = spec
             return
@@ -818,13 +818,6 @@ class _CsvRows(_Rows):
                             for column, cell in zip(self.columns, row)} for row in values], self.signature)
 
 
-def _skeleton(shape: tuple) -> bytes:
-    """A row of this shape as JSON nested lists, without its numbers and whitespace: b"[[,],[,]]"."""
-    if not shape:
-        return b""
-    return b"[%b]" % b",".join([_skeleton(shape[1:])] * shape[0])
-
-
 def _utf8(text: str) -> bool:
     try:
         text.encode()
@@ -840,12 +833,6 @@ def _lines(first: int, last: int) -> str:
 def _abbreviate(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _fixed_size(spec: TensorSpec) -> int | None:
-    """Values per row of an input whose shape beyond the batch is fixed."""
-    inner = spec.shape[1:]
-    return None if any(d is None for d in inner) else int(np.prod(inner, dtype=np.int64))
 
 
 def _cells(cells: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import orjson
@@ -81,3 +82,40 @@ def test_encoding_rows_columns_bytes_and_non_finite():
     assert orjson.loads(encoded) == {"outputs": [{"b64": "AQ=="}]}
     assert encode_predict({"y": np.array([np.nan, np.inf, -np.inf], np.float32)}, False) == \
         b'{"outputs":[NaN,Infinity,-Infinity]}'
+
+
+def test_the_fast_path_decodes_numeric_rows_exactly_as_the_general_one():
+    from runtime.codecs.tfserving import fast_predict, instances_text
+
+    signature = Signature(method="tensorflow/serving/predict", batched=True, engine="saved-model",
+                          inputs=[TensorSpec(name="images", dtype="float32", shape=(None, 2, 3, 1))],
+                          outputs=[TensorSpec(name="p", dtype="float32", shape=(None, 2))])
+    rng = np.random.default_rng(0)
+    for rows in (1, 2, 7):
+        images = (rng.standard_normal((rows, 2, 3, 1)) * 10.0 ** rng.integers(-30, 30, (rows, 2, 3, 1))).astype(np.float32)
+        for body in (orjson.dumps({"instances": images.tolist()}),
+                     json.dumps({"instances": images.tolist()}, indent=2).encode() + b"\n"):
+            fast = fast_predict(instances_text(body), signature)
+            general = decode_predict(*read_predict(body), signature)
+            assert fast is not None and fast.row_format and fast.signature_name == "serving_default"
+            np.testing.assert_array_equal(fast.inputs["images"], general.inputs["images"])
+            assert fast.inputs["images"].dtype == np.float32
+
+
+@pytest.mark.parametrize("body", [
+    b'{"instances": [[[[1],[2],[3]],[[4],[5],[6]]], [[[1],[2],[3]],[[4],[5]]]]}',  # ragged
+    b'{"instances": [[[[NaN],[2],[3]],[[4],[5],[6]]]]}',  # bare NaN: the general parser's
+    b'{"instances": [[[["1"],[2],[3]],[[4],[5],[6]]]]}',  # a string
+    b'{"instances": [[[[1],[2],[3]],[[4],[5],[6]]]], "signature_name": "other"}',
+    b'{"instances": [[[[1e],[2],[3]],[[4],[5],[6]]]]}',  # not a number
+    b'{"instances": []}',
+    b'{"inputs": [[[[1],[2],[3]],[[4],[5],[6]]]]}',
+])
+def test_the_fast_path_leaves_everything_else_to_the_general_one(body):
+    from runtime.codecs.tfserving import fast_predict, instances_text
+
+    signature = Signature(method="tensorflow/serving/predict", batched=True, engine="saved-model",
+                          inputs=[TensorSpec(name="images", dtype="float32", shape=(None, 2, 3, 1))],
+                          outputs=[TensorSpec(name="p", dtype="float32", shape=(None, 2))])
+    text = instances_text(body)
+    assert text is None or fast_predict(text, signature) is None
