@@ -35,19 +35,32 @@ from common import ROOT, example_servables, free_ports, pyplot, write_results
 
 PLAIN_FUNCTION = '''
 import json
-import numpy as np
-import tensorflow as tf
 import functions_framework
 
-LOADED = tf.saved_model.load({saved_model!r})
-FUNCTION = LOADED.signatures["serving_default"]
-NAME, SPEC = next(iter(FUNCTION.structured_input_signature[1].items()))
+MODEL = None
+
+
+def model():
+    # TensorFlow is imported and the SavedModel loaded in the serving process, on the first request:
+    # functions-framework imports the source in gunicorn's master and forks, and TensorFlow's thread
+    # pools do not survive a fork.
+    global MODEL
+    if MODEL is None:
+        import tensorflow as tf
+
+        function = tf.saved_model.load({saved_model!r}).signatures["serving_default"]
+        name, spec = next(iter(function.structured_input_signature[1].items()))
+        MODEL = tf, function, name, spec
+    return MODEL
 
 
 @functions_framework.http
 def predict(request):
-    instances = np.asarray(request.get_json()["instances"], dtype=SPEC.dtype.as_numpy_dtype)
-    outputs = FUNCTION(**{{NAME: tf.constant(instances)}})
+    import numpy as np
+
+    tf, function, name, spec = model()
+    instances = np.asarray(request.get_json()["instances"], dtype=spec.dtype.as_numpy_dtype)
+    outputs = function(**{{name: tf.constant(instances)}})
     return json.dumps({{"predictions": next(iter(outputs.values())).numpy().tolist()}})
 '''
 LAMBDA_KILN = '''
