@@ -9,6 +9,7 @@ Routes. TensorFlow Serving's REST API v1:
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    predict (row or columnar JSON)
   POST /v1/models/NAME[/versions/N | /labels/L]:classify   classify tf.Examples given as JSON
   POST /v1/models/NAME[/versions/N | /labels/L]:regress    regress tf.Examples given as JSON
+  POST /v1/models/NAME[/versions/N | /labels/L]:generate   generate tokens in a session (runtime.generation)
   GET  /v1/models                                          every served model (Kiln's; TF Serving lacks it)
 The Open Inference Protocol (KServe v2) over REST:
   GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
@@ -115,7 +116,8 @@ class Exchange:
 class App:
     def __init__(self, repository: Repository, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  metrics: Metrics | None = None, auth: Auth = Auth(), cors: Cors = Cors(),
-                 batching: Callable[[str], BatchingParameters] | None = None, access_log: bool = False):
+                 batching: Callable[[str], BatchingParameters] | None = None, access_log: bool = False,
+                 sessions=None):
         """`batching`: each model's batching parameters by name; None runs every request alone.
         `access_log`: a JSON line per request (off by default: Lambda and Cloud Run log requests
         themselves, and the line costs a tenth of a small request's time)."""
@@ -126,6 +128,7 @@ class App:
         self.cors = cors
         self.batching = batching
         self.access_log = access_log
+        self._sessions = sessions  # runtime.generation.Sessions; see the property
         self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
 
     @classmethod
@@ -136,8 +139,11 @@ class App:
                                 warmup_iterations=settings.warmup_iterations)
         repository.start()
         batching = BatchingPolicy(settings.batching, lambda name: repository.config_of(name).batching_parameters)
+        from runtime.generation import Sessions
+
         app = cls(repository, max_body_bytes=settings.max_body_bytes, auth=settings.auth, cors=settings.cors,
-                  batching=batching, access_log=settings.access_log)
+                  batching=batching, access_log=settings.access_log,
+                  sessions=Sessions(settings.redis_url, settings.session_ttl_seconds))
         app.metrics.started()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
@@ -258,15 +264,18 @@ class App:
             exchange.api = "metadata" if metadata else "status"
             _only(request, "GET")
             return self._metadata(target, exchange) if metadata else self._status(target, exchange)
-        exchange.api = verb if verb in ("predict", *examples.METHODS) else "unknown"
+        exchange.api = verb if verb in ("predict", "generate", *examples.METHODS) else "unknown"
         if request.method != "POST":
             raise InvalidInput(f":{verb} takes POST, not {request.method}")
         self._check_size(request)
         if verb == "predict":
             return await self._predict(target, request.body, exchange)
+        if verb == "generate":
+            return await self._generate(target, request, exchange)
         if verb in examples.METHODS:
             return await self._classify_or_regress(target, request.body, examples.METHODS[verb], exchange)
-        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify and :regress")
+        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify, :regress and "
+                           f":generate")
 
     async def _route_oip(self, request: Request, exchange: Exchange) -> Response:
         if request.path == "/v2/repository/index":
@@ -378,6 +387,24 @@ class App:
         with self._handle(target, exchange) as handle:
             outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
         return _json(examples.encode_results(outputs, method))
+
+    async def _generate(self, target: Target, request: Request, exchange: Exchange) -> Response:
+        from runtime import generation
+
+        generate_request = generation.read_generate(request.body)
+        tenant = generation.tenant_of(exchange.tenant, request.headers)
+        with self._handle(target, exchange) as handle:
+            answer = await generation.generate(self, handle, generate_request, tenant, exchange)
+        return Response(200, orjson.dumps(answer), {**JSON, generation.SESSION_HEADER: answer["session"]})
+
+    @property
+    def sessions(self):
+        """Where agent sessions live (runtime.generation.Sessions), made on first use."""
+        if self._sessions is None:
+            from runtime.generation import Sessions
+
+            self._sessions = Sessions()
+        return self._sessions
 
     async def run_examples(self, handle: ServableHandle, key: str, method: str, serialized: np.ndarray,
                            exchange: Exchange) -> dict[str, np.ndarray]:

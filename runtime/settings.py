@@ -18,6 +18,10 @@ naming the variable, never a request.
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
     KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
+    KILN_REDIS_URL            where agent sessions live: redis://, rediss://, unix:// (Redis 7 or Valkey);
+                              unset: in this process
+    KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids)
+    KILN_SESSION_TTL_SECONDS  how long an untouched session lives (default 3600)
     KILN_OUTPUT_PREFIX        where batch scoring writes results (s3://bucket/prefix, gs://..., a path)
     KILN_SCORE_MODEL          the model batch scoring and queue records use (default: the only one)
 """
@@ -53,6 +57,8 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     warmup_iterations: int = 1
+    redis_url: str | None = None
+    session_ttl_seconds: float | None = None
     output_prefix: str | None = None
     score_model: str | None = None
 
@@ -80,6 +86,7 @@ class Settings:
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
                        log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
                        warmup_iterations=1 if iterations is None else iterations,
+                       redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))

@@ -1,0 +1,173 @@
+"""Generating tokens with a stateful servable, its state kept per session (runtime.sessions), so any
+instance can continue any session without processing its context again.
+
+A generative servable (examples/tiny_lm.py) has two signatures over the same state (a K/V cache and
+its position, paired in the manifest):
+  prefill  tokens int32 [B, CHUNK], count int32 [B] (real tokens in the chunk), state -> logits, state
+  decode   token int32 [B], state -> logits, state
+Its tokens are UTF-8 bytes. POST /v1/models/NAME[/versions/N]:generate takes
+  {"prompt": TEXT | "tokens": [ids], "max_tokens": N, "temperature": T (0: greedy), "seed": S,
+   "session": ID (optional: none starts a new session)}
+and answers the generated tokens, their text, their log-probabilities (under the model, before
+temperature) and the session id (also in the X-Kiln-Session header). A continued session sends only
+its new text: the prompt is prefilled onto the stored state, each generated token is decoded into
+it, and the state goes back to the store by compare-and-set (a session advanced meanwhile by
+another request answers 409). A session whose stored state is missing, expired, corrupt or from
+another servable version is rebuilt from its token history.
+
+Continuous batching comes from the batcher: every decode step is one App.execute call, so the steps
+of all sessions generating at the same moment run as one batch, and new sessions join between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.codecs.tfserving import loads
+from runtime.engines.base import initial_state, state_after
+from runtime.errors import InvalidInput
+from runtime.repository import ServableHandle
+from runtime.sessions import SessionIds, SessionStore, open_store, servable_fingerprint
+from runtime.sessions.keys import check_tenant
+
+MAX_TOKENS = 4096
+DEFAULT_TENANT = "default"
+SESSION_HEADER = "X-Kiln-Session"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    tokens: list[int]
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    session: str | None
+
+
+def read_generate(body: bytes) -> GenerateRequest:
+    request = loads(body)
+    if not isinstance(request, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    if ("prompt" in request) == ("tokens" in request):
+        raise InvalidInput("give exactly one of 'prompt' (text) and 'tokens' (a list of token ids)")
+    if "prompt" in request:
+        if not isinstance(request["prompt"], str):
+            raise InvalidInput("'prompt' must be a string")
+        tokens = list(request["prompt"].encode())
+    else:
+        tokens = request["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise InvalidInput("'tokens' must be a list of integer token ids")
+    max_tokens, temperature = request.get("max_tokens", 16), request.get("temperature", 0)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 <= max_tokens <= MAX_TOKENS:
+        raise InvalidInput(f"'max_tokens' must be an integer from 0 to {MAX_TOKENS}, got {max_tokens!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise InvalidInput(f"'temperature' must be a number of 0 or more, got {temperature!r}")
+    seed, session = request.get("seed"), request.get("session")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise InvalidInput(f"'seed' must be a non-negative integer, got {seed!r}")
+    if session is not None and not isinstance(session, str):
+        raise InvalidInput("'session' must be a string")
+    if not tokens and max_tokens:
+        raise InvalidInput("nothing to generate from: the prompt is empty")
+    return GenerateRequest(tokens, max_tokens, float(temperature), seed, session)
+
+
+class Sessions:
+    """Where sessions live: the ids (KILN_SESSION_KEY) and the store (KILN_REDIS_URL, or in process),
+    opened on first use, inside the event loop its client belongs to."""
+
+    def __init__(self, redis_url: str | None = None, ttl_seconds: float | None = None):
+        self.redis_url, self.ttl_seconds = redis_url, ttl_seconds
+        self.ids = SessionIds.from_env()
+        self._store: SessionStore | None = None
+
+    def store(self) -> SessionStore:
+        if self._store is None:
+            options = {} if self.ttl_seconds is None else {"ttl_seconds": self.ttl_seconds}
+            self._store = open_store(self.redis_url, **options)
+        return self._store
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+def tenant_of(authenticated: str | None, headers) -> str:
+    """The tenant: the API key's, or with authentication off the X-Kiln-Tenant header's, or default."""
+    return check_tenant(authenticated or headers.get("x-kiln-tenant") or DEFAULT_TENANT)
+
+
+async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, exchange) -> dict:
+    """Run one generate request on `handle` (see the module's documentation)."""
+    from runtime.errors import SessionLost
+
+    engine = handle.engine
+    prefill, decode = engine.signature("prefill"), engine.signature("decode")
+    if not decode.state:
+        raise InvalidInput(f"model {handle.name!r} has no stateful decode signature to generate with")
+    sessions = app.sessions
+    store = sessions.store()
+    fingerprint = servable_fingerprint(handle.name, handle.version, (engine.directory / "manifest.json").read_bytes())
+    history: list[int] = []
+    if request.session is None:
+        session, version, state = sessions.ids.new(tenant), 0, initial_state(decode, 1)
+    else:
+        session = sessions.ids.check(tenant, request.session)
+        try:
+            stored = await store.load(tenant, session, fingerprint)
+            version, state = stored.version, dict(stored.tensors)
+            history = [] if stored.history is None else stored.history.tolist()
+        except SessionLost as lost:
+            if lost.history is None:
+                raise
+            history, version = lost.history.tolist(), lost.version
+            state, _ = await _prefill(app, handle, prefill, initial_state(decode, 1), history, exchange)
+    vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
+    if any(not 0 <= t < vocabulary for t in request.tokens):
+        raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
+    state, logits = await _prefill(app, handle, prefill, state, request.tokens, exchange)
+    rng = np.random.default_rng(request.seed)
+    generated, logprobs = [], []
+    for _ in range(request.max_tokens):
+        token, logprob = _sample(logits, request.temperature, rng)
+        generated.append(token)
+        logprobs.append(logprob)
+        outputs = await app.execute(handle, "decode", {"token": np.array([token], np.int32), **state}, exchange)
+        state, logits = state_after(decode, outputs), outputs["logits"][0]
+    await store.save(tenant, session, version, state, history + request.tokens + generated, fingerprint)
+    return {"session": session, "tokens": generated, "text": bytes(generated).decode(errors="replace"),
+            "logprobs": logprobs, "model_version": str(handle.version)}
+
+
+async def _prefill(app, handle: ServableHandle, signature, state: dict, tokens: list[int], exchange):
+    """The state after `tokens`, fed in chunks of the signature's width, and the logits after the
+    last one (None for no tokens)."""
+    width = signature.inputs[[i.name for i in signature.inputs].index("tokens")].shape[1]
+    logits = None
+    for start in range(0, len(tokens), width):
+        chunk = tokens[start:start + width]
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(chunk)] = chunk
+        outputs = await app.execute(handle, "prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32),
+                                                        **state}, exchange)
+        state, logits = state_after(signature, outputs), outputs["logits"][0]
+    return state, logits
+
+
+def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> tuple[int, float]:
+    """A token (greedy at temperature 0) and its log-probability under the model."""
+    logits = np.asarray(logits, np.float64)
+    logprobs = logits - logits.max()
+    logprobs -= np.log(np.exp(logprobs).sum())
+    if temperature == 0:
+        token = int(np.argmax(logits))
+    else:
+        scaled = (logits - logits.max()) / temperature
+        probabilities = np.exp(scaled) / np.exp(scaled).sum()
+        token = int(rng.choice(len(probabilities), p=probabilities))
+    return token, float(logprobs[token])

@@ -1,0 +1,128 @@
+"""POST :generate on tiny_lm with sessions in a real redis-server: a session continued by another
+process gives exactly what an uninterrupted run gives; concurrent writers, tenants, lost state
+rebuilt from the token history, and bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import orjson
+import pytest
+
+from runtime.app import App, Request
+from runtime.batching import BatchingParameters
+from runtime.generation import Sessions
+from runtime.model_config import ModelConfig, ModelConfigList
+from runtime.repository import Repository
+from runtime.servable_cache import ServableCache
+from tests.conftest import run_python
+
+pytest_plugins = ["tests.redis_server"]
+KEY = "00" * 32
+
+
+@pytest.fixture(scope="module")
+def models(examples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    shutil.copytree(examples["tiny_lm"].servable, root / "tiny_lm" / "1")
+    return root
+
+
+def start_app(models, redis_url, monkeypatch) -> App:
+    monkeypatch.setenv("KILN_SESSION_KEY", KEY)
+    repository = Repository(ModelConfigList(models=(ModelConfig(name="tiny_lm", base_path=str(models / "tiny_lm")),)),
+                            poll_seconds=0, cache=ServableCache(models / ".cache"))
+    repository.start()
+    parameters = BatchingParameters(mode="fixed", batch_timeout_micros=0)
+    return App(repository, batching=lambda name: parameters, sessions=Sessions(redis_url))
+
+
+def generate(app, body: dict, loop, **headers):
+    response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:generate", headers,
+                                                          orjson.dumps(body))))
+    return response.status, orjson.loads(response.body), response.headers
+
+
+@pytest.fixture
+def served(models, redis_server, monkeypatch):
+    app = start_app(models, redis_server.url, monkeypatch)
+    loop = asyncio.new_event_loop()
+    yield app, loop, redis_server
+    loop.run_until_complete(app.sessions.close())
+    loop.close()
+    app.repository.stop()
+
+
+def test_a_session_continued_in_another_process_matches_an_uninterrupted_run(served, models):
+    app, loop, redis = served
+    status, first, headers = generate(app, {"prompt": "Kiln fires ", "max_tokens": 6}, loop)
+    assert status == 200 and headers["X-Kiln-Session"] == first["session"] and len(first["tokens"]) == 6
+    continued = run_python(f"""
+import asyncio, json, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from tests.test_generate import start_app, generate
+class Patch:
+    def setenv(self, name, value):
+        import os; os.environ[name] = value
+app = start_app(Path({str(models)!r}), {redis.url!r}, Patch())
+loop = asyncio.new_event_loop()
+print(json.dumps(generate(app, {{"prompt": "the clay", "max_tokens": 6, "session": {first["session"]!r}}}, loop)[:2]))
+""")
+    assert continued.returncode == 0, continued.stderr
+    status, second = json.loads(continued.stdout.strip().splitlines()[-1])
+    assert status == 200 and second["session"] == first["session"]
+    whole = list(b"Kiln fires ") + first["tokens"] + list(b"the clay")
+    status, uninterrupted, _ = generate(app, {"tokens": whole, "max_tokens": 6}, loop)
+    assert uninterrupted["tokens"] == second["tokens"]
+    assert uninterrupted["logprobs"] == pytest.approx(second["logprobs"], abs=1e-5)
+
+
+def test_two_writers_of_one_session_one_wins_the_other_conflicts(served):
+    app, loop, _ = served
+    _, first, _ = generate(app, {"prompt": "abc", "max_tokens": 2}, loop)
+
+    async def both():
+        return await asyncio.gather(*(app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(
+            {"prompt": text, "max_tokens": 3, "session": first["session"]}))) for text in ("one", "two")))
+
+    statuses = sorted(response.status for response in loop.run_until_complete(both()))
+    assert statuses == [200, 409]
+
+
+def test_another_tenants_session_is_refused(served):
+    app, loop, _ = served
+    _, first, _ = generate(app, {"prompt": "mine", "max_tokens": 1}, loop, **{"x-kiln-tenant": "acme"})
+    status, body, _ = generate(app, {"prompt": "x", "max_tokens": 1, "session": first["session"]}, loop,
+                               **{"x-kiln-tenant": "other"})
+    assert status == 403 and body["error"]
+
+
+def test_lost_state_is_rebuilt_from_the_token_history(served):
+    app, loop, redis = served
+    _, first, _ = generate(app, {"prompt": "history ", "max_tokens": 3}, loop)
+    client = redis.client()
+    chunks = client.keys("*:chunk:*")
+    assert chunks
+    client.delete(*chunks)  # the state vanishes (evicted, say); the history stays
+    status, resumed, _ = generate(app, {"prompt": "again", "max_tokens": 4, "session": first["session"]}, loop)
+    whole = list(b"history ") + first["tokens"] + list(b"again")
+    _, uninterrupted, _ = generate(app, {"tokens": whole, "max_tokens": 4}, loop)
+    assert status == 200 and resumed["tokens"] == uninterrupted["tokens"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 3}, "exactly one of 'prompt'"),
+    ({"prompt": "a", "tokens": [1]}, "exactly one of 'prompt'"),
+    ({"tokens": [1, 999]}, "token ids must be from 0 to 255"),
+    ({"prompt": "a", "max_tokens": -1}, "'max_tokens' must be"),
+    ({"prompt": "a", "temperature": -1}, "'temperature' must be"),
+    ({"prompt": "", "max_tokens": 2}, "the prompt is empty"),
+    ({"prompt": "a", "session": "not-a-session"}, "session id"),
+])
+def test_bad_generate_requests(served, body, message):
+    app, loop, _ = served
+    status, answer, _ = generate(app, body, loop)
+    assert status == 400 and message in answer["error"]
