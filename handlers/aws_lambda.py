@@ -86,7 +86,7 @@ from aws_lambda_powertools.utilities.data_classes import (S3BatchOperationEvent,
                                                           S3Event, S3EventBridgeNotificationEvent)
 
 from runtime import logs, scoring
-from runtime.app import App, Exchange, Request, Response
+from runtime.app import App, Exchange, Request, Response, whole
 from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, Unsupported, status_of
 from runtime.settings import Settings
@@ -201,7 +201,7 @@ class LambdaFunction:
     def _http(self, event: dict, invocation: Invocation) -> dict:
         request, refused = http_request(event, invocation.kind, invocation.deadline,
                                         getattr(invocation.context, "aws_request_id", None))
-        response = self.run(self.app.handle(request, refused))
+        response = self.run(whole(self.app.handle(request, refused)))  # Lambda answers whole bodies
         self._count(requests=1, predictions=int(request.method == "POST" and response.status < 400),
                     errors=int(response.status >= 400))
         return http_response(response, invocation.kind, event)

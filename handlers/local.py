@@ -63,9 +63,18 @@ async def _read_body(receive, limit: int) -> bytes:
 
 async def _send(send, response: Response) -> None:
     headers = [(k.lower().encode(), v.encode()) for k, v in response.headers.items()]
-    headers.append((b"content-length", str(len(response.body)).encode()))
+    if response.stream is None:
+        headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
+    if response.stream is None:
+        await send({"type": "http.response.body", "body": response.body})
+        return
+    try:  # chunked: each piece as it is made
+        async for chunk in response.stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        await response.stream.aclose()
 
 
 async def _lifespan(receive, send) -> None:

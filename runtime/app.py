@@ -31,8 +31,8 @@ import gc
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
 
 import numpy as np
@@ -88,6 +88,16 @@ class Response:
     status: int
     body: bytes
     headers: Mapping[str, str] = field(default_factory=lambda: dict(JSON))
+    stream: AsyncIterator[bytes] | None = None  # a body sent as it is made (server-sent events), after `body`
+
+
+async def whole(pending: Awaitable[Response]) -> Response:
+    """The response with a streamed body read into `body`, for platforms that cannot stream (Lambda)."""
+    response = await pending
+    if response.stream is None:
+        return response
+    chunks = [chunk async for chunk in response.stream]
+    return replace(response, body=response.body + b"".join(chunks), stream=None)
 
 
 @dataclass(frozen=True)
@@ -162,8 +172,8 @@ class App:
         try:
             response = error_response(refused) if refused else await self._answer(request, exchange)
             origin = request.headers.get("origin")
-            response = Response(response.status, response.body,
-                                {**response.headers, **self.cors.headers(origin), "X-Request-Id": logs.request_id.get()})
+            response = replace(response, headers={**response.headers, **self.cors.headers(origin),
+                                                  "X-Request-Id": logs.request_id.get()})
             self.finished(exchange, str(response.status), f"{request.method} {request.path}")
             return response
         finally:
@@ -393,9 +403,28 @@ class App:
 
         generate_request = generation.read_generate(request.body)
         tenant = generation.tenant_of(exchange.tenant, request.headers)
-        with self._handle(target, exchange) as handle:
-            answer = await generation.generate(self, handle, generate_request, tenant, exchange)
-        return Response(200, orjson.dumps(answer), {**JSON, generation.SESSION_HEADER: answer["session"]})
+        session = generation.session_of(self, tenant, generate_request)
+        if not generate_request.stream:
+            with self._handle(target, exchange) as handle:
+                answer = await generation.generate(self, handle, generate_request, tenant, session, exchange)
+            return Response(200, orjson.dumps(answer), {**JSON, generation.SESSION_HEADER: session})
+        with self._handle(target, exchange):  # an unknown model or version answers 404 before the stream
+            pass
+
+        async def stream() -> AsyncIterator[bytes]:
+            """Server-sent events; an error once the stream has begun is its last event."""
+            try:
+                with self._handle(target, exchange) as handle:
+                    async for event in generation.events(self, handle, generate_request, tenant, session, exchange):
+                        yield b"data: " + orjson.dumps(event) + b"\n\n"
+            except KilnError as e:
+                yield b"event: error\ndata: " + orjson.dumps({"error": str(e), "status": status_of(e)[0]}) + b"\n\n"
+            except Exception:
+                log.exception("internal error streaming %s", request.path)
+                yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
+
+        return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                   generation.SESSION_HEADER: session}, stream=stream())
 
     @property
     def sessions(self):

@@ -9,7 +9,8 @@ Its tokens are UTF-8 bytes. POST /v1/models/NAME[/versions/N]:generate takes
   {"prompt": TEXT | "tokens": [ids], "max_tokens": N, "temperature": T (0: greedy), "seed": S,
    "session": ID (optional: none starts a new session)}
 and answers the generated tokens, their text, their log-probabilities (under the model, before
-temperature) and the session id (also in the X-Kiln-Session header). A continued session sends only
+temperature) and the session id (also in the X-Kiln-Session header); with "stream": true, each token
+as a server-sent event as it is made, then a last event once the session is stored. A continued session sends only
 its new text: the prompt is prefilled onto the stored state, each generated token is decoded into
 it, and the state goes back to the store by compare-and-set (a session advanced meanwhile by
 another request answers 409). A session whose stored state is missing, expired, corrupt or from
@@ -22,6 +23,7 @@ of all sessions generating at the same moment run as one batch, and new sessions
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,7 @@ class GenerateRequest:
     temperature: float
     seed: int | None
     session: str | None
+    stream: bool = False
 
 
 def read_generate(body: bytes) -> GenerateRequest:
@@ -74,7 +77,10 @@ def read_generate(body: bytes) -> GenerateRequest:
         raise InvalidInput("'session' must be a string")
     if not tokens and max_tokens:
         raise InvalidInput("nothing to generate from: the prompt is empty")
-    return GenerateRequest(tokens, max_tokens, float(temperature), seed, session)
+    stream = request.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidInput("'stream' must be true or false")
+    return GenerateRequest(tokens, max_tokens, float(temperature), seed, session, stream)
 
 
 class Sessions:
@@ -102,22 +108,43 @@ def tenant_of(authenticated: str | None, headers) -> str:
     return check_tenant(authenticated or headers.get("x-kiln-tenant") or DEFAULT_TENANT)
 
 
-async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, exchange) -> dict:
-    """Run one generate request on `handle` (see the module's documentation)."""
+def session_of(app, tenant: str, request: GenerateRequest) -> str:
+    """The request's session id, checked against its tenant, or a new one."""
+    ids = app.sessions.ids
+    return ids.new(tenant) if request.session is None else ids.check(tenant, request.session)
+
+
+async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str,
+                   exchange) -> dict:
+    """The whole answer to a generate request (see the module's documentation)."""
+    tokens, logprobs = [], []
+    async for event in events(app, handle, request, tenant, session, exchange):
+        if "token" in event:
+            tokens.append(event["token"])
+            logprobs.append(event["logprob"])
+    return {"session": session, "tokens": tokens, "text": bytes(tokens).decode(errors="replace"),
+            "logprobs": logprobs, "model_version": str(handle.version)}
+
+
+async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str,
+                 exchange) -> AsyncIterator[dict]:
+    """Each generated token as it comes ({"token", "text", "logprob"}), then, once the session's new
+    state is stored, {"done": true, "session", "tokens"}."""
     from runtime.errors import SessionLost
 
     engine = handle.engine
     prefill, decode = engine.signature("prefill"), engine.signature("decode")
     if not decode.state:
         raise InvalidInput(f"model {handle.name!r} has no stateful decode signature to generate with")
-    sessions = app.sessions
-    store = sessions.store()
+    vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
+    if any(not 0 <= t < vocabulary for t in request.tokens):
+        raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
+    store = app.sessions.store()
     fingerprint = servable_fingerprint(handle.name, handle.version, (engine.directory / "manifest.json").read_bytes())
     history: list[int] = []
     if request.session is None:
-        session, version, state = sessions.ids.new(tenant), 0, initial_state(decode, 1)
+        version, state = 0, initial_state(decode, 1)
     else:
-        session = sessions.ids.check(tenant, request.session)
         try:
             stored = await store.load(tenant, session, fingerprint)
             version, state = stored.version, dict(stored.tensors)
@@ -127,21 +154,17 @@ async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant
                 raise
             history, version = lost.history.tolist(), lost.version
             state, _ = await _prefill(app, handle, prefill, initial_state(decode, 1), history, exchange)
-    vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
-    if any(not 0 <= t < vocabulary for t in request.tokens):
-        raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
     state, logits = await _prefill(app, handle, prefill, state, request.tokens, exchange)
     rng = np.random.default_rng(request.seed)
-    generated, logprobs = [], []
+    generated = []
     for _ in range(request.max_tokens):
         token, logprob = _sample(logits, request.temperature, rng)
         generated.append(token)
-        logprobs.append(logprob)
         outputs = await app.execute(handle, "decode", {"token": np.array([token], np.int32), **state}, exchange)
         state, logits = state_after(decode, outputs), outputs["logits"][0]
+        yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
     await store.save(tenant, session, version, state, history + request.tokens + generated, fingerprint)
-    return {"session": session, "tokens": generated, "text": bytes(generated).decode(errors="replace"),
-            "logprobs": logprobs, "model_version": str(handle.version)}
+    yield {"done": True, "session": session, "tokens": generated}
 
 
 async def _prefill(app, handle: ServableHandle, signature, state: dict, tokens: list[int], exchange):

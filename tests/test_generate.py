@@ -126,3 +126,27 @@ def test_bad_generate_requests(served, body, message):
     app, loop, _ = served
     status, answer, _ = generate(app, body, loop)
     assert status == 400 and message in answer["error"]
+
+
+def test_streamed_tokens_arrive_as_server_sent_events_over_http(examples, tmp_path, redis_server):
+    """kiln serve on loopback: the same tokens as the whole answer, one event each, then the end."""
+    import httpx
+
+    from tests.conftest import kiln_serve
+
+    shutil.copytree(examples["tiny_lm"].servable, tmp_path / "tiny_lm" / "1")
+    with kiln_serve(examples, tmp_path, "--redis-url", redis_server.url, env={"KILN_SESSION_KEY": KEY}) as (_, url):
+        whole = httpx.post(f"{url}/v1/models/tiny_lm:generate", json={"prompt": "stream ", "max_tokens": 5},
+                           timeout=60).json()
+        events = []
+        with httpx.stream("POST", f"{url}/v1/models/tiny_lm:generate", timeout=60,
+                          json={"prompt": "stream ", "max_tokens": 5, "stream": True}) as response:
+            assert response.status_code == 200 and response.headers["content-type"] == "text/event-stream"
+            session = response.headers["x-kiln-session"]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[len("data: "):]))
+        assert [e["token"] for e in events[:-1]] == whole["tokens"]
+        assert events[-1] == {"done": True, "session": session, "tokens": whole["tokens"]}
+        missing = httpx.post(f"{url}/v1/models/nope:generate", json={"prompt": "x", "stream": True})
+        assert missing.status_code == 404
