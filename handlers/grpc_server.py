@@ -275,14 +275,16 @@ def add_service(server: grpc.aio.Server, servicer: Any, module: Any, service: st
                                     f"the request is not a valid {request_class.DESCRIPTOR.full_name}: {e}")
             return await behavior(request, context)
 
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=None, response_serializer=response_class.SerializeToString)
+        handler = grpc.unary_stream_rpc_method_handler if method.server_streaming else \
+            grpc.unary_unary_rpc_method_handler  # a streaming servicer writes to its context
+        handlers[method.name] = handler(call, request_deserializer=None,
+                                        response_serializer=response_class.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
 async def serve_grpc(app: App, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
     """Start the gRPC server on host:port and return it (the caller stops it): TensorFlow
-    Serving's services, and the Open Inference Protocol's."""
+    Serving's services, the Open Inference Protocol's, and Kiln's Generation."""
     # As TF Serving: no cap on message size (a big batch is one message).
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
                                       ("grpc.max_send_message_length", -1)])
@@ -290,9 +292,11 @@ async def serve_grpc(app: App, port: int, host: str = "0.0.0.0") -> grpc.aio.Ser
                 "PredictionService")
     add_service(server, ModelService(app), generated_module("tensorflow_serving.apis.model_service_pb2"),
                 "ModelService")
-    from handlers.oip_grpc import InferenceService  # it imports serve_call from here
+    from handlers.generation_grpc import GenerationService  # they import serve_call from here
+    from handlers.oip_grpc import InferenceService
 
     add_service(server, InferenceService(app), generated_module("grpc_service_pb2"), "GRPCInferenceService")
+    add_service(server, GenerationService(app), generated_module("kiln.generation_pb2"), "Generation")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

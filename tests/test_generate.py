@@ -128,14 +128,19 @@ def test_bad_generate_requests(served, body, message):
     assert status == 400 and message in answer["error"]
 
 
-def test_streamed_tokens_arrive_as_server_sent_events_over_http(examples, tmp_path, redis_server):
-    """kiln serve on loopback: the same tokens as the whole answer, one event each, then the end."""
+def test_streamed_tokens_arrive_as_server_sent_events_and_grpc_messages(examples, tmp_path, redis_server):
+    """kiln serve on loopback: the same tokens as the whole answer, one event each, then the end;
+    over gRPC the same, and a session continued there."""
+    import grpc
     import httpx
 
-    from tests.conftest import kiln_serve
+    from runtime.protos import generated_module
+    from tests.conftest import free_port, kiln_serve
 
     shutil.copytree(examples["tiny_lm"].servable, tmp_path / "tiny_lm" / "1")
-    with kiln_serve(examples, tmp_path, "--redis-url", redis_server.url, env={"KILN_SESSION_KEY": KEY}) as (_, url):
+    grpc_port = free_port()
+    with kiln_serve(examples, tmp_path, "--redis-url", redis_server.url, "--grpc-port", str(grpc_port),
+                    env={"KILN_SESSION_KEY": KEY}) as (_, url):
         whole = httpx.post(f"{url}/v1/models/tiny_lm:generate", json={"prompt": "stream ", "max_tokens": 5},
                            timeout=60).json()
         events = []
@@ -150,3 +155,19 @@ def test_streamed_tokens_arrive_as_server_sent_events_over_http(examples, tmp_pa
         assert events[-1] == {"done": True, "session": session, "tokens": whole["tokens"]}
         missing = httpx.post(f"{url}/v1/models/nope:generate", json={"prompt": "x", "stream": True})
         assert missing.status_code == 404
+
+        messages = generated_module("kiln.generation_pb2")
+        stub = generated_module("kiln.generation_pb2_grpc").GenerationStub(grpc.insecure_channel(f"127.0.0.1:{grpc_port}"))
+        streamed = list(stub.Generate(messages.GenerateRequest(model_name="tiny_lm", prompt="stream ", max_tokens=5),
+                                      timeout=60))
+        assert [m.token.id for m in streamed[:-1]] == whole["tokens"]
+        done = streamed[-1].done
+        assert list(done.tokens) == whole["tokens"]
+        continued = list(stub.Generate(messages.GenerateRequest(model_name="tiny_lm", prompt="more", max_tokens=3,
+                                                                session=done.session), timeout=60))
+        uninterrupted = httpx.post(f"{url}/v1/models/tiny_lm:generate", timeout=60, json={
+            "tokens": list(b"stream ") + whole["tokens"] + list(b"more"), "max_tokens": 3}).json()
+        assert list(continued[-1].done.tokens) == uninterrupted["tokens"]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(messages.GenerateRequest(model_name="tiny_lm", prompt="", max_tokens=3), timeout=60))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -47,7 +47,7 @@ def test_generates_modules_and_stubs_with_imports_into_the_package(tree):
     generated = {str(path.relative_to(out)) for path in out.rglob("*_pb2*.py")}
     protos = {str(path.relative_to(root))[:-len(".proto")] for path in root.rglob("*.proto")}
     services = {"kiln_test/echo", "tensorflow_serving/apis/prediction_service", "tensorflow_serving/apis/model_service",
-                "grpc_service"}
+                "grpc_service", "kiln/generation"}
     assert generated == {f"{name}_pb2.py" for name in protos} | {f"{name}_pb2_grpc.py" for name in services}
     assert "from kiln_test_generated.tensorflow_serving.config import model_server_config_pb2" in (
         out / "kiln_test" / "echo_pb2.py").read_text()
