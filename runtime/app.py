@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 from runtime import __version__, logs
-from runtime.access import OPEN_PATHS, Auth, Cors
+from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
 from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
 from runtime.codecs import examples, oip
@@ -153,7 +153,8 @@ class App:
 
         app = cls(repository, max_body_bytes=settings.max_body_bytes, auth=settings.auth, cors=settings.cors,
                   batching=batching, access_log=settings.access_log,
-                  sessions=Sessions(settings.redis_url, settings.session_ttl_seconds))
+                  sessions=Sessions(settings.redis_url, settings.session_ttl_seconds,
+                                    settings.prediction_cache_seconds))
         app.metrics.started()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
@@ -209,11 +210,25 @@ class App:
         """Run a signature on decoded inputs: the one place model work starts. It runs in the event
         loop's thread pool (the loop stays free), merged with other requests by the batcher where the
         model's batching is on; a request whose deadline passes first answers DeadlineExceeded, and
-        its work is skipped if it has not started yet."""
+        its work is skipped if it has not started yet. With the prediction cache on, a stateless
+        signature's answer for the same tenant, version and inputs comes from the cache instead."""
         exchange.model, exchange.version = handle.name, str(handle.version)
         remaining = None if exchange.deadline is None else exchange.deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed before its model work could start")
+        cache = self._sessions.prediction_cache() if self._sessions is not None else None
+        if cache is None or handle.engine.signature(key).state:
+            return await self._run(handle, key, inputs, exchange, remaining)
+        tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
+        cached = await cache.get(tenant, fingerprint, key, inputs)
+        if cached is not None:
+            return cached
+        outputs = await self._run(handle, key, inputs, exchange, remaining)
+        await cache.put(tenant, fingerprint, key, inputs, outputs)
+        return outputs
+
+    async def _run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
+                   remaining: float | None) -> dict[str, np.ndarray]:
         if self.batcher is not None and self.batching(handle.name).mode != "off" and \
                 handle.engine.signature(key).batched:
             return await self.batcher.run(handle, key, inputs, exchange.deadline)

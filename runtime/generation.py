@@ -28,15 +28,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.access import DEFAULT_TENANT
 from runtime.codecs.tfserving import loads
 from runtime.engines.base import initial_state, state_after
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
 from runtime.sessions import SessionIds, SessionStore, open_store, servable_fingerprint
 from runtime.sessions.keys import check_tenant
+from runtime.sessions.prediction_cache import PredictionCache
 
 MAX_TOKENS = 4096
-DEFAULT_TENANT = "default"
 SESSION_HEADER = "X-Kiln-Session"
 
 
@@ -87,16 +88,38 @@ class Sessions:
     """Where sessions live: the ids (KILN_SESSION_KEY) and the store (KILN_REDIS_URL, or in process),
     opened on first use, inside the event loop its client belongs to."""
 
-    def __init__(self, redis_url: str | None = None, ttl_seconds: float | None = None):
+    def __init__(self, redis_url: str | None = None, ttl_seconds: float | None = None,
+                 prediction_cache_seconds: float | None = None):
         self.redis_url, self.ttl_seconds = redis_url, ttl_seconds
+        self.prediction_cache_seconds = prediction_cache_seconds
         self.ids = SessionIds.from_env()
         self._store: SessionStore | None = None
+        self._cache: PredictionCache | None = None
+        self._fingerprints: dict[int, tuple[object, str]] = {}
 
     def store(self) -> SessionStore:
         if self._store is None:
             options = {} if self.ttl_seconds is None else {"ttl_seconds": self.ttl_seconds}
             self._store = open_store(self.redis_url, **options)
         return self._store
+
+    def prediction_cache(self) -> PredictionCache | None:
+        """The cache of stateless predictions in the same store; None when it is off (the default)."""
+        if not self.prediction_cache_seconds:
+            return None
+        if self._cache is None:
+            self._cache = PredictionCache(self.store(), ttl_seconds=self.prediction_cache_seconds)
+        return self._cache
+
+    def fingerprint(self, handle: ServableHandle) -> str:
+        """The servable version's fingerprint (its name, version and manifest), read once per engine."""
+        engine = handle.engine
+        known = self._fingerprints.get(id(engine))
+        if known is None or known[0] is not engine:
+            known = engine, servable_fingerprint(handle.name, handle.version,
+                                                 (engine.directory / "manifest.json").read_bytes())
+            self._fingerprints[id(engine)] = known
+        return known[1]
 
     async def close(self) -> None:
         if self._store is not None:
@@ -140,7 +163,7 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
     if any(not 0 <= t < vocabulary for t in request.tokens):
         raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
     store = app.sessions.store()
-    fingerprint = servable_fingerprint(handle.name, handle.version, (engine.directory / "manifest.json").read_bytes())
+    fingerprint = app.sessions.fingerprint(handle)
     history: list[int] = []
     if request.session is None:
         version, state = 0, initial_state(decode, 1)

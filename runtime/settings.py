@@ -22,6 +22,7 @@ naming the variable, never a request.
                               unset: in this process
     KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids)
     KILN_SESSION_TTL_SECONDS  how long an untouched session lives (default 3600)
+    KILN_PREDICTION_CACHE_SECONDS  cache stateless predictions this long in the same store (default: off)
     KILN_OUTPUT_PREFIX        where batch scoring writes results (s3://bucket/prefix, gs://..., a path)
     KILN_SCORE_MODEL          the model batch scoring and queue records use (default: the only one)
 """
@@ -59,6 +60,7 @@ class Settings:
     warmup_iterations: int = 1
     redis_url: str | None = None
     session_ttl_seconds: float | None = None
+    prediction_cache_seconds: float | None = None
     output_prefix: str | None = None
     score_model: str | None = None
 
@@ -87,6 +89,7 @@ class Settings:
                        log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
                        warmup_iterations=1 if iterations is None else iterations,
                        redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
+                       prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))

@@ -171,3 +171,36 @@ def test_streamed_tokens_arrive_as_server_sent_events_and_grpc_messages(examples
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(messages.GenerateRequest(model_name="tiny_lm", prompt="", max_tokens=3), timeout=60))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_prediction_cache_answers_repeats_without_the_engine_and_never_across_tenants(examples, tmp_path,
+                                                                                           redis_server, monkeypatch):
+    from runtime.access import Auth
+
+    shutil.copytree(examples["half_plus_two"].servable, tmp_path / "half_plus_two" / "1")
+    repository = Repository(ModelConfigList(models=(ModelConfig(name="half_plus_two",
+                                                                base_path=str(tmp_path / "half_plus_two")),)),
+                            poll_seconds=0, cache=ServableCache(tmp_path / ".cache"))
+    repository.start()
+    app = App(repository, auth=Auth((("acme", "k1"), ("other", "k2"))),
+              sessions=Sessions(redis_server.url, prediction_cache_seconds=60))
+    with repository.handle("half_plus_two") as handle:
+        runs, original = [], handle.engine.run
+        monkeypatch.setattr(handle.engine, "run", lambda key, inputs: runs.append(key) or original(key, inputs))
+    loop = asyncio.new_event_loop()
+
+    def predict(key: str, x: list[float]):
+        response = loop.run_until_complete(app.handle(Request(
+            "POST", "/v1/models/half_plus_two:predict", {"authorization": f"Bearer {key}"},
+            orjson.dumps({"instances": x}))))
+        return orjson.loads(response.body)["predictions"]
+
+    try:
+        assert predict("k1", [1.0, 2.0]) == [2.5, 3.0] and len(runs) == 1
+        assert predict("k1", [1.0, 2.0]) == [2.5, 3.0] and len(runs) == 1  # a hit: the engine is not called
+        assert predict("k2", [1.0, 2.0]) == [2.5, 3.0] and len(runs) == 2  # another tenant: a miss
+        assert predict("k1", [1.0, 3.0]) == [2.5, 3.5] and len(runs) == 3  # other inputs: a miss
+    finally:
+        loop.run_until_complete(app.sessions.close())
+        loop.close()
+        repository.stop()
