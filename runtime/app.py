@@ -294,7 +294,7 @@ class App:
             raise InvalidInput(f":{verb} takes POST, not {request.method}")
         self._check_size(request)
         if verb == "predict":
-            return await self._predict(target, request.body, exchange)
+            return await self._predict(target, request, exchange)
         if verb == "generate":
             return await self._generate(target, request, exchange)
         if verb in examples.METHODS:
@@ -392,19 +392,35 @@ class App:
             return _json({"model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
                           "metadata": {"signature_def": {"signature_def": signatures}}})
 
-    async def _predict(self, target: Target, body: bytes, exchange: Exchange) -> Response:
+    async def _predict(self, target: Target, request: Request, exchange: Exchange) -> Response:
+        body = request.body
         instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
         if instances is None:
             signature_name, parsed = read_predict(body)
         with self._handle(target, exchange) as handle:
             signature = handle.engine.signatures.get(DEFAULT_SIGNATURE)
-            decoded = fast_predict(instances, signature) if instances is not None and signature else None
+            stateless = signature is not None and not signature.state
+            decoded = fast_predict(instances, signature) if instances is not None and stateless else None
             if decoded is None:
                 if instances is not None:
                     signature_name, parsed = read_predict(body)
-                decoded = decode_predict(signature_name, parsed, handle.engine.signature(signature_name))
+                signature = handle.engine.signature(signature_name)
+                if signature.state:
+                    return await self._predict_in_session(handle, signature_name, signature, parsed, request, exchange)
+                decoded = decode_predict(signature_name, parsed, signature)
             outputs = await self.execute(handle, decoded.signature_name, decoded.inputs, exchange)
         return Response(200, encode_predict(outputs, decoded.row_format))
+
+    async def _predict_in_session(self, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
+                                  request: Request, exchange: Exchange) -> Response:
+        from runtime.generation import SESSION_HEADER, tenant_of
+        from runtime.stateful import predict_in_session
+
+        outputs, row_format, session = await predict_in_session(
+            self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange)
+        body = encode_predict(outputs, row_format)  # an object: the session joins it as its last key
+        return Response(200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}",
+                        {**JSON, SESSION_HEADER: session})
 
     async def _classify_or_regress(self, target: Target, body: bytes, method: str, exchange: Exchange) -> Response:
         signature_name, rows = examples.read_examples(body)

@@ -204,3 +204,34 @@ def test_the_prediction_cache_answers_repeats_without_the_engine_and_never_acros
         loop.run_until_complete(app.sessions.close())
         loop.close()
         repository.stop()
+
+
+def test_a_stateful_signature_predicts_in_a_session(served, examples):
+    """:predict on tiny_lm's decode: the request gives only the token; the state stays in the store,
+    and two calls in one session give what the engine gives with the state carried by hand."""
+    import numpy as np
+
+    from runtime.engines.base import Engine, initial_state, state_after
+
+    app, loop, _ = served
+
+    def predict(body: dict):
+        response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:predict", {},
+                                                              orjson.dumps(body))))
+        return response.status, orjson.loads(response.body), response.headers
+
+    status, first, headers = predict({"signature_name": "decode", "instances": [65]})
+    assert status == 200 and headers["X-Kiln-Session"] == first["session"]
+    status, second, _ = predict({"signature_name": "decode", "instances": [66], "session": first["session"]})
+    assert status == 200 and second["session"] == first["session"]
+    assert set(second) == {"predictions", "session"}  # logits only: the state stays in the store
+    engine = Engine.open(examples["tiny_lm"].servable)
+    decode = engine.signature("decode")
+    state = initial_state(decode, 1)
+    for token, answer in ((65, first), (66, second)):
+        outputs = engine.run("decode", {"token": np.array([token], np.int32), **state})
+        state = state_after(decode, outputs)
+        np.testing.assert_allclose(np.asarray(answer["predictions"][0]), outputs["logits"][0], rtol=1e-5, atol=1e-5)
+    engine.close()
+    status, refused, _ = predict({"signature_name": "decode", "instances": [65, 66]})
+    assert status == 400 and "one row" in refused["error"]
