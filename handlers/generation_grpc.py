@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc_server import serve_call
+from handlers.grpc_server import serve_call, text_metadata
 from runtime import generation
 from runtime.app import App, Exchange
 from runtime.protos import generated_module
@@ -23,10 +23,8 @@ class GenerationService(_service.GenerationServicer):
 
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         async def work(exchange: Exchange) -> None:
-            metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()
-                        if isinstance(value, str)}
             generate_request = _request(request)
-            tenant = generation.tenant_of(exchange.tenant, metadata)
+            tenant = generation.tenant_of(exchange.tenant, text_metadata(context))
             session = generation.session_of(self.app, tenant, generate_request)
             version = request.model_version or None
             with self.app.repository.handle(request.model_name, version=version) as handle:

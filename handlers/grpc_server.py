@@ -45,12 +45,16 @@ _prediction_grpc = generated_module("tensorflow_serving.apis.prediction_service_
 _model_grpc = generated_module("tensorflow_serving.apis.model_service_pb2_grpc")
 
 
+def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata, by lower-case key (the headers of gRPC)."""
+    return {key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+
+
 async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
                      work: Callable[[Exchange], Awaitable[T]]) -> T:
     """Serve one call: what every servicer method does around its own work."""
     exchange = Exchange("grpc", api=api)
-    metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()
-                if isinstance(value, str)}
+    metadata = text_metadata(context)
     token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
     context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
     code, message = "OK", ""

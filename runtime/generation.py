@@ -22,6 +22,7 @@ of all sessions generating at the same moment run as one batch, and new sessions
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -92,10 +93,14 @@ class Sessions:
                  prediction_cache_seconds: float | None = None):
         self.redis_url, self.ttl_seconds = redis_url, ttl_seconds
         self.prediction_cache_seconds = prediction_cache_seconds
-        self.ids = SessionIds.from_env()
         self._store: SessionStore | None = None
         self._cache: PredictionCache | None = None
         self._fingerprints: dict[int, tuple[object, str]] = {}
+
+    @functools.cached_property
+    def ids(self) -> SessionIds:
+        """Read on first use: a server with no sessions neither needs KILN_SESSION_KEY nor warns of it."""
+        return SessionIds.from_env()
 
     def store(self) -> SessionStore:
         if self._store is None:
