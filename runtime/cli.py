@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="stateful signatures: each INPUT is a session's state, fed back from OUTPUT")
     compile_.add_argument("--state-capacity", default="", metavar="SIGNATURE:INPUT=TOKENS[,...]",
                           help="the state INPUT that counts the tokens a session holds, and the most it can hold")
+    compile_.add_argument("--state-append", default="", metavar="SIGNATURE:INPUT[,...]",
+                          help="state INPUTs whose OUTPUT is only the new entries, written at the position")
     compile_.set_defaults(run=_compile)
 
     inspect = commands.add_parser("inspect", help="show a servable's manifest")
@@ -155,13 +157,13 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _compile(args) -> int:
-    from runtime.compiler.compile import compile_servable, parse_capacities, parse_state
+    from runtime.compiler.compile import compile_servable, parse_appended, parse_capacities, parse_state
 
     manifest = compile_servable(
         args.saved_model, args.out, name=args.name, version=args.version, signatures=args.signatures,
         batch_sizes=args.batch_sizes, target_cpu=args.target_cpu, engine=args.engine,
         tags=args.tag_set, state=parse_state(args.state), positions=parse_capacities(args.state_capacity),
-        log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
+        appended=parse_appended(args.state_append), log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
     from runtime.table import render
 
     print(render(manifest))

@@ -13,8 +13,13 @@ A session's state is stored by input name: signatures that share sessions (a pre
 steps) name their state inputs alike, and the manifest requires those to agree in dtype and shape.
 `position`, when set, names the state input that counts the tokens the state holds (integer, one
 per row) and the most it can hold: a call whose paired output exceeds `capacity` overflowed the
-state, and its results must be refused rather than saved. Stateless signatures have `state` {} and
-`position` null, and leave both out of manifest.json, which then reads as before: servables
+state, and its results must be refused rather than saved. `appended` (`--state-append`) lists state
+inputs whose paired output holds only the entries a call adds (a decode step's new keys and values),
+not the whole state: the output has the input's shape except on the axis whose size is the
+position's capacity, where it has the entries' count, and the runtime writes them at each row's
+position, in place; a decode step then neither reads nor writes the whole cache to move one token's
+worth of it. Stateless signatures have `state` {}, `appended` () and `position` null, and leave them
+out of manifest.json, which then reads as before: servables
 compiled before these fields existed load unchanged, and stateless ones compiled now load in a Kiln
 that predates them.
 """
@@ -78,6 +83,8 @@ class Signature(Model):
     jit: bool = Field(False, description="saved-model: runs under XLA JIT from the prebuilt cache")
     state: dict[str, str] = Field(default_factory=dict, description="state input -> the output fed back into it")
     position: Position | None = Field(None, description="the state input counting tokens held, and its capacity")
+    appended: tuple[str, ...] = Field((), description="state inputs whose output is only the entries to write "
+                                                      "at the position")
 
     @model_validator(mode="after")
     def _libraries_match_engine(self) -> Signature:
@@ -92,6 +99,8 @@ class Signature(Model):
         if not self.state and self.position is None:
             data.pop("state", None)
             data.pop("position", None)
+        if not self.appended:
+            data.pop("appended", None)
         return data
 
     @property
@@ -100,6 +109,13 @@ class Signature(Model):
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
+
+    def append_axis(self, name: str) -> int:
+        """The axis (batch included) along which an appended state input takes its entries: the one
+        where the input's size is the position's capacity and its output's is not."""
+        output = next(spec for spec in self.outputs if spec.name == self.state[name])
+        return next(axis for axis, (held, added) in enumerate(zip(self.input(name).shape, output.shape))
+                    if held != added)
 
 
 class Target(Model):
@@ -156,6 +172,7 @@ class Stateful(Protocol):
     outputs: tuple[TensorSpec, ...]
     state: Mapping[str, str]
     position: Position | None
+    appended: tuple[str, ...]
 
 
 def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
@@ -175,17 +192,21 @@ def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
                 problems.append(f"{pair}: '{output}' is not an output; the outputs are {', '.join(outputs) or 'none'}")
             elif output in fed:
                 problems.append(f"{pair}: output '{output}' is already fed back into input '{fed[output]}'")
-            elif (inputs[name].dtype, inputs[name].shape) != (outputs[output].dtype, outputs[output].shape):
-                problems.append(f"{pair}: the input is {_describe(inputs[name])} but the output is "
-                                f"{_describe(outputs[output])}; state must keep its dtype and shape, batch "
-                                f"dimension included")
             else:
+                problem = _pair_problem(inputs[name], outputs[output], signature.position, name in signature.appended)
+                if problem:
+                    problems.append(f"{pair}: {problem}")
+                    continue
                 fed[output] = name
                 first = shared.setdefault(name, (key, inputs[name]))
                 if (first[1].dtype, first[1].shape) != (inputs[name].dtype, inputs[name].shape):
                     problems.append(f"signature '{key}': state input '{name}' is {_describe(inputs[name])} but "
                                     f"signature '{first[0]}' has it as {_describe(first[1])}; sessions keep state "
                                     f"by input name, so signatures must agree on it")
+        for name in signature.appended:
+            if name not in signature.state:
+                problems.append(f"signature '{key}': appended state input '{name}' is not one of its state inputs "
+                                f"({', '.join(signature.state) or 'none'})")
         position = signature.position
         if position is not None:
             spec = inputs.get(position.input)
@@ -200,6 +221,24 @@ def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
                 problems.append(f"signature '{key}': position '{position.input}' has capacity {position.capacity} "
                                 f"but signature '{first_capacity[0]}' gives it {first_capacity[1]}")
     return problems
+
+
+def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, appended: bool) -> str:
+    """Why output `fed` cannot be fed back into state input `held` (whole, or appended), or ""."""
+    if not appended:
+        if (held.dtype, held.shape) == (fed.dtype, fed.shape):
+            return ""
+        return (f"the input is {_describe(held)} but the output is {_describe(fed)}; state must keep its dtype and "
+                f"shape, batch dimension included")
+    if position is None:
+        return "an appended state needs a position (--state-capacity) to say where its entries go"
+    differ = [axis for axis, (a, b) in enumerate(zip(held.shape, fed.shape)) if a != b]
+    if held.dtype == fed.dtype and len(held.shape) == len(fed.shape) and len(differ) == 1 and \
+            held.shape[differ[0]] == position.capacity and 1 <= (fed.shape[differ[0]] or 0) < position.capacity:
+        return ""
+    return (f"the input is {_describe(held)} but the output is {_describe(fed)}; appended entries keep the state's "
+            f"dtype and shape except on the one axis of the capacity ({position.capacity}), where they number "
+            f"fewer")
 
 
 def _describe(spec: TensorSpec) -> str:

@@ -30,7 +30,8 @@ def render(manifest: Manifest) -> str:
         if sig.reason:
             lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")
         if sig.state:
-            pairs = ", ".join(f"{name} <- {output}" for name, output in sig.state.items())
+            pairs = ", ".join(f"{name} <- {output}{' (appended at the position)' if name in sig.appended else ''}"
+                              for name, output in sig.state.items())
             held = f"; {sig.position.input} counts tokens, at most {sig.position.capacity}" if sig.position else ""
             lines.append(f"  {key}: state {pairs}{held}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -50,13 +50,16 @@ def compile_servable(
     multithreading: bool = True,
     state: Mapping[str, Mapping[str, str]] | None = None,
     positions: Mapping[str, tuple[str, int]] | None = None,
+    appended: Mapping[str, Sequence[str]] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Compile the SavedModel's signatures into a servable at `out`; see the module's documentation.
 
     `state` declares stateful signatures, {signature: {state input: the output fed back into it}},
     and `positions` {signature: (position input, capacity)} the state input that counts the tokens
-    a session holds (runtime/manifest.py has the rules); both are checked before anything compiles.
+    a session holds, and `appended` {signature: [state input]} the state inputs whose output is only
+    the entries to write at the position (runtime/manifest.py has the rules); all are checked before
+    anything compiles.
     """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
@@ -68,7 +71,7 @@ def compile_servable(
 
     target = resolve_target(target_cpu)
     infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
-                           state or {}, positions or {})
+                           state or {}, positions or {}, appended or {})
     reasons = {key: ("built with --engine saved-model" if engine == "saved-model" else info.aot_obstacle())
                for key, info in infos.items()}
     _refuse_if_forced(engine, reasons)
@@ -88,7 +91,7 @@ def compile_servable(
                 method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
                 engine="saved-model" if reasons[key] else "xla-aot",
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
-                position=info.position)
+                position=info.position, appended=info.appended)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
         if fallback:
@@ -135,8 +138,9 @@ def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_mod
 
 
 def _declare_state(infos: dict[str, SignatureInfo], state: Mapping[str, Mapping[str, str]],
-                   positions: Mapping[str, tuple[str, int]]) -> dict[str, SignatureInfo]:
-    for option, named in (("--state", state), ("--state-capacity", positions)):
+                   positions: Mapping[str, tuple[str, int]],
+                   appended: Mapping[str, Sequence[str]]) -> dict[str, SignatureInfo]:
+    for option, named in (("--state", state), ("--state-capacity", positions), ("--state-append", appended)):
         unknown = [key for key in named if key not in infos]
         if unknown:
             raise CompileError(f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
@@ -147,7 +151,7 @@ def _declare_state(infos: dict[str, SignatureInfo], state: Mapping[str, Mapping[
                                f"got {capacity!r}")
     declared = {key: replace(info, state=dict(state.get(key, {})),
                              position=Position(input=positions[key][0], capacity=positions[key][1])
-                             if key in positions else None)
+                             if key in positions else None, appended=tuple(appended.get(key, ())))
                 for key, info in infos.items()}
     problems = state_problems(declared)
     if problems:
@@ -173,6 +177,17 @@ def parse_capacities(text: str) -> dict[str, tuple[str, int]]:
             raise CompileError(f"--state-capacity names two positions for signature '{key}'")
         positions[key] = (name, int(tokens) if tokens.isdigit() else tokens)  # compile_servable checks it
     return positions
+
+
+def parse_appended(text: str) -> dict[str, list[str]]:
+    """`kiln compile --state-append SIGNATURE:INPUT[,...]` as {signature: [input]}."""
+    appended: dict[str, list[str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, colon, name = item.rpartition(":")
+        if not (colon and key.strip() and name.strip()):
+            raise CompileError(f"--state-append takes SIGNATURE:INPUT[,...]; '{item}' is not of that form")
+        appended.setdefault(key.strip(), []).append(name.strip())
+    return appended
 
 
 def _declarations(text: str, option: str, form: str) -> Iterator[tuple[str, str, str]]:

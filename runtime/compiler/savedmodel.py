@@ -27,6 +27,7 @@ class SignatureInfo:
     # Declared at compile time (kiln compile --state, --state-capacity), not read from the SavedModel.
     state: Mapping[str, str] = field(default_factory=dict)
     position: Position | None = None
+    appended: tuple[str, ...] = ()
 
     @property
     def batched(self) -> bool:

@@ -155,25 +155,3 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
         else:
             inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return inputs
-
-
-def initial_state(signature: Signature, rows: int) -> dict[str, np.ndarray]:
-    """The state of `rows` new sessions (one for an unbatched signature): zeros, by state input."""
-    state = tuple(spec for spec in signature.inputs if spec.name in signature.state)
-    return synthetic_inputs(signature.model_copy(update={"inputs": state}), rows)
-
-
-def state_after(signature: Signature, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The sessions' state to save after a call, by state input: each one's paired output.
-
-    A row whose position went past the signature's capacity overflowed its state (a K/V cache
-    holds no more tokens): InvalidInput names it, and nothing of the call may be saved.
-    """
-    position = signature.position
-    if position is not None:
-        held = np.asarray(outputs[signature.state[position.input]])
-        over = np.flatnonzero(held.reshape(-1) > position.capacity)
-        if over.size:
-            raise InvalidInput(f"the session state holds at most {position.capacity} tokens; this call would take "
-                               f"row(s) {', '.join(map(str, over[:10]))} to {held.reshape(-1)[over[0]]}")
-    return {name: outputs[output] for name, output in signature.state.items()}
