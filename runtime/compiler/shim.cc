@@ -46,6 +46,12 @@ long kiln_arg_size(void* function, int index) { return As(function)->arg_size(in
 long kiln_result_size(void* function, int index) { return As(function)->result_size(index); }
 void* kiln_arg_data(void* function, int index) { return As(function)->arg_data(index); }
 void* kiln_result_data(void* function, int index) { return As(function)->result_data(index); }
+// Points argument `index` at `data` instead of the instance's own buffer, so a large input is
+// passed without a copy. The generated code only reads arguments; `data` must be aligned to
+// xla::cpu::MinAlign() and stay valid until the argument is pointed elsewhere.
+void kiln_set_arg_data(void* function, int index, const void* data) {
+  As(function)->set_arg_data(index, data);
+}
 
 // Returns nullptr on success, else the compiled code's error message (valid until the next run).
 const char* kiln_run(void* function) {

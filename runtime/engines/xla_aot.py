@@ -4,6 +4,15 @@ Each (signature, bucket) is one shared library exporting the kiln_* C functions 
 runtime/compiler/shim.cc. An instance of the compiled class owns its argument, result and temp
 buffers, so instances are pooled: a thread takes one, fills its arguments through numpy views,
 runs it with the GIL released (ctypes releases it), copies the results out and gives it back.
+
+An input with the argument's exact layout (the bucket's full shape and dtype, C-contiguous), whose
+data starts on an ALIGNMENT boundary (the compiled code assumes aligned buffers; runtime.aligned
+allocates such arrays) and that has at least BY_POINTER_MIN_BYTES is lent instead of copied: the
+instance's argument points at the caller's data for that one run (the generated code never writes
+its arguments), then back at its own buffer. So a decode loop's cache pool, tens of MiB fed in
+every step, costs nothing to pass. Until run() returns, the caller must not write the rows of a lent
+array whose results it will use (rows are independent, as batching everywhere assumes). Libraries
+compiled before lending existed lack kiln_set_arg_data; they still load, and copy every input.
 """
 
 from __future__ import annotations
@@ -19,11 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.aligned import ALIGNMENT
 from runtime.cpu import host_architecture
 from runtime.errors import ServableError
 from runtime.manifest import Signature, TensorSpec
 
 FRAMEWORK_LIBRARY = "libtensorflow_framework.so.2"
+# Lending takes about 5 us of ctypes calls, about what copying 256-512 KiB takes; smaller
+# inputs are cheaper to copy.
+BY_POINTER_MIN_BYTES = 256 * 1024
 P = ctypes.c_void_p
 PROTOTYPES = {
     "kiln_new": (P, []), "kiln_delete": (None, [P]),
@@ -37,6 +50,8 @@ PROTOTYPES = {
     "kiln_thread_pool_new": (P, [ctypes.c_int]), "kiln_thread_pool_delete": (None, [P]),
     "kiln_set_thread_pool": (None, [P, P]),
 }
+# Not in libraries an older Kiln compiled, which still load: their inputs are always copied.
+OPTIONAL_PROTOTYPES = {"kiln_set_arg_data": (None, [P, ctypes.c_int, P])}
 
 
 _framework_lock = threading.Lock()
@@ -140,6 +155,10 @@ class BucketLibrary:
             except AttributeError:
                 raise ServableError(f"{path.name} is not a Kiln library: it lacks {name}") from None
             function.restype, function.argtypes = restype, argtypes
+        for name, (restype, argtypes) in OPTIONAL_PROTOTYPES.items():
+            if hasattr(self.lib, name):
+                getattr(self.lib, name).restype, getattr(self.lib, name).argtypes = restype, argtypes
+        self.lends = hasattr(self.lib, "kiln_set_arg_data")
         self.name = path.name
         self.signature = signature
         self.bucket = bucket
@@ -169,7 +188,11 @@ class BucketLibrary:
 
 
 class Instance:
-    """One compiled-function object and numpy views on its argument and result buffers."""
+    """One compiled-function object and numpy views on its argument and result buffers.
+
+    An argument lent a caller's array (lend) shows in no view until restore() points it back at
+    the instance's own buffer, whose index and address are kept for that.
+    """
 
     def __init__(self, library: BucketLibrary):
         lib = library.lib
@@ -185,6 +208,9 @@ class Instance:
         self.results = {spec.name: self._view(library, spec, bucket, lib.kiln_result_index,
                                               lib.kiln_result_size, lib.kiln_result_data)
                         for spec in signature.outputs}
+        self._own = {name: (lib.kiln_arg_index(self.handle, name.encode()), view.ctypes.data)
+                     for name, view in self.args.items()}  # name: (index, own buffer address)
+        self._lent: list[str] = []
 
     def _view(self, library, spec: TensorSpec, bucket, index_of, size_of, data_of) -> np.ndarray:
         index = index_of(self.handle, spec.name.encode())
@@ -196,6 +222,18 @@ class Instance:
                                 f"of shape {list(shape)} {spec.dtype} is not in the compiled code")
         buffer = (ctypes.c_char * nbytes).from_address(data_of(self.handle, index))
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def lend(self, name: str, array: np.ndarray) -> None:
+        """Point argument `name` at `array`'s data until restore(); the caller keeps `array` alive
+        and unwritten meanwhile."""
+        self.lib.kiln_set_arg_data(self.handle, self._own[name][0], array.ctypes.data)
+        self._lent.append(name)
+
+    def restore(self) -> None:
+        """Point every lent argument back at the instance's own buffer."""
+        for name in self._lent:
+            self.lib.kiln_set_arg_data(self.handle, *self._own[name])
+        self._lent.clear()
 
     def run(self) -> None:
         error = self.lib.kiln_run(self.handle)
@@ -234,8 +272,12 @@ class AotRunner:
         instance = library.acquire()
         try:
             for name, view in instance.args.items():
-                rows = inputs[name].shape[0] if self.signature.batched else view.shape[0]
-                view[:rows] = inputs[name]
+                array = inputs[name]
+                if library.lends and _lendable(array, view):
+                    instance.lend(name, array)
+                    continue
+                rows = array.shape[0] if self.signature.batched else view.shape[0]
+                view[:rows] = array
                 if rows < view.shape[0]:
                     view[rows:] = 0
             instance.run()
@@ -244,6 +286,7 @@ class AotRunner:
             rows = next(iter(inputs.values())).shape[0]
             return {name: view[:rows].copy() for name, view in instance.results.items()}
         finally:
+            instance.restore()
             library.release(instance)
 
     def close(self) -> None:
@@ -253,3 +296,10 @@ class AotRunner:
         if self._pool is not None:
             self._pool_owner.kiln_thread_pool_delete(self._pool)
             self._pool = None
+
+
+def _lendable(array: np.ndarray, view: np.ndarray) -> bool:
+    """Whether `array` can be passed by pointer in place of the argument `view` (see the module
+    docstring): it is the argument's exact layout, aligned, and big enough to be worth it."""
+    return (array.nbytes >= BY_POINTER_MIN_BYTES and array.shape == view.shape and array.dtype == view.dtype
+            and array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0)
