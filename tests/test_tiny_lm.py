@@ -1,7 +1,10 @@
 """The generative example and stateful signatures: tiny_lm's ahead-of-time prefill and decode give
-TensorFlow's logits for sessions at different positions in one batch; state fed back across calls
-(through the session store, into a freshly opened engine) continues a session exactly; the manifest
-records the state pairing; `kiln compile --state` refuses pairs that cannot be state."""
+TensorFlow's logits for sessions at different positions in one batch; both read only the filled
+blocks of the cache and return only the new entries, a chunk prefilled at once gives what its tokens
+decoded one at a time give, and a row's result does not depend on its batch-mates' positions; state
+fed back across calls (through the session store, into a freshly opened engine) continues a session
+exactly; the manifest records the state pairing; `kiln compile --state` refuses pairs that cannot
+be state."""
 
 from __future__ import annotations
 
@@ -11,13 +14,13 @@ import numpy as np
 import orjson
 import pytest
 
-from examples.tiny_lm import CACHE_SHAPE, CHUNK, CONTEXT, STATE, VOCAB
+from examples.tiny_lm import APPENDED, CACHE_SHAPE, CHUNK, CONTEXT, STATE, VOCAB
 from runtime import cli
 from runtime.engines import open_servable
-from runtime.engines.base import initial_state, state_after
 from runtime.errors import InvalidInput, ServableError
 from runtime.manifest import MANIFEST_FILE, Signature, TensorSpec, read_manifest
 from runtime.sessions import MemoryStore, servable_fingerprint
+from runtime.state import initial_state, state_after
 
 TOLERANCE = 1e-5
 PROMPTS = ["Kiln fires a SavedModel into machine code once, and serves it from a thin runtime. " * 4,
@@ -66,17 +69,30 @@ def prefill(run, prompts, state):
             tokens[row, :len(part)], count[row] = part, len(part)
         outputs = run("prefill", {"tokens": tokens, "count": count, **state})
         logits = np.where(count[:, None] > 0, outputs["logits"], logits)
-        state = fed_back("prefill", outputs)
+        state = fed_back("prefill", outputs, state)
     return logits, state
 
 
-def fed_back(key, outputs):
-    return {name: outputs[output] for name, output in STATE[key].items()}
+def fed_back(key, outputs, state):
+    """The state after a call: each state input's paired output, or for an appended one (kv_cache)
+    the state before with the output (kv_new) written at each row's position."""
+    return {name: appended(state[name], outputs[output], state["position"]) if name in APPENDED[key]
+            else outputs[output] for name, output in STATE[key].items()}
+
+
+def appended(cache, new, position):
+    """A copy of cache [B, L, 2, H, S, Dh] with new [B, L, 2, H, T, Dh] at slots position[b].. of row
+    b, all T entries of every row as the runtime writes them, those past the last slot dropped."""
+    cache = cache.copy()
+    for row, slot in enumerate(position):
+        kept = new[row, :, :, :, :max(0, CONTEXT - slot)]
+        cache[row, :, :, :, slot:slot + kept.shape[3]] = kept
+    return cache
 
 
 def decode(run, tokens, state):
     outputs = run("decode", {"token": tokens, **state})
-    return outputs["logits"], fed_back("decode", outputs)
+    return outputs["logits"], fed_back("decode", outputs, state)
 
 
 def new_state(rows):
@@ -139,7 +155,9 @@ def test_state_fed_back_through_the_store_continues_exactly(tiny_lm, engine):
 
 def test_a_session_does_not_depend_on_its_batch(engine):
     """A session decoded beside others (bucket 4, padded) gets its logits alone (bucket 1), and a row
-    with nothing to prefill (count 0) keeps its state bit for bit."""
+    with nothing to prefill (count 0) changes nothing a caller sees: zero logits, the same position,
+    and the same logits bit for bit from the next call, although the runtime wrote the padding
+    tokens' entries past its position."""
     prompts = [encode(text) for text in PROMPTS]
     _, batch_state = prefill(engine.run, prompts, new_state(3))
     tokens = np.array([7, 200, 65], np.int32)
@@ -147,11 +165,59 @@ def test_a_session_does_not_depend_on_its_batch(engine):
     for row in range(3):
         alone, _ = decode(engine.run, tokens[row:row + 1], {k: v[row:row + 1] for k, v in batch_state.items()})
         np.testing.assert_allclose(alone[0], together[row], atol=1e-5, rtol=0)
-    idle = engine.run("prefill", {"tokens": np.full((3, CHUNK), 9, np.int32), "count": np.array([0, 1, 0], np.int32),
-                                  **batch_state})
-    for row in (0, 2):
-        np.testing.assert_array_equal(idle["kv_cache_out"][row], batch_state["kv_cache"][row])
-    np.testing.assert_array_equal(idle["position_out"], batch_state["position"] + [0, 1, 0])
+    inputs = {"tokens": np.full((3, CHUNK), 9, np.int32), "count": np.array([0, 1, 0], np.int32), **batch_state}
+    idle = engine.run("prefill", inputs)
+    after = state_after(engine.signature("prefill"), idle, inputs)
+    np.testing.assert_array_equal(after["position"], batch_state["position"] + [0, 1, 0])
+    assert not idle["logits"][[0, 2]].any() and idle["logits"][1].any()
+    assert (after["kv_cache"][[0, 2]] != batch_state["kv_cache"][[0, 2]]).any()
+    next_call, _ = decode(engine.run, tokens, after)
+    np.testing.assert_array_equal(next_call[[0, 2]], together[[0, 2]])
+
+
+def test_a_chunk_prefilled_at_once_is_its_tokens_decoded_one_at_a_time(engine):
+    """Prefilling a chunk gives the logits after its last token, and the cache entries, of decoding
+    its tokens one at a time: for sessions on either side of a block boundary with different counts
+    (0 and a whole chunk included) in one batch, over caches holding noise before the position (the
+    old tokens) and at and past it (masked)."""
+    position = np.array([0, 5, 127, 128, 300], np.int32)
+    count = np.array([CHUNK, 0, 1, 60, CHUNK], np.int32)
+    start = {"kv_cache": np.random.default_rng(0).standard_normal((5, *CACHE_SHAPE)).astype(np.float32),
+             "position": position}
+    tokens = np.random.default_rng(1).integers(0, VOCAB, (5, CHUNK)).astype(np.int32)
+    outputs = engine.run("prefill", {"tokens": tokens, "count": count, **start})
+    assert outputs["kv_new"].shape == (5, *CACHE_SHAPE[:3], CHUNK, CACHE_SHAPE[4])
+    prefilled = fed_back("prefill", outputs, start)
+
+    decoded, logits = start, np.zeros((5, VOCAB), np.float32)
+    for step in range(CHUNK):
+        stepped_logits, stepped = decode(engine.run, tokens[:, step], decoded)
+        going = step < count
+        logits = np.where(going[:, None], stepped_logits, logits)
+        decoded = {name: np.where(going.reshape(-1, *[1] * (value.ndim - 1)), stepped[name], value)
+                   for name, value in decoded.items()}
+    np.testing.assert_array_equal(prefilled["position"], position + count)
+    np.testing.assert_array_equal(decoded["position"], position + count)
+    np.testing.assert_allclose(outputs["logits"], logits, atol=TOLERANCE, rtol=0)
+    assert not outputs["logits"][1].any()
+    for row, filled in enumerate(position + count):  # past it, prefill wrote the padding tokens' entries
+        np.testing.assert_allclose(prefilled["kv_cache"][row, :, :, :, :filled],
+                                   decoded["kv_cache"][row, :, :, :, :filled], atol=TOLERANCE, rtol=0)
+
+
+def test_a_row_does_not_depend_on_how_far_its_batch_mates_are(engine):
+    """A row's prefill and decode are bit for bit the same beside a session 4 tokens in (one block
+    of its cache read) as beside one 1900 tokens in (15 blocks): each row reads its own blocks only.
+    Both calls run in the same bucket: buckets differ in their matmul kernels, so the same row alone
+    in bucket 1 may differ in its last bits."""
+    cache = np.random.default_rng(1).standard_normal((2, *CACHE_SHAPE)).astype(np.float32)
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (2, CHUNK)).astype(np.int32)
+    calls = {"prefill": {"tokens": tokens, "count": np.array([50, CHUNK], np.int32)}, "decode": {"token": tokens[:, 0]}}
+    for key, inputs in calls.items():
+        near, far = (engine.run(key, {**inputs, "position": np.array([3, partner], np.int32), "kv_cache": cache})
+                     for partner in (4, 1900))
+        for name in ("logits", "kv_new", "position_out"):
+            np.testing.assert_array_equal(far[name][0], near[name][0], err_msg=f"{key}: {name}")
 
 
 def test_manifest_records_the_state_pairing(tiny_lm, engine):
@@ -163,22 +229,34 @@ def test_manifest_records_the_state_pairing(tiny_lm, engine):
                                                                                       "capacity": CONTEXT}
         assert raw["signatures"][key]["state"] == STATE[key]
         assert signature.input("kv_cache").shape == (None, *CACHE_SHAPE)
+        assert signature.appended == ("kv_cache",)
     assert engine.signature("prefill").input("tokens").shape == (None, CHUNK)
     zeros = initial_state(engine.signature("decode"), 3)
     assert {name: (array.shape, array.dtype, array.any()) for name, array in zeros.items()} == {
         "kv_cache": ((3, *CACHE_SHAPE), np.float32, False), "position": ((3,), np.int32, False)}
 
 
-def test_a_full_cache_is_refused(engine):
-    """Past the capacity a call's state is garbage: state_after refuses it, naming the row."""
-    state = new_state(2)
-    state["position"][:] = [5, CONTEXT]
-    outputs = engine.run("decode", {"token": np.zeros(2, np.int32), **state})
+@pytest.mark.parametrize("key, call", [
+    ("decode", {"token": np.zeros(2, np.int32)}),
+    ("prefill", {"tokens": np.ones((2, CHUNK), np.int32), "count": np.array([3, 100], np.int32)}),
+])
+def test_a_full_cache_is_refused(engine, key, call):
+    """Past the capacity a call's state is garbage: state_after refuses it, naming the row. Up to
+    it, state_after appends kv_new at each row's position, the last slot included, and drops the
+    entries past it."""
+    taken = call.get("count", np.ones(2, np.int32))
+    inputs = {**call, **new_state(2)}
+    inputs["position"][:] = [5, CONTEXT + 1 - taken[1]]
+    outputs = engine.run(key, inputs)
     with pytest.raises(InvalidInput, match=rf"at most {CONTEXT} tokens.*row\(s\) 1 to {CONTEXT + 1}"):
-        state_after(engine.signature("decode"), outputs)
-    state["position"][:] = [5, CONTEXT - 1]
-    outputs = engine.run("decode", {"token": np.zeros(2, np.int32), **state})
-    assert list(state_after(engine.signature("decode"), outputs)["position"]) == [6, CONTEXT]
+        state_after(engine.signature(key), outputs, inputs)
+    inputs["position"][:] = [5, CONTEXT - taken[1]]
+    outputs = engine.run(key, inputs)
+    want = appended(inputs["kv_cache"], outputs["kv_new"], inputs["position"])
+    after = state_after(engine.signature(key), outputs, inputs)
+    assert list(after["position"]) == [5 + taken[0], CONTEXT]
+    np.testing.assert_array_equal(after["kv_cache"], want)
+    assert want[0, :, :, :, 5].any() and want[1, :, :, :, CONTEXT - 1].any()
 
 
 def test_stateless_manifests_read_as_before(tiny_lm, tmp_path):
