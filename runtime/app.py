@@ -242,7 +242,9 @@ class App:
                     raise DeadlineExceeded("abandoned")
                 started = time.perf_counter()
                 outputs = handle.engine.run(key, inputs)
-                self._observe_execution(handle, key, inputs, time.perf_counter() - started)
+                signature = handle.engine.signatures.get(key)
+                rows = len(next(iter(inputs.values()))) if signature is not None and signature.batched and inputs else None
+                self.observe_execution(handle, key, rows, time.perf_counter() - started)
                 return outputs
             finally:
                 queue.dec()
@@ -257,12 +259,11 @@ class App:
             raise DeadlineExceeded(f"the request's deadline passed after {remaining * 1e3:.0f} ms, before "
                                    f"the model answered") from None
 
-    def _observe_execution(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
-                           seconds: float) -> None:
-        signature = handle.engine.signatures.get(key)
+    def observe_execution(self, handle: ServableHandle, key: str, rows: int | None, seconds: float) -> None:
+        """Count one execution of a signature: its rows (None: unbatched) and its seconds."""
         labels = (handle.name, str(handle.version), key)
-        if signature is not None and signature.batched and inputs:
-            self.metrics.batch_size.labels(*labels).observe(len(next(iter(inputs.values()))))
+        if rows is not None:
+            self.metrics.batch_size.labels(*labels).observe(rows)
         self.metrics.execution.labels(*labels).observe(seconds)
 
     # Routing ------------------------------------------------------------------------------------

@@ -10,20 +10,23 @@ Its tokens are UTF-8 bytes. POST /v1/models/NAME[/versions/N]:generate takes
    "session": ID (optional: none starts a new session)}
 and answers the generated tokens, their text, their log-probabilities (under the model, before
 temperature) and the session id (also in the X-Kiln-Session header); with "stream": true, each token
-as a server-sent event as it is made, then a last event once the session is stored. A continued session sends only
-its new text: the prompt is prefilled onto the stored state, each generated token is decoded into
+as a server-sent event as it is made, then a last event once the session is stored. A continued
+session sends only its new text: the prompt is prefilled onto the stored state, each generated token is decoded into
 it, and the state goes back to the store by compare-and-set (a session advanced meanwhile by
 another request answers 409). A session whose stored state is missing, expired, corrupt or from
 another servable version is rebuilt from its token history.
 
-Continuous batching comes from the batcher: every decode step is one App.execute call, so the steps
-of all sessions generating at the same moment run as one batch, and new sessions join between steps.
+Continuous batching: a session takes a seat in its servable version's decode loop
+(runtime.decoding) with its state as stored, and every prefill chunk and decode step runs there: the
+calls of all sessions generating at the same moment run as one batch over state kept resident
+between them; new sessions join, and finished ones leave, between steps.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -31,7 +34,7 @@ import numpy as np
 
 from runtime.access import DEFAULT_TENANT
 from runtime.codecs.tfserving import loads
-from runtime.engines.base import initial_state, state_after
+from runtime.decoding import DecodeLoop
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
 from runtime.sessions import SessionIds, SessionStore, open_store, servable_fingerprint
@@ -96,6 +99,7 @@ class Sessions:
         self._store: SessionStore | None = None
         self._cache: PredictionCache | None = None
         self._fingerprints: dict[int, tuple[object, str]] = {}
+        self._decoders: weakref.WeakValueDictionary[int, DecodeLoop] = weakref.WeakValueDictionary()
 
     @functools.cached_property
     def ids(self) -> SessionIds:
@@ -125,6 +129,14 @@ class Sessions:
                                                  (engine.directory / "manifest.json").read_bytes())
             self._fingerprints[id(engine)] = known
         return known[1]
+
+    def decoder(self, app, handle: ServableHandle) -> DecodeLoop:
+        """The servable version's decode loop, shared by the sessions generating with it; it goes
+        (with its pool, and its hold on the engine) when the last of them lets go of it."""
+        loop = self._decoders.get(id(handle.engine))
+        if loop is None or loop.handle.engine is not handle.engine:
+            loop = self._decoders[id(handle.engine)] = DecodeLoop(handle, app.observe_execution)
+        return loop
 
     async def close(self) -> None:
         if self._store is not None:
@@ -162,52 +174,60 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
 
     engine = handle.engine
     prefill, decode = engine.signature("prefill"), engine.signature("decode")
-    if not decode.state:
-        raise InvalidInput(f"model {handle.name!r} has no stateful decode signature to generate with")
+    if not (decode.state and prefill.state and decode.batched and prefill.batched):
+        raise InvalidInput(f"model {handle.name!r} has no batched stateful prefill and decode signatures to "
+                           f"generate with")
     vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
     if any(not 0 <= t < vocabulary for t in request.tokens):
         raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
     store = app.sessions.store()
     fingerprint = app.sessions.fingerprint(handle)
-    history: list[int] = []
-    if request.session is None:
-        version, state = 0, initial_state(decode, 1)
-    else:
+    stored, history, version = None, None, 0
+    if request.session is not None:
         try:
-            stored = await store.load(tenant, session, fingerprint)
-            version, state = stored.version, dict(stored.tensors)
-            history = [] if stored.history is None else stored.history.tolist()
+            loaded = await store.load(tenant, session, fingerprint)
+            stored, history, version = loaded.tensors, loaded.history, loaded.version
         except SessionLost as lost:
             if lost.history is None:
                 raise
-            history, version = lost.history.tolist(), lost.version
-            state, _ = await _prefill(app, handle, prefill, initial_state(decode, 1), history, exchange)
-    state, logits = await _prefill(app, handle, prefill, state, request.tokens, exchange)
+            history, version = lost.history, lost.version
+    history = [] if history is None else history.tolist()
+    decoder = app.sessions.decoder(app, handle)
+    try:
+        seat = await decoder.join(stored)
+    except SessionLost:  # stored whole, but not for this model's state: rebuilt like a lost one
+        if not history:
+            raise
+        stored, seat = None, await decoder.join(None)
     rng = np.random.default_rng(request.seed)
     generated = []
-    for _ in range(request.max_tokens):
-        token, logprob = _sample(logits, request.temperature, rng)
-        generated.append(token)
-        outputs = await app.execute(handle, "decode", {"token": np.array([token], np.int32), **state}, exchange)
-        state, logits = state_after(decode, outputs), outputs["logits"][0]
-        yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
+    try:
+        if request.session is not None and stored is None:
+            await _prefill(decoder, seat, prefill, history)
+        logits = await _prefill(decoder, seat, prefill, request.tokens)
+        for _ in range(request.max_tokens):
+            token, logprob = _sample(logits, request.temperature, rng)
+            generated.append(token)
+            logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
+            yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
+    finally:
+        state = await decoder.leave(seat)
     await store.save(tenant, session, version, state, history + request.tokens + generated, fingerprint)
     yield {"done": True, "session": session, "tokens": generated}
 
 
-async def _prefill(app, handle: ServableHandle, signature, state: dict, tokens: list[int], exchange):
-    """The state after `tokens`, fed in chunks of the signature's width, and the logits after the
-    last one (None for no tokens)."""
-    width = signature.inputs[[i.name for i in signature.inputs].index("tokens")].shape[1]
+async def _prefill(decoder: DecodeLoop, seat, signature, tokens: list[int]):
+    """Feed `tokens` into the seated session's state in chunks of the signature's width: the
+    logits after the last one (None for no tokens)."""
+    width = signature.input("tokens").shape[1]
     logits = None
     for start in range(0, len(tokens), width):
         chunk = tokens[start:start + width]
         padded = np.zeros((1, width), np.int32)
         padded[0, :len(chunk)] = chunk
-        outputs = await app.execute(handle, "prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32),
-                                                        **state}, exchange)
-        state, logits = state_after(signature, outputs), outputs["logits"][0]
-    return state, logits
+        outputs = await decoder.run(seat, "prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32)})
+        logits = outputs["logits"][0]
+    return logits
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> tuple[int, float]:
