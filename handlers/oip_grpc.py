@@ -7,7 +7,9 @@ handlers/grpc_server.py does: runtime.codecs.oip_grpc turns messages into arrays
 `serve_call` wraps every call (request id, authentication, the client's deadline, errors mapped by
 runtime.errors.status_of, metrics, the access log), and model work goes to `App.execute`. Answers
 agree with the REST routes (`/v2/...` in runtime.app): the same readiness, the same metadata
-documents, the same signature (`default_signature`).
+documents, the same signature (`oip_signature`: the signature_name parameter's, else serving_default or the
+only one), and a stateful signature answers in the session its sequence_id parameter names
+(runtime.stateful), the session's id coming back as the response's sequence_id parameter.
 
 The messages are generated from Kiln's copy of Triton's grpc_service.proto, byte-identical to the
 one tritonclient registers, so a process may import both (tests/test_protos.py checks it).
@@ -22,11 +24,11 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc_server import serve_call
+from handlers.grpc_server import serve_call, text_metadata
 from runtime import __version__
-from runtime.app import App, Exchange, default_signature
+from runtime.app import App, Exchange, default_signature, oip_signature
 from runtime.codecs import oip_grpc
-from runtime.errors import NotFound
+from runtime.errors import InvalidInput, NotFound
 from runtime.protos import generated_module
 from runtime.repository import ServableHandle
 from runtime.version_policy import State
@@ -55,7 +57,7 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer):
         return await serve_call(self.app, context, "metadata", partial(self._model_metadata, request))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await serve_call(self.app, context, "infer", partial(self._infer, request))
+        return await serve_call(self.app, context, "infer", partial(self._infer, request, context))
 
     async def _live(self, request: Any, exchange: Exchange) -> Any:
         return _service.ServerLiveResponse(live=True)
@@ -81,12 +83,28 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer):
                         if v.state is State.AVAILABLE]
             return oip_grpc.model_metadata(handle.name, versions, default_signature(handle.engine)[1])
 
-    async def _infer(self, request: Any, exchange: Exchange) -> Any:
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext, exchange: Exchange) -> Any:
+        """As App._infer: a stateful signature answers in the session of the sequence_id parameter."""
+        parameters = oip_grpc.request_parameters(request)
         with self._hold(request.model_name, request.model_version, exchange) as handle:
-            key, signature = default_signature(handle.engine)
-            inputs, names = oip_grpc.decode_infer(request, signature)
-            outputs = await self.app.execute(handle, key, inputs, exchange)
-            return oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
+            key, signature = oip_signature(handle.engine, parameters)
+            if not signature.state:
+                inputs, names = oip_grpc.decode_infer(request, signature)
+                outputs = await self.app.execute(handle, key, inputs, exchange)
+                return oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
+            from runtime.generation import tenant_of
+            from runtime.stateful import run_in_session, visible
+
+            inputs, names = oip_grpc.decode_infer(request, visible(signature))
+            end = parameters.get("sequence_end", False)
+            if not isinstance(end, bool):
+                raise InvalidInput(f"the request: parameter sequence_end must be true or false, got {end!r}")
+            outputs, session = await run_in_session(self.app, handle, key, signature, inputs,
+                                                    parameters.get("sequence_id"),
+                                                    tenant_of(exchange.tenant, text_metadata(context)), exchange, end)
+            response = oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
+            response.parameters["sequence_id"].string_param = session
+            return response
 
     @contextmanager
     def _hold(self, name: str, version: str, exchange: Exchange) -> Iterator[ServableHandle]:

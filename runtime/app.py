@@ -342,15 +342,31 @@ class App:
     # Endpoints ----------------------------------------------------------------------------------
 
     async def _infer(self, target: Target, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
+        header, binary = oip.infer_header(body, headers.get(oip.HEADER_LENGTH.lower()))
+        parameters = header.get("parameters") or {}
+        extra: dict[str, str] = {}
         with self._handle(target, exchange) as handle:
-            key, signature = default_signature(handle.engine)
-            request = oip.read_infer(body, signature, headers.get(oip.HEADER_LENGTH.lower()))
-            outputs = await self.execute(handle, key, request.inputs, exchange)
-            body, header_length = oip.write_infer(handle.name, handle.version, outputs, request)
+            key, signature = oip_signature(handle.engine, parameters)
+            if signature.state:
+                from runtime.generation import SESSION_HEADER, tenant_of
+                from runtime.stateful import run_in_session, visible
+
+                request = oip.infer_request(header, binary, visible(signature))
+                outputs, session = await run_in_session(
+                    self, handle, key, signature, request.inputs, parameters.get("sequence_id"),
+                    tenant_of(exchange.tenant, headers), exchange,
+                    end=bool(oip.parameter(header, "sequence_end", bool, "the request")))
+                extra = {SESSION_HEADER: session}
+            else:
+                request = oip.infer_request(header, binary, signature)
+                outputs = await self.execute(handle, key, request.inputs, exchange)
+            body, header_length = oip.write_infer(handle.name, handle.version, outputs, request,
+                                                  {"sequence_id": extra[SESSION_HEADER]} if extra else None)
         if header_length is None:
-            return Response(200, body)
+            return Response(200, body, {**JSON, **extra})
         # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).
-        return Response(200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length)})
+        return Response(200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length),
+                                    **extra})
 
     def _check_size(self, request: Request) -> None:
         if len(request.body) > self.max_body_bytes:
@@ -512,7 +528,18 @@ def default_signature(engine) -> tuple[str, Signature]:
     if len(engine.signatures) == 1:
         return next(iter(engine.signatures.items()))
     raise InvalidInput(f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
-                       f"({', '.join(engine.signatures)}); the Open Inference Protocol cannot choose")
+                       f"({', '.join(engine.signatures)}); name one with the request parameter signature_name")
+
+
+def oip_signature(engine, parameters: Mapping) -> tuple[str, Signature]:
+    """An infer request's signature: the one its `signature_name` parameter names (Kiln's, after TF
+    Serving's field: the Open Inference Protocol has no such notion), else default_signature's."""
+    key = parameters.get("signature_name")
+    if key is None:
+        return default_signature(engine)
+    if not isinstance(key, str):
+        raise InvalidInput(f"the request: parameter signature_name must be a string, got {key!r}")
+    return key, engine.signature(key)
 
 
 def _signature_def(signature: Signature) -> dict:

@@ -80,16 +80,35 @@ print(json.dumps(generate(app, {{"prompt": "the clay", "max_tokens": 6, "session
     assert uninterrupted["logprobs"] == pytest.approx(second["logprobs"], abs=1e-5)
 
 
-def test_two_writers_of_one_session_one_wins_the_other_conflicts(served):
+def test_two_writers_of_one_session_one_wins_the_other_conflicts(served, monkeypatch):
+    """Both requests load the session before either saves (the saves wait for both loads, so the
+    race is certain however fast generation is): one wins, the other is told of the conflict."""
     app, loop, _ = served
     _, first, _ = generate(app, {"prompt": "abc", "max_tokens": 2}, loop)
+    store = app.sessions.store()
+    load, save, loaded, both_loaded = store.load, store.save, [], asyncio.Event()
+
+    async def counted_load(*args, **kwargs):
+        state = await load(*args, **kwargs)
+        loaded.append(state.version)
+        if len(loaded) == 2:
+            both_loaded.set()
+        return state
+
+    async def held_save(*args, **kwargs):
+        await both_loaded.wait()
+        return await save(*args, **kwargs)
+
+    monkeypatch.setattr(store, "load", counted_load)
+    monkeypatch.setattr(store, "save", held_save)
 
     async def both():
         return await asyncio.gather(*(app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(
             {"prompt": text, "max_tokens": 3, "session": first["session"]}))) for text in ("one", "two")))
 
-    statuses = sorted(response.status for response in loop.run_until_complete(both()))
-    assert statuses == [200, 409]
+    responses = sorted(loop.run_until_complete(both()), key=lambda response: response.status)
+    assert loaded == [1, 1] and [response.status for response in responses] == [200, 409]
+    assert "another request advanced it first" in orjson.loads(responses[1].body)["error"]
 
 
 def test_another_tenants_session_is_refused(served):
@@ -211,7 +230,8 @@ def test_a_stateful_signature_predicts_in_a_session(served, examples):
     and two calls in one session give what the engine gives with the state carried by hand."""
     import numpy as np
 
-    from runtime.engines.base import Engine, initial_state, state_after
+    from runtime.engines.base import Engine
+    from runtime.state import initial_state, state_after
 
     app, loop, _ = served
 
@@ -229,9 +249,74 @@ def test_a_stateful_signature_predicts_in_a_session(served, examples):
     decode = engine.signature("decode")
     state = initial_state(decode, 1)
     for token, answer in ((65, first), (66, second)):
-        outputs = engine.run("decode", {"token": np.array([token], np.int32), **state})
-        state = state_after(decode, outputs)
+        inputs = {"token": np.array([token], np.int32), **state}
+        outputs = engine.run("decode", inputs)
+        state = state_after(decode, outputs, inputs)
         np.testing.assert_allclose(np.asarray(answer["predictions"][0]), outputs["logits"][0], rtol=1e-5, atol=1e-5)
     engine.close()
     status, refused, _ = predict({"signature_name": "decode", "instances": [65, 66]})
     assert status == 400 and "one row" in refused["error"]
+
+
+def test_open_inference_protocol_sessions_by_sequence_id(examples, tmp_path, redis_server):
+    """tritonclient over kiln serve: a stateful signature (chosen by the signature_name parameter)
+    answers a new session's id as the response's sequence_id parameter and X-Kiln-Session; passing
+    it back continues the session (the logits are the engine's with the state carried by hand), and
+    sequence_end deletes it."""
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from runtime.engines.base import Engine
+    from runtime.state import initial_state, state_after
+    from tests.conftest import free_port, kiln_serve
+
+    shutil.copytree(examples["tiny_lm"].servable, tmp_path / "tiny_lm" / "1")
+
+    def token(value: int):
+        tensor = triton.InferInput("token", [1], "INT32")
+        tensor.set_data_from_numpy(np.array([value], np.int32))
+        return [tensor]
+
+    decode = {"signature_name": "decode"}
+    grpc_port = free_port()
+    with kiln_serve(examples, tmp_path, "--redis-url", redis_server.url, "--grpc-port", str(grpc_port),
+                    env={"KILN_SESSION_KEY": KEY}) as (_, url):
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        first = client.infer("tiny_lm", token(65), parameters=decode)
+        session = first.get_response()["parameters"]["sequence_id"]
+        assert [o["name"] for o in first.get_response()["outputs"]] == ["logits"]  # the state stays in the store
+        second = client.infer("tiny_lm", token(66), sequence_id=session, parameters=decode)
+        assert second.get_response()["parameters"]["sequence_id"] == session
+        ended = client.infer("tiny_lm", token(67), sequence_id=session, sequence_end=True, parameters=decode)
+        with pytest.raises(InferenceServerException, match="has no stored state: it expired, was deleted") as gone:
+            client.infer("tiny_lm", token(68), sequence_id=session, parameters=decode)
+        assert gone.value.status() == "404"
+        with pytest.raises(InferenceServerException, match="session id is a string that Kiln gave") as numbered:
+            client.infer("tiny_lm", token(68), sequence_id=7, parameters=decode)
+        assert numbered.value.status() == "400"
+        with pytest.raises(InferenceServerException, match="name one with the request parameter signature_name"):
+            client.infer("tiny_lm", token(68))
+        with pytest.raises(InferenceServerException, match="signature 'nope' not found"):
+            client.infer("tiny_lm", token(68), parameters={"signature_name": "nope"})
+
+        over_grpc = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        tensor = triton_grpc.InferInput("token", [1], "INT32")
+        tensor.set_data_from_numpy(np.array([65], np.int32))
+        opened = over_grpc.infer("tiny_lm", [tensor], parameters=decode).get_response()
+        grpc_session = opened.parameters["sequence_id"].string_param
+        continued = over_grpc.infer("tiny_lm", [tensor], sequence_id=grpc_session, sequence_end=True, parameters=decode)
+        assert continued.get_response().parameters["sequence_id"].string_param == grpc_session
+        np.testing.assert_array_equal(triton_grpc.InferResult(opened).as_numpy("logits"), first.as_numpy("logits"))
+        with pytest.raises(InferenceServerException, match="has no stored state"):
+            over_grpc.infer("tiny_lm", [tensor], sequence_id=grpc_session, parameters=decode)
+    engine = Engine.open(examples["tiny_lm"].servable)
+    signature, state = engine.signature("decode"), initial_state(engine.signature("decode"), 1)
+    for value, answer in ((65, first), (66, second), (67, ended)):
+        inputs = {"token": np.array([value], np.int32), **state}
+        outputs = engine.run("decode", inputs)
+        state = state_after(signature, outputs, inputs)
+        np.testing.assert_allclose(answer.as_numpy("logits"), outputs["logits"], rtol=1e-5, atol=1e-5)
+    engine.close()
+

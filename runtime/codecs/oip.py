@@ -67,6 +67,12 @@ def decode_infer(body: bytes, signature: Signature) -> tuple[dict[str, np.ndarra
 def read_infer(body: bytes, signature: Signature, header_length: str | int | None = None) -> InferRequest:
     """An infer request. With `header_length` (the Inference-Header-Content-Length header) the JSON
     is the body's first header_length bytes, and binary input data follows it."""
+    return infer_request(*infer_header(body, header_length), signature)
+
+
+def infer_header(body: bytes, header_length: str | int | None = None) -> tuple[dict, _Binary]:
+    """The request's JSON object, and the binary data after it: read before the signature is known,
+    since the request's parameters may choose it."""
     header, binary = _split(body, header_length)
     try:
         request = loads(header)
@@ -76,6 +82,13 @@ def read_infer(body: bytes, signature: Signature, header_length: str | int | Non
         raise
     if not isinstance(request, dict):
         raise InvalidInput("the infer request must be a JSON object")
+    if request.get("parameters") is not None and not isinstance(request["parameters"], dict):
+        raise InvalidInput("the request: 'parameters' must be an object")
+    return request, binary
+
+
+def infer_request(request: dict, binary: _Binary, signature: Signature) -> InferRequest:
+    """The request (from infer_header) decoded against the signature."""
     tensors = request.get("inputs")
     if not isinstance(tensors, list) or not tensors:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -95,10 +108,10 @@ def read_infer(body: bytes, signature: Signature, header_length: str | int | Non
         names = [o["name"] for o in requested]
         check_outputs(names, signature)
         for output in requested:
-            flag = _parameter(output, "binary_data", bool, f"output '{output['name']}'")
+            flag = parameter(output, "binary_data", bool, f"output '{output['name']}'")
             if flag is not None:
                 binary_outputs[output["name"]] = flag
-    binary_default = _parameter(request, "binary_data_output", bool, "the request") or False
+    binary_default = parameter(request, "binary_data_output", bool, "the request") or False
     request_id = request.get("id")
     return InferRequest(inputs, names, request_id if isinstance(request_id, str) else None, binary_outputs,
                         binary_default)
@@ -124,7 +137,7 @@ def check_outputs(names: list[str], signature: Signature) -> None:
         raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has {', '.join(sorted(known))}")
 
 
-def _parameter(owner: dict, key: str, kind: type, what: str):
+def parameter(owner: dict, key: str, kind: type, what: str):
     """One of an object's `parameters`, None if absent; bool or a non-negative int."""
     parameters = owner.get("parameters")
     if parameters is None:
@@ -185,7 +198,7 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     dtype = check_input(name, str(kind), shape, signature)
-    size = _parameter(tensor, "binary_data_size", int, f"input '{name}'")
+    size = parameter(tensor, "binary_data_size", int, f"input '{name}'")
     if size is not None:
         if "data" in tensor:
             raise InvalidInput(f"input '{name}' has both 'data' and a binary_data_size parameter; give one")
@@ -266,10 +279,10 @@ def encode_infer(model: str, version: int, outputs: dict[str, np.ndarray], names
     return _response(model, version, [_output(name, outputs[name]) for name in chosen], request_id)
 
 
-def write_infer(model: str, version: int, outputs: dict[str, np.ndarray],
-                request: InferRequest) -> tuple[bytes, int | None]:
-    """The response body, and the length of its JSON header when binary outputs follow it (None:
-    all JSON)."""
+def write_infer(model: str, version: int, outputs: dict[str, np.ndarray], request: InferRequest,
+                parameters: dict | None = None) -> tuple[bytes, int | None]:
+    """The response body (with the response's `parameters`, if any), and the length of its JSON
+    header when binary outputs follow it (None: all JSON)."""
     tensors, chunks = [], []
     for name in request.outputs if request.outputs is not None else list(outputs):
         if request.binary(name):
@@ -279,7 +292,10 @@ def write_infer(model: str, version: int, outputs: dict[str, np.ndarray],
             chunks.append(raw)
         else:
             tensors.append(_output(name, outputs[name]))
-    header = orjson.dumps(_response(model, version, tensors, request.id), option=orjson.OPT_SERIALIZE_NUMPY)
+    response = _response(model, version, tensors, request.id)
+    if parameters:
+        response["parameters"] = parameters
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     return (b"".join([header, *chunks]), len(header)) if chunks else (header, None)
 
 

@@ -73,6 +73,12 @@ def decode_infer(request: Any, signature: Signature) -> tuple[dict[str, np.ndarr
     return inputs, names
 
 
+def request_parameters(request: Any) -> dict:
+    """A ModelInferRequest's parameters as plain values (each InferParameter's one set field)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice")) if value.WhichOneof("parameter_choice") else None
+            for key, value in request.parameters.items()}
+
+
 def _from_contents(name: str, tensor: Any, dtype: str, shape: list[int]) -> np.ndarray:
     if tensor.datatype not in CONTENTS:
         raise InvalidInput(f"input '{name}': {tensor.datatype} data can only be sent in raw_input_contents")
