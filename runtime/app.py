@@ -242,8 +242,8 @@ class App:
                     raise DeadlineExceeded("abandoned")
                 started = time.perf_counter()
                 outputs = handle.engine.run(key, inputs)
-                signature = handle.engine.signatures.get(key)
-                rows = len(next(iter(inputs.values()))) if signature is not None and signature.batched and inputs else None
+                batched = key in handle.engine.signatures and handle.engine.signatures[key].batched and inputs
+                rows = len(next(iter(inputs.values()))) if batched else None
                 self.observe_execution(handle, key, rows, time.perf_counter() - started)
                 return outputs
             finally:

@@ -163,7 +163,8 @@ def _compile(args) -> int:
         args.saved_model, args.out, name=args.name, version=args.version, signatures=args.signatures,
         batch_sizes=args.batch_sizes, target_cpu=args.target_cpu, engine=args.engine,
         tags=args.tag_set, state=parse_state(args.state), positions=parse_capacities(args.state_capacity),
-        appended=parse_appended(args.state_append), log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
+        appended=parse_appended(args.state_append),
+        log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
     from runtime.table import render
 
     print(render(manifest))

@@ -28,8 +28,9 @@ def visible(signature: Signature) -> Signature:
                                         "outputs": tuple(s for s in signature.outputs if s.name not in outputs)})
 
 
-async def run_in_session(app, handle: ServableHandle, key: str, signature: Signature, inputs: dict[str, np.ndarray],
-                         session: object, tenant: str, exchange, end: bool = False) -> tuple[dict[str, np.ndarray], str]:
+async def run_in_session(app, handle: ServableHandle, key: str, signature: Signature,
+                         inputs: dict[str, np.ndarray], session: object, tenant: str, exchange,
+                         end: bool = False) -> tuple[dict[str, np.ndarray], str]:
     """(the outputs that are not state, the session id) for one row of inputs that are not state;
     with `end`, the session is deleted instead of saved."""
     if session is not None and not isinstance(session, str):
