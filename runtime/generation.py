@@ -42,6 +42,7 @@ from runtime.sessions.keys import check_tenant
 from runtime.sessions.prediction_cache import PredictionCache
 
 MAX_TOKENS = 4096
+SHORT_CHUNK = 8  # prompt tokens fed through decode rather than as a prefill chunk: fewer than this
 SESSION_HEADER = "X-Kiln-Session"
 
 
@@ -208,8 +209,8 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
         for _ in range(request.max_tokens):
             token, logprob = _sample(logits, request.temperature, rng)
             generated.append(token)
-            logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
             yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
+            logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
     finally:
         state = await decoder.leave(seat)
     await store.save(tenant, session, version, state, history + request.tokens + generated, fingerprint)
@@ -217,12 +218,18 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
 
 
 async def _prefill(decoder: DecodeLoop, seat, signature, tokens: list[int]):
-    """Feed `tokens` into the seated session's state in chunks of the signature's width: the
-    logits after the last one (None for no tokens)."""
+    """Feed `tokens` into the seated session's state in chunks of the signature's width, a last
+    chunk of fewer than SHORT_CHUNK tokens one by one through decode (a chunk costs its whole
+    width against the cache, a decode step one token: a continued session's few new tokens are
+    cheaper so): the logits after the last one (None for no tokens)."""
     width = signature.input("tokens").shape[1]
     logits = None
     for start in range(0, len(tokens), width):
         chunk = tokens[start:start + width]
+        if len(chunk) < SHORT_CHUNK:
+            for token in chunk:
+                logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
+            break
         padded = np.zeros((1, width), np.int32)
         padded[0, :len(chunk)] = chunk
         outputs = await decoder.run(seat, "prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32)})

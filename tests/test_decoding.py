@@ -16,7 +16,7 @@ import pytest
 from runtime import decoding
 from runtime.app import App, Request
 from runtime.batching import BatchingParameters
-from runtime.generation import Sessions
+from runtime.generation import SHORT_CHUNK, Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
 from runtime.servable_cache import ServableCache
@@ -70,8 +70,8 @@ def decode_steps(app) -> tuple[int, float]:
 
 
 def test_sessions_share_steps_and_each_gets_what_it_gets_alone(app, run):
-    bodies = [{"prompt": prompt, "max_tokens": 12, "temperature": 0.8 if i % 2 else 0, "seed": i}
-              for i, prompt in enumerate(PROMPTS)]
+    bodies = [{"prompt": f"{prompt:<{SHORT_CHUNK}}", "max_tokens": 12, "temperature": 0.8 if i % 2 else 0, "seed": i}
+              for i, prompt in enumerate(PROMPTS)]  # prompts of a prefill chunk each
 
     async def alone():
         return [await generate(app, body) for body in bodies]
@@ -91,6 +91,24 @@ def test_sessions_share_steps_and_each_gets_what_it_gets_alone(app, run):
     for want, have in zip(expected, got):
         assert have["tokens"] == want["tokens"] and have["text"] == want["text"]
         np.testing.assert_allclose(have["logprobs"], want["logprobs"], rtol=0, atol=1e-4)
+
+
+def test_a_few_new_tokens_go_through_decode_steps(app, run):
+    """Fewer than SHORT_CHUNK tokens of prompt are decoded one by one rather than prefilled as a
+    chunk 128 wide: a continued session's few new tokens cost a few decode steps."""
+    first = run(generate(app, {"prompt": "Kiln fires a SavedModel", "max_tokens": 2}))
+    steps, _ = decode_steps(app)
+    prefills = prefill_calls(app)
+    continued = run(generate(app, {"prompt": "ok", "max_tokens": 3, "session": first["session"]}))
+    assert decode_steps(app)[0] - steps == 2 + 3 and prefill_calls(app) == prefills
+    whole = run(generate(app, {"tokens": list(b"Kiln fires a SavedModel") + first["tokens"] + list(b"ok"),
+                               "max_tokens": 3}))
+    assert continued["tokens"] == whole["tokens"]
+
+
+def prefill_calls(app) -> int:
+    return sum(sample.value for metric in app.metrics.registry.collect() for sample in metric.samples
+               if sample.labels.get("signature") == "prefill" and sample.name.endswith("batch_size_count"))
 
 
 def test_a_session_joins_between_the_steps_of_another(app, run):
