@@ -192,6 +192,7 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
             if lost.history is None:
                 raise
             history, version = lost.history, lost.version
+    kept = request.session is None or history is not None  # a session begun by :predict keeps none
     history = [] if history is None else history.tolist()
     decoder = app.sessions.decoder(app, handle)
     try:
@@ -213,7 +214,8 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
             logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
     finally:
         state = await decoder.leave(seat)
-    await store.save(tenant, session, version, state, history + request.tokens + generated, fingerprint)
+    await store.save(tenant, session, version, state, history + request.tokens + generated if kept else None,
+                     fingerprint)
     yield {"done": True, "session": session, "tokens": generated}
 
 

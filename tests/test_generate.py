@@ -320,3 +320,23 @@ def test_open_inference_protocol_sessions_by_sequence_id(examples, tmp_path, red
         np.testing.assert_allclose(answer.as_numpy("logits"), outputs["logits"], rtol=1e-5, atol=1e-5)
     engine.close()
 
+
+
+def test_a_session_begun_by_predict_is_continued_by_generate_without_a_false_history(served):
+    """A session begun by :predict keeps no token history; continued by :generate it still keeps
+    none (a history of only the later tokens would rebuild a wrong state), so losing its state
+    is an error rather than a silent rebuild."""
+    app, loop, redis = served
+    response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:predict", {}, orjson.dumps(
+        {"signature_name": "decode", "instances": [65]}))))
+    session = orjson.loads(response.body)["session"]
+    status, continued, _ = generate(app, {"prompt": "more", "max_tokens": 2, "session": session}, loop)
+    assert status == 200
+    client = redis.client()
+    keys = client.keys(f"*{session}*")
+    assert keys and not [key for key in keys if key.endswith(b":history")]
+    for key in keys:
+        if b":chunk:" in key:
+            client.delete(key)
+    status, lost, _ = generate(app, {"prompt": "x", "max_tokens": 1, "session": session}, loop)
+    assert status == 500 and "part of its state is missing" in lost["error"]
