@@ -24,8 +24,10 @@ between them; new sessions join, and finished ones leave, between steps.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,8 +36,8 @@ import numpy as np
 
 from runtime.access import DEFAULT_TENANT
 from runtime.codecs.tfserving import loads
-from runtime.decoding import DecodeLoop
-from runtime.errors import InvalidInput
+from runtime.decoding import DecodeLoop, Seat
+from runtime.errors import DeadlineExceeded, InvalidInput
 from runtime.repository import ServableHandle
 from runtime.sessions import SessionIds, SessionStore, open_store, servable_fingerprint
 from runtime.sessions.keys import check_tenant
@@ -174,6 +176,7 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
     from runtime.errors import SessionLost
 
     engine = handle.engine
+    exchange.model, exchange.version = handle.name, str(handle.version)
     prefill, decode = engine.signature("prefill"), engine.signature("decode")
     if not (decode.state and prefill.state and decode.batched and prefill.batched):
         raise InvalidInput(f"model {handle.name!r} has no batched stateful prefill and decode signatures to "
@@ -201,17 +204,18 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
         if not history:
             raise
         stored, seat = None, await decoder.join(None)
+    seated = Seated(decoder, seat, exchange.deadline)
     rng = np.random.default_rng(request.seed)
     generated = []
     try:
         if request.session is not None and stored is None:
-            await _prefill(decoder, seat, prefill, history)
-        logits = await _prefill(decoder, seat, prefill, request.tokens)
+            await seated.prefill(prefill, history)
+        logits = await seated.prefill(prefill, request.tokens)
         for _ in range(request.max_tokens):
             token, logprob = _sample(logits, request.temperature, rng)
             generated.append(token)
             yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
-            logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
+            logits = await seated.decode(token)
     finally:
         state = await decoder.leave(seat)
     await store.save(tenant, session, version, state, history + request.tokens + generated if kept else None,
@@ -219,24 +223,46 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
     yield {"done": True, "session": session, "tokens": generated}
 
 
-async def _prefill(decoder: DecodeLoop, seat, signature, tokens: list[int]):
-    """Feed `tokens` into the seated session's state in chunks of the signature's width, a last
-    chunk of fewer than SHORT_CHUNK tokens one by one through decode (a chunk costs its whole
-    width against the cache, a decode step one token: a continued session's few new tokens are
-    cheaper so): the logits after the last one (None for no tokens)."""
-    width = signature.input("tokens").shape[1]
-    logits = None
-    for start in range(0, len(tokens), width):
-        chunk = tokens[start:start + width]
-        if len(chunk) < SHORT_CHUNK:
-            for token in chunk:
-                logits = (await decoder.run(seat, "decode", {"token": np.array([token], np.int32)}))["logits"][0]
-            break
-        padded = np.zeros((1, width), np.int32)
-        padded[0, :len(chunk)] = chunk
-        outputs = await decoder.run(seat, "prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32)})
-        logits = outputs["logits"][0]
-    return logits
+@dataclass(frozen=True)
+class Seated:
+    """A session seated in its decode loop for one request, whose calls keep to its deadline."""
+
+    decoder: DecodeLoop
+    seat: Seat
+    deadline: float | None
+
+    async def call(self, key: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.deadline is None:
+            return await self.decoder.run(self.seat, key, inputs)
+        try:
+            return await asyncio.wait_for(self.decoder.run(self.seat, key, inputs),
+                                          max(0.0, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the request's deadline passed while it was generating; nothing of it "
+                                   "was stored") from None
+
+    async def decode(self, token: int) -> np.ndarray:
+        """The logits after feeding one token."""
+        return (await self.call("decode", {"token": np.array([token], np.int32)}))["logits"][0]
+
+    async def prefill(self, signature, tokens: list[int]) -> np.ndarray | None:
+        """Feed `tokens` in chunks of the signature's width, a last chunk of fewer than SHORT_CHUNK
+        tokens one by one through decode (a chunk costs its whole width against the cache, a
+        decode step one token: a continued session's few new tokens are cheaper so): the logits
+        after the last one (None for no tokens)."""
+        width = signature.input("tokens").shape[1]
+        logits = None
+        for start in range(0, len(tokens), width):
+            chunk = tokens[start:start + width]
+            if len(chunk) < SHORT_CHUNK:
+                for token in chunk:
+                    logits = await self.decode(token)
+                break
+            padded = np.zeros((1, width), np.int32)
+            padded[0, :len(chunk)] = chunk
+            outputs = await self.call("prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32)})
+            logits = outputs["logits"][0]
+        return logits
 
 
 def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> tuple[int, float]:

@@ -7,6 +7,7 @@ for a seat; a session that fills its cache fails alone. Sessions are kept in pro
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 
 import numpy as np
@@ -159,6 +160,8 @@ def test_more_sessions_than_seats_wait_for_one(app, run, monkeypatch):
 
     bodies = [{"prompt": prompt, "max_tokens": 6} for prompt in PROMPTS[:5]]
     expected = [run(generate(app, body))["tokens"] for body in bodies]
+    gc.collect()  # a loop left in a reference cycle (a cancelled session's traceback) goes now
+    assert not app.sessions._decoders, "a decode loop outlived its sessions"
     monkeypatch.setattr(decoding.DecodeLoop, "__init__", two_seats)
     monkeypatch.setattr(App, "observe_execution", watch)
 
@@ -220,3 +223,27 @@ def test_a_seat_holds_exactly_its_sessions_state(app, run):
             await loop.leave(again)
 
     run(scenario())
+
+
+def test_a_generation_past_its_deadline_ends_and_stores_nothing(app, run):
+    """X-Kiln-Timeout-Ms bounds the whole generation: past it the request answers 504 (a stream
+    ends with that error), leaves its seat, and its session is not stored; others go on."""
+    from runtime.errors import SessionNotFound
+
+    def late(stream: bool):
+        return app.handle(Request("POST", "/v1/models/tiny_lm:generate", {"x-kiln-timeout-ms": "30"},
+                                  orjson.dumps({"prompt": "slow and long ", "max_tokens": 4000, "stream": stream})))
+
+    response = run(late(False))
+    assert response.status == 504 and "deadline passed while it was generating" in orjson.loads(response.body)["error"]
+
+    async def streamed():
+        response = await late(True)
+        return response.headers["X-Kiln-Session"], [event async for event in response.stream]
+
+    session, events = run(streamed())
+    assert events[-1].startswith(b"event: error") and b'"status":504' in events[-1]
+    assert not seated(app)
+    with app.repository.handle("tiny_lm") as handle, pytest.raises(SessionNotFound):
+        run(app.sessions.store().load("default", session, app.sessions.fingerprint(handle)))
+    assert run(generate(app, {"prompt": "after ", "max_tokens": 3}))["tokens"]
