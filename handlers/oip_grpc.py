@@ -28,7 +28,7 @@ from handlers.grpc_server import serve_call, text_metadata
 from runtime import __version__
 from runtime.app import App, Exchange, default_signature, oip_signature
 from runtime.codecs import oip_grpc
-from runtime.errors import InvalidInput, NotFound
+from runtime.errors import NotFound
 from runtime.protos import generated_module
 from runtime.repository import ServableHandle
 from runtime.version_policy import State
@@ -93,15 +93,11 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer):
                 outputs = await self.app.execute(handle, key, inputs, exchange)
                 return oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
             from runtime.generation import tenant_of
-            from runtime.stateful import run_in_session, visible
+            from runtime.stateful import infer_in_session, visible
 
             inputs, names = oip_grpc.decode_infer(request, visible(signature))
-            end = parameters.get("sequence_end", False)
-            if not isinstance(end, bool):
-                raise InvalidInput(f"the request: parameter sequence_end must be true or false, got {end!r}")
-            outputs, session = await run_in_session(self.app, handle, key, signature, inputs,
-                                                    parameters.get("sequence_id"),
-                                                    tenant_of(exchange.tenant, text_metadata(context)), exchange, end)
+            outputs, session = await infer_in_session(self.app, handle, key, signature, inputs, parameters,
+                                                      tenant_of(exchange.tenant, text_metadata(context)), exchange)
             response = oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
             response.parameters["sequence_id"].string_param = session
             return response

@@ -344,24 +344,22 @@ class App:
     async def _infer(self, target: Target, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
         header, binary = oip.infer_header(body, headers.get(oip.HEADER_LENGTH.lower()))
         parameters = header.get("parameters") or {}
-        extra: dict[str, str] = {}
+        session, extra = None, {}
         with self._handle(target, exchange) as handle:
             key, signature = oip_signature(handle.engine, parameters)
             if signature.state:
                 from runtime.generation import SESSION_HEADER, tenant_of
-                from runtime.stateful import run_in_session, visible
+                from runtime.stateful import infer_in_session, visible
 
                 request = oip.infer_request(header, binary, visible(signature))
-                outputs, session = await run_in_session(
-                    self, handle, key, signature, request.inputs, parameters.get("sequence_id"),
-                    tenant_of(exchange.tenant, headers), exchange,
-                    end=bool(oip.parameter(header, "sequence_end", bool, "the request")))
+                outputs, session = await infer_in_session(self, handle, key, signature, request.inputs, parameters,
+                                                          tenant_of(exchange.tenant, headers), exchange)
                 extra = {SESSION_HEADER: session}
             else:
                 request = oip.infer_request(header, binary, signature)
                 outputs = await self.execute(handle, key, request.inputs, exchange)
             body, header_length = oip.write_infer(handle.name, handle.version, outputs, request,
-                                                  {"sequence_id": extra[SESSION_HEADER]} if extra else None)
+                                                  None if session is None else {"sequence_id": session})
         if header_length is None:
             return Response(200, body, {**JSON, **extra})
         # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).

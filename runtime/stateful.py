@@ -12,6 +12,8 @@ predict keeps no token history to rebuild it from (:generate does, runtime.gener
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from runtime.codecs.tfserving import decode_predict
@@ -66,3 +68,15 @@ async def predict_in_session(app, handle: ServableHandle, key: str, signature: S
     outputs, session = await run_in_session(app, handle, key, signature, decoded.inputs, parsed.get("session"),
                                             tenant, exchange)
     return outputs, decoded.row_format, session
+
+
+async def infer_in_session(app, handle: ServableHandle, key: str, signature: Signature,
+                           inputs: dict[str, np.ndarray], parameters: Mapping, tenant: str,
+                           exchange) -> tuple[dict[str, np.ndarray], str]:
+    """An Open Inference Protocol infer (REST or gRPC) in the session its sequence_id parameter
+    names; sequence_end: true deletes the session once answered."""
+    end = parameters.get("sequence_end", False)
+    if not isinstance(end, bool):
+        raise InvalidInput(f"the request: parameter sequence_end must be true or false, got {end!r}")
+    return await run_in_session(app, handle, key, signature, inputs, parameters.get("sequence_id"), tenant,
+                                exchange, end)

@@ -108,10 +108,10 @@ def infer_request(request: dict, binary: _Binary, signature: Signature) -> Infer
         names = [o["name"] for o in requested]
         check_outputs(names, signature)
         for output in requested:
-            flag = parameter(output, "binary_data", bool, f"output '{output['name']}'")
+            flag = _parameter(output, "binary_data", bool, f"output '{output['name']}'")
             if flag is not None:
                 binary_outputs[output["name"]] = flag
-    binary_default = parameter(request, "binary_data_output", bool, "the request") or False
+    binary_default = _parameter(request, "binary_data_output", bool, "the request") or False
     request_id = request.get("id")
     return InferRequest(inputs, names, request_id if isinstance(request_id, str) else None, binary_outputs,
                         binary_default)
@@ -137,7 +137,7 @@ def check_outputs(names: list[str], signature: Signature) -> None:
         raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model has {', '.join(sorted(known))}")
 
 
-def parameter(owner: dict, key: str, kind: type, what: str):
+def _parameter(owner: dict, key: str, kind: type, what: str):
     """One of an object's `parameters`, None if absent; bool or a non-negative int."""
     parameters = owner.get("parameters")
     if parameters is None:
@@ -198,7 +198,7 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     dtype = check_input(name, str(kind), shape, signature)
-    size = parameter(tensor, "binary_data_size", int, f"input '{name}'")
+    size = _parameter(tensor, "binary_data_size", int, f"input '{name}'")
     if size is not None:
         if "data" in tensor:
             raise InvalidInput(f"input '{name}' has both 'data' and a binary_data_size parameter; give one")
