@@ -117,3 +117,13 @@ def status_of(error: BaseException) -> tuple[int, str]:
         if isinstance(error, kind):
             return http, grpc
     return 500, "INTERNAL"
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for quoting a request's value in an error message:
+    it never floods the message, and never fails (Python refuses to write an int of 4300+ digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

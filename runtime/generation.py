@@ -37,7 +37,7 @@ import numpy as np
 from runtime.access import DEFAULT_TENANT
 from runtime.codecs.tfserving import loads
 from runtime.decoding import DecodeLoop, Seat
-from runtime.errors import DeadlineExceeded, InvalidInput
+from runtime.errors import DeadlineExceeded, InvalidInput, shown
 from runtime.repository import ServableHandle
 from runtime.sessions import SessionIds, SessionStore, open_store, servable_fingerprint
 from runtime.sessions.keys import check_tenant
@@ -74,13 +74,17 @@ def read_generate(body: bytes) -> GenerateRequest:
             raise InvalidInput("'tokens' must be a list of integer token ids")
     max_tokens, temperature = request.get("max_tokens", 16), request.get("temperature", 0)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 <= max_tokens <= MAX_TOKENS:
-        raise InvalidInput(f"'max_tokens' must be an integer from 0 to {MAX_TOKENS}, got {max_tokens!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
-            math.isfinite(temperature) and temperature >= 0):
-        raise InvalidInput(f"'temperature' must be a number of 0 or more, got {temperature!r}")
+        raise InvalidInput(f"'max_tokens' must be an integer from 0 to {MAX_TOKENS}, got {shown(max_tokens)}")
+    try:  # float(): an int of 10**400 has no float, and math.isfinite would raise for it
+        number = float(temperature) if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) \
+            else math.nan
+    except OverflowError:
+        number = math.nan
+    if not (math.isfinite(number) and number >= 0):
+        raise InvalidInput(f"'temperature' must be a finite number of 0 or more, got {shown(temperature)}")
     seed, session = request.get("seed"), request.get("session")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise InvalidInput(f"'seed' must be a non-negative integer, got {seed!r}")
+        raise InvalidInput(f"'seed' must be a non-negative integer, got {shown(seed)}")
     if session is not None and not isinstance(session, str):
         raise InvalidInput("'session' must be a string")
     if not tokens and max_tokens:
@@ -88,7 +92,7 @@ def read_generate(body: bytes) -> GenerateRequest:
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidInput("'stream' must be true or false")
-    return GenerateRequest(tokens, max_tokens, float(temperature), seed, session, stream)
+    return GenerateRequest(tokens, max_tokens, number, seed, session, stream)
 
 
 class Sessions:

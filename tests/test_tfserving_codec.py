@@ -119,3 +119,84 @@ def test_the_fast_path_leaves_everything_else_to_the_general_one(body):
                           outputs=[TensorSpec(name="p", dtype="float32", shape=(None, 2))])
     text = instances_text(body)
     assert text is None or fast_predict(text, signature) is None
+
+
+SURROGATE = b"\xed\xa0\x80"  # U+D800 written as UTF-8: orjson refuses it, the standard parser (given bytes) took it
+
+
+@pytest.mark.parametrize("read", ["predict", "examples", "generate", "infer", "infer binary header"])
+@pytest.mark.parametrize("where", ["key", "value", "escaped value"])
+def test_surrogates_are_refused_at_decode_by_every_json_entry_point(read, where):
+    """Before: the standard parser's fallback let them in, and the error messages quoting them, the
+    :generate prompt, the examples and the OIP id then failed to encode, far from the request (500)."""
+    from runtime.codecs import examples, oip
+    from runtime.generation import read_generate
+
+    text = {"key": b'"a' + SURROGATE + b'": 1', "value": b'"prompt": "a' + SURROGATE + b'"',
+            "escaped value": b'"id": "\\ud800"'}[where]
+    body = b'{"instances": [1.0], "examples": [{}], "prompt": "x", "inputs": [], ' + text + b"}"
+    decode = {"predict": read_predict, "examples": examples.read_examples, "generate": read_generate,
+              "infer": oip.infer_header, "infer binary header": lambda b: oip.infer_header(b + b"\x00" * 4, len(b))}
+    with pytest.raises(InvalidInput, match="malformed JSON") as error:
+        decode[read](body)
+    message = str(error.value)
+    message.encode()  # the message itself can be written
+    assert ("UTF-8" in message and "ed a0 80" in message) if where != "escaped value" else "surrogate" in message
+
+
+def test_bare_nan_still_takes_the_fallback_and_utf16_does_not():
+    assert read_predict(b'{"instances": [NaN], "s": "\xc3\xa9"}')[1]["s"] == "\u00e9"
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        read_predict('{"instances": [NaN]}'.encode("utf-16"))
+
+
+STRINGS = Signature(engine="saved-model", inputs=(TensorSpec(name="s", dtype="string", shape=(None,)),),
+                    outputs=(TensorSpec(name="y", dtype="float32", shape=(None,)),))
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"instances": [1, "a"]}', "input 's' must hold strings or {\"b64\": \"...\"} objects, got 1 (int)"),
+    (b'{"instances": ["a", null]}', "got None (NoneType)"),
+    (b'{"inputs": {"s": [["a"], ["a", "b"]]}}', "input 's' cannot be read as a string tensor of one shape"),
+    (b'{"inputs": [["a", "b"], ["c", ["d"]]]}', "of one shape"),
+    (b'{"instances": [true]}', "got True (bool)"),
+    (b'{"instances": [{"b64": "\xc3\xa9"}]}', "input 's': invalid base64"),
+])
+def test_string_inputs_are_checked_as_numeric_ones_are(body, words):
+    """Before: numbers, nulls and ragged rows became object arrays that only TensorFlow refused (500)."""
+    with pytest.raises(InvalidInput) as error:
+        decode(body, STRINGS)
+    assert words in str(error.value)
+
+
+def test_an_object_array_reaching_the_engine_holds_only_bytes():
+    """The engine's own check, for callers that build arrays themselves (as Lambda's events and
+    `kiln score` do): before, a list or a number went on to tf.constant."""
+    from runtime.engines.base import check_inputs
+
+    arrays, _ = check_inputs(STRINGS, {"s": np.array([b"a", "\u00e9"], dtype=object)})
+    assert list(arrays["s"]) == [b"a", "\u00e9".encode()]
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [[b"a"], [b"a", b"b"]]
+    for value, words in [(ragged, "got a list (rows of different lengths?) at index [0]"),
+                         (np.array([b"a", 5], dtype=object), "got int at index [1]"),
+                         (np.array(["\ud800"], dtype=object), "not valid Unicode")]:
+        with pytest.raises(InvalidInput, match="input 's'") as error:
+            check_inputs(STRINGS, {"s": value})
+        assert words in str(error.value)
+
+
+@pytest.mark.parametrize("feature, words", [
+    (b"1" + b"0" * 400, "feature 'x': integers must fit in int64"),
+    (b"9223372036854775808", "feature 'x': integers must fit in int64 (an int64_list), got 9223372036854775808"),
+    (b"[1.5, 1" + b"0" * 400 + b"]", "feature 'x': 1000000000"),
+    (b'{"b64": "\xc3\xa9"}', "feature 'x': invalid base64"),
+], ids=["10^400", "2^63", "10^400 beside a float", "non-ASCII b64"])
+def test_example_values_that_do_not_fit_a_feature_name_it(feature, words):
+    """Before: protobuf's ValueError and float()'s OverflowError escaped (500)."""
+    from runtime.codecs.examples import read_examples, serialize
+
+    with pytest.raises(InvalidInput) as error:
+        serialize(read_examples(b'{"examples": [{"x": ' + feature + b"}]}")[1])
+    assert words in str(error.value) and len(str(error.value)) < 200
+    assert serialize([{"x": [-2**63, 2**63 - 1]}])[0]  # the int64 range itself is fine

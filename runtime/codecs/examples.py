@@ -8,13 +8,10 @@ context's features are merged into every example.
 
 from __future__ import annotations
 
-import base64
-import binascii
-
 import numpy as np
 
-from runtime.codecs.tfserving import DEFAULT_SIGNATURE, loads
-from runtime.errors import InvalidInput
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE, b64_bytes, loads
+from runtime.errors import InvalidInput, shown
 from runtime.manifest import CLASSIFY, REGRESS, Signature
 
 
@@ -48,28 +45,34 @@ def serialize(examples: list[dict]) -> np.ndarray:
     return np.array(serialized, dtype=object)
 
 
+INT64 = (-2**63, 2**63 - 1)
+
+
 def _fill(feature, key: str, values: list) -> None:
     if all(isinstance(v, bool) for v in values) or not values:
-        raise InvalidInput(f"feature '{key}' must hold numbers, strings or b64 objects, got {values!r}")
+        raise InvalidInput(f"feature '{key}' must hold numbers, strings or b64 objects, got {shown(values)}")
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if (outside := next((v for v in values if not INT64[0] <= v <= INT64[1]), None)) is not None:
+            raise InvalidInput(f"feature '{key}': integers must fit in int64 (an int64_list), got {shown(outside)}")
         feature.int64_list.value.extend(values)
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        feature.float_list.value.extend(float(v) for v in values)
+        feature.float_list.value.extend(_float(key, v) for v in values)
     elif all(isinstance(v, (str, dict)) for v in values):
         feature.bytes_list.value.extend(_bytes(key, v) for v in values)
     else:
-        raise InvalidInput(f"feature '{key}' mixes kinds of values: {values!r}")
+        raise InvalidInput(f"feature '{key}' mixes kinds of values: {shown(values)}")
+
+
+def _float(key: str, value: int | float) -> float:
+    """A float_list value; an integer beside floats may be too large for any float (10**400)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidInput(f"feature '{key}': {shown(value)} is too large for a float (a float_list)") from None
 
 
 def _bytes(key: str, value) -> bytes:
-    if isinstance(value, str):
-        return value.encode()
-    if set(value) != {"b64"} or not isinstance(value["b64"], str):
-        raise InvalidInput(f"feature '{key}': a binary value must be {{\"b64\": \"...\"}}")
-    try:
-        return base64.b64decode(value["b64"], validate=True)
-    except binascii.Error as e:
-        raise InvalidInput(f"feature '{key}': invalid base64: {e}") from None
+    return value.encode() if isinstance(value, str) else b64_bytes(f"feature '{key}'", value)
 
 
 def check_method(name: str, signature: Signature, method: str) -> str:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from runtime.codecs.tfserving import loads
-from runtime.errors import InvalidInput, Unsupported
+from runtime.codecs.tfserving import loads, string_array
+from runtime.errors import InvalidInput, Unsupported, shown
 from runtime.manifest import Signature, TensorSpec, show_shape
 
 DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
@@ -148,9 +148,9 @@ def _parameter(owner: dict, key: str, kind: type, what: str):
     if value is None:
         return None
     if kind is bool and not isinstance(value, bool):
-        raise InvalidInput(f"{what}: parameter {key} must be true or false, got {value!r}")
+        raise InvalidInput(f"{what}: parameter {key} must be true or false, got {shown(value)}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise InvalidInput(f"{what}: parameter {key} must be a non-negative integer, got {value!r}")
+        raise InvalidInput(f"{what}: parameter {key} must be a non-negative integer, got {shown(value)}")
     return value
 
 
@@ -195,8 +195,8 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
     name, shape, kind = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
     if not isinstance(name, str):
         raise InvalidInput("an input has no 'name'")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):  # not bool: true is 1
+        raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers, got {shown(shape)}")
     dtype = check_input(name, str(kind), shape, signature)
     size = _parameter(tensor, "binary_data_size", int, f"input '{name}'")
     if size is not None:
@@ -207,8 +207,7 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
         raise InvalidInput(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
     try:
         if dtype == "string":
-            flat = np.array([v.encode() if isinstance(v, str) else v for v in np.ravel(np.array(tensor["data"], dtype=object))],
-                            dtype=object)
+            flat = string_array(name, tensor["data"], _text).ravel()
         else:
             flat = np.asarray(tensor["data"], dtype=dtype).ravel()
     except (ValueError, TypeError, OverflowError) as e:
@@ -216,6 +215,13 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
     if flat.size != math.prod(shape):  # exact: numpy's int64 product wraps around
         raise InvalidInput(f"input '{name}': shape {shape} needs {math.prod(shape)} values, data has {flat.size}")
     return name, _reshape(name, flat, shape)
+
+
+def _text(name: str, value) -> bytes:
+    """A BYTES element of JSON data: a string (Triton's JSON has no other form)."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"input '{name}': BYTES data must hold strings, got {shown(value)} ({type(value).__name__})")
+    return value.encode()
 
 
 def _reshape(name: str, flat: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from runtime.errors import InvalidInput
+from runtime.errors import InvalidInput, shown
 from runtime.manifest import Signature
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -94,14 +95,25 @@ def loads(body: bytes | str):
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as first:
+        text = body if isinstance(body, str) else _utf8(body)
         try:
-            value = json.loads(body)
+            value = json.loads(text)
         except (ValueError, RecursionError):
             raise InvalidInput(f"malformed JSON: {first}") from None
-        if (isinstance(body, str) or b"\\u" in body) and _lone_surrogate(value):
-            raise InvalidInput("malformed JSON: a string escapes a lone UTF-16 surrogate (such as \\ud800), "
+        if (text is body or "\\u" in text) and _lone_surrogate(value):
+            raise InvalidInput("malformed JSON: a string holds a lone UTF-16 surrogate (such as \\ud800), "
                                "which is not Unicode text") from None
         return value
+
+
+def _utf8(body: bytes) -> str:
+    """The body as strict UTF-8: the standard parser would take UTF-16 or UTF-32 too, and decode
+    UTF-8-encoded surrogates (ED A0 80) into strings that no encoder writes back."""
+    try:
+        return bytes(body).decode()
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"malformed JSON: the body must be UTF-8 text; bytes {e.start} to {e.end - 1} "
+                           f"({bytes(body[e.start:e.start + 3]).hex(' ')}) are not ({e.reason})") from None
 
 
 def _lone_surrogate(value) -> bool:
@@ -184,7 +196,7 @@ def _arrays(columns: dict, signature: Signature) -> dict[str, np.ndarray]:
             continue
         try:
             if spec.dtype == "string":
-                arrays[key] = np.array(_unwrap_b64(value), dtype=object)
+                arrays[key] = string_array(key, value, _binary)
             else:
                 arrays[key] = np.array(value, dtype=spec.dtype)
         except (ValueError, TypeError, OverflowError) as e:
@@ -195,19 +207,38 @@ def _arrays(columns: dict, signature: Signature) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _unwrap_b64(value):
-    if isinstance(value, list):
-        return [_unwrap_b64(v) for v in value]
-    if isinstance(value, dict):
-        if set(value) != {"b64"} or not isinstance(value["b64"], str):
-            raise InvalidInput('a binary value must be {"b64": "<base64 string>"}')
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except binascii.Error as e:
-            raise InvalidInput(f"invalid base64 in a b64 value: {e}") from None
+def string_array(name: str, value, leaf: Callable[[str, object], bytes]) -> np.ndarray:
+    """A string input's tensor from a value or nested lists of them, each made bytes by `leaf`
+    (which refuses what the protocol does not allow). Rows of different lengths are refused as
+    numpy refuses them for numbers: in an object array they would stay lists, which no engine runs."""
+    def walk(item):
+        return [walk(v) for v in item] if isinstance(item, list) else leaf(name, item)
+
+    array = np.array(walk(value), dtype=object)
+    if any(isinstance(v, list) for v in array.flat):
+        raise InvalidInput(f"input '{name}' cannot be read as a string tensor of one shape: its rows have "
+                           f"different lengths")
+    return array
+
+
+def _binary(name: str, value) -> bytes:
+    """A TF Serving string value: text, or binary data as {"b64": "..."}."""
     if isinstance(value, str):
         return value.encode()
-    raise InvalidInput(f"a string input must hold strings or b64 objects, got {type(value).__name__}")
+    if not isinstance(value, dict):
+        raise InvalidInput(f'input \'{name}\' must hold strings or {{"b64": "..."}} objects, got '
+                           f"{shown(value)} ({type(value).__name__})")
+    return b64_bytes(f"input '{name}'", value)
+
+
+def b64_bytes(where: str, value) -> bytes:
+    """The bytes of a binary value, TF Serving's {"b64": "<base64>"}; `where` names it in errors."""
+    if not isinstance(value, dict) or set(value) != {"b64"} or not isinstance(value["b64"], str):
+        raise InvalidInput(f'{where}: a binary value must be {{"b64": "<base64 string>"}}, got {shown(value)}')
+    try:
+        return base64.b64decode(value["b64"], validate=True)
+    except (binascii.Error, ValueError) as e:  # ValueError: text that is not ASCII
+        raise InvalidInput(f"{where}: invalid base64 in a b64 value: {e}") from None
 
 
 def encode_predict(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:

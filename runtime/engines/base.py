@@ -122,8 +122,10 @@ def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> tupl
 def _as_dtype(spec: TensorSpec, value) -> np.ndarray:
     array = np.asarray(value)
     if spec.dtype == "string":
-        if array.dtype.kind in "SUO":
-            return array.astype(object) if array.dtype.kind != "O" else array
+        if array.dtype.kind in "SU":
+            return array.astype(object)
+        if array.dtype.kind == "O":
+            return _strings(spec, array)
     else:
         wanted = np.dtype(spec.dtype)
         # np.asarray(order="C"), not np.ascontiguousarray, which makes a scalar 1-d and so would
@@ -133,6 +135,30 @@ def _as_dtype(spec: TensorSpec, value) -> np.ndarray:
         if array.dtype.kind in "biuf" and np.can_cast(array.dtype, wanted, casting="same_kind"):
             return np.asarray(array, dtype=wanted, order="C")
     raise InvalidInput(f"input '{spec.name}' must have dtype {spec.dtype}, got {_dtype_name(array)}")
+
+
+def _strings(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """A string input's object array with every element bytes (text encoded as UTF-8). An object
+    array can hold anything: a number, None, or a list from ragged rows, which TensorFlow would
+    refuse far from any error handling; checked here, as numeric dtypes are, for every protocol."""
+    flat, encoded = array.ravel(), None
+    for index, item in enumerate(flat):
+        if isinstance(item, bytes):
+            continue
+        where = [int(i) for i in np.unravel_index(index, array.shape)] if array.ndim else []
+        if not isinstance(item, str):
+            kind = "a list (rows of different lengths?)" if isinstance(item, list) else type(item).__name__
+            raise InvalidInput(f"input '{spec.name}' must have dtype string (bytes or text in every element), "
+                               f"got {kind} at index {where}")
+        try:
+            text = item.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput(f"input '{spec.name}': the text at index {where} is not valid Unicode "
+                               f"(it holds a lone surrogate)") from None
+        if encoded is None:
+            encoded = flat.copy()
+        encoded[index] = text
+    return array if encoded is None else encoded.reshape(array.shape)
 
 
 def _dtype_name(array: np.ndarray) -> str:
