@@ -136,9 +136,10 @@ def _lone_surrogate(value) -> bool:
     return False
 
 
-def read_predict(body: bytes | str) -> tuple[str, dict]:
-    """The signature name and the parsed body, checking the envelope before any signature lookup."""
-    request = loads(body)
+def read_predict(body: bytes | str | dict) -> tuple[str, dict]:
+    """The signature name and the parsed body (or one parsed already, as Lambda's events are),
+    checking the envelope before any signature lookup."""
+    request = body if isinstance(body, dict) else loads(body)
     if not isinstance(request, dict):
         raise InvalidInput(f"the request body must be a JSON object, got {type(request).__name__}")
     name = request.get("signature_name", DEFAULT_SIGNATURE)
@@ -243,25 +244,53 @@ def b64_bytes(where: str, value) -> bytes:
 
 def encode_predict(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
     """"predictions" (per row) or "outputs" (per tensor); one output is unnamed, several named."""
-    values = {name: _jsonable(name, array) for name, array in outputs.items()}
-    if row_format:
-        if len(values) == 1:
-            body = {"predictions": next(iter(values.values()))}
-        else:
-            rows = len(next(iter(outputs.values())))
-            body = {"predictions": [{name: v[i] for name, v in values.items()} for i in range(rows)]}
-    else:
-        body = {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+    body = _body({name: _jsonable(name, array) for name, array in outputs.items()}, row_format)
     if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in outputs.values()):
         # orjson would write null; the standard encoder writes NaN and Infinity as TF Serving does.
-        return json.dumps(body, allow_nan=True, separators=(",", ":"), default=_tolist).encode()
+        return json.dumps(predict_values(outputs, row_format), allow_nan=True, separators=(",", ":")).encode()
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _tolist(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+def _body(values: dict, row_format: bool) -> dict:
+    if row_format:
+        if len(values) == 1:
+            return {"predictions": next(iter(values.values()))}
+        rows = len(next(iter(values.values())))
+        return {"predictions": [{name: v[i] for name, v in values.items()} for i in range(rows)]}
+    return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+
+
+# Strict JSON (Lambda's and Step Functions' results, objects written for records) has no NaN or Infinity:
+# there they are these strings, as in proto3's JSON mapping; Spark, BigQuery and Athena read them as floats.
+NON_FINITE_STRINGS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def predict_values(outputs: dict[str, np.ndarray], row_format: bool, *, strict: bool = False) -> dict:
+    """encode_predict's body as Python values, for callers that write JSON of their own."""
+    return _body({name: plain(name, array, strict=strict) for name, array in outputs.items()}, row_format)
+
+
+def plain(name: str, array: np.ndarray, *, strict: bool = False):
+    """An output as Python values, numbers as encode_predict writes them (float32 0.1 stays 0.1, not
+    0.10000000149011612: orjson's shortest form, read back); NaN and ±Infinity as floats, or with
+    `strict` as NON_FINITE_STRINGS."""
+    value = _jsonable(name, array)
+    if isinstance(value, list):
+        return value
+    if isinstance(value, np.ndarray):
+        value = np.ascontiguousarray(value)  # orjson writes C-ordered arrays only
+    result = orjson.loads(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY))  # NaN and Infinity: null
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return result
+    token = (lambda x: NON_FINITE_STRINGS[str(x)]) if strict else float
+    if array.ndim == 0:
+        return token(array[()])
+    for index in zip(*np.nonzero(~np.isfinite(array))):
+        inner = result
+        for i in index[:-1]:
+            inner = inner[i]
+        inner[index[-1]] = token(array[index])
+    return result
 
 
 def _jsonable(name: str, array: np.ndarray):
