@@ -119,6 +119,18 @@ def status_of(error: BaseException) -> tuple[int, str]:
     return 500, "INTERNAL"
 
 
+def retryable(error: BaseException) -> bool:
+    """Whether work that failed so may pass when tried again: the one rule by which the Lambda and
+    Cloud Run handlers have an event redelivered or acknowledge it. A 4xx is the request's own and
+    comes back the same, but 409: a session conflict, which a retry may win. 501 (Unsupported) is
+    permanent: the same request stays unsupported. A missing object (KeyNotFound) is gone for good.
+    Other 5xx, and errors that are not Kiln's (a bug), may pass."""
+    from runtime.storage import KeyNotFound  # runtime.storage builds on this module
+
+    http = status_of(error)[0]
+    return not isinstance(error, KeyNotFound) and (http == 409 or not (400 <= http < 500 or http == 501))
+
+
 def shown(value, limit: int = 60) -> str:
     """repr(value) cut to `limit` characters, for quoting a request's value in an error message:
     it never floods the message, and never fails (Python refuses to write an int of 4300+ digits)."""
