@@ -35,7 +35,8 @@ Results: JSON Lines, one line per input row in input order, in parts of `part_ro
 NAME is BUCKET/KEY for s3:// and gs:// sources, and the absolute path without its leading '/' for
 local ones (callers may give their own). A row's line is {"row": N, "predictions": P}, P as TF
 Serving's row-format answer has it for that row (one output: its value; several: an object by
-output name; *_bytes outputs as {"b64": ...}; NaN and Infinity written bare), or
+output name; *_bytes outputs as {"b64": ...}; NaN and ±Infinity as the strings "NaN", "Infinity" and
+"-Infinity", so that every line is strict JSON, as all results of the Lambda handler are), or
 {"row": N, "line": L, "error": "..."} for a row that could not be scored (malformed JSON, a
 wrong shape or dtype, a CSV record that does not parse): one bad row never blocks the others, and
 ScoreResult.errors and the manifest count them. What fails the object as a whole (an exception,
@@ -46,8 +47,8 @@ input, an unknown model or signature, a store that cannot be written.
 Idempotency and resume. Each part and the manifest is written whole and atomically (an S3 PUT; a
 local file renamed into place), so no reader ever sees part of one. TAG is a hash of the source's
 identity (S3: its ETag and version id; local: modification time and size), the model, its version,
-the signature and part_rows: a rerun after an interruption skips the parts already written for the
-same input and model version (an interruption loses at most the parts in progress), and a changed
+the signature, part_rows and the lines' form: a rerun after an interruption skips the parts already
+written for the same input and model version (an interruption loses at most the parts in progress), and a changed
 source never mixes with results of the old one. The manifest records the source's identity, the
 model and signature, the rows and errors, and the parts; a rerun for a source whose identity,
 model and signature match it does nothing (ScoreResult.skipped), and a changed source is scored
@@ -66,7 +67,6 @@ import gzip
 import hashlib
 import io
 import itertools
-import json
 import logging
 import re
 import time
@@ -81,7 +81,8 @@ import numpy as np
 import orjson
 
 from runtime.app import Exchange
-from runtime.codecs.tfserving import NUMBER_BYTES, _jsonable, _tolist, decode_predict, fixed_size, loads, skeleton
+from runtime.codecs.tfserving import (NUMBER_BYTES, _jsonable, decode_predict, fixed_size, loads, predict_values,
+                                      skeleton)
 from runtime.engines.base import check_inputs
 from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, ResourceExhausted, status_of
 from runtime.manifest import Signature, TensorSpec
@@ -93,6 +94,7 @@ FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 RESULTS_SUFFIX = ".predictions"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kiln-score/1"
+LINES = "strict-json"  # the result lines' form, in the parts' tag: parts of another (bare NaN) are not resumed
 PART = re.compile(r"part-(\d{5})-([0-9a-f]{12})\.jsonl")
 DEFAULT_CHUNK_ROWS = 256
 DEFAULT_PART_ROWS = 10_000
@@ -362,7 +364,7 @@ class _Job:
                 and manifest.get("model") == self.handle.name and manifest.get("signature") == self.key)
 
     def _tag(self, info: ObjectInfo) -> str:
-        what = [info.identity, self.handle.name, str(self.handle.version), self.key, str(self.part_rows)]
+        what = [info.identity, self.handle.name, str(self.handle.version), self.key, str(self.part_rows), LINES]
         return hashlib.sha256("\0".join(what).encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
     def _part_name(self, index: int, info: ObjectInfo) -> str:
@@ -527,18 +529,22 @@ class _Pipeline:
 
 
 def _prediction_lines(outputs: dict[str, np.ndarray], rows: list[int]) -> list[bytes]:
-    """{"row": N, "predictions": ...} per row, as TF Serving's row format writes each row's value."""
+    """{"row": N, "predictions": ...} per row, as TF Serving's row format writes each row's value; a
+    row holding NaN or Infinity has them as strings (strict JSON), its other numbers as every row does."""
     values = {name: _jsonable(name, array) for name, array in outputs.items()}
-    finite = all(a.dtype.kind != "f" or np.isfinite(a).all() for a in outputs.values())
+    finite = np.ones(len(rows), dtype=bool)
+    for array in outputs.values():
+        if array.dtype.kind == "f":
+            finite &= np.isfinite(array).reshape(len(rows), -1).all(axis=1)
     only = next(iter(values.values())) if len(values) == 1 else None
     lines = []
-    for i, row in enumerate(rows):
-        prediction = only[i] if only is not None else {name: value[i] for name, value in values.items()}
-        record = {"row": row, "predictions": prediction}
-        if finite:
-            lines.append(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY))
-        else:  # orjson would write null; TF Serving writes NaN and Infinity
-            lines.append(json.dumps(record, allow_nan=True, separators=(",", ":"), default=_tolist).encode())
+    for i, (row, finite_row) in enumerate(zip(rows, finite)):
+        if finite_row:
+            prediction = only[i] if only is not None else {name: value[i] for name, value in values.items()}
+        else:
+            prediction = predict_values({name: array[i:i + 1] for name, array in outputs.items()}, True,
+                                        strict=True)["predictions"][0]
+        lines.append(orjson.dumps({"row": row, "predictions": prediction}, option=orjson.OPT_SERIALIZE_NUMPY))
     return lines
 
 

@@ -143,11 +143,25 @@ def test_half_plus_two_rows_in_every_format(app, place):
         np.testing.assert_allclose(predictions(results(result)[1]), expected, err_msg=name)
 
 
-def test_nan_and_infinity_are_read_and_written_as_tf_serving_does(app, tmp_path):
-    source = put(str(tmp_path / "special.jsonl"), b"NaN\nInfinity\n1.0\n")
-    result = score(app, source, str(tmp_path / "out"), model="half_plus_two")
-    data = open_storage(result.output.rpartition("/")[0]).read_bytes(results(result)[0]["parts"][0]["key"])
-    assert data == b'{"row":0,"predictions":NaN}\n{"row":1,"predictions":Infinity}\n{"row":2,"predictions":2.5}\n'
+def part_bytes(result: ScoreResult) -> bytes:
+    return open_storage(result.output.rpartition("/")[0]).read_bytes(results(result)[0]["parts"][0]["key"])
+
+
+def test_nan_and_infinity_are_read_bare_and_written_as_strict_json_strings(app, tmp_path):
+    """Results are strict JSON (what the Lambda handler writes too): NaN and Infinity as strings."""
+    source = put(str(tmp_path / "special.jsonl"), b"NaN\nInfinity\n-Infinity\n1.0\n")
+    data = part_bytes(score(app, source, str(tmp_path / "out"), model="half_plus_two"))
+    assert data == (b'{"row":0,"predictions":"NaN"}\n{"row":1,"predictions":"Infinity"}\n'
+                    b'{"row":2,"predictions":"-Infinity"}\n{"row":3,"predictions":2.5}\n')
+    assert [orjson.loads(line)["predictions"] for line in data.splitlines()] == ["NaN", "Infinity", "-Infinity", 2.5]
+
+
+def test_rows_beside_a_nan_row_keep_their_float_formatting(app, tmp_path):
+    """Rows decoded together run as one group: a NaN among them changes nothing about the others
+    (float32 2.05 stays 2.05, not 2.049999952316284)."""
+    source = put(str(tmp_path / "objects.jsonl"), b'{"x": 0.1}\n{"x": NaN}\n{"x": 0.1}\n')
+    data = part_bytes(score(app, source, str(tmp_path / "out"), model="half_plus_two"))
+    assert data == b'{"row":0,"predictions":2.05}\n{"row":1,"predictions":"NaN"}\n{"row":2,"predictions":2.05}\n'
 
 
 def test_the_model_defaults_to_the_only_one_and_several_need_a_name(app):
@@ -390,6 +404,38 @@ def test_kiln_score_interrupted_by_sigterm_then_run_again_finishes_without_dupli
             ["manifest.json", *(part["key"] for part in manifest["parts"])])
         assert manifest["rows"] == len(lines) == 150
         assert predictions(lines).shape == (150, 10)
+
+
+def test_kiln_score_of_nan_rows_interrupted_then_resumed(models, tmp_path):
+    """Finished parts holding NaN and Infinity are read back on resume, not refused."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    count = 40_000
+    values = ["NaN" if i % 7 == 3 else "Infinity" if i % 11 == 5 else f"{i}.0" for i in range(count)]
+    put(str(inputs / "special.jsonl"), "".join(f"{value}\n" for value in values).encode())
+    command = (str(inputs), "--out", str(out), "--model-repository", str(models), "--model", "half_plus_two",
+               "--part-rows", "50", "--chunk-rows", "5")
+    directory = out / "special.jsonl.predictions"
+    process = kiln_score(*command)
+    deadline = time.monotonic() + 120
+    while not list(directory.glob("part-*.jsonl")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    finished = sorted(directory.glob("part-*.jsonl"))
+    assert finished and not (directory / "manifest.json").exists()
+    kept = {path: path.stat().st_mtime_ns for path in finished}
+
+    process = kiln_score(*command)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert {path: path.stat().st_mtime_ns for path in finished} == kept  # resumed, not rescored
+    manifest = orjson.loads((directory / "manifest.json").read_bytes())
+    lines = [orjson.loads(line) for part in manifest["parts"]
+             for line in (directory / part["key"]).read_bytes().splitlines()]
+    assert [line["row"] for line in lines] == list(range(count)) and manifest["errors"] == 0
+    expected = [value if value in ("NaN", "Infinity") else float(value) / 2 + 2 for value in values]
+    assert [line["predictions"] for line in lines] == expected
 
 
 def test_kiln_score_needs_an_output_and_reports_a_failed_input(models, tmp_path):
