@@ -336,8 +336,10 @@ class App:
             return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
 
     def ready(self) -> bool:
-        """Every configured model has a version that can take requests."""
-        return all(self.repository.is_available(name) for name in self.repository.names())
+        """Every configured model has a version that can take requests, and there is one at least: a
+        configuration with nothing to serve is not ready (REST /v2/health/ready and gRPC ServerReady)."""
+        names = self.repository.names()
+        return bool(names) and all(self.repository.is_available(name) for name in names)
 
     # Endpoints ----------------------------------------------------------------------------------
 
