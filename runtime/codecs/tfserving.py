@@ -261,7 +261,7 @@ def _body(values: dict, row_format: bool) -> dict:
 
 
 # Strict JSON (Lambda's and Step Functions' results, objects written for records) has no NaN or Infinity:
-# there they are these strings, as in proto3's JSON mapping; Spark, BigQuery and Athena read them as floats.
+# there they are these strings, as in proto3's JSON mapping (protobuf's and Spark's JSON readers take them as floats).
 NON_FINITE_STRINGS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
