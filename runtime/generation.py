@@ -107,11 +107,14 @@ class Sessions:
         self._cache: PredictionCache | None = None
         self._fingerprints: dict[int, tuple[object, str]] = {}
         self._decoders: weakref.WeakValueDictionary[int, DecodeLoop] = weakref.WeakValueDictionary()
+        if redis_url:
+            _ = self.ids  # a shared store needs a shared key: refuse now, not at the first session
 
     @functools.cached_property
     def ids(self) -> SessionIds:
-        """Read on first use: a server with no sessions neither needs KILN_SESSION_KEY nor warns of it."""
-        return SessionIds.from_env()
+        """Read on first use with the in-process store: a server with no sessions neither needs
+        KILN_SESSION_KEY nor warns of it. With Redis, read at construction: it must be set."""
+        return SessionIds.from_env(shared=bool(self.redis_url))
 
     def store(self) -> SessionStore:
         if self._store is None:

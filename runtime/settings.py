@@ -20,7 +20,8 @@ naming the variable, never a request.
     KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
     KILN_REDIS_URL            where agent sessions live: redis://, rediss://, unix:// (Redis 7 or Valkey);
                               unset: in this process
-    KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids)
+    KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids); required with
+                              KILN_REDIS_URL, where every instance must share it
     KILN_SESSION_TTL_SECONDS  how long an untouched session lives (default 3600)
     KILN_PREDICTION_CACHE_SECONDS  cache stateless predictions this long in the same store (default: off)
     KILN_OUTPUT_PREFIX        where batch scoring writes results (s3://bucket/prefix, gs://..., a path)
@@ -95,6 +96,10 @@ class Settings:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
         settings = cls(**{**settings.__dict__, **given})
         settings.check()
+        if settings.redis_url:  # instances sharing a store must share the key of its session ids
+            from runtime.sessions.ids import SessionIds
+
+            SessionIds.from_env(environ, shared=True)
         return settings
 
     def check(self) -> None:

@@ -196,6 +196,7 @@ def test_the_prediction_cache_answers_repeats_without_the_engine_and_never_acros
                                                                                            redis_server, monkeypatch):
     from runtime.access import Auth
 
+    monkeypatch.setenv("KILN_SESSION_KEY", KEY)  # a shared store needs a shared key
     shutil.copytree(examples["half_plus_two"].servable, tmp_path / "half_plus_two" / "1")
     repository = Repository(ModelConfigList(models=(ModelConfig(name="half_plus_two",
                                                                 base_path=str(tmp_path / "half_plus_two")),)),

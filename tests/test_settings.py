@@ -79,3 +79,22 @@ def test_a_model_config_file_in_s3(bucket, tmp_path):
         client.put_object(Bucket=name, Key="config/bad.yaml", Body=b"model_config_list:\n"
                           b"  - {name: d, base_path: /d, batching_parameters: {max_batch_sise: 8}}\n")
         Settings.from_env({"KILN_MODEL_CONFIG_FILE": f"s3://{name}/config/bad.yaml"}).model_config()
+
+
+def test_a_shared_session_store_needs_the_shared_key(tmp_path):
+    key = "ab" * 32
+    env = {"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_SESSION_KEY": key}
+    assert Settings.from_env({**env, "KILN_REDIS_URL": "redis://127.0.0.1:6379/0"}).redis_url
+    with pytest.raises(ConfigError, match="KILN_SESSION_KEY is not set") as raised:  # a flag as well as the variable
+        Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path)}, overrides={"redis_url": "redis://h:6379"})
+    assert key not in str(raised.value)
+    assert Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path)}).redis_url is None  # in process: no key needed
+
+
+def test_sessions_in_redis_refuse_to_start_without_the_key(monkeypatch):
+    from runtime.generation import Sessions
+
+    monkeypatch.delenv("KILN_SESSION_KEY", raising=False)
+    with pytest.raises(ConfigError, match="KILN_SESSION_KEY is not set"):
+        Sessions("redis://127.0.0.1:6379/0")
+    assert Sessions().ids.keys  # in process: a random key of this process, as before

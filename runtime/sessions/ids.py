@@ -7,8 +7,10 @@ when it learns the id. Checking needs no store and compares in constant time.
 
 The key comes from the environment only: KILN_SESSION_KEY, hex or base64, at least 32 bytes. Every
 instance serving the same sessions needs the same key. Several keys, comma-separated, rotate: the
-first issues ids, every one is accepted. Without it, a random key is made per process (with a
-warning): sessions then do not survive a restart and cannot move between instances.
+first issues ids, every one is accepted. With a store that instances share (KILN_REDIS_URL) it is
+required: a key made per instance would make every other instance refuse its sessions, silently, so
+the server refuses to start instead. With the in-process store, a random key is made per process
+(with a warning): sessions then do not survive a restart, and never move between instances anyway.
 
 An id has exactly one spelling (its base64url alphabet, canonical padding bits), and the tenant is
 checked against runtime.sessions.keys' safe character set before it is signed.
@@ -57,9 +59,16 @@ class SessionIds:
         self.keys = tuple(keys)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> SessionIds:
-        """Keys from KILN_SESSION_KEY; a random per-process key, with a warning, when it is not set."""
+    def from_env(cls, environ: Mapping[str, str] = os.environ, *, shared: bool = False) -> SessionIds:
+        """Keys from KILN_SESSION_KEY. When it is not set: for a store instances share (`shared`), a
+        ConfigError; otherwise a random per-process key, with a warning."""
         value = environ.get(KEY_VARIABLE, "").strip()
+        if not value and shared:
+            raise ConfigError(f"{KEY_VARIABLE} is not set, but sessions are in a shared store (KILN_REDIS_URL): "
+                              f"every instance must sign session ids with the same key, or each refuses the "
+                              f"others' sessions. Make one (at least {MIN_KEY_BYTES} bytes, hex or base64), e.g. "
+                              f"`python -c \"import secrets; print(secrets.token_hex(32))\"`, keep it as a secret, "
+                              f"and set {KEY_VARIABLE} to it on every instance")
         if not value:
             log.warning("%s is not set: session ids use a random key of this process, so sessions do not "
                         "survive a restart or move to another instance; set it (64 hex digits, e.g. from "
