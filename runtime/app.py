@@ -466,7 +466,7 @@ class App:
                     async for event in generation.events(self, handle, generate_request, tenant, session, exchange):
                         yield b"data: " + orjson.dumps(event) + b"\n\n"
             except KilnError as e:
-                yield b"event: error\ndata: " + orjson.dumps({"error": str(e), "status": status_of(e)[0]}) + b"\n\n"
+                yield b"event: error\ndata: " + error_body(e, status=status_of(e)[0]) + b"\n\n"
             except Exception:
                 log.exception("internal error streaming %s", request.path)
                 yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
@@ -559,6 +559,22 @@ def _json(body: dict, status: int = 200) -> Response:
 
 
 def error_response(error: BaseException, message: str | None = None) -> Response:
+    """TF Serving's {"error": ...} with the error's status; `message` in place of the error's own."""
     http, _ = status_of(error)
     headers = {**JSON, "WWW-Authenticate": "Bearer"} if isinstance(error, Unauthenticated) else JSON
-    return Response(http, orjson.dumps({"error": message if message is not None else str(error)}), headers)
+    return Response(http, error_body(message if message is not None else error), headers)
+
+
+def error_body(error: BaseException | str, **fields) -> bytes:
+    """{"error": message, **fields} as JSON. It cannot fail, since it runs where every other failure
+    has been caught: a message JSON cannot hold (a lone surrogate quoted from a request) is written
+    with escapes, and an error whose str() fails or is empty is named by its type."""
+    try:
+        text = str(error)
+    except Exception:
+        text = ""
+    text = text or f"{type(error).__name__} (no message)"
+    try:
+        return orjson.dumps({"error": text, **fields})
+    except TypeError:  # orjson refuses text that is not Unicode
+        return orjson.dumps({"error": text.encode("utf-8", "backslashreplace").decode(), **fields})

@@ -2,6 +2,11 @@
 the server answers within a timeout, never with a 5xx (or gRPC INTERNAL / UNKNOWN), an error
 always as TF Serving's {"error": "..."}, and it still serves correctly afterwards.
 
+Two fuzzers: load/fuzz.py's seeded mutator, 20,000 requests of every kind (TF Serving predict,
+classify, regress, :generate on tiny_lm, OIP infer in JSON and binary, and their gRPC forms) damaged
+at the JSON and byte level, over one persistent connection (fast: most of the count); and the
+hypothesis strategies below, which shrink what they find.
+
 Bodies: random JSON, predict / classify / regress / infer bodies with wrong names, types, shapes and
 dtypes, byte-level damage (truncation, invalid UTF-8, bare NaN, huge numbers, b64 garbage), deep
 nesting and strings up to the body limit. Paths: random segments, percent-encodings (%00, invalid
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from load.fuzz import MODELS as SERVED, fuzz
 from runtime.app import DEFAULT_MAX_BODY_BYTES
 from runtime.codecs.oip import DATATYPES
 from runtime.codecs.tensor_proto import DTYPES, VALUE_FIELD, from_ndarray
@@ -50,6 +57,7 @@ class Server:
     host: str
     port: int
     channel: object
+    grpc_port: int
 
     def log(self) -> str:
         """The end of the server's log, for a failure message."""
@@ -59,11 +67,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(examples, tmp_path_factory):
-    grpc_port = free_port()
-    with kiln_serve(examples, tmp_path_factory.mktemp("repository"), "--grpc-port", str(grpc_port)) as (process, url):
+    """half_plus_two, digits and tiny_lm (for :generate and stateful signatures), REST and gRPC."""
+    grpc_port, root = free_port(), tmp_path_factory.mktemp("repository")
+    shutil.copytree(examples["tiny_lm"].servable, root / "tiny_lm" / "1")
+    with kiln_serve(examples, root, "--grpc-port", str(grpc_port)) as (process, url):
         host, port = url.removeprefix("http://").split(":")
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-        yield Server(process, host, int(port), channel)
+        server = Server(process, host, int(port), channel, grpc_port)
+        deadline = time.monotonic() + 120
+        while b'"AVAILABLE"' not in send(server, "GET", "/v1/models/tiny_lm")[2]:  # kiln_serve waits for the others
+            assert time.monotonic() < deadline and process.poll() is None, server.log()
+            time.sleep(0.2)
+        yield server
         channel.close()
 
 
@@ -73,13 +88,14 @@ def show(body: bytes) -> str:
     return repr(body[:300]) + (f"... ({len(body)} bytes)" if len(body) > 300 else "")
 
 
-def send(server: Server, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
+def send(server: Server, method: str, path: str, body: bytes = b"", headers: dict | None = None
+         ) -> tuple[int, str, bytes]:
     """One request on its own connection, exactly as given (no client-side path normalization)."""
     started = time.monotonic()
     connection = http.client.HTTPConnection(server.host, server.port, timeout=TIMEOUT)
     try:
         try:
-            connection.request(method, path, body=body)
+            connection.request(method, path, body=body, headers=headers or {})
         except (BrokenPipeError, ConnectionResetError):
             pass  # a body over the limit: the server may answer before reading all of it
         response = connection.getresponse()
@@ -95,10 +111,10 @@ def send(server: Server, method: str, path: str, body: bytes = b"") -> tuple[int
     return response.status, response.getheader("content-type", ""), data
 
 
-def check(server: Server, method: str, path: str, body: bytes = b""):
+def check(server: Server, method: str, path: str, body: bytes = b"", headers: dict | None = None):
     """Send, and check the answer: no 5xx; an error is JSON with an "error" string. Returns
     (status, parsed JSON body or None)."""
-    status, content_type, data = send(server, method, path, body)
+    status, content_type, data = send(server, method, path, body, headers)
     where = f"{method} {path[:200]!r} {show(body)} -> {status} {data[:500]!r}"
     assert status < 500, f"{where}\n{server.log()}"
     if method == "HEAD" or status == 204:
@@ -429,6 +445,86 @@ def test_grpc_random_bytes(server, method, request):
     """Bytes that may not parse as the request message: a client's error (INVALID_ARGUMENT), not
     the server's (INTERNAL or UNKNOWN)."""
     call(server, method, request)
+
+
+# Seeded mutator and named cases ---------------------------------------------------------------
+
+MUTATOR_BODIES = 5_000  # per seed: 20,000 in all, REST and gRPC
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seeded_mutator(server, seed):
+    """load/fuzz.py's mutator (its benchmark runs the same for 100,000+): every answer a 4xx JSON error
+    or a success, and enough successes that the damage reaches the models, not only the parsers."""
+    report = fuzz(server.host, server.port, server.grpc_port, MUTATOR_BODIES, seed=seed)
+    assert report.bodies == MUTATOR_BODIES
+    assert not report.failures, "\n".join(report.failures[:20]) + f"\n{len(report.failures)} failures\n{server.log()}"
+    assert report.rest["2xx"] > MUTATOR_BODIES // 50 and report.grpc["OK"] > 0, report.summary()
+
+
+SURROGATE = b"\xed\xa0\x80"  # U+D800 as UTF-8 bytes: not Unicode; orjson refused it, the fallback took it
+X = b'{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]}'
+CLASSIFY = b'"signature_name": "classify_x_to_y"'
+BINARY_HEADER = b'{"id": "' + SURROGATE + b'", "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", ' \
+                                          b'"parameters": {"binary_data_size": 4}}]}'
+NAMED_CASES = {  # (path, body, headers, words of the error); each answered 500 (or 200) before its fix
+    "surrogate signature_name": ("/v1/models/half_plus_two:predict",
+                                 b'{"signature_name": "' + SURROGATE + b'", "instances": [1.0]}', {}, "UTF-8"),
+    "surrogate prompt": ("/v1/models/tiny_lm:generate", b'{"prompt": "' + SURROGATE + b'", "max_tokens": 1}', {},
+                         "UTF-8"),
+    "surrogate example": ("/v1/models/half_plus_two:classify",
+                          b"{" + CLASSIFY + b', "examples": [{"x": "' + SURROGATE + b'"}]}', {}, "UTF-8"),
+    "surrogate infer id": ("/v2/models/half_plus_two/infer", b'{"id": "' + SURROGATE + b'", "inputs": [' + X + b"]}",
+                           {}, "ed a0 80"),
+    "surrogate binary header": ("/v2/models/half_plus_two/infer", BINARY_HEADER + b"\0\0\x80?",
+                                {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, "UTF-8"),
+    "number in a string input": ("/v1/models/half_plus_two:predict", b"{" + CLASSIFY + b', "instances": [1, 2]}', {},
+                                 "input 'inputs' must hold strings or {\"b64\": \"...\"} objects, got 1 (int)"),
+    "ragged string input": ("/v1/models/half_plus_two:predict",
+                            b"{" + CLASSIFY + b', "inputs": {"inputs": [["a"], ["a", "b"]]}}', {},
+                            "input 'inputs' cannot be read as a string tensor of one shape"),
+    "number in OIP BYTES": ("/v2/models/half_plus_two/infer", b'{"parameters": {' + CLASSIFY + b'}, "inputs": '
+                            b'[{"name": "inputs", "shape": [2], "datatype": "BYTES", "data": [1, "a"]}]}', {},
+                            "input 'inputs': BYTES data must hold strings, got 1 (int)"),
+    "example int past int64": ("/v1/models/half_plus_two:regress",
+                               b'{"signature_name": "regress_x_to_y", "examples": [{"x": 1' + b"0" * 400 + b"}]}", {},
+                               "feature 'x': integers must fit in int64"),
+    "example int past float": ("/v1/models/half_plus_two:regress", b'{"signature_name": "regress_x_to_y", '
+                               b'"examples": [{"x": [0.5, 1' + b"0" * 400 + b"]}]}", {},
+                               "feature 'x': 1000"),
+    "non-ASCII b64 example": ("/v1/models/half_plus_two:classify",
+                              b"{" + CLASSIFY + b', "examples": [{"x": {"b64": "\xc3\xa9"}}]}', {},
+                              "feature 'x': invalid base64"),
+    "temperature 10^400": ("/v1/models/tiny_lm:generate",
+                           b'{"prompt": "a", "max_tokens": 1, "temperature": 1' + b"0" * 400 + b"}", {},
+                           "'temperature' must be a finite number"),
+    "bool in OIP shape": ("/v2/models/half_plus_two/infer",
+                          b'{"inputs": [{"name": "x", "shape": [true], "datatype": "FP32", "data": [1.0]}]}', {},
+                          "input 'x': 'shape' must be a list of non-negative integers, got [True]"),
+}
+
+
+@pytest.mark.parametrize("case", NAMED_CASES)
+def test_bad_input_is_a_400_naming_it(server, case):
+    path, body, headers, words = NAMED_CASES[case]
+    status, answer = check(server, "POST", path, body, headers)
+    assert status == 400 and words in answer["error"], (status, answer)
+
+
+def test_an_error_that_cannot_be_written_is_still_json():
+    """The error path itself cannot fail: a message quoting text JSON cannot hold, or an exception
+    whose str() raises, still makes {"error": "..."} (before: orjson raised inside error_response)."""
+    from runtime.app import error_response
+    from runtime.errors import InvalidInput
+
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    response = error_response(InvalidInput("signature '\ud800' not found"))
+    assert response.status == 400 and json.loads(response.body) == {"error": "signature '\\ud800' not found"}
+    response = error_response(Unprintable())
+    assert response.status == 500 and json.loads(response.body) == {"error": "Unprintable (no message)"}
 
 
 # Afterwards ------------------------------------------------------------------------------------
