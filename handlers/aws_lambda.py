@@ -23,14 +23,14 @@ Events, told apart by their shape:
   is the X-Request-Id unless the caller sent one, and the deadline is Lambda's, less DEADLINE_MARGIN.
 - SQS and Kinesis batches: each record's body (Kinesis: its data) is a TF Serving predict body with a
   "model" key naming the model (optional where KILN_SCORE_MODEL names one or only one is served).
-  Every record is decoded, then all run at once so that the batcher merges them into compiled
-  batches. A record's predictions go to KILN_OUTPUT_PREFIX as JSON, at sqs/QUEUE/MESSAGE_ID.json or
-  kinesis/STREAM/SHARD/SEQUENCE_NUMBER.json ({"id", "model", "version", and "predictions" or
-  "outputs"}): a record delivered again writes the same key again, so reruns never duplicate output.
-  The answer is Lambda's partial batch response (Powertools' batch processor; SQS FIFO queues fail
-  the rest of a failed record's message group, to keep its order): only failed records are retried,
-  when the event source mapping has ReportBatchItemFailures on. Without KILN_OUTPUT_PREFIX a queue
-  batch fails as a whole with a ConfigError saying so.
+  The records run at once, so that the batcher merges them into compiled batches; an SQS FIFO
+  queue's message group runs one record after another and stops at its first failure (the rest of
+  the group is not run), so that its side effects keep the group's order. A record's predictions go
+  to KILN_OUTPUT_PREFIX as JSON, at sqs/QUEUE/MESSAGE_ID.json or kinesis/STREAM/SHARD/SEQUENCE.json
+  ({"id", "model", "version", and "predictions" or "outputs"}); a redelivered record rewrites its
+  key. The answer is Lambda's partial batch response (Powertools' BatchProcessor, or for FIFO queues
+  SqsFifoPartialProcessor with skip_group_on_error): only failed records, and the unrun rest of their
+  groups, are retried. Without KILN_OUTPUT_PREFIX a queue batch fails whole with a ConfigError.
 - S3 "object created" notifications, directly or through EventBridge ("Object Created"): each object
   (JSON Lines or CSV rows) is scored by runtime.scoring into KILN_OUTPUT_PREFIX, idempotently (a
   retried event finds its output and skips the object). Objects under the output prefix itself are
@@ -55,6 +55,11 @@ Events, told apart by their shape:
 - Keep-warm pings, an EventBridge scheduled event or {"kiln": "warm"}: {"warm": true, "ready": ...},
   with no model work.
 - Anything else raises InvalidInput naming the events this handler takes.
+
+NaN and ±Infinity: HTTP bodies carry TF Serving's bare tokens, as `kiln serve` does; every other
+result (direct and Step Functions answers, objects written for records and S3 objects) is strict
+JSON, as Lambda and Step Functions require, with the strings "NaN", "Infinity" and "-Infinity"
+(handlers.records). Whether a failure is retried is runtime.errors.retryable's rule, as on Cloud Run.
 
 Observability: Powertools Logger (service "kiln"; runtime's own loggers write through it, and the
 Lambda request id is runtime.logs.request_id too), Metrics in CloudWatch's embedded metric format
@@ -85,20 +90,18 @@ from aws_lambda_powertools.utilities.batch import (BatchProcessor, EventType, Sq
 from aws_lambda_powertools.utilities.data_classes import (S3BatchOperationEvent, S3BatchOperationResponseRecord,
                                                           S3Event, S3EventBridgeNotificationEvent)
 
+from handlers.records import predict_message
 from runtime import logs, scoring
 from runtime.app import App, Exchange, Request, Response, whole
-from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
-from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, Unsupported, status_of
+from runtime.errors import ConfigError, InvalidInput, KilnError, retryable, status_of
 from runtime.settings import Settings
-from runtime.storage import KeyNotFound, Storage, open_storage
+from runtime.storage import Storage, open_storage
 
 SERVICE = "kiln"
 NAMESPACE = "Kiln"
 DEADLINE_MARGIN = 0.25  # seconds kept back from Lambda's deadline to send the answer
 PROTOCOL = "lambda"  # the protocol label of everything but HTTP events in Kiln's own metrics
 LOGGERS = {"runtime", "handlers", "kiln"}  # Kiln's loggers, written through Powertools' Logger
-# Failures that the same work will meet again: not retried (S3 Batch Operations: PermanentFailure).
-PERMANENT = (InvalidInput, NotFound, Unsupported, ConfigError, KeyNotFound)
 EXPECTED = ("an API Gateway (REST or HTTP API), function URL or ALB request; an SQS, Kinesis or S3 "
             "notification batch (Records); an EventBridge S3 Object Created or Scheduled Event; an S3 "
             "Batch Operations job (invocationSchemaVersion, tasks); a Step Functions item batch (Items); "
@@ -208,21 +211,14 @@ class LambdaFunction:
 
     # Predict bodies: queue records, Step Functions items, direct invocations ----------------------
 
-    async def predict(self, body: bytes | str, deadline: float | None) -> dict:
-        """A TF Serving predict body's response, on the model its "model" key names (or
-        KILN_SCORE_MODEL's, or the only one), with "model" and "version" added."""
+    async def predict(self, body: bytes | str | dict, deadline: float | None) -> dict:
+        """A TF Serving predict body's response as strict JSON (handlers.records), with "model" and
+        "version" added."""
         exchange = Exchange(PROTOCOL, api="predict", deadline=deadline)
         status = "OK"
         try:
-            signature_name, request = read_predict(body)
-            name = request.get("model", self.settings.score_model)
-            if name is not None and not isinstance(name, str):
-                raise InvalidInput("'model' must be a string naming the model")
-            with self.app.repository.handle(scoring.default_model(self.app, name)) as handle:
-                decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
-                outputs = await self.app.execute(handle, signature_name, decoded.inputs, exchange)
-                served = {"model": handle.name, "version": str(handle.version)}
-            return {**served, **orjson.loads(encode_predict(outputs, decoded.row_format))}
+            served, response = await predict_message(self.app, body, self.settings.score_model, exchange)
+            return {**served, **response}
         except BaseException as e:
             status = status_of(e)[1] if isinstance(e, Exception) else "CANCELLED"
             raise
@@ -231,7 +227,7 @@ class LambdaFunction:
 
     def _direct(self, event: dict, invocation: Invocation) -> dict:
         try:
-            response = self.run(self.predict(orjson.dumps(event), invocation.deadline))
+            response = self.run(self.predict(event, invocation.deadline))
         except KilnError as e:
             self._count(requests=1, errors=1)
             return {"error": str(e), "status": status_of(e)[0]}
@@ -249,8 +245,7 @@ class LambdaFunction:
             raise InvalidInput(f"BatchInput must be an object, got {type(defaults).__name__}")
         defaults = {key: defaults[key] for key in ("model", "signature_name") if key in defaults}
         bodies = [item if _is_predict_body(item) else {"instances": [item]} for item in items]
-        results = self.run(_gather(self.predict(orjson.dumps({**defaults, **body}), invocation.deadline)
-                                   for body in bodies))
+        results = self.run(_gather(self.predict({**defaults, **body}, invocation.deadline) for body in bodies))
         failures = [(index, result) for index, result in enumerate(results) if isinstance(result, BaseException)]
         self._count(requests=len(items), predictions=len(items) - len(failures), errors=len(failures))
         if failures:
@@ -263,28 +258,48 @@ class LambdaFunction:
                                 for item, result in zip(items, results)]}
 
     def _queue(self, event: dict, invocation: Invocation) -> dict:
-        """An SQS or Kinesis batch: every record predicted at once, its predictions written to the
-        output prefix, the failed ones reported for Lambda to retry."""
+        """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
+        after another), its predictions written to the output prefix, the failed ones reported for
+        Lambda to retry."""
         outputs = self._output_storage(invocation.kind)
         records = event["Records"]
-        results = self.run(_gather(self._record(record, invocation, outputs) for record in records))
-        outcomes = {_record_id(record): result for record, result in zip(records, results)}
+        processor = _processor(invocation.kind, records)
+        fifo = isinstance(processor, SqsFifoPartialProcessor)
+        chains: dict[str, list[dict]] = {}  # run one after another: a FIFO message group, else one record
+        for record in records:
+            chains.setdefault(record["attributes"].get("MessageGroupId", "") if fifo else _record_id(record),
+                              []).append(record)
+        done = self.run(_gather((self._in_order(chain, invocation, outputs) for chain in chains.values()),
+                                return_exceptions=False))
+        outcomes = {record_id: outcome for chain in done for record_id, outcome in chain.items()}
         for record_id, outcome in outcomes.items():
             if isinstance(outcome, KilnError):
                 self.logger.warning("record failed", extra={"record": record_id, "error": str(outcome)})
             elif isinstance(outcome, BaseException):
                 self.logger.error("record failed", extra={"record": record_id}, exc_info=outcome)
-        failed = sum(isinstance(outcome, BaseException) for outcome in outcomes.values())
-        self._count(requests=len(records), predictions=len(records) - failed, errors=failed)
+        succeeded = sum(not isinstance(outcome, BaseException) for outcome in outcomes.values())
+        self._count(requests=len(records), predictions=succeeded, errors=len(records) - succeeded)
 
         def record_handler(record) -> Any:  # Powertools' record: its outcome, computed above
-            outcome = outcomes[_record_id(record.raw_event)]
+            outcome = outcomes[_record_id(record.raw_event)]  # never asked for one not run: its group failed
             if isinstance(outcome, BaseException):
                 raise outcome
             return outcome
 
-        return process_partial_response(event=event, record_handler=record_handler,
-                                        processor=_processor(invocation.kind, records), context=invocation.context)
+        return process_partial_response(event=event, record_handler=record_handler, processor=processor,
+                                        context=invocation.context)
+
+    async def _in_order(self, records: list[dict], invocation: Invocation, outputs: Storage) -> dict[str, Any]:
+        """Each record's output URL or exception, one after another up to the first that fails: the
+        rest of a FIFO message group is not run, and Powertools reports it failed with that one."""
+        outcomes: dict[str, Any] = {}
+        for record in records:
+            try:
+                outcomes[_record_id(record)] = await self._record(record, invocation, outputs)
+            except Exception as e:
+                outcomes[_record_id(record)] = e
+                break
+        return outcomes
 
     async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> str:
         if invocation.kind == "sqs":
@@ -294,7 +309,7 @@ class LambdaFunction:
             body = base64.b64decode(record["kinesis"]["data"])
             shard, _, sequence = record["eventID"].partition(":")
             key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}.json"
-        response = await self.predict(body, invocation.deadline)
+        response = await self.predict(body, invocation.deadline)  # strict JSON: orjson writes it as it is
         await asyncio.to_thread(outputs.write_bytes, key, orjson.dumps({"id": _record_id(record), **response}))
         return f"{outputs.url}/{key}"
 
@@ -337,7 +352,7 @@ class LambdaFunction:
             objects = [(record.s3.bucket.name, unquote_plus(record.s3.get_object.key))
                        for record in S3Event(event).records if record.event_name.startswith("ObjectCreated:")]
         results = self._score_all(objects, invocation)
-        transient = [result for result in results if isinstance(result, BaseException) and not _permanent(result)]
+        transient = [result for result in results if isinstance(result, BaseException) and retryable(result)]
         if transient:  # Lambda retries the event; what was scored is skipped then
             raise transient[0]
         return {"results": [_result_dict(f"s3://{bucket}/{key}", result)
@@ -436,9 +451,9 @@ def _deadline(context: Any) -> float | None:
     return time.monotonic() + remaining() / 1e3 - DEADLINE_MARGIN
 
 
-async def _gather(works) -> list:
-    """Every work's result or exception, in order; all started in one event-loop step."""
-    return await asyncio.gather(*works, return_exceptions=True)
+async def _gather(works, *, return_exceptions: bool = True) -> list:
+    """Every work's result (or exception), in order; all started in one event-loop step."""
+    return await asyncio.gather(*works, return_exceptions=return_exceptions)
 
 
 def _is_predict_body(value: Any) -> bool:
@@ -477,10 +492,6 @@ def _processor(kind: str, records: list[dict]):
     return processor
 
 
-def _permanent(error: BaseException) -> bool:
-    return isinstance(error, PERMANENT)
-
-
 def _result_dict(source: str, result: Any) -> dict:
     if isinstance(result, BaseException):
         return {"source": source, "error": str(result) if isinstance(result, KilnError) else "internal error",
@@ -491,7 +502,7 @@ def _result_dict(source: str, result: Any) -> dict:
 
 def _task_result(task_id: str, result: Any) -> S3BatchOperationResponseRecord:
     if isinstance(result, BaseException):
-        code = "PermanentFailure" if _permanent(result) else "TemporaryFailure"
+        code = "TemporaryFailure" if retryable(result) else "PermanentFailure"
         message = str(result) if isinstance(result, KilnError) else f"internal error: {type(result).__name__}"
         return S3BatchOperationResponseRecord(task_id, code, message)
     if result.skipped and not result.output:

@@ -467,6 +467,107 @@ def test_logs_are_json_with_the_lambda_request_id(function, outputs, monkeypatch
     assert failed["event_source"] == "sqs" and "malformed JSON" in failed["error"]
 
 
+# NaN and Infinity: TF Serving's bare tokens in HTTP bodies, strings in every JSON result -----------
+
+NON_FINITE_INPUTS = "[NaN, Infinity, -Infinity, 1.0]"  # half_plus_two: y = x / 2 + 2 keeps them
+NON_FINITE = ["NaN", "Infinity", "-Infinity", 2.5]  # as Lambda's JSON results write them
+
+
+def strict_json(value) -> object:
+    """The value as strict JSON (Lambda's and Step Functions' JSON) reads it back."""
+    return json.loads(json.dumps(value, allow_nan=False))
+
+
+def test_non_finite_predictions_over_http_keep_tf_servings_tokens(function):
+    for kind in ("apigateway_rest_v1", "apigateway_http_v2", "alb"):
+        request = event(kind) | {"body": f'{{"instances": {NON_FINITE_INPUTS}}}', "isBase64Encoded": False}
+        if kind == "alb":
+            request |= {"httpMethod": "POST", "path": "/v1/models/half_plus_two:predict"}
+        answer = invoke(function, request)
+        assert (answer["statusCode"], answer["body"]) == (200, '{"predictions":[NaN,Infinity,-Infinity,2.5]}'), kind
+
+
+def test_non_finite_predictions_in_direct_and_step_functions_results(function):
+    nan, inf = float("nan"), float("inf")
+    answer = invoke(function, {"instances": [nan, inf, -inf, 1.0]})  # the Python runtime reads bare NaN
+    assert strict_json(answer) == {"model": "half_plus_two", "version": "1", "predictions": NON_FINITE}
+    answer = invoke(function, {"inputs": {"x": [nan, 1.0]}})
+    assert strict_json(answer)["outputs"] == ["NaN", 2.5]
+    answer = invoke(function, {"Items": [nan, inf, 1.0, {"instances": [-inf, 1.0]}],
+                               "BatchInput": {"model": "half_plus_two"}})
+    assert strict_json(answer) == {"predictions": ["NaN", "Infinity", 2.5, {
+        "model": "half_plus_two", "version": "1", "predictions": ["-Infinity", 2.5]}]}
+
+
+@pytest.mark.parametrize("queue", ["queue", "queue.fifo"])
+def test_non_finite_predictions_in_sqs_results(function, outputs, queue):
+    client, _ = outputs
+    queue = f"{queue.partition('.')[0]}-{uuid.uuid4().hex[:8]}{'.fifo' if queue.endswith('fifo') else ''}"
+    batch = sqs_batch(queue)
+    batch["Records"] = batch["Records"][:1]
+    batch["Records"][0]["body"] = f'{{"instances": {NON_FINITE_INPUTS}}}'
+    batch["Records"][0]["attributes"]["MessageGroupId"] = "a"
+    assert invoke(function, batch) == {"batchItemFailures": []}
+    (written,) = stored(client, f"results/sqs/{queue}/").values()
+    assert orjson.loads(written)["predictions"] == NON_FINITE
+
+
+def test_non_finite_predictions_in_kinesis_results(function, outputs):
+    client, _ = outputs
+    stream = f"stream-{uuid.uuid4().hex[:8]}"
+    batch = event("kinesis")
+    for record in batch["Records"]:
+        record["eventSourceARN"] = f"arn:aws:kinesis:us-east-2:123456789012:stream/{stream}"
+        record["kinesis"]["data"] = base64.b64encode(f'{{"instances": {NON_FINITE_INPUTS}}}'.encode()).decode()
+    assert invoke(function, batch) == {"batchItemFailures": []}
+    results = stored(client, f"results/kinesis/{stream}/")
+    assert [orjson.loads(value)["predictions"] for value in results.values()] == [NON_FINITE] * len(batch["Records"])
+
+
+def test_non_finite_predictions_in_s3_object_results(function, outputs):
+    client, name = outputs
+    client.put_object(Bucket=name, Key="inputs/special.jsonl", Body=b"NaN\nInfinity\n-Infinity\n1.0\n")
+    (result,) = invoke(function, s3_notification(name, "inputs/special.jsonl"))["results"]
+    assert (result["rows"], result["errors"]) == (4, 0)
+    (part,) = [value for key, value in stored(client, f"results/{name}/inputs/special.jsonl.predictions/").items()
+               if "/part-" in key]
+    assert [orjson.loads(line)["predictions"] for line in part.splitlines()] == NON_FINITE
+
+
+# SQS FIFO: a message group's side effects in its order ----------------------------------------
+
+def test_sqs_fifo_stops_a_message_group_at_its_first_failure(function, outputs, monkeypatch):
+    """Group a's second record fails: its third is neither run nor written, and both are reported
+    for retry, so that they come back in order; group b goes on."""
+    client, _ = outputs
+    queue = f"queue-{uuid.uuid4().hex[:8]}.fifo"
+    batch = sqs_batch(queue)
+    template = batch["Records"][0]
+    records = []
+    for index, (group, body) in enumerate([("a", "[1.0]"), ("b", "[10.0]"), ("a", "[[1.0]]"), ("a", "[3.0]"),
+                                           ("b", "[12.0]")]):
+        record = copy.deepcopy(template)
+        record["messageId"] = f"message-{index}"
+        record["body"] = f'{{"instances": {body}}}'
+        record["attributes"]["MessageGroupId"] = group
+        records.append(record)
+    batch["Records"] = records
+    ran = []
+    execute = function.app.execute
+
+    async def spy(handle, signature, inputs, exchange):
+        ran.append(next(iter(inputs.values())).tolist())
+        return await execute(handle, signature, inputs, exchange)
+
+    monkeypatch.setattr(function.app, "execute", spy)
+    answer = invoke(function, batch)
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-2"}, {"itemIdentifier": "message-3"}]}
+    assert [3.0] not in ran  # message-3 came after message-2's failure: never run
+    written = {key.rpartition("/")[2]: orjson.loads(value)["predictions"]
+               for key, value in stored(client, f"results/sqs/{queue}/").items()}
+    assert written == {"message-0.json": [2.5], "message-1.json": [7.0], "message-4.json": [8.0]}
+
+
 # The init phase, in a fresh interpreter as Lambda's runtime runs it -------------------------------
 
 INIT = """

@@ -1,0 +1,28 @@
+"""What the Lambda and Cloud Run handlers do alike with a message (an SQS or Kinesis record, a Step
+Functions item, a direct invocation, a Pub/Sub message): run its TF Serving predict body, and answer
+it as strict JSON. Lambda and Step Functions take no bare NaN or Infinity, and results written as
+JSON objects are read by strict parsers too, so there NaN and ±Infinity are the strings "NaN",
+"Infinity" and "-Infinity" (runtime.codecs.tfserving.NON_FINITE_STRINGS), as in every result that
+`kiln score` writes; only HTTP bodies carry TF Serving's bare tokens."""
+
+from __future__ import annotations
+
+from runtime.app import App, Exchange
+from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
+from runtime.errors import InvalidInput, shown
+from runtime.scoring import default_model
+
+
+async def predict_message(app: App, body: bytes | str | dict, model: str | None,
+                          exchange: Exchange) -> tuple[dict, dict]:
+    """({"model", "version"} that answered, the predict response as strict-JSON values) for a
+    predict body, on the model its "model" key names, else `model` (KILN_SCORE_MODEL), else the only one."""
+    signature_name, request = read_predict(body)
+    name = request.get("model")
+    if name is not None and not isinstance(name, str):
+        raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
+    with app.repository.handle(default_model(app, name or model)) as handle:
+        decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
+        outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
+        served = {"model": handle.name, "version": str(handle.version)}
+    return served, predict_values(outputs, decoded.row_format, strict=True)
