@@ -27,14 +27,16 @@ the subscription's or trigger's service account); Kiln's API keys do not apply. 
 KILN_OUTPUT_PREFIX (gs://, s3:// or a path).
 
 - Pub/Sub (push, or Eventarc's messagePublished): the message's data is a TensorFlow Serving predict
-  body with a "model" key (default: KILN_SCORE_MODEL, or the only model served). The predict response is written to
-  PREFIX/MESSAGE_ID.json; a message already answered (a redelivery: Pub/Sub delivers at least once)
-  is acknowledged without running again. Pub/Sub redelivers anything not answered 2xx, so a
-  message that can never succeed (not base64 or JSON, an unknown model, inputs the signature
-  refuses: any 4xx of the core) is acknowledged all the same: the error is logged and recorded at
+  body with a "model" key (default: KILN_SCORE_MODEL, or the only model served). The predict response
+  is written to PREFIX/MESSAGE_ID.json as strict JSON (NaN and ±Infinity as strings: handlers.records);
+  a message already answered (a redelivery: Pub/Sub delivers at least once) is acknowledged without
+  running again. Pub/Sub redelivers anything not answered 2xx, so a message that can never succeed
+  (not base64 or JSON, an unknown model, inputs the signature refuses: runtime.errors.retryable, the
+  Lambda handler's rule too) is acknowledged all the same: the error is logged and recorded at
   PREFIX/MESSAGE_ID.error.json, where it can be inspected, instead of the message coming back until
-  its retention runs out. Failures that may pass (a full queue, a store that is down) answer 5xx, and
-  Pub/Sub redelivers with its backoff (to a dead-letter topic after its maximum attempts, if set).
+  its retention runs out. Failures that may pass (a full queue, a store that is down, a session
+  conflict) answer 5xx, and Pub/Sub redelivers with its backoff (to a dead-letter topic after its
+  maximum attempts, if set).
 - Cloud Storage (Eventarc's object finalized): the object is batch-scored as for S3
   (runtime.scoring.score_object into KILN_OUTPUT_PREFIX, with KILN_SCORE_MODEL); a redelivered event
   finds the results in place and is skipped, and so is an object that is itself a result (a trigger
@@ -60,8 +62,7 @@ from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event
 from handlers.local import AsgiApp
 from runtime import logs
 from runtime.app import App, Exchange, Request, Response, error_response
-from runtime.codecs.tfserving import decode_predict, encode_predict, read_predict
-from runtime.errors import InvalidInput, KilnError, Unsupported, status_of
+from runtime.errors import KilnError, Unsupported, retryable, status_of
 from runtime.settings import Settings
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"
@@ -125,7 +126,7 @@ class CloudRunApp(AsgiApp):
         try:
             body = await self._predict(message.payload(), exchange)
         except KilnError as e:
-            if not permanent(e):
+            if retryable(e):
                 raise
             record = {"message_id": message.id, "subscription": delivery.subscription,
                       "publish_time": message.publish_time, "attributes": message.attributes,
@@ -138,17 +139,11 @@ class CloudRunApp(AsgiApp):
         return _answer(message_id=message.id, status="scored", output=f"{outputs.url}/{result_key}")
 
     async def _predict(self, payload: bytes, exchange: Exchange) -> bytes:
-        """The TF Serving predict response to a message's predict body."""
-        from runtime.scoring import default_model
+        """The TF Serving predict response to a message's predict body, as strict JSON (handlers.records)."""
+        from handlers.records import predict_message
 
-        signature_name, request = read_predict(payload)
-        model = request.get("model")
-        if model is not None and not isinstance(model, str):
-            raise InvalidInput(f"'model' must be a model's name, got {model!r}")
-        with self.app.repository.handle(default_model(self.app, model or self.settings.score_model)) as handle:
-            decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
-            outputs = await self.app.execute(handle, signature_name, decoded.inputs, exchange)
-        return encode_predict(outputs, decoded.row_format)
+        _, response = await predict_message(self.app, payload, self.settings.score_model, exchange)
+        return orjson.dumps(response)
 
     # Cloud Storage ------------------------------------------------------------------------------
 
@@ -160,20 +155,12 @@ class CloudRunApp(AsgiApp):
             result = await score_object(self.app, event.url, self.settings.output_prefix,
                                         model=self.settings.score_model)
         except KilnError as e:
-            if not permanent(e):
+            if retryable(e):
                 raise
             log.warning("%s cannot be scored; the event is acknowledged: %s", event.url, e)
             return _answer(source=event.url, status="failed", error=str(e))
         return _answer(source=result.source, status="skipped" if result.skipped else "scored", output=result.output,
                        rows=result.rows, errors=result.errors)
-
-
-def permanent(error: KilnError) -> bool:
-    """Whether an event that failed so would fail again: the core's 4xx, or an object that is gone.
-    Anything else (5xx: a full queue, a store that is down, a passed deadline) may pass on a retry."""
-    from runtime.storage import KeyNotFound
-
-    return isinstance(error, KeyNotFound) or 400 <= status_of(error)[0] < 500
 
 
 def _answer(**fields) -> Response:

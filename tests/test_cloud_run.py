@@ -190,6 +190,13 @@ def test_pubsub_push_writes_the_prediction_keyed_by_message_id(service, gcs):
                                                        "version": "1", "status": "200"}.items()))] >= 1
 
 
+def test_pubsub_results_are_strict_json_with_nan_and_infinity_as_strings(service, gcs):
+    """As the Lambda handler's results: readable by strict JSON parsers (HTTP bodies keep bare NaN)."""
+    body, message_id = pubsub_push(b'{"instances": [NaN, Infinity, -Infinity, 0.1]}')
+    assert httpx.post(f"{service}/", json=body).json()["status"] == "scored"
+    assert read_object(gcs, f"results/{message_id}.json") == b'{"predictions":["NaN","Infinity","-Infinity",2.05]}'
+
+
 def test_pubsub_cloudevents_in_binary_and_structured_mode(service, gcs):
     for mode in ("binary", "structured"):
         cloud_event = event("gcp_pubsub_message_published.json")
@@ -232,6 +239,49 @@ def test_a_poison_message_is_acknowledged_and_its_error_recorded(service, gcs):
         assert answer.status_code == 200 and answer.json()["status"] == "failed", answer.text
         assert expected in answer.json()["error"]
         assert expected in json.loads(read_object(gcs, f"results/{message_id}.error.json"))["error"]
+
+
+RETRY = """
+import asyncio, json, sys
+from handlers.cloud_run import SETTINGS, CloudRunApp
+from handlers.gcp_events import PubsubDelivery
+from runtime import errors
+from runtime.app import Exchange
+
+
+async def decide(name):
+    service = CloudRunApp(None, SETTINGS)  # a message's failure needs no App
+
+    async def fail(payload, exchange):
+        raise getattr(errors, name)("failed")
+
+    service._predict = fail
+    delivery = PubsubDelivery.model_validate({"message": {"data": "", "messageId": name}})
+    try:
+        return json.loads((await service._pubsub(delivery, Exchange("event"))).body)["status"]
+    except errors.KilnError:
+        return "redelivered"
+
+print(json.dumps({name: asyncio.run(decide(name)) for name in sys.argv[1:]}))
+"""
+RETRIED = {"SessionConflict": True, "StorageError": True, "DeadlineExceeded": True, "ResourceExhausted": True,
+           "Unsupported": False, "InvalidInput": False, "NotFound": False, "ConfigError": False,
+           "PermissionDenied": False}
+
+
+def test_lambda_and_cloud_run_retry_the_same_failures(tmp_path):
+    """One rule (runtime.errors.retryable): 409, a session conflict, may pass; 501 will not."""
+    from handlers.aws_lambda import _task_result
+    from runtime import errors
+
+    done = subprocess.run([sys.executable, "-c", RETRY, *RETRIED], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "KILN_MODEL_REPOSITORY": str(tmp_path),
+                               "KILN_OUTPUT_PREFIX": str(tmp_path / "results")}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cloud_run = {name: status == "redelivered" for name, status in json.loads(done.stdout).items()}
+    aws_lambda = {name: _task_result("t", getattr(errors, name)("failed")).result_code == "TemporaryFailure"
+                  for name in RETRIED}
+    assert cloud_run == aws_lambda == RETRIED
 
 
 def test_malformed_events_get_a_clear_400(service):
