@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -51,15 +51,17 @@ def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
-                     work: Callable[[Exchange], Awaitable[T]]) -> T:
-    """Serve one call: what every servicer method does around its own work."""
+                     work: Callable[[Exchange], Awaitable[T]],
+                     authenticate: Callable[[Mapping[str, str]], str | None] | None = None) -> T:
+    """Serve one call: what every servicer method does around its own work. `authenticate`: who the
+    metadata names (default: the tenant of its API key; reload asks for an administrator instead)."""
     exchange = Exchange("grpc", api=api)
     metadata = text_metadata(context)
     token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
     context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
     code, message = "OK", ""
     try:
-        exchange.tenant = app.auth.tenant(metadata)
+        exchange.tenant = (authenticate or app.auth.tenant)(metadata)
         remaining = context.time_remaining()
         if remaining is not None:
             exchange.deadline = time.monotonic() + remaining
@@ -227,7 +229,11 @@ def _tensor_info(spec: TensorSpec, info: Any) -> None:
 
 class ModelService(_model_grpc.ModelServiceServicer):
     def __init__(self, app: App):
+        """Made at start-up: the roots a reload may name are fixed here, from the configuration before
+        any reload (runtime.access.Reload)."""
         self.app = app
+        repository = app.repository
+        self.roots = app.auth.reload.roots(repository.config_of(name).base_path for name in repository.names())
 
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work(exchange: Exchange) -> Any:
@@ -240,10 +246,14 @@ class ModelService(_model_grpc.ModelServiceServicer):
             from runtime.model_config import from_proto
 
             config = from_proto(request.config)
+            self.app.auth.reload.check_base_paths((model.base_path for model in config.models), self.roots)
             await asyncio.get_running_loop().run_in_executor(None, self.app.repository.reload, config)
+            log.info("model configuration reloaded by %s: %s", exchange.tenant or "anyone (KILN_RELOAD=open)",
+                     ", ".join(model.name for model in config.models) or "no models")
             return _management.ReloadConfigResponse()
 
-        return await serve_call(self.app, context, "reload_config", work)
+        # Changing what every tenant is served is administration: an administrator's key, not a tenant's.
+        return await serve_call(self.app, context, "reload_config", work, authenticate=self.app.auth.admin)
 
     def _get_model_status(self, request: Any) -> Any:
         target = _target(request.model_spec)

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", help="JSON logs to stderr at this level (default INFO)")
     serve.add_argument("--access-log", action="store_true", default=None, help="log a JSON line per request")
     serve.add_argument("--redis-url", help="where agent sessions live (Redis 7 or Valkey; default: in this process)")
+    serve.add_argument("--reload", choices=("admin", "off", "open"),
+                       help="who may reload the model configuration over gRPC: admin (default: a KILN_ADMIN_KEYS "
+                       "key), off, or open (anyone, as TF Serving; not with KILN_API_KEYS)")
     batching = serve.add_argument_group("batching", "TensorFlow Serving's batching parameters; a model's own "
                                         "batching_parameters in a YAML or JSON model config override them")
     batching.add_argument("--batching", dest="mode", choices=("adaptive", "fixed", "off"),
@@ -207,9 +210,9 @@ def _serve(args) -> int:
     from runtime.settings import Settings
 
     flags = ("model_repository", "model_name", "model_config_file", "poll_seconds", "cors_origins", "max_body_bytes",
-             "log_level", "access_log", "redis_url", "batching_parameters_file", "mode", "max_batch_size", "batch_timeout_micros",
-             "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes", "pad_variable_length_inputs",
-             "enable_large_batch_splitting")
+             "log_level", "access_log", "redis_url", "reload", "batching_parameters_file", "mode", "max_batch_size",
+             "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes",
+             "pad_variable_length_inputs", "enable_large_batch_splitting")
     settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
     logs.configure(settings.log_level)
     # The servers' modules import while the models load: importing holds the interpreter lock, but

@@ -13,6 +13,14 @@ naming the variable, never a request.
     KILN_ALLOWED_BATCH_SIZES (comma-separated), KILN_PAD_VARIABLE_LENGTH_INPUTS,
     KILN_ENABLE_LARGE_BATCH_SPLITTING (true/false)
     KILN_API_KEYS             TENANT:KEY or KEY, comma-separated (runtime.access)
+    KILN_ADMIN_KEYS           NAME:KEY or KEY, comma-separated: administrators, who alone may reload the
+                              model configuration (gRPC HandleReloadConfigRequest); never also a tenant's key
+    KILN_RELOAD               who may reload: admin (default: an administrator's key; with none configured,
+                              nobody), off (nobody), open (anyone reaching the port, as TF Serving; refused
+                              with KILN_API_KEYS). `kiln serve --reload` overrides it
+    KILN_RELOAD_BASE_PATHS    comma-separated local paths or URLs a reload's base_paths must be under
+                              (default: the parent of each base_path configured at start-up; a refusal is
+                              PERMISSION_DENIED naming the path and these roots)
     KILN_CORS_ORIGINS         * or comma-separated origins
     KILN_MAX_BODY_BYTES       request body limit (default 64 MiB)
     KILN_LOG_LEVEL            default INFO
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +102,8 @@ class Settings:
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
+        if "reload" in given:
+            given["auth"] = replace(settings.auth, reload=replace(settings.auth.reload, policy=given.pop("reload")))
         settings = cls(**{**settings.__dict__, **given})
         settings.check()
         if settings.redis_url:  # instances sharing a store must share the key of its session ids
@@ -116,6 +126,7 @@ class Settings:
             raise ConfigError(f"KILN_WARMUP_ITERATIONS must be at least 1, got {self.warmup_iterations}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"the request body limit must be positive, got {self.max_body_bytes}")
+        self.auth.check()
 
     def model_config(self) -> ModelConfigList:
         """The models to serve: the config file's, the one named, or every NAME in the repository."""

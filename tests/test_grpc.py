@@ -22,10 +22,12 @@ from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
 @pytest.fixture(scope="module")
 def served(examples, tmp_path_factory):
     """(channel, repository root) of a server on loopback. Large batches are split, so a request of
-    many rows is valid work that takes a while (the deadline test needs one)."""
+    many rows is valid work that takes a while (the deadline test needs one). Reload is open, as in
+    TF Serving (no keys here; tests/test_admin.py has the administrator's)."""
     grpc_port = free_port()
     root = tmp_path_factory.mktemp("repository")
-    with kiln_serve(examples, root, "--grpc-port", str(grpc_port), "--enable-large-batch-splitting"):
+    with kiln_serve(examples, root, "--grpc-port", str(grpc_port), "--enable-large-batch-splitting",
+                    "--reload", "open"):
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_send_message_length", -1)])
         yield channel, root
         channel.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.errors import ConfigError
+from runtime.access import Reload, StoreLocation
+from runtime.errors import ConfigError, PermissionDenied, Unauthenticated
 from runtime.settings import Settings
 
 
@@ -81,6 +82,44 @@ def test_a_model_config_file_in_s3(bucket, tmp_path):
         Settings.from_env({"KILN_MODEL_CONFIG_FILE": f"s3://{name}/config/bad.yaml"}).model_config()
 
 
+def test_administrators_and_the_reload_policy(tmp_path):
+    env = {"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_API_KEYS": "acme:t1", "KILN_ADMIN_KEYS": "ops:a1,a2"}
+    auth = Settings.from_env(env).auth
+    assert auth.keys == (("acme", "t1"),) and auth.admin_keys == (("ops", "a1"), ("admin", "a2"))
+    assert auth.reload.policy == "admin" and auth.reload.base_paths is None
+    assert auth.admin({"authorization": "Bearer a1"}) == "ops" and auth.admin({"x-api-key": "a2"}) == "admin"
+    with pytest.raises(Unauthenticated):
+        auth.admin({})
+    with pytest.raises(PermissionDenied, match="not one"):
+        auth.admin({"authorization": "Bearer t1"})  # a tenant's key
+    with pytest.raises(PermissionDenied, match="for administration only"):
+        auth.tenant({"authorization": "Bearer a1"})  # an administrator's key names no tenant
+    assert Settings.from_env(env, overrides={"reload": "off"}).auth.reload.policy == "off"
+    with pytest.raises(PermissionDenied, match="KILN_RELOAD=off"):
+        Settings.from_env({**env, "KILN_RELOAD": "off"}).auth.admin({"authorization": "Bearer a1"})
+    tenants_only = Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_API_KEYS": "acme:t1"}).auth
+    with pytest.raises(PermissionDenied, match="set KILN_ADMIN_KEYS"):
+        tenants_only.admin({"authorization": "Bearer t1"})
+    anyone = Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_RELOAD": "open"}).auth
+    assert anyone.admin({}) is None  # TF Serving's own behaviour, where nobody has a key
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KILN_RELOAD": "sometimes"}, "KILN_RELOAD must be one of admin, off, open, got 'sometimes'"),
+    ({"KILN_RELOAD": "open", "KILN_API_KEYS": "acme:t1"}, "KILN_RELOAD=open .* KILN_API_KEYS is set"),
+    ({"KILN_RELOAD": "open", "KILN_ADMIN_KEYS": "a1"}, "KILN_ADMIN_KEYS is set but KILN_RELOAD=open"),
+    ({"KILN_API_KEYS": "acme:same-key", "KILN_ADMIN_KEYS": "ops:same-key"}, "'ops' is also tenant 'acme'"),
+    ({"KILN_ADMIN_KEYS": "ops:"}, "KILN_ADMIN_KEYS: an entry has an empty key"),
+    ({"KILN_RELOAD_BASE_PATHS": "ftp://host/models"}, "KILN_RELOAD_BASE_PATHS: 'ftp://host/models' is not"),
+    ({"KILN_RELOAD_BASE_PATHS": "s3://b/models/../x"}, "KILN_RELOAD_BASE_PATHS: .*'..'"),
+    ({"KILN_REDIS_URL": "redis://127.0.0.1:6379/0"}, "KILN_SESSION_KEY is not set.*secrets.token_hex"),
+])
+def test_access_settings_that_cannot_work_refuse_to_start(tmp_path, env, message):
+    with pytest.raises(ConfigError, match=message) as raised:
+        Settings.from_env({"KILN_MODEL_REPOSITORY": str(tmp_path), **env})
+    assert "same-key" not in str(raised.value)  # never a key in a message
+
+
 def test_a_shared_session_store_needs_the_shared_key(tmp_path):
     key = "ab" * 32
     env = {"KILN_MODEL_REPOSITORY": str(tmp_path), "KILN_SESSION_KEY": key}
@@ -98,3 +137,28 @@ def test_sessions_in_redis_refuse_to_start_without_the_key(monkeypatch):
     with pytest.raises(ConfigError, match="KILN_SESSION_KEY is not set"):
         Sessions("redis://127.0.0.1:6379/0")
     assert Sessions().ids.keys  # in process: a random key of this process, as before
+
+
+def test_reload_base_paths_compare_whole_segments_of_resolved_paths(tmp_path):
+    roots = Reload(base_paths=(StoreLocation.parse("s3://b/models"), StoreLocation.parse(str(tmp_path / "models"))))
+    allowed = roots.roots(())
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for base_path in ("s3://b/models", "s3://b/models/digits", "s3://b//models/digits/", f"{tmp_path}/models/d",
+                      f"{tmp_path}/x/../models/d", f"file://{tmp_path}/models/d"):
+        Reload.check_base_paths([base_path], allowed)
+    for base_path in ("s3://b/models-evil/digits", "s3://b/model", "s3://other/models/digits", "gs://b/models/d",
+                      f"{tmp_path}/models-evil/d", f"{tmp_path}/models/../d", f"{tmp_path}/models/link/d", "/"):
+        with pytest.raises(PermissionDenied, match=f"base_path '{base_path}' is outside .*s3://b/models, {tmp_path}"):
+            Reload.check_base_paths([base_path], allowed)
+    with pytest.raises(ConfigError, match="'..'"):
+        Reload.check_base_paths(["s3://b/models/../evil"], allowed)
+
+
+def test_by_default_a_reload_names_paths_beside_the_models_configured_at_start(tmp_path):
+    roots = Reload().roots([f"{tmp_path}/models/digits", "s3://bucket/team/half_plus_two", "s3://bucket/team/other",
+                            "gs://top", "s3://solo/digits", "/"])
+    assert [str(root) for root in roots] == [f"{tmp_path}/models", "s3://bucket/team", "gs://top", "s3://solo", "/"]
+    Reload.check_base_paths([f"{tmp_path}/models/new", "s3://bucket/team/new"], roots)
+    with pytest.raises(PermissionDenied):
+        Reload.check_base_paths(["s3://bucket/other/new"], roots)
