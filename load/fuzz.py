@@ -27,6 +27,7 @@ cache under ~/.cache/kiln), on loopback. The output is JSON: bodies sent, answer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -524,7 +525,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kiln-fuzz-") as work:
         work = Path(work)
-        example_servables(work / "models", list(MODELS))
+        with contextlib.redirect_stdout(sys.stderr):  # the build's log; stdout is the JSON
+            example_servables(work / "models", list(MODELS))
         with kiln_serve(work / "models", "tiny_lm", work / "serve.log", []) as (server, rest_port, grpc_port):
             for model in MODELS:  # kiln_serve waits for one model; the others load beside it
                 _wait_available(rest_port, model)

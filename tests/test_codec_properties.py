@@ -234,12 +234,14 @@ def test_tensor_proto_int_val_casts_as_tensorflow_does(enum_and_dtype, values):
     assert_identical(halves, np.array(values, np.int32).astype(np.uint16).view(np.float16))
 
 
-# Shapes no array can have: more elements than int64 counts, or past numpy's address space.
+# Shapes no array can have: more elements than int64 counts, or past numpy's address space (at the
+# widest dtype: uint8 [0, 2**62] fits, but not once the engine converts it to float32).
 IMPOSSIBLE_SHAPES = [[2**32, 2**32], [2**63 - 1, 2], [0, 2**62], [0, 2**63 - 1], [2**62]]
 
 
 @pytest.mark.parametrize("shape", IMPOSSIBLE_SHAPES)
-@pytest.mark.parametrize("dtype, values", [(1, {}), (1, {"float_val": [1.0]}), (7, {}), (10, {"bool_val": [True]})])
+@pytest.mark.parametrize("dtype, values", [(1, {}), (1, {"float_val": [1.0]}), (7, {}), (10, {"bool_val": [True]}),
+                                           (4, {}), (4, {"tensor_content": b""})])
 def test_tensor_proto_impossible_shapes_are_invalid_input(shape, dtype, values):
     with pytest.raises(InvalidInput):
         to_ndarray(TensorProto(dtype=dtype, tensor_shape={"dim": [{"size": size} for size in shape]}, **values))

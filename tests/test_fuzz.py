@@ -511,6 +511,18 @@ def test_bad_input_is_a_400_naming_it(server, case):
     assert status == 400 and words in answer["error"], (status, answer)
 
 
+def test_a_shape_too_big_for_the_signatures_dtype_is_invalid_argument(server):
+    """uint8 [0, 2**62] holds nothing, and numpy holds it, but not as the digits' float32 (found by
+    load/fuzz.py: INTERNAL before)."""
+    request = _predict.PredictRequest()
+    request.model_spec.name = "digits"
+    tensor = request.inputs["images"]
+    tensor.dtype = 4
+    for size in (0, 2**62):
+        tensor.tensor_shape.dim.add(size=size)
+    assert call(server, PREDICT, request.SerializeToString()) == "INVALID_ARGUMENT"
+
+
 def test_an_error_that_cannot_be_written_is_still_json():
     """The error path itself cannot fail: a message quoting text JSON cannot hold, or an exception
     whose str() raises, still makes {"error": "..."} (before: orjson raised inside error_response)."""

@@ -24,6 +24,7 @@ DTYPES: dict[int, np.dtype] = {
     18: np.dtype("<c16"), 19: np.dtype("<f2"), 22: np.dtype("<u4"), 23: np.dtype("<u8"),
 }
 MAX_ELEMENTS = 2**63 - 1  # TensorShape's limit on the number of elements
+WIDEST_ITEMSIZE = max(dtype.itemsize for dtype in DTYPES.values())
 ENUM_OF: dict[str, int] = {dtype.name: number for number, dtype in DTYPES.items()}
 # The typed field that holds each dtype's values when tensor_content is empty.
 VALUE_FIELD: dict[int, str] = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val",
@@ -85,8 +86,12 @@ def _fill(flat: np.ndarray, count: int, field: str) -> np.ndarray:
 
 
 def _shaped(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """numpy refuses a shape whose nonzero dimensions multiply past its address space, even when
-    another dimension is 0."""
+    """numpy refuses a shape whose nonzero dimensions multiply past its address space (in bytes), even
+    when another dimension is 0. Counted at the widest element (complex128), not this tensor's: the
+    engine converts it to the signature's dtype, and uint8 [0, 2**62] would fail there as float32."""
+    if math.prod(size for size in shape if size) * WIDEST_ITEMSIZE > np.iinfo(np.intp).max:
+        raise InvalidInput(f"a tensor of shape {list(shape)} cannot be held: its nonzero dimensions multiply "
+                           f"past the address space")
     try:
         return flat.reshape(shape)
     except ValueError as e:
