@@ -102,8 +102,14 @@ def test_sam_template_wiring():
     variables = properties["Environment"]["Variables"]
     assert {"KILN_MODEL_REPOSITORY", "KILN_MODEL_NAME", "KILN_OUTPUT_PREFIX", "KILN_REDIS_URL"} <= set(variables)
     # Secrets come from Secrets Manager at deploy time, never from a plain parameter's value.
-    _, secret, _ = variables["KILN_API_KEYS"]["Fn::If"]
-    assert secret["Fn::Sub"].startswith("{{resolve:secretsmanager:")
+    for name in ("KILN_API_KEYS", "KILN_SESSION_KEY"):
+        _, secret, _ = variables[name]["Fn::If"]
+        assert secret["Fn::Sub"].startswith("{{resolve:secretsmanager:")
+    # Sessions in Redis need one key on every instance (Kiln refuses to start without it): the template
+    # refuses a RedisUrl without a SessionKeySecret.
+    rule = template["Rules"]["SessionsNeedAKey"]
+    assert rule["RuleCondition"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "RedisUrl"}, ""]}]}
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "SessionKeySecret"}, ""]}]}
     policies = {name for policy in properties["Policies"] for name in policy}
     assert {"S3ReadPolicy", "S3CrudPolicy"} <= policies
     assert {"FunctionUrl", "LiveAlias", "QueueUrl"} <= set(template["Outputs"])
