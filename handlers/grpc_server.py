@@ -28,10 +28,15 @@ from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
 from runtime.errors import InvalidInput, KilnError, status_of
 from runtime.manifest import CLASSIFY, REGRESS, Signature, TensorSpec
 from runtime.protos import generated_module
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"  # TF Serving's kDefaultServingSignatureDefKey
+OPEN_APIS = frozenset({"health"})  # as REST health: probes need no key
+OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"})
+ADMIN_METHODS = frozenset({"/tensorflow.serving.ModelService/HandleReloadConfigRequest"})  # Auth.admin, not tenant
+SERVER_KEEPALIVE_MS = 60_000  # ping a client with calls open after this long without data, to find dead peers
 
 _predict = generated_module("tensorflow_serving.apis.predict_pb2")
 _classification = generated_module("tensorflow_serving.apis.classification_pb2")
@@ -47,7 +52,11 @@ _model_grpc = generated_module("tensorflow_serving.apis.model_service_pb2_grpc")
 
 def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """The call's text metadata, by lower-case key (the headers of gRPC)."""
-    return {key.lower(): value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+    return _text(context.invocation_metadata())
+
+
+def _text(metadata: Any) -> dict[str, str]:
+    return {key.lower(): value for key, value in metadata or () if isinstance(value, str)}
 
 
 async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
@@ -61,7 +70,8 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
     context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
     code, message = "OK", ""
     try:
-        exchange.tenant = (authenticate or app.auth.tenant)(metadata)
+        if api not in OPEN_APIS:
+            exchange.tenant = (authenticate or app.auth.tenant)(metadata)
         remaining = context.time_remaining()
         if remaining is not None:
             exchange.deadline = time.monotonic() + remaining
@@ -296,12 +306,61 @@ def add_service(server: grpc.aio.Server, servicer: Any, module: Any, service: st
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
-async def serve_grpc(app: App, port: int, host: str = "0.0.0.0") -> grpc.aio.Server:
+class Authenticate(grpc.aio.ServerInterceptor):
+    """Refuses a call whose metadata has no valid key before its message is read or parsed
+    (UNAUTHENTICATED, PERMISSION_DENIED), with the app's Auth, as serve_call then checks it: a
+    tenant's key, an administrator's for reload; health stays open. Installed only when some call
+    needs a key."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if details.method in OPEN_METHODS:
+            return await continuation(details)
+        authenticate = self.app.auth.admin if details.method in ADMIN_METHODS else self.app.auth.tenant
+        try:
+            authenticate(_text(details.invocation_metadata))
+        except KilnError as e:
+            handler = await continuation(details)
+            if handler is None:  # no such method: grpc answers UNIMPLEMENTED
+                return None
+            code = status_of(e)[1]
+            self.app.finished(Exchange("grpc"), code, f"gRPC {details.method}")
+            return _refusal(handler, grpc.StatusCode[code], str(e))
+        return await continuation(details)
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call with `code` and reads nothing."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return kinds[handler.request_streaming, handler.response_streaming](refuse)
+
+
+async def serve_grpc(app: App, port: int, host: str = "0.0.0.0", settings: Settings | None = None) -> grpc.aio.Server:
     """Start the gRPC server on host:port and return it (the caller stops it): TensorFlow
-    Serving's services, the Open Inference Protocol's, and Kiln's Generation."""
-    # As TF Serving: no cap on message size (a big batch is one message).
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1),
-                                      ("grpc.max_send_message_length", -1)])
+    Serving's services, the Open Inference Protocol's, and Kiln's Generation. `settings`: the
+    connection limits, as for REST (handlers.local; default: runtime.settings' defaults)."""
+    settings = settings or Settings()
+    options = [
+        # A request is one message: the REST body limit bounds it, checked from its length prefix before
+        # it is buffered. Answers are the server's own (a big batch's results): not capped, as TF Serving.
+        ("grpc.max_receive_message_length", app.max_body_bytes), ("grpc.max_send_message_length", -1),
+        # A connection with no call open is closed after the keep-alive timeout, longer than a balancer's
+        # idle timeout, so that the balancer closes first (GOAWAY: clients reconnect, no call is lost).
+        ("grpc.max_connection_idle_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        # A new connection must finish HTTP/2's handshake within the header timeout (grpc's default: 120 s).
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_seconds * 1000)),
+        # While calls are open, ping a silent client to find a dead one (grpc's default: after 2 hours).
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS)]
+    needs_key = app.auth.enabled or app.auth.reload.policy != "open"
+    server = grpc.aio.server(options=options, interceptors=[Authenticate(app)] if needs_key else None,
+                             maximum_concurrent_rpcs=settings.max_connections or None)
     add_service(server, PredictionService(app), generated_module("tensorflow_serving.apis.prediction_service_pb2"),
                 "PredictionService")
     add_service(server, ModelService(app), generated_module("tensorflow_serving.apis.model_service_pb2"),

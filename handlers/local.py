@@ -4,20 +4,33 @@ The adapter only turns ASGI into runtime.app.Request and back. Bodies are read u
 limit and no further (a larger one is answered 413 without reading it all). The core runs model
 work off the event loop, so the loop stays free for other requests; uvicorn's own shutdown lets
 in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc_server)
-runs beside it on the same event loop.
+runs beside it on the same event loop. Connections are bounded in time and number
+(handlers.connections: header, body and keep-alive timeouts, a connection cap).
+
+No exception leaves the adapter: uvicorn would answer it with a plain-text 500. Response header
+values go out as the bytes they came in as (latin-1, as ASGI decodes them), so an echoed
+X-Request-Id or Origin is returned unchanged, and a value HTTP cannot carry is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import replace
+from functools import partial
 
-from runtime.app import App, Request, Response
+from runtime.app import App, Request, Response, error_response
 from runtime.errors import BodyTooLarge
+from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 GRACE_SECONDS = 30  # how long in-flight requests may take to finish at shutdown, REST and gRPC
+_NOT_IN_A_HEADER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
+
+
+class ClientGone(Exception):
+    """The client left (or was cut off) before its request was read whole: nothing to answer."""
 
 
 class AsgiApp:
@@ -30,14 +43,26 @@ class AsgiApp:
             return
         if scope["type"] != "http":
             return
+        try:
+            response = await self._answer(scope, receive)
+        except ClientGone:
+            return
+        except Exception as e:  # a bug; the log gets the traceback, the client JSON
+            log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(e, "internal error")
+        try:
+            await _send(send, response)
+        except Exception:  # part of the answer is out (a stream failed): uvicorn closes the connection
+            log.exception("the answer to %s %s failed while it was sent", scope["method"], scope["path"])
+
+    async def _answer(self, scope, receive) -> Response:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request = Request(scope["method"], scope["path"], headers)
         try:
             request = replace(request, body=await _read_body(receive, self.app.max_body_bytes))
         except BodyTooLarge as e:
-            await _send(send, await self.app.handle(request, refused=e))
-            return
-        await _send(send, await self.respond(request))
+            return await self.app.handle(request, refused=e)
+        return await self.respond(request)
 
     async def respond(self, request: Request) -> Response:
         """The answer to a request read whole: the core's. A platform's adapter overrides it to
@@ -50,7 +75,7 @@ async def _read_body(receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -62,7 +87,11 @@ async def _read_body(receive, limit: int) -> bytes:
 
 
 async def _send(send, response: Response) -> None:
-    headers = [(k.lower().encode(), v.encode()) for k, v in response.headers.items()]
+    headers = []
+    for name, value in response.headers.items():
+        data = value.encode() if value.isascii() and value.isprintable() else _header_bytes(name, value)
+        if data is not None:
+            headers.append((name.lower().encode(), data))
     if response.stream is None:
         headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -77,6 +106,20 @@ async def _send(send, response: Response) -> None:
         await response.stream.aclose()
 
 
+def _header_bytes(name: str, value: str) -> bytes | None:
+    """A header value beyond printable ASCII: latin-1 (what a request's value was decoded from, so an
+    echo is byte for byte), else UTF-8. None, logged, when HTTP cannot carry it (control characters):
+    dropping one header is better than failing the whole answer."""
+    try:
+        data = value.encode("latin-1")
+    except UnicodeEncodeError:
+        data = value.encode("utf-8", "backslashreplace")
+    if _NOT_IN_A_HEADER.search(data):
+        log.warning("dropped the response header %s: its value has control characters: %r", name, value)
+        return None
+    return data
+
+
 async def _lifespan(receive, send) -> None:
     while True:
         message = await receive()
@@ -87,11 +130,14 @@ async def _lifespan(receive, send) -> None:
             return
 
 
-def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501, grpc_port: int | None = None) -> None:
+def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501, grpc_port: int | None = None,
+          settings: Settings | None = None) -> None:
     """Serve REST (and gRPC when grpc_port is given) until SIGINT or SIGTERM; in-flight requests
-    finish before the process exits."""
+    finish before the process exits. `settings`: the connection timeouts and cap (default: the
+    defaults of runtime.settings)."""
+    settings = settings or Settings()
     with asyncio.Runner(loop_factory=_fast_loop()) as runner:
-        runner.run(_serve(app, host, rest_port, grpc_port))
+        runner.run(_serve(app, host, rest_port, grpc_port, settings))
 
 
 def _fast_loop():
@@ -104,24 +150,29 @@ def _fast_loop():
     return uvloop.new_event_loop
 
 
-async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None) -> None:
+async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, settings: Settings) -> None:
     """Both servers on one event loop; uvicorn owns the signals. The gRPC server (imported only when
     asked for) stops inside uvicorn's graceful shutdown: after it, uvicorn re-raises the signal."""
     import uvicorn
+
+    from handlers.connections import LimitedHttpToolsProtocol
 
     grpc_server = None
     if grpc_port is not None:
         from handlers.grpc_server import serve_grpc
 
-        grpc_server = await serve_grpc(app, grpc_port, host)
+        grpc_server = await serve_grpc(app, grpc_port, host, settings)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
             stopping = [grpc_server.stop(GRACE_SECONDS)] if grpc_server is not None else []
             await asyncio.gather(super().shutdown(sockets), *stopping)
 
+    protocol = partial(LimitedHttpToolsProtocol, header_timeout=settings.header_timeout_seconds,
+                       body_timeout=settings.body_timeout_seconds, max_connections=settings.max_connections or None)
     config = uvicorn.Config(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=GRACE_SECONDS)
+                            timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,
+                            timeout_keep_alive=settings.keepalive_timeout_seconds)
     try:
         await Server(config).serve()
     finally:  # uvicorn failed to start, or returned without a signal

@@ -66,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reload", choices=("admin", "off", "open"),
                        help="who may reload the model configuration over gRPC: admin (default: a KILN_ADMIN_KEYS "
                        "key), off, or open (anyone, as TF Serving; not with KILN_API_KEYS)")
+    limits = serve.add_argument_group("connections", "time and number limits of REST connections and gRPC calls "
+                                      "(README, 'Timeouts and limits')")
+    limits.add_argument("--header-timeout-seconds", type=float, help="a request's headers must all arrive within "
+                        "this from its first byte; a new connection must send one within it (default 30)")
+    limits.add_argument("--body-timeout-seconds", type=float, help="each stretch of a request body must arrive "
+                        "within this (default 60)")
+    limits.add_argument("--keepalive-timeout-seconds", type=float, help="idle time allowed between requests, longer "
+                        "than the load balancer's idle timeout (default 620)")
+    limits.add_argument("--max-connections", type=int, help="REST connections and gRPC calls at once; more get 503 / "
+                        "RESOURCE_EXHAUSTED (default 2000; 0: no cap)")
     batching = serve.add_argument_group("batching", "TensorFlow Serving's batching parameters; a model's own "
                                         "batching_parameters in a YAML or JSON model config override them")
     batching.add_argument("--batching", dest="mode", choices=("adaptive", "fixed", "off"),
@@ -212,7 +222,8 @@ def _serve(args) -> int:
     flags = ("model_repository", "model_name", "model_config_file", "poll_seconds", "cors_origins", "max_body_bytes",
              "log_level", "access_log", "redis_url", "reload", "batching_parameters_file", "mode", "max_batch_size",
              "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes",
-             "pad_variable_length_inputs", "enable_large_batch_splitting")
+             "pad_variable_length_inputs", "enable_large_batch_splitting", "header_timeout_seconds",
+             "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections")
     settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
     logs.configure(settings.log_level)
     # The servers' modules import while the models load: importing holds the interpreter lock, but
@@ -223,7 +234,7 @@ def _serve(args) -> int:
     app = App.start(settings)
     preload.join()
     try:
-        serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None)
+        serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None, settings=settings)
     finally:
         app.repository.stop()
     return 0

@@ -22,7 +22,21 @@ naming the variable, never a request.
                               (default: the parent of each base_path configured at start-up; a refusal is
                               PERMISSION_DENIED naming the path and these roots)
     KILN_CORS_ORIGINS         * or comma-separated origins
-    KILN_MAX_BODY_BYTES       request body limit (default 64 MiB)
+    KILN_MAX_BODY_BYTES       request body limit (default 64 MiB); also gRPC's largest request message
+    `kiln serve`'s connections (handlers.connections; Lambda and Cloud Run have their own front ends):
+    KILN_HEADER_TIMEOUT_SECONDS  a request's headers must all arrive within this from its first byte, and a
+                              new connection must send one within it (default 30: a client on a slow mobile
+                              link sends headers in well under that; slowloris and idle sockets are closed).
+                              Also gRPC's handshake timeout
+    KILN_BODY_TIMEOUT_SECONDS each stretch of a body must arrive within this of the last (default 60, nginx's
+                              client_body_timeout: a 100 MiB body promised and not sent is answered 408)
+    KILN_KEEPALIVE_TIMEOUT_SECONDS  how long a connection may idle between requests (REST) or calls (gRPC's
+                              max connection idle) (default 620: longer than the idle timeout of the balancer
+                              in front, AWS ALB 60 s and Google's 600 s, so that it closes first and never
+                              sends a request into a connection Kiln is closing, a 502)
+    KILN_MAX_CONNECTIONS      REST connections open at once, and gRPC calls in flight, beyond which requests
+                              get 503 / RESOURCE_EXHAUSTED (default 2000: twice Cloud Run's largest
+                              concurrency of 1000; each costs a socket and some memory; 0: no cap)
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
     KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
@@ -50,6 +64,8 @@ from runtime.errors import ConfigError, KilnError
 from runtime.model_config import ModelConfig, ModelConfigList
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+_CONNECTION_LIMITS = {"header_timeout_seconds": float, "body_timeout_seconds": float,
+                      "keepalive_timeout_seconds": float, "max_connections": int}
 _INTEGERS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
 _BOOLEANS = ("pad_variable_length_inputs", "enable_large_batch_splitting")
 
@@ -72,6 +88,10 @@ class Settings:
     prediction_cache_seconds: float | None = None
     output_prefix: str | None = None
     score_model: str | None = None
+    header_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 620.0
+    max_connections: int = 2000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
@@ -90,6 +110,8 @@ class Settings:
         poll = env.number("KILN_POLL_SECONDS")
         max_body = env.integer("KILN_MAX_BODY_BYTES")
         iterations = env.integer("KILN_WARMUP_ITERATIONS")
+        limits = {name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
+                  for name, kind in _CONNECTION_LIMITS.items()}
         settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
                        model_repository=env.get("KILN_MODEL_REPOSITORY"), model_name=env.get("KILN_MODEL_NAME"),
                        poll_seconds=1.0 if poll is None else poll, batching=batching, auth=Auth.from_env(environ),
@@ -99,7 +121,8 @@ class Settings:
                        warmup_iterations=1 if iterations is None else iterations,
                        redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
                        prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
-                       output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"))
+                       output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"),
+                       **{name: value for name, value in limits.items() if value is not None})
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
         if "reload" in given:
@@ -126,6 +149,11 @@ class Settings:
             raise ConfigError(f"KILN_WARMUP_ITERATIONS must be at least 1, got {self.warmup_iterations}")
         if self.max_body_bytes < 1:
             raise ConfigError(f"the request body limit must be positive, got {self.max_body_bytes}")
+        for name in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"KILN_{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.max_connections < 0:
+            raise ConfigError(f"KILN_MAX_CONNECTIONS must be 0 (no cap) or more, got {self.max_connections}")
         self.auth.check()
 
     def model_config(self) -> ModelConfigList:
