@@ -73,8 +73,13 @@ def not_a_library(servable):
 
 
 def other_cpu_features(servable):
-    edit_manifest(servable, lambda m: m["target"].__setitem__("features", m["target"]["features"] + ["amx_tile"]))
-    return "lacks: amx_tile"
+    """A feature this CPU lacks: machines differ (this one may well have AMX), so pick one it has not."""
+    from runtime.cpu import host_features
+
+    lacking = next(f for f in ("amx_tile", "amx_int8", "avx512_vp2intersect", "sha512", "kiln_no_such_feature")
+                   if f not in host_features())
+    edit_manifest(servable, lambda m: m["target"].__setitem__("features", m["target"]["features"] + [lacking]))
+    return f"lacks: {lacking}"
 
 
 def other_architecture(servable):
