@@ -127,13 +127,16 @@ def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
     """The signatures, those kept from XLA AOT only by their inputs' unknown rank or dynamic inner
     dimensions marked elementwise where their graph is (runtime/compiler/elementwise.py), and why
     XLA AOT cannot take each of the others ("" where it can)."""
-    from runtime.compiler.elementwise import elementwise_obstacle
+    from runtime.compiler.elementwise import elementwise_obstacles
 
+    candidates = [key for key, info in infos.items() if info.shape_obstacle() and not info.dtype_obstacle()
+                  and not info.state and info.flat_inputs()]
+    obstacles = elementwise_obstacles(saved_model, tags, candidates)
     infos, reasons = dict(infos), {}
     for key, info in infos.items():
         reason = info.aot_obstacle()
-        if reason and not info.dtype_obstacle() and not info.state and info.flat_inputs():
-            why = elementwise_obstacle(saved_model, tags, key)
+        if key in obstacles:
+            why = obstacles[key]
             if not why:
                 log(f"{key}: elementwise over inputs of any shape; compiling it over runs of elements")
                 infos[key], reason = replace(info, elementwise=True), ""

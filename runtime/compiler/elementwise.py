@@ -28,25 +28,33 @@ ELEMENTWISE_OPS = frozenset("""
 SCALAR, ELEMENTS = "scalar", "elements"
 
 
-def elementwise_obstacle(saved_model: Path, tags: str, key: str) -> str:
-    """Why signature `key` is not elementwise over its inputs, or "" when it is: every op between
-    its inputs and outputs is one of ELEMENTWISE_OPS whose operands are inputs' elements or
+def elementwise_obstacles(saved_model: Path, tags: str, keys: list[str]) -> dict[str, str]:
+    """For each signature key, why it is not elementwise over its inputs, or "" when it is: every op
+    between its inputs and outputs is one of ELEMENTWISE_OPS whose operands are inputs' elements or
     rank-0 constants, and every output depends on an input."""
+    if not keys:
+        return {}
     import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model), tags=tags.split(","))  # alive while its functions freeze
+    return {key: _obstacle(loaded.signatures[key]) for key in keys}
+
+
+def _obstacle(function) -> str:
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     try:
-        function = tf.saved_model.load(str(saved_model), tags=tags.split(",")).signatures[key]
         frozen = convert_variables_to_constants_v2(function)
     except Exception as e:  # TensorFlow raises assorted errors for graphs it cannot freeze
         return f"its graph could not be read: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
     nodes = {node.name: node for node in frozen.graph.as_graph_def().node}
     kinds: dict[str, str] = {}
     for output, tensor in zip(_output_names(function), frozen.outputs):
-        problem = _kind(tensor.name.split(":")[0], nodes, kinds)
+        node = tensor.name.split(":")[0]
+        problem = _kind(node, nodes, kinds)
         if problem:
             return f"output '{output}': {problem}"
-        if kinds[tensor.name.split(":")[0]] != ELEMENTS:
+        if kinds[node] != ELEMENTS:
             return f"output '{output}' does not depend on the inputs"
     return ""
 
