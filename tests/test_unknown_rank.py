@@ -70,7 +70,11 @@ def save_any_rank(out: Path) -> None:
     def total(x):
         return {"total": tf.reduce_sum(x)}
 
-    tf.saved_model.save(module, str(out), signatures={"serving_default": scaled, "total": total})
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="x")])
+    def matrix(x):
+        return {"halved": x / 2.0}
+
+    tf.saved_model.save(module, str(out), signatures={"serving_default": scaled, "total": total, "matrix": matrix})
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:
@@ -200,6 +204,19 @@ def test_requests_of_different_shapes_batched_together_each_get_their_own(server
     for value, (status, answer) in zip(values * 3, answers):
         assert status == 200, answer
         assert answer["outputs"] == (np.asarray(value, np.float32) * 0.5 + 2).tolist()
+
+
+def test_dynamic_inner_dimensions_of_a_known_rank_are_elementwise_too(models, server):
+    saved, repository = models
+    url, _ = server
+    manifest = Manifest.model_validate_json((repository / "any_rank" / "1" / "manifest.json").read_bytes())
+    assert manifest.signatures["matrix"].elementwise and manifest.signatures["matrix"].inputs[0].shape == (None, None)
+    value = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    status, answer = post(url, "/v1/models/any_rank:predict", {"signature_name": "matrix", "inputs": value})
+    want = tensorflow_answers(saved["any_rank"], "matrix", value)["halved"]
+    assert (status, answer) == (200, {"outputs": want.tolist()})
+    status, answer = post(url, "/v1/models/any_rank:predict", {"signature_name": "matrix", "inputs": [1.0, 2.0]})
+    assert status == 400 and "must have shape [-1, -1], got [2]" in answer["error"]
 
 
 def test_ragged_instances_are_refused_with_400(server):
