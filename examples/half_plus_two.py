@@ -2,9 +2,10 @@
 
 As tensorflow_serving/servables/tensorflow/testdata/saved_model_half_plus_two.py: variables a=0.5,
 b=2, c=3; y = a*x + b, y2 = a*x + c, y3 = a*x2 + c. Where it differs, and why:
-- "serving_default" reads a plain float placeholder x of shape [None] rather than the parsed
-  tf.Example, so that XLA AOT can compile it and TF Serving's documented
-  {"instances": [1.0, 2.0, 5.0]} -> {"predictions": [2.5, 3.0, 4.5]} holds.
+- "serving_default" reads a float placeholder x of shape [None] (the original's has no shape), so
+  that this example is an ordinary batched model for the tests that use it, and TF Serving's
+  documented {"instances": [1.0, 2.0, 5.0]} -> {"predictions": [2.5, 3.0, 4.5]} holds. Kiln serves the
+  original's unknown rank too (tests/test_unknown_rank.py builds it as TF Serving's script does).
 - Every classify/regress signature, regress_x2_to_y3 included (the original feeds it the parsed x2),
   takes serialized tf.Examples (DT_STRING), as the standard signature builders require; Kiln
   packages them for the saved-model engine. classify_x2_to_y3 is added beside classify_x_to_y.

@@ -233,7 +233,9 @@ def _signature_def(signature: Signature, message: Any) -> None:
 def _tensor_info(spec: TensorSpec, info: Any) -> None:
     info.name = spec.name
     info.dtype = _types.DataType.Value(DTYPE_ENUM.get(spec.dtype, "DT_INVALID"))
-    for size in spec.shape:
+    if spec.shape is None:
+        info.tensor_shape.unknown_rank = True
+    for size in spec.shape or ():
         info.tensor_shape.dim.add(size=-1 if size is None else size)
 
 

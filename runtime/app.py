@@ -242,8 +242,10 @@ class App:
                     raise DeadlineExceeded("abandoned")
                 started = time.perf_counter()
                 outputs = handle.engine.run(key, inputs)
-                batched = key in handle.engine.signatures and handle.engine.signatures[key].batched and inputs
-                rows = len(next(iter(inputs.values()))) if batched else None
+                signature = handle.engine.signatures.get(key)
+                first = next(iter(inputs.values()), None)
+                rows = None if signature is None or not signature.batched or first is None else \
+                    np.size(first) if signature.elementwise else len(first)
                 self.observe_execution(handle, key, rows, time.perf_counter() - started)
                 return outputs
             finally:
@@ -549,9 +551,10 @@ def _signature_def(signature: Signature) -> dict:
 
 
 def _tensor_info(spec: TensorSpec) -> dict:
+    """TF Serving's TensorInfo as JSON; a shape of unknown rank is no dims and unknown_rank true."""
+    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape or ()]
     return {"dtype": DTYPE_ENUM.get(spec.dtype, "DT_INVALID"), "name": spec.name,
-            "tensor_shape": {"dim": [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape],
-                             "unknown_rank": False}}
+            "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None}}
 
 
 def _json(body: dict, status: int = 200) -> Response:

@@ -21,6 +21,11 @@ once (ResourceExhausted: 503, RESOURCE_EXHAUSTED). A request whose deadline pass
 DeadlineExceeded at that moment, and if it was still queued it is never run; a cancelled one (its
 client went away) is dropped from the queue. Requests arriving in one event-loop step (the records of one Lambda event) are merged
 without any waiting: a queue is looked at only after the step's other callbacks have run.
+
+Elementwise signatures (any input shape, runtime/manifest.py) are batched as runs of elements: each
+request's inputs are flattened, so requests of different shapes merge without mixing (a "row" is
+one element), and each caller's outputs are cut from the run and reshaped to its own shape. As
+elements are independent, a request with more elements than max_batch_size is split, never refused.
 """
 
 from __future__ import annotations
@@ -65,11 +70,24 @@ class Batcher:
         """The signature's outputs for these inputs, run in a batch with whatever else is queued."""
         signature = handle.engine.signature(key)
         arrays, rows = check_inputs(signature, inputs)
+        if signature.elementwise:
+            shape = next(iter(arrays.values())).shape
+            if rows == 0:
+                return handle.engine.run(key, arrays)
+            runs = await self._run_checked(handle, key, {name: a.reshape(-1) for name, a in arrays.items()}, rows,
+                                           deadline, split=True)
+            return {name: run.reshape(shape) for name, run in runs.items()}
+        return await self._run_checked(handle, key, arrays, rows, deadline, split=False)
+
+    async def _run_checked(self, handle: ServableHandle, key: str, arrays: dict[str, np.ndarray], rows: int,
+                           deadline: float | None, split: bool) -> dict[str, np.ndarray]:
+        """Checked inputs of `rows` rows, queued whole or split into parts of at most the dispatch
+        size; one larger than max_batch_size is refused unless splitting is allowed."""
         parameters = self.parameters(handle.name)
         queue = self._queue(handle, key, parameters)
         if rows <= queue.dispatch_size:
             return await queue.submit(arrays, rows, deadline)
-        if rows > parameters.max_batch_size and not parameters.enable_large_batch_splitting:
+        if rows > parameters.max_batch_size and not (split or parameters.enable_large_batch_splitting):
             raise InvalidInput(f"Task size {rows} is larger than maximum batch size {parameters.max_batch_size}")
         queue.admit(rows)  # all of it or none
         step = queue.dispatch_size
@@ -113,6 +131,8 @@ class _Queue:
         self.rows_per_request: float = 1.0
         self.last_arrival: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        engine = handle.engine
+        self.call = engine.run_elements if engine.signature(key).elementwise else engine.run  # one batch
         self.depth = batcher.metrics.queue_depth.labels(handle.name)
         self.labels = (handle.name, str(handle.version), key)
 
@@ -248,11 +268,10 @@ class _Queue:
     def _execute(self, batch: list[_Request]) -> tuple[list, bool]:
         """In a worker thread: the batch's outputs for each request (or its error), and whether
         it ran as one execution of one bucket (so its time says what that bucket costs)."""
-        engine = self.handle.engine
         rows = sum(r.rows for r in batch)
         try:
             started = time.perf_counter()
-            outputs = engine.run(self.key, self._merge(batch))
+            outputs = self.call(self.key, self._merge(batch))
             elapsed = time.perf_counter() - started
         except Exception as e:
             if len(batch) == 1:
@@ -268,7 +287,7 @@ class _Queue:
 
     def _run_alone(self, request: _Request):
         try:
-            return self.handle.engine.run(self.key, request.inputs)
+            return self.call(self.key, request.inputs)
         except Exception as e:  # this request's own failure, answered to it alone
             return e
 

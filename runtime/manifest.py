@@ -22,6 +22,15 @@ worth of it. Stateless signatures have `state` {}, `appended` () and `position` 
 out of manifest.json, which then reads as before: servables
 compiled before these fields existed load unchanged, and stateless ones compiled now load in a Kiln
 that predates them.
+
+Unknown rank (TF Serving's own half_plus_two: a placeholder with no shape). A TensorSpec's `shape`
+is null for a tensor of unknown rank, as TensorFlow's TensorShape(None). A signature whose inputs have
+unknown rank or dynamic inner dimensions, and whose outputs are computed from them element by
+element (`elementwise`, decided by the compiler from the graph), is compiled over flat runs of
+elements: a request's inputs, which must all have one shape (no broadcasting between them), are
+flattened, split into and padded to the buckets (counted in elements, not rows), and each output is
+reshaped to that shape. Such a signature takes any shape its inputs' declared shapes allow, rank 0
+included. `elementwise` is false for every other signature and is then left out of manifest.json.
 """
 
 from __future__ import annotations
@@ -56,7 +65,8 @@ class TensorSpec(Model):
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...] = Field(description="None where any size is accepted")
+    shape: tuple[int | None, ...] | None = Field(description="None where any size is accepted; "
+                                                             "null for a tensor of unknown rank")
 
 
 class Position(Model):
@@ -85,11 +95,15 @@ class Signature(Model):
     position: Position | None = Field(None, description="the state input counting tokens held, and its capacity")
     appended: tuple[str, ...] = Field((), description="state inputs whose output is only the entries to write "
                                                       "at the position")
+    elementwise: bool = Field(False, description="compiled over flat runs of elements; takes any shape its "
+                                                 "inputs allow (see the module's documentation)")
 
     @model_validator(mode="after")
     def _libraries_match_engine(self) -> Signature:
         if self.engine == "xla-aot" and not self.libraries:
             raise ValueError("an xla-aot signature needs a library for each bucket")
+        if self.elementwise and (self.state or not self.batched):
+            raise ValueError("an elementwise signature is batched over its elements and has no state")
         return self
 
     @model_serializer(mode="wrap")
@@ -101,6 +115,8 @@ class Signature(Model):
             data.pop("position", None)
         if not self.appended:
             data.pop("appended", None)
+        if not self.elementwise:
+            data.pop("elementwise", None)
         return data
 
     @property
@@ -109,6 +125,11 @@ class Signature(Model):
 
     def input(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.inputs if spec.name == name), None)
+
+    def element_shape(self, elements: int) -> tuple[int, ...]:
+        """An elementwise signature's inputs holding `elements` elements: a vector, or a column of
+        the inputs' declared rank (1 x ... x 1 after the first axis), so that each input fits."""
+        return element_shape(self.inputs, elements)
 
     def append_axis(self, name: str) -> int:
         """The axis (batch included) along which an appended state input takes its entries: the one
@@ -213,7 +234,8 @@ def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
             if position.input not in signature.state:
                 problems.append(f"signature '{key}': position input '{position.input}' is not one of its state "
                                 f"inputs ({', '.join(signature.state) or 'none'})")
-            elif spec is not None and (spec.dtype not in ("int32", "int64") or len(spec.shape) > 1):
+            elif spec is not None and (spec.dtype not in ("int32", "int64") or spec.shape is None
+                                       or len(spec.shape) > 1):
                 problems.append(f"signature '{key}': position input '{position.input}' is {_describe(spec)}; a "
                                 f"position is an int32 or int64 count, one per row")
             first_capacity = capacities.setdefault(position.input, (key, position.capacity))
@@ -232,6 +254,8 @@ def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, 
                 f"shape, batch dimension included")
     if position is None:
         return "an appended state needs a position (--state-capacity) to say where its entries go"
+    if held.shape is None or fed.shape is None:
+        return f"the input is {_describe(held)} and the output {_describe(fed)}; appended state needs a known rank"
     differ = [axis for axis, (a, b) in enumerate(zip(held.shape, fed.shape)) if a != b]
     if held.dtype == fed.dtype and len(held.shape) == len(fed.shape) and len(differ) == 1 and \
             held.shape[differ[0]] == position.capacity and 1 <= (fed.shape[differ[0]] or 0) < position.capacity:
@@ -241,12 +265,20 @@ def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, 
             f"fewer")
 
 
+def element_shape(inputs: tuple[TensorSpec, ...], elements: int) -> tuple[int, ...]:
+    """`elements` elements in the one rank the inputs declare (1 when all have unknown rank)."""
+    rank = next((len(spec.shape) for spec in inputs if spec.shape is not None), 1)
+    return (elements, *(1,) * (rank - 1))
+
+
 def _describe(spec: TensorSpec) -> str:
     return f"{spec.dtype}{show_shape(spec.shape)}"
 
 
 def show_shape(shape) -> str:
-    """A shape as TensorFlow prints it in signatures: [-1, 28, 28, 1]."""
+    """A shape as TensorFlow prints it in signatures: [-1, 28, 28, 1], or <unknown> (unknown rank)."""
+    if shape is None:
+        return "<unknown>"
     return "[" + ", ".join("-1" if d is None else str(d) for d in shape) + "]"
 
 

@@ -852,9 +852,9 @@ def _cells(cells: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 def _cell_value(cell: str, spec: TensorSpec | None):
     """A CSV cell as the JSON value it stands for, for the input named by its column."""
-    if spec is None or spec.dtype == "string" and len(spec.shape) == 1:
+    if spec is None or spec.dtype == "string" and spec.shape is not None and len(spec.shape) == 1:
         return cell
-    if len(spec.shape) == 1:  # one value per row
+    if spec.shape is not None and len(spec.shape) == 1:  # one value per row
         try:
             return _cells(np.array([cell], dtype=np.str_), spec)[0]
         except (ValueError, TypeError):
@@ -863,7 +863,7 @@ def _cell_value(cell: str, spec: TensorSpec | None):
         return orjson.loads(cell)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"column '{spec.name}' must hold the row's value as JSON (its shape is "
-                           f"{list(spec.shape[1:])}): {e}") from None
+                           f"{'any' if spec.shape is None else list(spec.shape[1:])}): {e}") from None
 
 
 # Many objects ----------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ def render(manifest: Manifest) -> str:
     for key, sig in manifest.signatures.items():
         if sig.reason:
             lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")
+        if sig.elementwise:
+            lines.append(f"  {key}: elementwise: takes inputs of any shape they allow, run as flat runs of "
+                         f"elements (buckets count elements)")
         if sig.state:
             pairs = ", ".join(f"{name} <- {output}{' (appended at the position)' if name in sig.appended else ''}"
                               for name, output in sig.state.items())

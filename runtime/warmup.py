@@ -8,8 +8,10 @@ TensorFlow, its checksums verified) or Kiln's assets.extra/kiln_warmup.json (a l
 predict bodies). Each request is replayed at every bucket, its rows repeated to fill the bucket,
 `iterations` times. Signatures no request covers get synthesized inputs (zeros) at every bucket;
 string signatures without a request are skipped, as no input can be made up that the model must
-accept. A warm-up request that fails fails the load, as in TF Serving: a servable whose own
-requests do not run is not served.
+accept, and so are saved-model signatures with inputs of unknown rank, for the same reason
+(elementwise ones take any shape, so their zeros are a flat run at every bucket). A warm-up
+request that fails fails the load, as in TF Serving: a servable whose own requests do not run is
+not served.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def warm_up(engine: Engine, iterations: int = 1) -> int:
     for key, signature in engine.signatures.items():
         if key in covered or any(spec.dtype == "string" for spec in signature.inputs):
             continue
+        if not signature.elementwise and any(spec.shape is None for spec in signature.inputs):
+            continue  # a shape of unknown rank that the model accepts cannot be made up
         for bucket in engine.manifest.batch_sizes if signature.batched else (0,):
             engine.run(key, synthetic_inputs(signature, bucket))
             runs += 1

@@ -126,7 +126,8 @@ def check_input(name: str, kind: str, shape: Sequence[int], signature: Signature
         raise InvalidInput(f"unknown input '{name}'; the model takes {', '.join(s.name for s in signature.inputs)}")
     if spec.dtype != DATATYPES[kind]:
         raise InvalidInput(f"input '{name}' must have datatype {datatype(spec.dtype)}, got {kind}")
-    if len(shape) != len(spec.shape) or any(want not in (None, got) for want, got in zip(spec.shape, shape)):
+    if spec.shape is not None and (len(shape) != len(spec.shape) or
+                                   any(want not in (None, got) for want, got in zip(spec.shape, shape))):
         raise InvalidInput(f"input '{name}' must have shape {show_shape(spec.shape)}, got {show_shape(shape)}")
     return DATATYPES[kind]
 
@@ -331,4 +332,6 @@ def metadata(name: str, versions: list[int], signature: Signature) -> dict:
 
 
 def _spec(spec: TensorSpec) -> dict:
-    return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": [-1 if d is None else d for d in spec.shape]}
+    """A tensor's metadata; the protocol has no unknown rank, so one is a single dynamic dimension, [-1]."""
+    shape = [-1] if spec.shape is None else [-1 if d is None else d for d in spec.shape]
+    return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": shape}

@@ -39,8 +39,10 @@ def skeleton(shape: tuple) -> bytes:
     return b"[%b]" % b",".join([skeleton(shape[1:])] * shape[0])
 
 
-def fixed_size(shape: tuple) -> int | None:
-    """Values per row of an input whose shape beyond the batch is fixed."""
+def fixed_size(shape: tuple | None) -> int | None:
+    """Values per row of an input whose shape beyond the batch is fixed (None for unknown rank)."""
+    if shape is None:
+        return None
     inner = shape[1:]
     return None if any(d is None for d in inner) else int(np.prod(inner, dtype=np.int64))
 

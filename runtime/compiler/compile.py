@@ -72,8 +72,10 @@ def compile_servable(
     target = resolve_target(target_cpu)
     infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
                            state or {}, positions or {}, appended or {})
-    reasons = {key: ("built with --engine saved-model" if engine == "saved-model" else info.aot_obstacle())
-               for key, info in infos.items()}
+    if engine == "saved-model":
+        reasons = {key: "built with --engine saved-model" for key in infos}
+    else:
+        infos, reasons = _elementwise(saved_model, tags, infos, log)
     _refuse_if_forced(engine, reasons)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ def compile_servable(
             libraries = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
                                      Path(work), staging, reasons, log)
             _refuse_if_forced(engine, reasons)
+        # The saved-model engine runs a signature as declared, not over flat runs of elements.
+        infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
         fallback = [key for key in infos if reasons[key]]
         manifest = Manifest(
             name=name, version=version, engine=_engine_of(infos, reasons),
@@ -91,7 +95,7 @@ def compile_servable(
                 method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
                 engine="saved-model" if reasons[key] else "xla-aot",
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
-                position=info.position, appended=info.appended)
+                position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
         if fallback:
@@ -116,6 +120,30 @@ def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
             (staging / WARMUP_DIR).mkdir(exist_ok=True)
             shutil.copy(source, staging / WARMUP_DIR / name)
             log(f"warm-up requests: {WARMUP_DIR}/{name}")
+
+
+def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
+                 log) -> tuple[dict[str, SignatureInfo], dict[str, str]]:
+    """The signatures, those kept from XLA AOT only by their inputs' unknown rank or dynamic inner
+    dimensions marked elementwise where their graph is (runtime/compiler/elementwise.py), and why
+    XLA AOT cannot take each of the others ("" where it can)."""
+    from runtime.compiler.elementwise import elementwise_obstacles
+
+    candidates = [key for key, info in infos.items() if info.shape_obstacle() and not info.dtype_obstacle()
+                  and not info.state and info.flat_inputs()]
+    obstacles = elementwise_obstacles(saved_model, tags, candidates)
+    infos, reasons = dict(infos), {}
+    for key, info in infos.items():
+        reason = info.aot_obstacle()
+        if key in obstacles:
+            why = obstacles[key]
+            if not why:
+                log(f"{key}: elementwise over inputs of any shape; compiling it over runs of elements")
+                infos[key], reason = replace(info, elementwise=True), ""
+            else:
+                reason = f"{reason}, and it is not elementwise over its inputs ({why})"
+        reasons[key] = reason
+    return infos, reasons
 
 
 def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
@@ -225,7 +253,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items()}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
-    export_static(saved_model, tags, plan, static)
+    export_static(saved_model, tags, infos, plan, static)
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
     toolchain = Toolchain.for_installed_tensorflow(target.cpu)
     jobs = []

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import CompileError
-from runtime.manifest import Position, TensorSpec, show_shape
+from runtime.manifest import Position, TensorSpec, element_shape, show_shape
 
 AOT_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
               "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"}
@@ -28,26 +28,53 @@ class SignatureInfo:
     state: Mapping[str, str] = field(default_factory=dict)
     position: Position | None = None
     appended: tuple[str, ...] = ()
+    # Decided by the compiler (runtime/compiler/elementwise.py): compiled over flat runs of elements.
+    elementwise: bool = False
 
     @property
     def batched(self) -> bool:
-        """Dimension 0 of every input and output is free: the batch."""
-        return all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
+        """Dimension 0 of every input and output is free: the batch (for an elementwise signature,
+        the buckets count elements)."""
+        return self.elementwise or all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
 
     def aot_obstacle(self) -> str:
         """Why XLA AOT cannot take this signature as it stands, or "" if nothing is known against it."""
-        for role, specs in (("input", self.inputs), ("output", self.outputs)):
-            for spec in specs:
-                if spec.dtype not in AOT_DTYPES:
-                    return f"{role} '{spec.name}' has dtype {spec.dtype}, which XLA AOT cannot take"
-                inner = spec.shape[1:] if self.batched else spec.shape
-                if any(dim is None for dim in inner):
-                    return (f"{role} '{spec.name}' has shape {show_shape(spec.shape)} with a dynamic inner "
-                            f"dimension; XLA AOT needs every dimension but the batch fixed")
+        return self.dtype_obstacle() or ("" if self.elementwise else self.shape_obstacle())
+
+    def dtype_obstacle(self) -> str:
+        for role, spec in self._specs():
+            if spec.dtype not in AOT_DTYPES:
+                return f"{role} '{spec.name}' has dtype {spec.dtype}, which XLA AOT cannot take"
         return ""
 
+    def shape_obstacle(self) -> str:
+        """Why the shapes alone keep XLA AOT from taking it as a batch of fixed-shape rows, or ""."""
+        for role, spec in self._specs():
+            if spec.shape is None:
+                return (f"{role} '{spec.name}' has unknown rank; XLA AOT needs every dimension but the batch "
+                        f"fixed")
+            inner = spec.shape[1:] if self.batched else spec.shape
+            if any(dim is None for dim in inner):
+                return (f"{role} '{spec.name}' has shape {show_shape(spec.shape)} with a dynamic inner "
+                        f"dimension; XLA AOT needs every dimension but the batch fixed")
+        return ""
+
+    def flat_inputs(self) -> bool:
+        """Whether every input could hold a run of elements of any length: unknown rank, or a known
+        rank of 1 or more with every dimension dynamic, one rank for all (elementwise candidates)."""
+        ranks = {len(spec.shape) for spec in self.inputs if spec.shape is not None}
+        return bool(self.inputs) and len(ranks) <= 1 and 0 not in ranks and all(
+            spec.shape is None or all(dim is None for dim in spec.shape) for spec in self.inputs)
+
+    def _specs(self):
+        return [("input", spec) for spec in self.inputs] + [("output", spec) for spec in self.outputs]
+
     def specs_for(self, batch: int) -> tuple[TensorSpec, ...]:
-        """The inputs with the batch dimension fixed (unchanged for an unbatched signature)."""
+        """The inputs with the batch dimension fixed (unchanged for an unbatched signature); for an
+        elementwise one, `batch` elements in the inputs' declared rank."""
+        if self.elementwise:
+            shape = element_shape(self.inputs, batch)
+            return tuple(spec.model_copy(update={"shape": shape}) for spec in self.inputs)
         if not self.batched:
             return self.inputs
         return tuple(spec.model_copy(update={"shape": (batch, *spec.shape[1:])}) for spec in self.inputs)
@@ -75,7 +102,7 @@ def _specs(tensor_infos) -> tuple[TensorSpec, ...]:
     specs = []
     for name, info in sorted(tensor_infos.items()):
         shape = tf.TensorShape(info.tensor_shape)
-        dims = (None,) if shape.rank is None else tuple(shape.as_list())
+        dims = None if shape.rank is None else tuple(shape.as_list())
         specs.append(TensorSpec(name=name, dtype=tf.as_dtype(info.dtype).name, shape=dims))
     return tuple(specs)
 
@@ -84,7 +111,8 @@ def bucket_key(signature_key: str, batch: int) -> str:
     return f"kiln_{signature_key}__b{batch}"
 
 
-def export_static(saved_model_dir: Path, tags: str, plan: dict[str, list[int]], out: Path) -> None:
+def export_static(saved_model_dir: Path, tags: str, infos: Mapping[str, SignatureInfo],
+                  plan: dict[str, list[int]], out: Path) -> None:
     """Save a SavedModel with signature bucket_key(key, b) for each key and bucket b in the plan.
 
     An unbatched signature is planned with the single bucket 0 and keeps its own static shapes.
@@ -92,7 +120,6 @@ def export_static(saved_model_dir: Path, tags: str, plan: dict[str, list[int]], 
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(saved_model_dir), tags=tags.split(","))
-    infos = read_signatures(saved_model_dir, tags)
     module = tf.Module()
     module.loaded = loaded  # tracked, so the variables are saved with the new signatures
     signatures = {}

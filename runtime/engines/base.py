@@ -74,11 +74,28 @@ class Engine:
                                f"it has: {known}") from None
 
     def run(self, key: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs by name for inputs by name; batched signatures take any number of rows."""
+        """Outputs by name for inputs by name; batched signatures take any number of rows, and
+        elementwise ones inputs of any shape (their outputs take that shape)."""
         signature = self.signature(key)
         arrays, rows = check_inputs(signature, inputs)
+        if signature.elementwise:
+            shape = next(iter(arrays.values())).shape
+            flat = self.run_elements(key, {name: array.reshape(-1) for name, array in arrays.items()})
+            return {name: array.reshape(shape) for name, array in flat.items()}
+        return self._run_rows(key, arrays, rows)
+
+    def run_elements(self, key: str, runs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An elementwise signature's outputs for runs of elements (vectors of one length, checked
+        by check_inputs before they were flattened): how the batcher merges such requests."""
+        elements = len(next(iter(runs.values())))
+        if elements == 0:
+            return {spec.name: np.zeros(0, spec.dtype) for spec in self.signature(key).outputs}
+        return self._run_rows(key, runs, elements)
+
+    def _run_rows(self, key: str, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """Run checked inputs, split into and padded to the buckets when the signature is batched."""
         runner = self._runners[key]
-        if not signature.batched:
+        if not self.manifest.signatures[key].batched:
             return runner.run(arrays, 0)
         chunks = plan_chunks(rows, self.manifest.batch_sizes)
         if len(chunks) == 1:
@@ -94,7 +111,8 @@ class Engine:
 
 
 def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """Inputs as arrays of the signature's dtypes, and the batch size; one clear error otherwise."""
+    """Inputs as arrays of the signature's dtypes, and the batch size (the number of elements for
+    an elementwise signature, whose inputs must share one shape); one clear error otherwise."""
     expected = {spec.name for spec in signature.inputs}
     missing, unknown = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
     if missing or unknown:
@@ -109,7 +127,13 @@ def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> tupl
         if not _shape_fits(spec.shape, array.shape):
             raise InvalidInput(f"input '{spec.name}' must have shape {show_shape(spec.shape)}, "
                                f"got {show_shape(array.shape)}")
-    if signature.batched:
+    if signature.elementwise:
+        shapes = {name: array.shape for name, array in arrays.items()}
+        if len(set(shapes.values())) > 1:
+            raise InvalidInput("the inputs of an elementwise signature must have one shape (they are not "
+                               "broadcast), got " + ", ".join(f"{n} {show_shape(s)}" for n, s in shapes.items()))
+        rows = next(iter(arrays.values())).size
+    elif signature.batched:
         sizes = {spec.name: arrays[spec.name].shape[0] for spec in signature.inputs}
         rows = next(iter(sizes.values()))
         if len(set(sizes.values())) > 1:
@@ -165,7 +189,9 @@ def _dtype_name(array: np.ndarray) -> str:
     return "string" if array.dtype.kind in "SUO" else str(array.dtype)
 
 
-def _shape_fits(expected: tuple[int | None, ...], got: tuple[int, ...]) -> bool:
+def _shape_fits(expected: tuple[int | None, ...] | None, got: tuple[int, ...]) -> bool:
+    if expected is None:  # unknown rank
+        return True
     if len(expected) != len(got):
         return False
     return all(e is None or e == g for e, g in zip(expected, got))
@@ -175,7 +201,8 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
     """Zero inputs (empty strings) of the signature's shapes at one bucket, for warm-up."""
     inputs = {}
     for spec in signature.inputs:
-        shape = tuple(bucket if d is None else d for d in spec.shape)
+        shape = signature.element_shape(bucket) if signature.elementwise else \
+            tuple(bucket if d is None else d for d in spec.shape)
         if spec.dtype == "string":
             inputs[spec.name] = np.full(shape, b"", dtype=object)
         else:

@@ -91,6 +91,8 @@ class SavedModelRunner:
             outputs = self.function(**feed)
         except (self.tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise InvalidInput(f"the model rejected the input: {_first_line(e)}") from None
+        if rows is None:  # unbatched: the whole output, a scalar (rank 0) too
+            return {name: np.asarray(value.numpy()) for name, value in outputs.items()}
         return {name: value.numpy()[:rows] for name, value in outputs.items()}
 
     def close(self) -> None:

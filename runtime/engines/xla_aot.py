@@ -214,7 +214,8 @@ class Instance:
 
     def _view(self, library, spec: TensorSpec, bucket, index_of, size_of, data_of) -> np.ndarray:
         index = index_of(self.handle, spec.name.encode())
-        shape = tuple(bucket if d is None else d for d in spec.shape)
+        # An elementwise signature's buffers are runs of `bucket` elements, whatever their declared rank.
+        shape = (bucket,) if library.signature.elementwise else tuple(bucket if d is None else d for d in spec.shape)
         dtype = np.dtype(spec.dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if index < 0 or size_of(self.handle, index) != nbytes:
