@@ -305,10 +305,14 @@ def test_grpc_idle_connection_is_closed_after_the_keepalive_timeout(server):
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as idle:
         idle.subscribe(states.append)
         assert service_grpc.GRPCInferenceServiceStub(idle).ServerLive(service.ServerLiveRequest(), timeout=5).live
+        # The callbacks come from grpc's own thread, perhaps late: the channel's first state (IDLE) can be
+        # the only one seen when the call returns. Wait for READY first, then for IDLE after it.
         deadline = time.monotonic() + KEEPALIVE + 10
+        while grpc.ChannelConnectivity.READY not in states and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert grpc.ChannelConnectivity.READY in states, f"the channel never reported READY: {states}"
         while states[-1] != grpc.ChannelConnectivity.IDLE and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert grpc.ChannelConnectivity.READY in states
         assert states[-1] == grpc.ChannelConnectivity.IDLE, f"the server kept an idle connection open: {states}"
 
 
