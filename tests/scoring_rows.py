@@ -32,6 +32,10 @@ class DigitRows:
         rows[WRONG_SHAPE], rows[NULL] = np.zeros(10, np.float32), None
         return rows
 
+    def flat_values(self) -> list:
+        """The same as a table's list column holds them (Parquet, Spark): 784 values a row."""
+        return [None if value is None else value.ravel() for value in self.values()]
+
 
 def digit_rows(tmp_path_factory) -> DigitRows:
     from examples.build import build_examples

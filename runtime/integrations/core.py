@@ -3,9 +3,9 @@ and scoring in which one bad row never fails its batch.
 
 A servable is named by its directory, BASE/NAME/VERSION, as a local path or a store URL (file://,
 s3://, gs://), or by BASE/NAME for the version newest when the process first opens it. Remote
-servables go through the
-verified local cache the model repository uses (KILN_SERVABLE_CACHE), so every worker process on a
-host downloads a version at most once and runs only files checked against its manifest.
+servables go through the verified local cache the model repository uses (KILN_SERVABLE_CACHE), so
+every worker process on a host downloads a version at most once and runs only files checked
+against its manifest.
 
 Rows arrive as columns, one per input: a numpy array with the batch first, or a sequence of one
 value per row (numpy arrays, nested lists, numbers; text, bytes or TF Serving's {"b64": ...} for
@@ -22,6 +22,7 @@ other failure (a broken servable, a missing column) is the job's, and raised.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -232,9 +233,8 @@ def as_column(spec: TensorSpec, values: Any) -> np.ndarray:
         array = values
     else:
         items = list(values)
-        for item in items:  # pandas reads a null string as NaN
-            if item is None or (spec.dtype == "string" and isinstance(item, float) and np.isnan(item)):
-                raise InvalidInput(f"input '{spec.name}' has no value (null)")
+        if any(_null(spec, item) for item in items):
+            raise InvalidInput(f"input '{spec.name}' has no value (null)")
         if spec.dtype == "string":
             items = [b64_bytes(f"input '{spec.name}'", item) if isinstance(item, dict) else item for item in items]
         try:
@@ -250,6 +250,13 @@ def _shaped(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     if len(inner) > 1 and None not in inner and array.ndim == 2 and array.shape[1] == int(np.prod(inner)):
         return array.reshape(len(array), *inner)
     return array
+
+
+def _null(spec: TensorSpec, item: Any) -> bool:
+    """None, pandas' NA, or for a string input NaN (pandas' null in a column of text)."""
+    pandas = sys.modules.get("pandas")  # only a caller holding pandas values has imported it
+    return (item is None or (pandas is not None and item is pandas.NA)
+            or (spec.dtype == "string" and isinstance(item, float) and item != item))
 
 
 def _indexable(column: Any) -> np.ndarray | list:
