@@ -57,7 +57,7 @@ def check_scored(rows: DigitRows, probabilities: np.ndarray, errors: list) -> No
     """Every good row's outputs as the engine gives them, and each bad row's error as documented."""
     assert len(probabilities) == len(errors) == ROWS
     assert "must have shape [-1, 28, 28, 1], got [1, 10]" in errors[WRONG_SHAPE]
-    assert "has no value (null)" in errors[NULL]
+    assert "has no value (null or missing)" in errors[NULL]
     assert np.isnan(probabilities[WRONG_SHAPE]).all() and np.isnan(probabilities[NULL]).all()
     good = rows.good
     assert [errors[row] for row in good] == [None] * len(good)

@@ -234,7 +234,7 @@ def as_column(spec: TensorSpec, values: Any) -> np.ndarray:
     else:
         items = list(values)
         if any(_null(spec, item) for item in items):
-            raise InvalidInput(f"input '{spec.name}' has no value (null)")
+            raise InvalidInput(f"input '{spec.name}' has no value (null or missing)")
         if spec.dtype == "string":
             items = [b64_bytes(f"input '{spec.name}'", item) if isinstance(item, dict) else item for item in items]
         try:
