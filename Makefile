@@ -9,7 +9,11 @@ PROTOS := $(shell find runtime/protos -name '*.proto')
 $(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
 	# Debian's redis-server: the session store's tests run a real one.
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev]'
+	# Debian's Java: the Spark integration's tests run Spark in local mode.
+	command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq default-jre-headless; }
+	# ray and spark share this environment (they change none of its versions); beam pins older pillow
+	# and pyarrow, so its tests build a venv of their own (tests/engine_venv.py).
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev,ray,spark]'
 	# Test client only; it asks for the full tensorflow package, which tensorflow-cpu provides.
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps 'tensorflow-serving-api==2.21.*'
 	$(PYTHON) -m runtime.protos.build
