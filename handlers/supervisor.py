@@ -173,6 +173,38 @@ class Supervisor:
         log.info("kiln serve: every worker stopped")
 
 
+def prepare_forked_workers(environ=os.environ) -> int:
+    """For a server whose own master forks the workers (functions-framework's gunicorn on Cloud Run,
+    WORKERS): WORKERS from KILN_WORKERS, else the CPUs, unless it is set; with more than one, a fresh
+    PROMETHEUS_MULTIPROC_DIR. Call it before prometheus_client is imported; returns the workers."""
+    if not environ.get("WORKERS"):
+        kiln = environ.get("KILN_WORKERS", "").strip()
+        environ["WORKERS"] = kiln if kiln.isdigit() and int(kiln) > 0 else str(available_cpus())
+    try:
+        workers = int(environ["WORKERS"])
+    except ValueError:
+        return 1  # gunicorn refuses it with its own message
+    if workers > 1 and not environ.get(MULTIPROC_ENV):
+        environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kiln-metrics-")
+    return workers
+
+
+def forget_dead_workers(directory: str) -> None:
+    """mark_process_dead for every pid with values in `directory` that no longer runs: what a master
+    that cannot call it when a worker dies (gunicorn under functions-framework) has each new worker do."""
+    import re
+
+    from prometheus_client import multiprocess
+
+    for pid in {int(m.group(1)) for name in os.listdir(directory) if (m := re.search(r"_(\d+)\.db$", name))}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:
+            pass
+
+
 def _die_with_parent() -> None:
     """In a worker, before it runs: SIGTERM when the supervisor dies, so no worker outlives it."""
     libc = ctypes.CDLL(None, use_errno=True)
