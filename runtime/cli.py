@@ -234,6 +234,12 @@ def _serve(args) -> int:
     if workers > 1 and not worker:  # before anything imports prometheus_client (runtime.app does)
         from handlers.supervisor import supervise
 
+        if not settings.redis_url:
+            import logging
+
+            logging.getLogger("kiln.serve").warning(
+                "%d workers and no KILN_REDIS_URL: an agent session lives in the worker that started it, and "
+                "another worker refuses it; set KILN_REDIS_URL and KILN_SESSION_KEY, or --workers 1", workers)
         return supervise(args.argv, workers, args.host, args.rest_port, args.grpc_port or None)
     from handlers.local import serve
     # The servers' modules import while the models load: importing holds the interpreter lock, but
