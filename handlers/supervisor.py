@@ -5,8 +5,10 @@ every request while the engine idles; a Cloud Run instance has up to 8 vCPUs. So
 workers, each a whole `kiln serve` (its own event loop, repository and batcher) started afresh
 (`python -m runtime.cli serve ...`, never forked: the repository's threads would not survive a fork).
 They open the REST and gRPC ports with SO_REUSEPORT, and the kernel spreads new connections over
-them; the libraries and weights of the servables are mapped from the same files, so their pages are
-shared.
+them, each worker with its own accept queue (even for persistent connections, unlike one inherited
+socket that the idlest process drains); a worker that dies takes the connections in its queue with it
+(unless net.ipv4.tcp_migrate_req=1). The libraries and weights of the servables are mapped from the
+same files, so their pages are shared.
 
 The supervisor holds both ports bound (with SO_REUSEPORT, not listening: it never takes a
 connection), which reserves them, turns a port 0 into a real one before any worker starts, and fails
