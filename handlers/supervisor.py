@@ -187,7 +187,11 @@ def prepare_forked_workers(environ=os.environ) -> int:
     except ValueError:
         return 1  # gunicorn refuses it with its own message
     if workers > 1 and not environ.get(MULTIPROC_ENV):
-        environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="kiln-metrics-")
+        import atexit
+
+        environ[MULTIPROC_ENV] = directory = tempfile.mkdtemp(prefix="kiln-metrics-")
+        master = os.getpid()  # the workers it forks run atexit handlers too: only the master removes it
+        atexit.register(lambda: os.getpid() == master and shutil.rmtree(directory, ignore_errors=True))
     return workers
 
 
