@@ -12,9 +12,16 @@ micro-batcher on the worker's event loop (adaptive batching unless KILN_BATCHING
 Settings come from the KILN_* environment (runtime.settings) and are checked at import: a wrong one
 fails the container's start, naming the variable.
 
+Workers. One event loop thread per process cannot use an instance's vCPUs, so the service runs
+gunicorn's workers (functions-framework's WORKERS), which are what Kiln's own supervisor
+(handlers.supervisor, `kiln serve --workers`) would be here: gunicorn already holds the port (one
+inherited socket), restarts a worker that dies, and drains them all on SIGTERM. This module sets
+WORKERS, unless it is set, to KILN_WORKERS or else the CPUs this process may run on (which follow
+Cloud Run's --cpu), and, with more than one, a fresh PROMETHEUS_MULTIPROC_DIR: /metrics is the sum
+over the workers (runtime.metrics); each new worker clears the live gauges of dead ones.
+
 Start-up. functions-framework imports this module in gunicorn's master process, then forks the
-uvicorn worker that serves (WORKERS, default 1: keep it so; one event loop takes Cloud Run's
-concurrent requests). Threads do not survive a fork (the repository's poller, the engines' thread
+uvicorn workers that serve. Threads do not survive a fork (the repository's poller, the engines' thread
 pools), so the models load in the worker: as soon as it is forked, in a thread, while the worker
 starts; requests that arrive before the models are loaded wait for them (a process that was not
 forked loads on its first request). A start that fails exits the process with status 3, on which
@@ -58,12 +65,16 @@ import threading
 import functions_framework.aio
 import orjson
 
-from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event
-from handlers.local import AsgiApp
-from runtime import logs
-from runtime.app import App, Exchange, Request, Response, error_response
-from runtime.errors import KilnError, Unsupported, retryable, status_of
-from runtime.settings import Settings
+from handlers.supervisor import MULTIPROC_ENV, forget_dead_workers, prepare_forked_workers
+
+WORKERS = prepare_forked_workers()  # before runtime.metrics imports prometheus_client
+
+from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event  # noqa: E402
+from handlers.local import AsgiApp  # noqa: E402
+from runtime import logs  # noqa: E402
+from runtime.app import App, Exchange, Request, Response, error_response  # noqa: E402
+from runtime.errors import KilnError, Unsupported, retryable, status_of  # noqa: E402
+from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"
 EVENTS_PATH = "/"
@@ -186,6 +197,8 @@ class _Process:
 
     def _load(self, started: concurrent.futures.Future) -> None:
         try:
+            if os.environ.get(MULTIPROC_ENV):  # the worker this one replaces, if any, is gone
+                forget_dead_workers(os.environ[MULTIPROC_ENV])
             started.set_result(CloudRunApp(App.start(self.settings), self.settings))
         except BaseException:  # the process cannot serve: it stops, and the container with it
             log.exception("Kiln could not start; exiting")

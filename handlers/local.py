@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from dataclasses import replace
 from functools import partial
@@ -25,6 +26,7 @@ from runtime.errors import BodyTooLarge
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
+WORKER_HEADER = "X-Kiln-Worker"  # the pid of the worker that answered, with several (handlers.supervisor)
 GRACE_SECONDS = 30  # how long in-flight requests may take to finish at shutdown, REST and gRPC
 _NOT_IN_A_HEADER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
 
@@ -131,13 +133,24 @@ async def _lifespan(receive, send) -> None:
 
 
 def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501, grpc_port: int | None = None,
-          settings: Settings | None = None) -> None:
+          settings: Settings | None = None, worker: bool = False) -> None:
     """Serve REST (and gRPC when grpc_port is given) until SIGINT or SIGTERM; in-flight requests
     finish before the process exits. `settings`: the connection timeouts and cap (default: the
-    defaults of runtime.settings)."""
+    defaults of runtime.settings). `worker`: one of several processes on the same ports
+    (handlers.supervisor): the REST port is opened with SO_REUSEPORT (gRPC's always is, on Linux)
+    and every answer names this process in X-Kiln-Worker."""
     settings = settings or Settings()
     with asyncio.Runner(loop_factory=_fast_loop()) as runner:
-        runner.run(_serve(app, host, rest_port, grpc_port, settings))
+        runner.run(_serve(app, host, rest_port, grpc_port, settings, worker))
+
+
+def _shared_socket(host: str, port: int):
+    """The REST port opened with SO_REUSEPORT, as uvicorn would open it otherwise."""
+    from handlers.supervisor import reserve_port
+
+    sock = reserve_port(host, port)
+    sock.set_inheritable(False)
+    return sock
 
 
 def _fast_loop():
@@ -150,7 +163,8 @@ def _fast_loop():
     return uvloop.new_event_loop
 
 
-async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, settings: Settings) -> None:
+async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, settings: Settings,
+                 worker: bool) -> None:
     """Both servers on one event loop; uvicorn owns the signals. The gRPC server (imported only when
     asked for) stops inside uvicorn's graceful shutdown: after it, uvicorn re-raises the signal."""
     import uvicorn
@@ -172,9 +186,10 @@ async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, set
                        body_timeout=settings.body_timeout_seconds, max_connections=settings.max_connections or None)
     config = uvicorn.Config(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,
-                            timeout_keep_alive=settings.keepalive_timeout_seconds)
+                            timeout_keep_alive=settings.keepalive_timeout_seconds,
+                            headers=[(WORKER_HEADER, str(os.getpid()))] if worker else None)
     try:
-        await Server(config).serve()
+        await Server(config).serve(sockets=[_shared_socket(host, rest_port)] if worker else None)
     finally:  # uvicorn failed to start, or returned without a signal
         if grpc_server is not None:
             await grpc_server.stop(GRACE_SECONDS)

@@ -145,10 +145,12 @@ class HttpConnection:
 def kiln_serve(repository: Path, model: str, log: Path, flags: list[str],
                timeout: float = 120) -> Iterator[tuple[subprocess.Popen, int, int]]:
     """`kiln serve` on loopback for the digits model in `repository`, once it is AVAILABLE; yields
-    the process and its REST and gRPC ports. Its output goes to `log`."""
+    the process and its REST and gRPC ports. Its output goes to `log`. One worker (the process
+    yielded serves, for profilers) unless `flags` say --workers."""
     rest_port, grpc_port = free_ports(2)
+    workers = [] if "--workers" in flags else ["--workers", "1"]
     command = [sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(repository),
-               "--rest-port", str(rest_port), "--grpc-port", str(grpc_port), "--host", "127.0.0.1", *flags]
+               "--rest-port", str(rest_port), "--grpc-port", str(grpc_port), "--host", "127.0.0.1", *workers, *flags]
     with open(log, "wb") as output:
         server = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
     try:

@@ -175,7 +175,7 @@ def main() -> None:
             rest, grpc = free_ports(2)
             runs["kiln_serve"].append(first_200(
                 [sys.executable, "-m", "runtime.cli", "serve", "--rest-port", str(rest), "--grpc-port", str(grpc),
-                 "--host", "127.0.0.1", "--poll-seconds", "0"], rest, path, body, env))
+                 "--host", "127.0.0.1", "--poll-seconds", "0", "--workers", "1"], rest, path, body, env))
             (port,) = free_ports(1)
             runs["cloud_run_handler"].append(first_200(
                 ["functions-framework", "--asgi", "--source", "handlers/cloud_run.py", "--target", "serve",

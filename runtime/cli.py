@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--rest-port", type=int, default=8501)
     serve.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0: no gRPC)")
     serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the ports, each with its own event loop "
+                       "and batcher (handlers/supervisor.py; default: the CPUs this process may use; 1: one process)")
     serve.add_argument("--poll-seconds", type=float,
                        help="how often to look for new versions (default 1; 0: once; negative: never)")
     serve.add_argument("--cors-origins", help="origins browsers may call from: '*' or a comma-separated list")
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     coldstart.set_defaults(run=_coldstart)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a worker of `kiln serve` is started with
     try:
         return args.run(args)
     except KilnError as e:
@@ -212,29 +215,45 @@ def _predict(args) -> int:
 
 def _serve(args) -> int:
     import importlib
+    import os
     import threading
 
-    from handlers.local import serve
+    from handlers.supervisor import WORKER_ENV, available_cpus
     from runtime import logs
-    from runtime.app import App
     from runtime.settings import Settings
 
     flags = ("model_repository", "model_name", "model_config_file", "poll_seconds", "cors_origins", "max_body_bytes",
              "log_level", "access_log", "redis_url", "reload", "batching_parameters_file", "mode", "max_batch_size",
              "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes",
              "pad_variable_length_inputs", "enable_large_batch_splitting", "header_timeout_seconds",
-             "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections")
+             "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections", "workers")
     settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
     logs.configure(settings.log_level)
+    worker = os.environ.get(WORKER_ENV) is not None
+    workers = settings.workers or available_cpus()
+    if workers > 1 and not worker:  # before anything imports prometheus_client (runtime.app does)
+        from handlers.supervisor import supervise
+
+        if not settings.redis_url:
+            import logging
+
+            logging.getLogger("kiln.serve").warning(
+                "%d workers and no KILN_REDIS_URL: an agent session lives in the worker that started it, and "
+                "another worker refuses it; set KILN_REDIS_URL and KILN_SESSION_KEY, or --workers 1", workers)
+        return supervise(args.argv, workers, args.host, args.rest_port, args.grpc_port or None)
+    from handlers.local import serve
     # The servers' modules import while the models load: importing holds the interpreter lock, but
     # loading mostly does not (hashing, dlopen, the compiled code of the warm-up).
     servers = ["uvicorn", "uvloop", "handlers.grpc_server"] if args.grpc_port else ["uvicorn", "uvloop"]
     preload = threading.Thread(target=lambda: [importlib.import_module(name) for name in servers], daemon=True)
     preload.start()
+    from runtime.app import App
+
     app = App.start(settings)
     preload.join()
     try:
-        serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None, settings=settings)
+        serve(app, host=args.host, rest_port=args.rest_port, grpc_port=args.grpc_port or None, settings=settings,
+              worker=worker)
     finally:
         app.repository.stop()
     return 0

@@ -5,6 +5,13 @@ Each App has its own registry (several apps in one process, as in tests, do not 
 Model states and load and warm-up times are read from the repository when scraped, so they are
 never stale and the repository does not know about metrics. Served at /monitoring/prometheus/metrics
 (TensorFlow Serving's path) and /metrics.
+
+With several workers (handlers.supervisor sets PROMETHEUS_MULTIPROC_DIR before any of them starts)
+every value is kept in that directory by prometheus-client's multiprocess mode and a scrape, whichever
+worker answers it, reports the sum over the workers, dead ones' counters included: the queue depth is
+the live workers' sum, the cold start the latest worker's. The process_* metrics are then left out
+(one process's, or a sum of them, would mislead); model states are the answering worker's, which
+are every worker's once a change has reached them all.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from runtime.errors import KilnError
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: where every worker's values live
 
 
 class Metrics:
@@ -35,13 +43,21 @@ class Metrics:
         self.execution = Histogram("kiln_execution_seconds", "Time the compiled code ran for one execution",
                                    ["model", "version", "signature"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting for or in model execution",
-                                 ["model"], registry=self.registry)
+                                 ["model"], registry=self.registry, multiprocess_mode="livesum")
         self.cold_start = Gauge("kiln_cold_start_seconds",
                                 "From process start to every configured model loaded and warmed up",
-                                registry=self.registry)
-        ProcessCollector(registry=self.registry)
+                                registry=self.registry, multiprocess_mode="livemax")
+        self.shared = os.environ.get(MULTIPROC_ENV)
+        if self.shared:  # what a scrape reports: the workers' sum, and this worker's view of its models
+            self.scraped = CollectorRegistry()
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.scraped, self.shared)
+        else:
+            ProcessCollector(registry=self.registry)
+            self.scraped = self.registry
         if repository is not None:
-            self.registry.register(_RepositoryCollector(repository))
+            self.scraped.register(_RepositoryCollector(repository))
 
     def request(self, protocol: str, api: str, model: str, version: str, status: str, seconds: float) -> None:
         self.requests.labels(model, version, api, protocol, status).inc()
@@ -52,7 +68,7 @@ class Metrics:
         self.cold_start.set(process_age())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scraped)
 
 
 class _RepositoryCollector:

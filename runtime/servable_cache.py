@@ -13,12 +13,16 @@ double the disk used and the start-up time for nothing.
 Eviction is by whole versions, least recently fetched first, and makes room before a download, so
 that a full disk (Lambda's /tmp) does not fail it. A fetched version is pinned until the caller
 releases it, once per fetch, when it unloads the version; pinned versions are never evicted, even
-if that leaves the cache above its limit. Pins live in this process: processes sharing one cache
-root download safely side by side, but each evicts only by its own pins.
+if that leaves the cache above its limit. Processes sharing one cache root (the workers of `kiln
+serve`) download safely side by side and respect each other's pins: a process holds a shared flock
+on .ROOT.pins/STORE/NAME/VERSION (beside the root: the cache itself holds only versions) while it
+fetches or pins the version, and eviction takes it exclusively, without waiting, or passes the
+version by.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -72,6 +76,7 @@ class ServableCache:
         self._lock = threading.Lock()
         self._flights: dict[tuple[str, str, int], _Flight] = {}
         self._pins: Counter[Path] = Counter()
+        self._shared: dict[Path, int] = {}  # pinned directory -> the descriptor of its shared flock
 
     def fetch(self, storage: Storage, name: str, version: int) -> FetchedServable:
         """The servable NAME/VERSION of the store on local disk, pinned until release(directory).
@@ -91,16 +96,21 @@ class ServableCache:
             else:
                 flight.callers += 1
         if leading:
+            held = None if isinstance(storage, LocalStorage) else self._hold(self._place(storage.url, name, version))
             try:
                 fetched = self._fetch(storage, name, version)
             except BaseException as e:
                 with self._lock:
                     del self._flights[key]
+                if held is not None:
+                    os.close(held)
                 flight.result.set_exception(e)
             else:
                 with self._lock:  # pinned before it stops counting as in flight: never evictable
                     del self._flights[key]
                     self._pins[fetched.directory] += flight.callers
+                    if held is not None and self._shared.setdefault(fetched.directory, held) != held:
+                        os.close(held)  # this process holds it already
                 flight.result.set_result(fetched)
         return flight.result.result()
 
@@ -112,6 +122,8 @@ class ServableCache:
             self._pins[directory] -= 1
             if not self._pins[directory]:
                 del self._pins[directory]
+                if directory in self._shared:
+                    os.close(self._shared.pop(directory))
 
     def _place(self, url: str, name: str, version: int) -> Path:
         """Where the cache keeps NAME/VERSION of the store at url."""
@@ -166,6 +178,9 @@ class ServableCache:
                 raise ServableError(f"{storage.url}/{prefix}: file {relative} is listed in its manifest "
                                     f"but missing from the store") from None
 
+    def _hold(self, directory: Path, exclusive: bool = False) -> int | None:
+        return _flock(_lock_file(self.root, directory), exclusive)
+
     def _make_room(self, needed: int) -> None:
         """Evict least recently used versions, never pinned or in-flight ones, until `needed`
         more bytes fit under max_bytes. Victims leave their place by a rename under the lock, so
@@ -180,8 +195,14 @@ class ServableCache:
                     break
                 if directory in held:
                     continue
-                victim = directory.with_name(f".{directory.name}.evicted-{uuid.uuid4().hex[:8]}")
-                directory.rename(victim)
+                lock = self._hold(directory, exclusive=True)
+                if lock is None:  # another process holds it
+                    continue
+                try:
+                    victim = directory.with_name(f".{directory.name}.evicted-{uuid.uuid4().hex[:8]}")
+                    directory.rename(victim)
+                finally:
+                    os.close(lock)
                 victims.append(victim)
                 total -= size
         for victim in victims:
@@ -219,6 +240,28 @@ def _checked(storage: Storage, prefix: str, check: Callable[[], T]) -> T:
         return check()
     except ServableError as e:
         raise ServableError(f"{storage.url}/{prefix} failed its checks after download: {e}") from None
+
+
+def _lock_file(root: Path, directory: Path) -> Path:
+    """Where the flock of the cached version at `directory` lives: .ROOT.pins/STORE/NAME/VERSION."""
+    path = root.with_name(f".{root.name}.pins") / directory.relative_to(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _flock(path: Path, exclusive: bool) -> int | None:
+    """A descriptor holding the flock of `path`, shared (waiting for an eviction under way) or
+    exclusive (None at once if any process holds it); closing it lets go."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _touch(directory: Path) -> None:

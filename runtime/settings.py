@@ -37,6 +37,8 @@ naming the variable, never a request.
     KILN_MAX_CONNECTIONS      REST connections open at once, and gRPC calls in flight, beyond which requests
                               get 503 / RESOURCE_EXHAUSTED (default 2000: twice Cloud Run's largest
                               concurrency of 1000; each costs a socket and some memory; 0: no cap)
+    KILN_WORKERS              `kiln serve`'s worker processes sharing its ports (handlers.supervisor; default 0:
+                              as many as the CPUs this process may run on; 1: one process, no supervisor)
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
     KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
@@ -92,6 +94,7 @@ class Settings:
     body_timeout_seconds: float = 60.0
     keepalive_timeout_seconds: float = 620.0
     max_connections: int = 2000
+    workers: int = 0  # 0: the CPUs this process may run on
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
@@ -110,6 +113,7 @@ class Settings:
         poll = env.number("KILN_POLL_SECONDS")
         max_body = env.integer("KILN_MAX_BODY_BYTES")
         iterations = env.integer("KILN_WARMUP_ITERATIONS")
+        workers = env.integer("KILN_WORKERS")
         limits = {name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
                   for name, kind in _CONNECTION_LIMITS.items()}
         settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
@@ -122,6 +126,7 @@ class Settings:
                        redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
                        prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"),
+                       workers=workers or 0,
                        **{name: value for name, value in limits.items() if value is not None})
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
@@ -152,6 +157,8 @@ class Settings:
         for name in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"KILN_{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"KILN_WORKERS must be 1 or more (0: one per CPU), got {self.workers}")
         if self.max_connections < 0:
             raise ConfigError(f"KILN_MAX_CONNECTIONS must be 0 (no cap) or more, got {self.max_connections}")
         self.auth.check()

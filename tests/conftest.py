@@ -96,8 +96,9 @@ def install_examples(examples, root: Path, names=("half_plus_two", "digits")) ->
 @contextmanager
 def kiln_serve(examples, root: Path, *args: str, env: dict | None = None):
     """`kiln serve` in its own process over half_plus_two and digits (version 1) copied into root,
-    on free loopback ports, with `env` added to the environment; yields (process, REST URL) once both
-    models answer status (with the first key of KILN_API_KEYS, if env gives one)."""
+    on free loopback ports, with `env` added to the environment (one worker unless it sets
+    KILN_WORKERS); yields (process, REST URL) once both models answer status (with the first key of
+    KILN_API_KEYS, if env gives one)."""
     import subprocess
 
     import httpx
@@ -108,7 +109,7 @@ def kiln_serve(examples, root: Path, *args: str, env: dict | None = None):
     process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(root),
                                 "--rest-port", str(port), "--grpc-port", "0", "--host", "127.0.0.1", *args],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, "KILN_WORKERS": "1", **(env or {})})  # test_workers: more
     process.log_path = root / "serve.log"
     url = f"http://127.0.0.1:{port}"
     key = (env or {}).get("KILN_API_KEYS", "").split(",")[0].rpartition(":")[2]

@@ -151,6 +151,22 @@ def test_concurrent_requests_are_merged_by_the_batcher(service):
     assert delta("kiln_batch_size_count") < requests  # in fewer batches than requests
 
 
+def test_the_service_runs_a_worker_per_cpu_and_metrics_sum_over_them(service):
+    """WORKERS defaults to the CPUs (handlers.cloud_run): gunicorn's master forks one worker each,
+    and whichever answers a scrape reports every worker's requests."""
+    import psutil
+
+    master = next(p for p in psutil.process_iter(["cmdline"]) if f"--port {service.rpartition(':')[2]}"
+                  in " ".join(p.info["cmdline"] or ()) and "functions" in " ".join(p.info["cmdline"] or ()))
+    assert len(master.children()) == len(os.sched_getaffinity(0))
+    key = ("kiln_requests_total", frozenset({"model": "half_plus_two", "version": "1", "api": "predict",
+                                             "protocol": "rest", "status": "200"}.items()))
+    before = scrape(service).get(key, 0.0)
+    for _ in range(20):  # a fresh connection each: gunicorn's workers share its socket
+        assert httpx.post(f"{service}/v1/models/half_plus_two:predict", json={"instances": [1.0]}).status_code == 200
+    assert all(scrape(service).get(key, 0.0) - before == 20 for _ in range(6))
+
+
 # Pub/Sub ---------------------------------------------------------------------------------------
 
 def pubsub_push(payload: bytes, message_id: str | None = None) -> tuple[dict, str]:

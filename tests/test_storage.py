@@ -296,6 +296,35 @@ def test_eviction_is_least_recently_used_and_spares_pinned_versions(bucket, tmp_
         cache.release(pinned.directory)
 
 
+def test_eviction_spares_a_version_another_process_has_pinned(bucket, tmp_path):
+    """Workers of `kiln serve` share one cache root: a version one process serves is never evicted
+    by another making room."""
+    import subprocess
+    import sys
+
+    client, name = bucket
+    for version in (1, 2):
+        upload(client, name, fake_servable(tmp_path / "src" / str(version), version=version), f"m/tiny/{version}")
+    one = sum(p.stat().st_size for p in (tmp_path / "src" / "1").rglob("*") if p.is_file())
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from runtime.servable_cache import ServableCache
+from runtime.storage import open_storage
+ServableCache(Path({str(tmp_path / "cache")!r})).fetch(open_storage("s3://{name}/m"), "tiny", 1)
+print("pinned", flush=True)
+sys.stdin.read()
+"""], cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "pinned"
+        cache = ServableCache(tmp_path / "cache", max_bytes=one + one // 2)  # room for one version only
+        cache.fetch(open_storage(f"s3://{name}/m"), "tiny", 2)
+        assert sorted(p.name for p in cache.root.glob("*/tiny/*")) == ["1", "2"], "version 1 is in use elsewhere"
+    finally:
+        holder.communicate("")
+
+
 def test_concurrent_fetches_share_one_download(s3_repository, tmp_path):
     _, _, storage = s3_repository
     downloads: list[str] = []
