@@ -171,13 +171,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def _compile(args) -> int:
     from runtime.compiler.compile import compile_servable, parse_appended, parse_capacities, parse_state
+    from runtime.progress import say
 
     manifest = compile_servable(
         args.saved_model, args.out, name=args.name, version=args.version, signatures=args.signatures,
         batch_sizes=args.batch_sizes, target_cpu=args.target_cpu, engine=args.engine,
         tags=args.tag_set, state=parse_state(args.state), positions=parse_capacities(args.state_capacity),
         appended=parse_appended(args.state_append),
-        log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
+        log=lambda message: say(f"kiln compile: {message}"))
     from runtime.table import render
 
     print(render(manifest))
@@ -249,7 +250,7 @@ def _score(args) -> int:
 
     from runtime import logs, scoring
     from runtime.app import App
-    from runtime.progress import ProgressBar
+    from runtime.progress import ProgressBar, logging_around_bars
     from runtime.settings import Settings
 
     settings = Settings.from_env(batching_mode="fixed", overrides={
@@ -289,7 +290,8 @@ def _score(args) -> int:
     app = App.start(settings)
     try:
         scoring.default_model(app, args.model or settings.score_model)
-        asyncio.run(run())
+        with logging_around_bars():
+            asyncio.run(run())
     except asyncio.CancelledError:
         pass
     finally:
