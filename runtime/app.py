@@ -140,6 +140,7 @@ class App:
         self.access_log = access_log
         self._sessions = sessions  # runtime.generation.Sessions; see the property
         self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
+        self.metrics_paths = METRICS_PATHS
 
     @classmethod
     def start(cls, settings: Settings) -> App:
@@ -155,6 +156,8 @@ class App:
                   batching=batching, access_log=settings.access_log,
                   sessions=Sessions(settings.redis_url, settings.session_ttl_seconds,
                                     settings.prediction_cache_seconds))
+        if settings.metrics_paths is not None:  # a TF Serving monitoring config's
+            app.metrics_paths = settings.metrics_paths
         app.metrics.started()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
@@ -280,7 +283,7 @@ class App:
     # Routing ------------------------------------------------------------------------------------
 
     async def _route(self, request: Request, exchange: Exchange) -> Response:
-        if request.path in METRICS_PATHS:
+        if request.path in self.metrics_paths:
             exchange.api = "metrics"
             _only(request, "GET")
             return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="comma-separated, increasing, the last equal to --max-batch-size")
     for name in ("pad_variable_length_inputs", "enable_large_batch_splitting"):
         batching.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", default=None)
+    from runtime.tfserving_flags import add_flags
+
+    add_flags(serve)
     serve.set_defaults(run=_serve)
 
     score = commands.add_parser("score", help="score the rows of JSON Lines and CSV files with a model",
@@ -150,12 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     coldstart.add_argument("--json", action="store_true", help="print the phases and every run as JSON")
     coldstart.set_defaults(run=_coldstart)
 
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(_screened(argv))
+    except KilnError as e:  # a TF Serving flag Kiln refuses
+        print(f"kiln serve: error: {e}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except KilnError as e:
         print(f"kiln {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _screened(argv: list[str] | None) -> list[str]:
+    """`kiln serve`'s arguments without the TF Serving flags Kiln ignores (runtime.tfserving_flags)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve":
+        return argv
+    from runtime.tfserving_flags import screen
+
+    return ["serve", *screen(argv[1:])]
 
 
 def _names(text: str) -> list[str]:
@@ -225,7 +242,10 @@ def _serve(args) -> int:
              "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes",
              "pad_variable_length_inputs", "enable_large_batch_splitting", "header_timeout_seconds",
              "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections")
-    settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
+    from runtime.tfserving_flags import apply
+
+    overrides = {name: getattr(args, name) for name in flags} | apply(args)
+    settings = Settings.from_env(overrides=overrides)
     logs.configure(settings.log_level)
     # The servers' modules import while the models load: importing holds the interpreter lock, but
     # loading mostly does not (hashing, dlopen, the compiled code of the warm-up).
