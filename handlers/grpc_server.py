@@ -21,6 +21,8 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
+from handlers.grpc_health import OPEN_METHODS as HEALTH_METHODS
+from handlers.grpc_health import Health
 from runtime import logs
 from runtime.app import DTYPE_ENUM, REPORTED_STATE, App, Exchange
 from runtime.codecs import examples
@@ -318,7 +320,7 @@ class Authenticate(grpc.aio.ServerInterceptor):
         self.app = app
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        if details.method in OPEN_METHODS:
+        if details.method in OPEN_METHODS or details.method in HEALTH_METHODS:
             return await continuation(details)
         authenticate = self.app.auth.admin if details.method in ADMIN_METHODS else self.app.auth.tenant
         try:
@@ -346,8 +348,8 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 
 async def serve_grpc(app: App, port: int, host: str = "0.0.0.0", settings: Settings | None = None) -> grpc.aio.Server:
     """Start the gRPC server on host:port and return it (the caller stops it): TensorFlow
-    Serving's services, the Open Inference Protocol's, and Kiln's Generation. `settings`: the
-    connection limits, as for REST (handlers.local; default: runtime.settings' defaults)."""
+    Serving's services, the Open Inference Protocol's, Kiln's Generation and grpc.health.v1.Health.
+    `settings`: the connection limits, as for REST (handlers.local; default: runtime.settings' defaults)."""
     settings = settings or Settings()
     options = [
         # A request is one message: the REST body limit bounds it, checked from its length prefix before
@@ -372,8 +374,18 @@ async def serve_grpc(app: App, port: int, host: str = "0.0.0.0", settings: Setti
 
     add_service(server, InferenceService(app), generated_module("grpc_service_pb2"), "GRPCInferenceService")
     add_service(server, GenerationService(app), generated_module("kiln.generation_pb2"), "Generation")
+    health = Health(app)
+    health.add_to(server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     await server.start()
+    await health.start()
+    stop = server.stop
+
+    async def stop_after_health(grace: float | None) -> None:  # probes hear NOT_SERVING while calls drain
+        await health.stop()
+        await stop(grace)
+
+    server.stop = stop_after_health
     return server

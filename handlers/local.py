@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -36,8 +37,11 @@ class ClientGone(Exception):
 
 
 class AsgiApp:
-    def __init__(self, app: App):
+    def __init__(self, app: App, timeout: float | None = None):
+        """`timeout`: a request's deadline in seconds when no other sets one (TF Serving's
+        --rest_api_timeout_in_ms)."""
         self.app = app
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -59,7 +63,8 @@ class AsgiApp:
 
     async def _answer(self, scope, receive) -> Response:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request = Request(scope["method"], scope["path"], headers)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        request = Request(scope["method"], scope["path"], headers, deadline=deadline)
         try:
             request = replace(request, body=await _read_body(receive, self.app.max_body_bytes))
         except BodyTooLarge as e:
@@ -184,7 +189,8 @@ async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, set
 
     protocol = partial(LimitedHttpToolsProtocol, header_timeout=settings.header_timeout_seconds,
                        body_timeout=settings.body_timeout_seconds, max_connections=settings.max_connections or None)
-    config = uvicorn.Config(AsgiApp(app), host=host, port=rest_port, log_level="warning", access_log=False,
+    config = uvicorn.Config(AsgiApp(app, settings.rest_timeout_seconds), host=host, port=rest_port,
+                            log_level="warning", access_log=False,
                             timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,
                             timeout_keep_alive=settings.keepalive_timeout_seconds,
                             headers=[(WORKER_HEADER, str(os.getpid()))] if worker else None)

@@ -140,6 +140,7 @@ class App:
         self.access_log = access_log
         self._sessions = sessions  # runtime.generation.Sessions; see the property
         self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
+        self.metrics_paths = METRICS_PATHS
 
     @classmethod
     def start(cls, settings: Settings) -> App:
@@ -155,6 +156,8 @@ class App:
                   batching=batching, access_log=settings.access_log,
                   sessions=Sessions(settings.redis_url, settings.session_ttl_seconds,
                                     settings.prediction_cache_seconds))
+        if settings.metrics_paths is not None:  # a TF Serving monitoring config's
+            app.metrics_paths = settings.metrics_paths
         app.metrics.started()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
@@ -218,13 +221,22 @@ class App:
             raise DeadlineExceeded("the request's deadline passed before its model work could start")
         cache = self._sessions.prediction_cache() if self._sessions is not None else None
         if cache is None or handle.engine.signature(key).state:
-            return await self._run(handle, key, inputs, exchange, remaining)
+            return await self._timed_run(handle, key, inputs, exchange, remaining)
         tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
         cached = await cache.get(tenant, fingerprint, key, inputs)
         if cached is not None:
             return cached
-        outputs = await self._run(handle, key, inputs, exchange, remaining)
+        outputs = await self._timed_run(handle, key, inputs, exchange, remaining)
         await cache.put(tenant, fingerprint, key, inputs, outputs)
+        return outputs
+
+    async def _timed_run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
+                         remaining: float | None) -> dict[str, np.ndarray]:
+        """_run, its time recorded as TF Serving's runtime latency (queue and batch included)."""
+        started = time.perf_counter()
+        outputs = await self._run(handle, key, inputs, exchange, remaining)
+        self.metrics.tfserving.runtime(handle.name, exchange.api, handle.engine.signature(key).engine,
+                                       time.perf_counter() - started)
         return outputs
 
     async def _run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
@@ -266,12 +278,12 @@ class App:
         labels = (handle.name, str(handle.version), key)
         if rows is not None:
             self.metrics.batch_size.labels(*labels).observe(rows)
-        self.metrics.execution.labels(*labels).observe(seconds)
+        self.metrics.executed(labels, seconds)
 
     # Routing ------------------------------------------------------------------------------------
 
     async def _route(self, request: Request, exchange: Exchange) -> Response:
-        if request.path in METRICS_PATHS:
+        if request.path in self.metrics_paths:
             exchange.api = "metrics"
             _only(request, "GET")
             return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})

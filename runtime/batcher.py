@@ -278,7 +278,7 @@ class _Queue:
                 return [e], False
             return [self._run_alone(request) for request in batch], False
         self.batcher.metrics.batch_size.labels(*self.labels).observe(rows)
-        self.batcher.metrics.execution.labels(*self.labels).observe(elapsed)
+        self.batcher.metrics.executed(self.labels, elapsed)
         results, start = [], 0
         for request in batch:
             results.append({name: array[start:start + request.rows] for name, array in outputs.items()})

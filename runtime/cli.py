@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="comma-separated, increasing, the last equal to --max-batch-size")
     for name in ("pad_variable_length_inputs", "enable_large_batch_splitting"):
         batching.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_true", default=None)
+    from runtime.tfserving_flags import add_flags
+
+    add_flags(serve)
     serve.set_defaults(run=_serve)
 
     score = commands.add_parser("score", help="score the rows of JSON Lines and CSV files with a model",
@@ -152,13 +155,27 @@ def main(argv: list[str] | None = None) -> int:
     coldstart.add_argument("--json", action="store_true", help="print the phases and every run as JSON")
     coldstart.set_defaults(run=_coldstart)
 
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a worker of `kiln serve` is started with
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(_screened(argv))
+    except KilnError as e:  # a TF Serving flag Kiln refuses
+        print(f"kiln serve: error: {e}", file=sys.stderr)
+        return 2
+    args.argv = argv  # what a worker of `kiln serve` is started with
     try:
         return args.run(args)
     except KilnError as e:
         print(f"kiln {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _screened(argv: list[str]) -> list[str]:
+    """`kiln serve`'s arguments without the TF Serving flags Kiln ignores (runtime.tfserving_flags)."""
+    if not argv or argv[0] != "serve":
+        return argv
+    from runtime.tfserving_flags import screen
+
+    return ["serve", *screen(argv[1:])]
 
 
 def _names(text: str) -> list[str]:
@@ -174,13 +191,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def _compile(args) -> int:
     from runtime.compiler.compile import compile_servable, parse_appended, parse_capacities, parse_state
+    from runtime.progress import say
 
     manifest = compile_servable(
         args.saved_model, args.out, name=args.name, version=args.version, signatures=args.signatures,
         batch_sizes=args.batch_sizes, target_cpu=args.target_cpu, engine=args.engine,
         tags=args.tag_set, state=parse_state(args.state), positions=parse_capacities(args.state_capacity),
         appended=parse_appended(args.state_append),
-        log=lambda message: print(f"kiln compile: {message}", file=sys.stderr))
+        log=lambda message: say(f"kiln compile: {message}"))
     from runtime.table import render
 
     print(render(manifest))
@@ -227,7 +245,10 @@ def _serve(args) -> int:
              "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads", "allowed_batch_sizes",
              "pad_variable_length_inputs", "enable_large_batch_splitting", "header_timeout_seconds",
              "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections", "workers")
-    settings = Settings.from_env(overrides={name: getattr(args, name) for name in flags})
+    from runtime.tfserving_flags import apply
+
+    overrides = {name: getattr(args, name) for name in flags} | apply(args)
+    settings = Settings.from_env(overrides=overrides)
     logs.configure(settings.log_level)
     worker = os.environ.get(WORKER_ENV) is not None
     workers = settings.workers or available_cpus()
@@ -268,7 +289,7 @@ def _score(args) -> int:
 
     from runtime import logs, scoring
     from runtime.app import App
-    from runtime.progress import ProgressBar
+    from runtime.progress import ProgressBar, logging_around_bars
     from runtime.settings import Settings
 
     settings = Settings.from_env(batching_mode="fixed", overrides={
@@ -308,7 +329,8 @@ def _score(args) -> int:
     app = App.start(settings)
     try:
         scoring.default_model(app, args.model or settings.score_model)
-        asyncio.run(run())
+        with logging_around_bars():
+            asyncio.run(run())
     except asyncio.CancelledError:
         pass
     finally:

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from runtime.errors import KilnError
+from runtime.tfserving_metrics import TfServingMetrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -56,12 +57,19 @@ class Metrics:
         else:
             ProcessCollector(registry=self.registry)
             self.scraped = self.registry
+        self.tfserving = TfServingMetrics(self.registry)  # TF Serving's names beside kiln_*
         if repository is not None:
             self.scraped.register(_RepositoryCollector(repository))
 
     def request(self, protocol: str, api: str, model: str, version: str, status: str, seconds: float) -> None:
         self.requests.labels(model, version, api, protocol, status).inc()
         self.latency.labels(model, api, protocol).observe(seconds)
+        self.tfserving.request(protocol, api, model, status, seconds)
+
+    def executed(self, labels: tuple[str, str, str], seconds: float) -> None:
+        """One execution of a signature's compiled code (model, version, signature)."""
+        self.execution.labels(*labels).observe(seconds)
+        self.tfserving.graph_run(seconds)
 
     def started(self) -> None:
         """Record the cold start: the process's age now that its models are loaded."""

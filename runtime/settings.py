@@ -95,6 +95,9 @@ class Settings:
     keepalive_timeout_seconds: float = 620.0
     max_connections: int = 2000
     workers: int = 0  # 0: the CPUs this process may run on
+    model_base_path: str | None = None  # TF Serving's --model_base_path (BASE/NAME; runtime.tfserving_flags)
+    metrics_paths: tuple[str, ...] | None = None  # Prometheus paths (None: runtime.app's); a monitoring config's
+    rest_timeout_seconds: float | None = None  # a REST request's deadline when it asks for none (TF Serving's flag)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
@@ -141,6 +144,10 @@ class Settings:
         return settings
 
     def check(self) -> None:
+        if self.model_base_path:  # TF Serving's one model: --model_name names it
+            if self.model_config_file or self.model_repository:
+                raise ConfigError("give --model_base_path, a model config file or a model repository, not two")
+            return self._check_limits()
         if self.model_config_file and self.model_repository:
             raise ConfigError("give a model config file (KILN_MODEL_CONFIG_FILE, --model-config-file) or a model "
                               "repository (KILN_MODEL_REPOSITORY, --model-repository), not both")
@@ -150,6 +157,9 @@ class Settings:
                               "--model-config-file or --model-repository")
         if self.model_name and not self.model_repository:
             raise ConfigError("KILN_MODEL_NAME names a model in KILN_MODEL_REPOSITORY, which is not set")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
         if self.warmup_iterations < 1:
             raise ConfigError(f"KILN_WARMUP_ITERATIONS must be at least 1, got {self.warmup_iterations}")
         if self.max_body_bytes < 1:
@@ -168,6 +178,10 @@ class Settings:
         from runtime.model_config import format_of, parse_model_config
         from runtime.storage import open_storage
 
+        if self.model_base_path:
+            from runtime.model_config import single_model
+
+            return single_model(self.model_name or "default", self.model_base_path)  # TF Serving's default name
         if self.model_config_file:
             location = self.model_config_file
             if "://" in location:

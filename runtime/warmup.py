@@ -4,7 +4,7 @@ tracing).
 
 The inputs are the servable's own warm-up requests where it has them: TensorFlow Serving's
 assets.extra/tf_serving_warmup_requests (a TFRecord file of PredictionLog records; read here without
-TensorFlow, its checksums verified) or Kiln's assets.extra/kiln_warmup.json (a list of TF Serving
+TensorFlow, its checksums verified: runtime.tfrecord) or Kiln's assets.extra/kiln_warmup.json (a list of TF Serving
 predict bodies). Each request is replayed at every bucket, its rows repeated to fill the bucket,
 `iterations` times. Signatures no request covers get synthesized inputs (zeros) at every bucket;
 string signatures without a request are skipped, as no input can be made up that the model must
@@ -16,7 +16,6 @@ not served.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from runtime.engines.base import Engine, synthetic_inputs
 from runtime.errors import KilnError, ServableError
+from runtime.tfrecord import read_records
 
 WARMUP_DIR = "assets.extra"
 TF_SERVING_WARMUP = "tf_serving_warmup_requests"
@@ -135,50 +135,3 @@ def _from_prediction_logs(path: Path, directory: Path) -> list[tuple[str, dict[s
         except Exception as e:  # a malformed record: a clear load failure, whatever broke
             raise ServableError(f"{path}: warm-up record {index}: {e}") from None
     return requests
-
-
-def read_records(path: Path) -> Iterator[bytes]:
-    """The records of a TFRecord file: each is a little-endian uint64 length, the masked CRC-32C
-    of those 8 bytes, the data, and the data's masked CRC-32C; both checksums are verified."""
-    with open(path, "rb") as f:
-        index = 0
-        while header := f.read(12):
-            if len(header) < 12:
-                raise ServableError(f"{path}: record {index} is truncated in its header")
-            length, length_crc = struct.unpack("<QI", header)
-            if _masked_crc(header[:8]) != length_crc:
-                raise ServableError(f"{path}: record {index}: the length's checksum does not match (corrupt file)")
-            data, footer = f.read(length), f.read(4)
-            if len(data) < length or len(footer) < 4:
-                raise ServableError(f"{path}: record {index} is truncated: {length} bytes announced")
-            if _masked_crc(data) != struct.unpack("<I", footer)[0]:
-                raise ServableError(f"{path}: record {index}: the data's checksum does not match (corrupt file)")
-            yield data
-            index += 1
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), as TFRecord uses; warm-up files are small, so a table suffices."""
-    crc = 0xFFFFFFFF
-    table = _TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF

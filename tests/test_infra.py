@@ -358,6 +358,7 @@ class Image:
         self.entrypoint: list[str] = []
         self.cmd: list[str] = []
         self.user: str | None = None
+        self.exposed: list[str] = []
 
     def host(self, path: str) -> Path:
         """Where the image's absolute path lies on this machine."""
@@ -424,6 +425,8 @@ class ImageBuild:
             setattr(image, instruction.lower(), json.loads(arguments))
         elif instruction == "USER":
             image.user = arguments
+        elif instruction == "EXPOSE":
+            image.exposed = arguments.split()
         else:
             raise AssertionError(f"{instruction} is not carried out here: teach ImageBuild.step")
 
@@ -645,6 +648,43 @@ def test_cloud_run_image_serves_behind_its_probes(images, model_repository, tmp_
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
         assert httpx.get(url + container["livenessProbe"]["httpGet"]["path"], timeout=5).status_code == 200
+        response = httpx.post(f"{url}/v1/models/digits:predict", json={"instances": [digit_image()]}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert _is_probabilities(response.json()["predictions"][0])
+        assert_without_tensorflow(image)
+    finally:
+        _stop(process)
+
+
+@pytest.mark.slow
+def test_serve_image_takes_tensorflow_serving_arguments(images, model_repository, tmp_path):
+    """The serve target as `docker run -e MODEL_NAME=digits -v ...:/models/digits kiln-serve` runs it,
+    with ports given as arguments after the image's own (here: free ones; the last flag wins)."""
+    import httpx
+
+    image = images.image("serve")
+    assert images.skipped == ["useradd --system --uid 10001 kiln"] * 2 and image.user == "10001"
+    assert image.exposed == ["8500", "8501"]
+    assert image.entrypoint == ["kiln", "serve", "--port=8500", "--rest_api_port=8501"] and not image.cmd
+    shutil.copytree(model_repository / "digits", image.host("/models/digits"))
+    rest, grpc_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(image.argv([*image.entrypoint, f"--port={grpc_port}", f"--rest_api_port={rest}",
+                                               "--host=127.0.0.1"]),
+                                   cwd=tmp_path, env=image.environ(MODEL_NAME="digits"), stdout=output,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{rest}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models/digits", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
         response = httpx.post(f"{url}/v1/models/digits:predict", json={"instances": [digit_image()]}, timeout=30)
         assert response.status_code == 200, response.text
         assert _is_probabilities(response.json()["predictions"][0])

@@ -160,6 +160,7 @@ def test_workers_share_the_ports_and_all_answer(served):
 def test_metrics_sum_over_workers(served):
     _, url, _ = served
     before = requests_total(url, model="digits", api="predict", status="200")
+    tf_serving_before = metric(url, ":tensorflow:serving:request_count") or 0  # TF Serving's names sum too
     by_worker: dict[int, int] = {}
     for _ in range(30):
         response = httpx.post(f"{url}/v1/models/digits:predict", content=PREDICT, timeout=30)
@@ -167,6 +168,7 @@ def test_metrics_sum_over_workers(served):
         by_worker[worker_of(response)] = by_worker.get(worker_of(response), 0) + 1
     assert len(by_worker) == 2, "both workers answered some"
     assert requests_total(url, model="digits", api="predict", status="200") - before == 30
+    assert metric(url, ":tensorflow:serving:request_count") - tf_serving_before == 30
     assert metric(url, "kiln_worker_restarts_total") == 0
 
 

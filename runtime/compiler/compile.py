@@ -30,6 +30,7 @@ from runtime.compiler.toolchain import Toolchain
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
 from runtime.manifest import Manifest, Position, Signature, describe_files, state_problems
+from runtime.progress import steps
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -257,25 +258,30 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
     toolchain = Toolchain.for_installed_tensorflow(target.cpu)
     jobs = []
-    for index, (key, batches) in enumerate(plan.items()):
-        compiled = []
-        for batch in batches:
-            cpp_class = f"kiln_s{index}_b{batch}"
-            log(f"compiling {key} for batch {batch or 'static'}")
-            try:
-                header, objects = tfcompile(static, meta_graph, bucket_key(key, batch),
-                                            work / cpp_class, cpp_class, target, multithreading)
-            except CompileError as e:
-                reasons[key] = f"XLA could not compile it: {e}"
-                break
-            library = f"lib/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
-            compiled.append((key, batch, header, cpp_class, objects, library))
-        else:
-            jobs.extend(compiled)
+    with steps(sum(map(len, plan.values())), "compiling", "bucket") as bar:
+        for index, (key, batches) in enumerate(plan.items()):
+            compiled = []
+            for batch in batches:
+                cpp_class = f"kiln_s{index}_b{batch}"
+                log(f"compiling {key} for batch {batch or 'static'}")
+                bar.set_postfix_str(f"{key} batch {batch or 'static'}")
+                try:
+                    header, objects = tfcompile(static, meta_graph, bucket_key(key, batch),
+                                                work / cpp_class, cpp_class, target, multithreading)
+                except CompileError as e:
+                    reasons[key] = f"XLA could not compile it: {e}"
+                    break
+                finally:
+                    bar.update()
+                library = f"lib/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
+                compiled.append((key, batch, header, cpp_class, objects, library))
+            else:
+                jobs.extend(compiled)
     (staging / "lib").mkdir(exist_ok=True)
     log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(lambda job: toolchain.link_bucket(job[2], job[3], job[4], staging / job[5]), jobs))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, steps(len(jobs), "linking", "library") as bar:
+        for _ in pool.map(lambda job: toolchain.link_bucket(job[2], job[3], job[4], staging / job[5]), jobs):
+            bar.update()
     libraries: dict[str, dict[int, str]] = {}
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from runtime.cache import cache_root
 from runtime.errors import CompileError
+from runtime.progress import steps
 
 SHIM_SOURCE = Path(__file__).with_name("shim.cc")
 KILN_KERNELS = Path(__file__).with_name("kernels")
@@ -100,25 +101,35 @@ class Toolchain:
         """The cached objects for the core plus the named kernel sources, building what is missing."""
         wanted = self.core_sources() + kernels
         cache = self.cache_dir()
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return list(pool.map(lambda s: self._cached_object(s, cache), wanted))
+        missing = sum(not self._object_path(source, cache)[1].exists() for source in wanted)
+        # The first build takes minutes on 2 cores: a bar on a terminal shows it moving.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
+                steps(missing, "building the AOT runtime", "object") as bar:
+            objects = []
+            for target, built in pool.map(lambda s: self._cached_object(s, cache), wanted):
+                objects.append(target)
+                bar.update(built)
+            return objects
 
-    def _cached_object(self, source: str, cache: Path) -> Path:
+    def _object_path(self, source: str, cache: Path) -> tuple[Path, Path]:
+        """(the source file, its cached object)."""
         if source.startswith("kiln:"):  # our own sources change with Kiln: key them by content
             path = KILN_KERNELS / source.removeprefix("kiln:")
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            target = cache / f"kiln__{path.stem}-{digest}.o"
-        else:
-            path = self.sources_dir / source
-            target = cache / (source.replace("/", "__") + ".o")
+            return path, cache / f"kiln__{path.stem}-{digest}.o"
+        return self.sources_dir / source, cache / (source.replace("/", "__") + ".o")
+
+    def _cached_object(self, source: str, cache: Path) -> tuple[Path, bool]:
+        """The object of `source`, and whether it was built now."""
+        path, target = self._object_path(source, cache)
         if target.exists():
-            return target
+            return target, False
         cache.mkdir(parents=True, exist_ok=True)
         with open(cache / f".{target.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
                 self.compile_object(path, target)
-        return target
+        return target, True
 
     def compile_object(self, source: Path, target: Path, extra: list[str] = ()) -> None:
         """Compile one C++ file; the object appears under its final name only when complete."""
