@@ -244,13 +244,17 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
                  reasons, log) -> dict[str, dict[int, str]]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
+    Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
     """
     if not infos:
         return {}
     from tensorflow.python.tools import saved_model_utils
 
-    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items()}
+    aliases = same_functions(infos)
+    for alias, key in aliases.items():
+        log(f"{alias} is the same function as {key}: compiled once")
+    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
     export_static(saved_model, tags, infos, plan, static)
@@ -279,7 +283,23 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     libraries: dict[str, dict[int, str]] = {}
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
+    for alias, key in aliases.items():
+        if reasons[key]:
+            reasons[alias] = reasons[key]
+        else:
+            libraries[alias] = libraries[key]
     return libraries
+
+
+def same_functions(infos: Mapping[str, SignatureInfo]) -> dict[str, str]:
+    """{signature: the first signature (in key order) that is the same function} for every repeat."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key in sorted(infos):
+        identity = infos[key].same_function()
+        if identity is not None:
+            aliases[key] = first.setdefault(identity, key)
+    return {alias: key for alias, key in aliases.items() if alias != key}
 
 
 def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
