@@ -47,7 +47,10 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from runtime.errors import ServableError
 
-FORMAT_VERSION = 1
+# 2: the bucket libraries link one shared runtime library (Manifest.runtime) instead of each carrying
+# the AOT runtime. Format 1 servables, whose libraries are self-contained, still load.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 Engine = Literal["xla-aot", "saved-model"]
@@ -147,6 +150,17 @@ class Target(Model):
     features: tuple[str, ...]
 
 
+class SharedRuntime(Model):
+    """The XLA AOT runtime and Kiln's kernels, linked once for every bucket library of the servable.
+
+    `key` names its TensorFlow version, compiler, flags, target CPU and kernels; `file` is its path
+    in the servable (checksummed like every file), beside the bucket libraries that load it.
+    """
+
+    key: str
+    file: str
+
+
 class FileEntry(Model):
     sha256: str
     size: int
@@ -161,6 +175,7 @@ class Manifest(Model):
     batch_sizes: tuple[int, ...]
     target: Target
     tensorflow_version: str
+    runtime: SharedRuntime | None = Field(None, description="format 2: the runtime library every bucket links")
     files: dict[str, FileEntry]
 
     @model_validator(mode="after")
@@ -174,7 +189,29 @@ class Manifest(Model):
         problems = state_problems(self.signatures)
         if problems:
             raise ValueError("; ".join(problems))
+        if self.runtime is not None and self.files and self.runtime.file not in self.files:
+            raise ValueError(f"runtime library {self.runtime.file} is not among the files")
         return self
+
+    @model_serializer(mode="wrap")
+    def _format_one_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A manifest without a shared runtime is written without the field, as format 1 was."""
+        data = handler(self)
+        if self.runtime is None:
+            data.pop("runtime", None)
+        return data
+
+    def bytes_saved(self) -> int:
+        """About how many bytes format 1 would have needed more: the runtime linked into each bucket
+        library but one, and a copy of the libraries for each signature that shares another's."""
+        sizes = {name: entry.size for name, entry in self.files.items()}
+        mappings = [tuple(sorted(sig.libraries.values())) for sig in self.signatures.values() if sig.libraries]
+        distinct = set(mappings)
+        runtime = sizes.get(self.runtime.file, 0) if self.runtime else 0
+        libraries = sum(len(mapping) for mapping in distinct)
+        repeated = sum(sum(sizes.get(name, 0) + runtime for name in mapping) for mapping in mappings) - \
+            sum(sum(sizes.get(name, 0) + runtime for name in mapping) for mapping in distinct)
+        return max(libraries - 1, 0) * runtime + repeated
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
@@ -308,9 +345,10 @@ def read_manifest(directory: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ServableError(f"{path} must hold a JSON object")
     found = raw.get("format_version")
-    if found != FORMAT_VERSION:
+    if found not in READABLE_FORMATS:
         raise ServableError(
-            f"{path} has format_version {found!r}; this Kiln reads format_version {FORMAT_VERSION}")
+            f"{path} has format_version {found!r}; this Kiln reads format_version "
+            f"{', '.join(map(str, READABLE_FORMATS))}: recompile it with this Kiln (kiln compile)")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:

@@ -15,7 +15,11 @@ def render(manifest: Manifest) -> str:
         ("cpu features", " ".join(manifest.target.features) or "-"),
         ("tensorflow", manifest.tensorflow_version),
         ("files", f"{len(manifest.files)} ({total / 1e6:.1f} MB)"),
+        ("format", str(manifest.format_version)),
     ]
+    if manifest.runtime is not None:
+        head += [("shared code", f"{manifest.runtime.key} ({manifest.runtime.file})"),
+                 ("bytes saved", f"{manifest.bytes_saved() / 1e6:.1f} MB (against a copy per library)")]
     width = max(len(key) for key, _ in head)
     lines = [f"{key:<{width}}  {value}" for key, value in head]
     rows = [("signature", "method", "engine", "inputs", "outputs")]

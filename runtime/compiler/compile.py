@@ -29,7 +29,8 @@ from runtime.compiler.target import resolve_target
 from runtime.compiler.toolchain import Toolchain
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
-from runtime.manifest import Manifest, Position, Signature, describe_files, state_problems
+from runtime.manifest import (FORMAT_VERSION, Manifest, Position, SharedRuntime, Signature, describe_files,
+                              state_problems)
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -83,7 +84,7 @@ def compile_servable(
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
+            libraries, runtime = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
                                      Path(work), staging, reasons, log)
             _refuse_if_forced(engine, reasons)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
@@ -97,7 +98,8 @@ def compile_servable(
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
                 position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
-            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
+            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime, files={},
+            format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
@@ -241,14 +243,14 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> dict[str, dict[int, str]]:
+                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
     """
     if not infos:
-        return {}
+        return {}, None
     from tensorflow.python.tools import saved_model_utils
 
     aliases = same_functions(infos)
@@ -277,10 +279,17 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
         else:
             jobs.extend(compiled)
     (staging / "lib").mkdir(exist_ok=True)
-    log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(lambda job: toolchain.link_bucket(job[2], job[3], job[4], staging / job[5]), jobs))
     libraries: dict[str, dict[int, str]] = {}
+    runtime = None
+    if jobs:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            shims = list(pool.map(lambda job: toolchain.compile_shim(job[2], job[3], work / "shims"), jobs))
+            kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
+            log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
+            runtime = toolchain.link_runtime(kernels, staging / "lib")
+            log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
+            list(pool.map(lambda job, shim: toolchain.link_bucket(shim, job[4], runtime, staging / job[5]),
+                          jobs, shims))
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
     for alias, key in aliases.items():
@@ -288,7 +297,9 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             reasons[alias] = reasons[key]
         else:
             libraries[alias] = libraries[key]
-    return libraries
+    shared = None if runtime is None else SharedRuntime(key=toolchain.runtime_key(kernels),
+                                                        file=str(runtime.relative_to(staging)))
+    return libraries, shared
 
 
 def same_functions(infos: Mapping[str, SignatureInfo]) -> dict[str, str]:

@@ -44,6 +44,10 @@ class Engine:
         if verify:
             verify_files(directory, manifest)
         runners: dict[str, Runner] = {}
+        if manifest.runtime is not None:  # the bucket libraries load it: it must be whole (see check_elf)
+            from runtime.engines.xla_aot import check_elf
+
+            check_elf(directory / manifest.runtime.file)
         try:
             for key, signature in manifest.signatures.items():
                 if signature.engine == "xla-aot":
