@@ -47,8 +47,8 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from runtime.errors import ServableError
 
-# 2: the bucket libraries link one shared runtime library (Manifest.runtime) instead of each carrying
-# the AOT runtime. Format 1 servables, whose libraries are self-contained, still load.
+# 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
+# (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1 servables, whose libraries are self-contained, still load.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"
@@ -176,6 +176,7 @@ class Manifest(Model):
     target: Target
     tensorflow_version: str
     runtime: SharedRuntime | None = Field(None, description="format 2: the runtime library every bucket links")
+    weights: str | None = Field(None, description="format 2: the library holding each distinct constant once")
     files: dict[str, FileEntry]
 
     @model_validator(mode="after")
@@ -189,16 +190,18 @@ class Manifest(Model):
         problems = state_problems(self.signatures)
         if problems:
             raise ValueError("; ".join(problems))
-        if self.runtime is not None and self.files and self.runtime.file not in self.files:
-            raise ValueError(f"runtime library {self.runtime.file} is not among the files")
+        for shared in (self.runtime.file if self.runtime else None, self.weights):
+            if shared is not None and self.files and shared not in self.files:
+                raise ValueError(f"shared library {shared} is not among the files")
         return self
 
     @model_serializer(mode="wrap")
     def _format_one_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
         """A manifest without a shared runtime is written without the field, as format 1 was."""
         data = handler(self)
-        if self.runtime is None:
-            data.pop("runtime", None)
+        for field in ("runtime", "weights"):
+            if data.get(field) is None:
+                data.pop(field, None)
         return data
 
     def bytes_saved(self) -> int:

@@ -1,6 +1,7 @@
-"""Runtime code once (format 2): the XLA AOT runtime and Kiln's kernels are one shared library in the
-servable, checksummed like every file; each bucket library holds only its generated code and links
-it. Servables of format 1 (self-contained libraries), generated here by the Kiln that wrote them, still
+"""Runtime code and weights once (format 2): the XLA AOT runtime and Kiln's kernels are one shared
+library in the servable, every distinct constant is stored once in one weights library, both
+checksummed like every file; each bucket library holds only its generated code and links
+both. Servables of format 1 (self-contained libraries), generated here by the Kiln that wrote them, still
 load."""
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from runtime.errors import ServableError
 from runtime.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKETS = (1, 4)
-WEIGHTS = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+# XLA lays a matmul's weights out transposed at batch 1 (a vector-matrix product), so a bucket of 1
+# holds its own, differently ordered copy: two buckets of one layout share one.
+BUCKETS = (2, 4)
+WEIGHTS = np.random.default_rng(7).standard_normal((16, 8)).astype(np.float32)
 
 
 def save_model(path: Path) -> Path:
@@ -32,7 +35,7 @@ def save_model(path: Path) -> Path:
     module = tf.Module()
     module.w = tf.Variable(WEIGHTS)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    @tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32, name="x")])
     def serve(x):
         return {"y": tf.matmul(x, module.w) + 1.0}
 
@@ -74,11 +77,29 @@ def test_buckets_link_one_runtime_library(servable):
         assert (servable / library).stat().st_size < runtime.stat().st_size
     engine = open_servable(servable)
     try:
-        for rows in (1, 3, 4, 6):
-            x = np.random.default_rng(rows).random((rows, 4), np.float32)
-            np.testing.assert_allclose(engine.run("serving_default", {"x": x})["y"], expected(x), rtol=1e-6)
+        for rows in (1, 2, 3, 4, 6):
+            x = np.random.default_rng(rows).random((rows, 16), np.float32)
+            np.testing.assert_allclose(engine.run("serving_default", {"x": x})["y"], expected(x), atol=1e-5)
     finally:
         engine.close()
+
+
+def test_two_buckets_share_one_copy_of_each_weight(servable):
+    manifest = read_manifest(servable)
+    weights = servable / manifest.weights
+    stored = {name: (servable / name).read_bytes() for name in manifest.files}
+    layouts = (WEIGHTS.tobytes(), WEIGHTS.T.copy().tobytes())
+    copies = {name: sum(data.count(layout) for layout in layouts) for name, data in stored.items()}
+    assert copies[manifest.weights] == 1 and sum(copies.values()) == 1, copies
+    addresses: dict[str, set[str]] = {}
+    for line in dynamic_symbols(weights, "--defined-only").splitlines():
+        address, _, name = line.split()
+        if name.endswith("_constant_buffer_contents"):
+            addresses.setdefault(name.split("_Constant_")[1], set()).add(address)
+    assert addresses and all(len(found) == 1 for found in addresses.values()), addresses
+    for library in manifest.signatures["serving_default"].libraries.values():
+        needed = subprocess.run(["readelf", "-d", str(servable / library)], capture_output=True, text=True).stdout
+        assert weights.name in needed
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -87,16 +108,18 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_corrupted_runtime_library_is_refused_by_checksum(servable, tmp_path):
+@pytest.mark.parametrize("part", ["runtime", "weights"])
+def test_a_corrupted_shared_library_is_refused_by_checksum(servable, tmp_path, part):
     import shutil
 
     copy = tmp_path / "m" / "1"
     shutil.copytree(servable, copy)
-    runtime = copy / read_manifest(copy).runtime.file
-    flip_byte(runtime, runtime.stat().st_size // 2)
-    with pytest.raises(ServableError, match=f"{read_manifest(copy).runtime.file} has sha256"):
+    manifest = read_manifest(copy)
+    relative = manifest.runtime.file if part == "runtime" else manifest.weights
+    flip_byte(copy / relative, (copy / relative).stat().st_size // 2)
+    with pytest.raises(ServableError, match=f"{relative} has sha256"):
         open_servable(copy)
-    runtime.write_bytes(runtime.read_bytes()[:4096])  # unverified and truncated: refused, never a SIGBUS
+    (copy / relative).write_bytes((copy / relative).read_bytes()[:4096])  # unverified, truncated: no SIGBUS
     with pytest.raises(ServableError, match="truncated"):
         open_servable(copy, verify=False)
 
@@ -133,7 +156,7 @@ def test_a_format_one_servable_still_loads(saved_model, tmp_path):
     out = tmp_path / "old" / "1"
     done = subprocess.run(
         [sys.executable, "-c", "import sys; from runtime.compiler.compile import compile_servable; "
-                               "compile_servable(sys.argv[1], sys.argv[2], batch_sizes=(1, 4))",
+                               "compile_servable(sys.argv[1], sys.argv[2], batch_sizes=(2, 4))",
          str(saved_model), str(out)],
         cwd=old_kiln, env={**os.environ, "PYTHONPATH": str(old_kiln)}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -142,8 +165,8 @@ def test_a_format_one_servable_still_loads(saved_model, tmp_path):
     assert not any("libkiln_runtime" in name for name in manifest.files)
     engine = open_servable(out)
     try:
-        x = np.random.default_rng(0).random((3, 4), np.float32)
-        np.testing.assert_allclose(engine.run("serving_default", {"x": x})["y"], expected(x), rtol=1e-6)
+        x = np.random.default_rng(0).random((3, 16), np.float32)
+        np.testing.assert_allclose(engine.run("serving_default", {"x": x})["y"], expected(x), atol=1e-5)
     finally:
         engine.close()
 

@@ -27,6 +27,7 @@ from runtime.compiler.aot import tfcompile
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
 from runtime.compiler.toolchain import Toolchain
+from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
 from runtime.manifest import (FORMAT_VERSION, Manifest, Position, SharedRuntime, Signature, describe_files,
@@ -84,8 +85,8 @@ def compile_servable(
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries, runtime = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
-                                     Path(work), staging, reasons, log)
+            libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
+                                                       multithreading, Path(work), staging, reasons, log)
             _refuse_if_forced(engine, reasons)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
         infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
@@ -98,7 +99,8 @@ def compile_servable(
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
                 position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
-            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime, files={},
+            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
+            weights=weights, files={},
             format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
@@ -243,14 +245,14 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None]:
+                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
     """
     if not infos:
-        return {}, None
+        return {}, None, None
     from tensorflow.python.tools import saved_model_utils
 
     aliases = same_functions(infos)
@@ -287,9 +289,13 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
             runtime = toolchain.link_runtime(kernels, staging / "lib")
+            weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
+                                   staging / "lib", work / "weights", toolchain.cxx)
+            log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
             log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
-            list(pool.map(lambda job, shim: toolchain.link_bucket(shim, job[4], runtime, staging / job[5]),
-                          jobs, shims))
+            list(pool.map(lambda job, shim: toolchain.link_bucket(
+                shim, [o for o in job[4] if not o.name.endswith(CONSTANTS)], [runtime, weights], staging / job[5]),
+                jobs, shims))
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
     for alias, key in aliases.items():
@@ -299,7 +305,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             libraries[alias] = libraries[key]
     shared = None if runtime is None else SharedRuntime(key=toolchain.runtime_key(kernels),
                                                         file=str(runtime.relative_to(staging)))
-    return libraries, shared
+    return libraries, shared, None if runtime is None else str(weights.relative_to(staging))
 
 
 def same_functions(infos: Mapping[str, SignatureInfo]) -> dict[str, str]:

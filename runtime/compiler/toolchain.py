@@ -7,7 +7,8 @@ model calls it. Objects are cached under the kiln cache, keyed by TensorFlow ver
 flags, and written atomically so concurrent builds can share them.
 
 The core and the kernels a servable calls are linked once into a shared runtime library shipped in the
-servable (link_runtime); each bucket library holds only its shim and generated code and links it.
+servable (link_runtime), its constants into one weights library (runtime/compiler/weights.py); each
+bucket library holds only its shim and generated code and links both.
 """
 
 from __future__ import annotations
@@ -180,32 +181,21 @@ class Toolchain:
                                                 f"-DKILN_CLASS={cpp_class}"])
         return shim
 
-    def link_bucket(self, shim: Path, model_objects: list[Path], runtime: Path, out: Path) -> None:
-        """Link one bucket's shim and generated code against the servable's shared runtime library.
+    def link_bucket(self, shim: Path, code: list[Path], shared: list[Path], out: Path) -> None:
+        """Link one bucket's shim and generated code (no constants) against the servable's shared
+        libraries (the runtime, the weights).
 
-        The library holds only its own code: the runtime is found beside it (rpath $ORIGIN). Only
+        The library holds only its own code: the shared ones are found beside it (rpath $ORIGIN). Only
         kiln_* is exported, so libraries of several buckets and models load side by side.
         """
         work = out.parent / f".{out.stem}-build"
         work.mkdir(parents=True, exist_ok=True)
-        model_objects = [self._page_aligned(o, work) if o.name.endswith("_constants.o") else o
-                         for o in model_objects]
         exports = work / "exports.map"
         exports.write_text(EXPORTS_MAP)
-        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, model_objects), str(runtime),
+        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, code), *map(str, shared),
              str(self.framework_library), "-Wl,-rpath,$ORIGIN", f"-Wl,--version-script={exports}",
              "-Wl,--no-undefined", "-Wl,--as-needed", *self.strip], f"linking {out.name}")
         shutil.rmtree(work)
-
-    @staticmethod
-    def _page_aligned(constants: Path, work: Path) -> Path:
-        """tfcompile aligns the weights' section to its size rounded to a power of two (8 MB for
-        a few MB of weights), which pads every library with megabytes of zeros; a page is plenty
-        for the vector loads that read them."""
-        aligned = work / constants.name
-        run(["objcopy", "--set-section-alignment", ".rodata=4096", str(constants), str(aligned)],
-            f"aligning {constants.name}")
-        return aligned
 
 
 def run(command: list[str], what: str) -> str:

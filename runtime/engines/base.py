@@ -44,10 +44,11 @@ class Engine:
         if verify:
             verify_files(directory, manifest)
         runners: dict[str, Runner] = {}
-        if manifest.runtime is not None:  # the bucket libraries load it: it must be whole (see check_elf)
+        shared = [manifest.runtime.file] if manifest.runtime else []
+        for relative in shared + ([manifest.weights] if manifest.weights else []):
             from runtime.engines.xla_aot import check_elf
 
-            check_elf(directory / manifest.runtime.file)
+            check_elf(directory / relative)  # the bucket libraries load it: it must be whole
         try:
             for key, signature in manifest.signatures.items():
                 if signature.engine == "xla-aot":
