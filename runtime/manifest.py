@@ -369,16 +369,21 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         path = directory / relative
         if not path.is_file():
             raise ServableError(f"servable {directory}: file {relative} is missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise ServableError(
-                f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
+        check_file(directory, relative, entry, size=path.stat().st_size)
     from concurrent.futures import ThreadPoolExecutor
 
     names = sorted(manifest.files, key=lambda name: -manifest.files[name].size)
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         digests = dict(zip(names, pool.map(lambda name: sha256_of(directory / name), names)))
     for relative, entry in manifest.files.items():
-        if digests[relative] != entry.sha256:
-            raise ServableError(f"servable {directory}: file {relative} has sha256 {digests[relative]}, "
-                                f"the manifest says {entry.sha256}")
+        check_file(directory, relative, entry, sha256=digests[relative])
+
+
+def check_file(directory: Path | str, relative: str, entry: FileEntry, *, size: int | None = None,
+               sha256: str | None = None) -> None:
+    """Refuse a file whose size or sha256 (where given) is not the manifest's."""
+    if size is not None and size != entry.size:
+        raise ServableError(f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
+    if sha256 is not None and sha256 != entry.sha256:
+        raise ServableError(f"servable {directory}: file {relative} has sha256 {sha256}, "
+                            f"the manifest says {entry.sha256}")
