@@ -3,8 +3,8 @@
 Layout: ROOT/STORE/NAME/VERSION, STORE a hash of the store's URL. A version is downloaded into a
 hidden staging directory beside its final place, its files FILES_AT_ONCE at a time (each in byte
 ranges fetched concurrently), each checked against its manifest by the size and sha256 computed as
-its bytes arrived (no second pass), and renamed into place whole: a directory under its final name is always complete and
-verified, so the engine may open it with verify=False. Versions are immutable, as in TensorFlow
+its bytes arrived (no second pass), and renamed into place whole: a directory under its final
+name is always complete and verified, so the engine may open it with verify=False. Versions are immutable, as in TensorFlow
 Serving: a cached version is never downloaded again.
 
 A local store (a directory on this machine) is not copied: fetch returns the store's own directory,

@@ -107,7 +107,8 @@ def recording(engine, monkeypatch) -> list:
 def test_first_depth_replays_the_servables_requests_as_they_are(examples, tmp_path, monkeypatch):
     data = tfrecord(tmp_path / "requests", [predict_log("half_plus_two", x=np.array([1.0, 2.0, 3.0], np.float32)),
                                             classify_log()])
-    servable = with_warmup(examples["half_plus_two"].servable, tmp_path / "servable", "tf_serving_warmup_requests", data)
+    servable = with_warmup(examples["half_plus_two"].servable, tmp_path / "servable", "tf_serving_warmup_requests",
+                           data)
     engine = Engine.open(servable)
     seen = recording(engine, monkeypatch)
     assert warm_up(engine, iterations=2, depth="first") == 4
