@@ -159,6 +159,7 @@ class SharedRuntime(Model):
 
     key: str
     file: str
+    bytes_saved: int = Field(0, description="about how many bytes format 1 would have needed more")
 
 
 class FileEntry(Model):
@@ -203,18 +204,6 @@ class Manifest(Model):
             if data.get(field) is None:
                 data.pop(field, None)
         return data
-
-    def bytes_saved(self) -> int:
-        """About how many bytes format 1 would have needed more: the runtime linked into each bucket
-        library but one, and a copy of the libraries for each signature that shares another's."""
-        sizes = {name: entry.size for name, entry in self.files.items()}
-        mappings = [tuple(sorted(sig.libraries.values())) for sig in self.signatures.values() if sig.libraries]
-        distinct = set(mappings)
-        runtime = sizes.get(self.runtime.file, 0) if self.runtime else 0
-        libraries = sum(len(mapping) for mapping in distinct)
-        repeated = sum(sum(sizes.get(name, 0) + runtime for name in mapping) for mapping in mappings) - \
-            sum(sum(sizes.get(name, 0) + runtime for name in mapping) for mapping in distinct)
-        return max(libraries - 1, 0) * runtime + repeated
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
