@@ -14,7 +14,8 @@ answers one request; these are the phases, back to back, so they add up to the t
 - library load: the rest of Engine.open: reading the manifest, checking the CPU, dlopen of
   TensorFlow's framework library (which starts in the background and overlaps the verification, as
   it does when serving) and of every bucket's library.
-- warm-up: runtime.repository.warm_up, every signature at every bucket once.
+- warm-up: runtime.warmup.warm_up to the depth serving uses (KILN_WARMUP: first by default, the
+  servable's own requests or one call at the smallest bucket; all: every signature at every bucket).
 - first request: one synthesized request (batch 1) through engine.run.
 
 With --runs N the median of each phase over N processes is reported, with every run kept.

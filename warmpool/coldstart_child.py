@@ -12,6 +12,7 @@ what it opens in place.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -68,7 +69,7 @@ def main(started: float) -> None:
         phase[0] = "open"
         engine = Engine.open(fetched.directory, verify=not fetched.verified)
         marks["opened"] = time.perf_counter()
-        warm_up(engine)
+        warm_up(engine, depth="all" if os.environ.get("KILN_WARMUP") == "all" else "first")  # as serving does
         marks["warmed"] = time.perf_counter()
         key = signature_key or _default_signature(engine)
         signature = engine.signature(key)
