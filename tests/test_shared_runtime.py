@@ -28,12 +28,12 @@ BUCKETS = (2, 4)
 WEIGHTS = np.random.default_rng(7).standard_normal((16, 8)).astype(np.float32)
 
 
-def save_model(path: Path) -> Path:
+def save_model(path: Path, weights: np.ndarray = WEIGHTS) -> Path:
     """y = x @ W + 1: a matmul, so the runtime library carries a kernel."""
     import tensorflow as tf
 
     module = tf.Module()
-    module.w = tf.Variable(WEIGHTS)
+    module.w = tf.Variable(weights)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 16], tf.float32, name="x")])
     def serve(x):
@@ -100,6 +100,21 @@ def test_two_buckets_share_one_copy_of_each_weight(servable):
     for library in manifest.signatures["serving_default"].libraries.values():
         needed = subprocess.run(["readelf", "-d", str(servable / library)], capture_output=True, text=True).stdout
         assert weights.name in needed
+
+
+def test_two_servables_with_the_same_symbols_keep_their_own_weights(servable, tmp_path):
+    """Both weights libraries name __tfcompile_kiln_s0_b2_Constant_0_...: each bucket library must
+    bind its own servable's (the libraries load RTLD_LOCAL; the sonames hash the contents)."""
+    other = tmp_path / "other" / "1"
+    compile_servable(save_model(tmp_path / "other_saved", -WEIGHTS), other, batch_sizes=BUCKETS)
+    first, second = open_servable(servable), open_servable(other)
+    try:
+        x = np.random.default_rng(1).random((2, 16), np.float32)
+        np.testing.assert_allclose(first.run("serving_default", {"x": x})["y"], x @ WEIGHTS + 1.0, atol=1e-5)
+        np.testing.assert_allclose(second.run("serving_default", {"x": x})["y"], x @ -WEIGHTS + 1.0, atol=1e-5)
+    finally:
+        first.close()
+        second.close()
 
 
 def flip_byte(path: Path, offset: int) -> None:
