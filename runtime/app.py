@@ -147,7 +147,7 @@ class App:
         """The app an entry point serves: its repository started (the models loaded and warmed
         up) and batching per the settings. The caller stops app.repository when done."""
         repository = Repository(settings.model_config(), poll_seconds=settings.poll_seconds,
-                                warmup_iterations=settings.warmup_iterations)
+                                warmup_iterations=settings.warmup_iterations, warmup=settings.warmup)
         repository.start()
         batching = BatchingPolicy(settings.batching, lambda name: repository.config_of(name).batching_parameters)
         from runtime.generation import Sessions

@@ -47,7 +47,10 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from runtime.errors import ServableError
 
-FORMAT_VERSION = 1
+# 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
+# (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1 servables, whose libraries are self-contained, still load.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 Engine = Literal["xla-aot", "saved-model"]
@@ -147,6 +150,18 @@ class Target(Model):
     features: tuple[str, ...]
 
 
+class SharedRuntime(Model):
+    """The XLA AOT runtime and Kiln's kernels, linked once for every bucket library of the servable.
+
+    `key` names its TensorFlow version, compiler, flags, target CPU and kernels; `file` is its path
+    in the servable (checksummed like every file), beside the bucket libraries that load it.
+    """
+
+    key: str
+    file: str
+    bytes_saved: int = Field(0, description="about how many bytes format 1 would have needed more")
+
+
 class FileEntry(Model):
     sha256: str
     size: int
@@ -161,6 +176,8 @@ class Manifest(Model):
     batch_sizes: tuple[int, ...]
     target: Target
     tensorflow_version: str
+    runtime: SharedRuntime | None = Field(None, description="format 2: the runtime library every bucket links")
+    weights: str | None = Field(None, description="format 2: the library holding each distinct constant once")
     files: dict[str, FileEntry]
 
     @model_validator(mode="after")
@@ -174,7 +191,19 @@ class Manifest(Model):
         problems = state_problems(self.signatures)
         if problems:
             raise ValueError("; ".join(problems))
+        for shared in (self.runtime.file if self.runtime else None, self.weights):
+            if shared is not None and self.files and shared not in self.files:
+                raise ValueError(f"shared library {shared} is not among the files")
         return self
+
+    @model_serializer(mode="wrap")
+    def _format_one_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A manifest without a shared runtime is written without the field, as format 1 was."""
+        data = handler(self)
+        for field in ("runtime", "weights"):
+            if data.get(field) is None:
+                data.pop(field, None)
+        return data
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
@@ -308,9 +337,10 @@ def read_manifest(directory: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ServableError(f"{path} must hold a JSON object")
     found = raw.get("format_version")
-    if found != FORMAT_VERSION:
+    if found not in READABLE_FORMATS:
         raise ServableError(
-            f"{path} has format_version {found!r}; this Kiln reads format_version {FORMAT_VERSION}")
+            f"{path} has format_version {found!r}; this Kiln reads format_version "
+            f"{', '.join(map(str, READABLE_FORMATS))}: recompile it with this Kiln (kiln compile)")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
@@ -328,16 +358,21 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         path = directory / relative
         if not path.is_file():
             raise ServableError(f"servable {directory}: file {relative} is missing")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise ServableError(
-                f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
+        check_file(directory, relative, entry, size=path.stat().st_size)
     from concurrent.futures import ThreadPoolExecutor
 
     names = sorted(manifest.files, key=lambda name: -manifest.files[name].size)
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         digests = dict(zip(names, pool.map(lambda name: sha256_of(directory / name), names)))
     for relative, entry in manifest.files.items():
-        if digests[relative] != entry.sha256:
-            raise ServableError(f"servable {directory}: file {relative} has sha256 {digests[relative]}, "
-                                f"the manifest says {entry.sha256}")
+        check_file(directory, relative, entry, sha256=digests[relative])
+
+
+def check_file(directory: Path | str, relative: str, entry: FileEntry, *, size: int | None = None,
+               sha256: str | None = None) -> None:
+    """Refuse a file whose size or sha256 (where given) is not the manifest's."""
+    if size is not None and size != entry.size:
+        raise ServableError(f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
+    if sha256 is not None and sha256 != entry.sha256:
+        raise ServableError(f"servable {directory}: file {relative} has sha256 {sha256}, "
+                            f"the manifest says {entry.sha256}")

@@ -27,7 +27,7 @@ from runtime.servable_cache import FetchedServable, NotPublished, ServableCache
 from runtime.storage import Retry, Storage, open_storage
 from runtime.version_policy import (Load, State, Unload, VersionSnapshot, aspired_versions,
                                     availability_preserving)
-from runtime.warmup import warm_up
+from runtime.warmup import WarmupDepth, warm_up
 
 log = logging.getLogger(__name__)
 DEFAULT_POLL_SECONDS = 1.0
@@ -91,9 +91,10 @@ class Repository:
 
     def __init__(self, config: ModelConfigList, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
                  cache: ServableCache | None = None, threads: int | None = None, retry: Retry = Retry(),
-                 warmup_iterations: int = 1):
+                 warmup_iterations: int = 1, warmup: WarmupDepth = "first"):
         self.poll_seconds = poll_seconds
         self.warmup_iterations = warmup_iterations
+        self.warmup = warmup
         self.retry = retry
         self.cache = cache or ServableCache()
         self.threads = threads
@@ -215,7 +216,7 @@ class Repository:
             engine = Engine.open(fetched.directory, verify=not fetched.verified, threads=self.threads)
             opened = time.perf_counter()
             try:
-                warm_up(engine, self.warmup_iterations)
+                warm_up(engine, self.warmup_iterations, self.warmup)
             except BaseException:
                 engine.close()
                 raise

@@ -1,9 +1,10 @@
 """The local cache of servables downloaded from a model store, verified once, evicted LRU by size.
 
 Layout: ROOT/STORE/NAME/VERSION, STORE a hash of the store's URL. A version is downloaded into a
-hidden staging directory beside its final place, checked against its manifest (size and sha256 of
-every file), and renamed into place whole: a directory under its final name is always complete and
-verified, so the engine may open it with verify=False. Versions are immutable, as in TensorFlow
+hidden staging directory beside its final place, its files FILES_AT_ONCE at a time (each in byte
+ranges fetched concurrently), each checked against its manifest by the size and sha256 computed as
+its bytes arrived (no second pass), and renamed into place whole: a directory under its final
+name is always complete and verified, so the engine may open it with verify=False. Versions are immutable, as in TensorFlow
 Serving: a cached version is never downloaded again.
 
 A local store (a directory on this machine) is not copied: fetch returns the store's own directory,
@@ -31,14 +32,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from runtime.errors import ConfigError, ServableError, StorageError
-from runtime.manifest import MANIFEST_FILE, Manifest, read_manifest, verify_files
-from runtime.storage import KeyNotFound, LocalStorage, Storage, key_parts
+from runtime.manifest import MANIFEST_FILE, Manifest, check_file, read_manifest
+from runtime.storage import FILES_AT_ONCE, KeyNotFound, LocalStorage, Storage, key_parts
 
 ROOT_ENV = "KILN_SERVABLE_CACHE"
 BYTES_ENV = "KILN_SERVABLE_CACHE_BYTES"
@@ -152,7 +153,6 @@ class ServableCache:
             manifest = _checked(storage, prefix, lambda: read_manifest(staging))
             self._make_room(len(raw) + sum(entry.size for entry in manifest.files.values()))
             self._download_files(storage, prefix, manifest, staging)
-            _checked(storage, prefix, lambda: verify_files(staging, manifest))
             _touch(staging)
             try:
                 staging.rename(final)
@@ -165,18 +165,33 @@ class ServableCache:
 
     @staticmethod
     def _download_files(storage: Storage, prefix: str, manifest: Manifest, staging: Path) -> None:
+        """Download every file, FILES_AT_ONCE at a time, largest first, each checked against the
+        manifest by the size and sha256 computed while it arrived (no second pass over the bytes)."""
+        targets = {}
         for relative in manifest.files:
             try:
-                target = staging.joinpath(*key_parts(relative))
+                targets[relative] = staging.joinpath(*key_parts(relative))
             except ValueError:
                 raise ServableError(f"{storage.url}/{prefix}: its manifest lists file {relative!r}, "
                                     f"outside the servable's directory") from None
-            target.parent.mkdir(parents=True, exist_ok=True)
+            targets[relative].parent.mkdir(parents=True, exist_ok=True)
+
+        def download(relative: str) -> None:
             try:
-                storage.download(f"{prefix}/{relative}", target)
+                received = storage.download(f"{prefix}/{relative}", targets[relative])
             except KeyNotFound:
                 raise ServableError(f"{storage.url}/{prefix}: file {relative} is listed in its manifest "
                                     f"but missing from the store") from None
+            check_file(f"{storage.url}/{prefix}", relative, manifest.files[relative], size=received.size,
+                       sha256=received.sha256)
+
+        order = sorted(manifest.files, key=lambda name: -manifest.files[name].size)
+        pool = ThreadPoolExecutor(max_workers=FILES_AT_ONCE, thread_name_prefix="kiln-fetch")
+        try:
+            for done in [pool.submit(download, relative) for relative in order]:
+                done.result()
+        finally:  # after a failure, files not started are not fetched; those under way finish first
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _hold(self, directory: Path, exclusive: bool = False) -> int | None:
         return _flock(_lock_file(self.root, directory), exclusive)

@@ -42,6 +42,9 @@ naming the variable, never a request.
     KILN_LOG_LEVEL            default INFO
     KILN_ACCESS_LOG           true: a JSON line per request (default false)
     KILN_WARMUP_ITERATIONS    how often each warm-up request is replayed at each bucket (default 1)
+    KILN_WARMUP               first: AVAILABLE after the servable's warm-up requests, else one call at the
+                              smallest bucket, other buckets warm on first use (default); all: every
+                              request and signature at every bucket first (runtime/warmup.py)
     KILN_REDIS_URL            where agent sessions live: redis://, rediss://, unix:// (Redis 7 or Valkey);
                               unset: in this process
     KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids); required with
@@ -85,6 +88,7 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     warmup_iterations: int = 1
+    warmup: str = "first"
     redis_url: str | None = None
     session_ttl_seconds: float | None = None
     prediction_cache_seconds: float | None = None
@@ -126,6 +130,7 @@ class Settings:
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
                        log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
                        warmup_iterations=1 if iterations is None else iterations,
+                       warmup=env.choice("KILN_WARMUP", ("first", "all")) or "first",
                        redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
                        prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"),

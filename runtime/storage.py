@@ -17,6 +17,7 @@ HMAC key in boto3's chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -41,6 +42,13 @@ MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 CHANGED_CODES = {"PreconditionFailed", "412"}
 
 T = TypeVar("T")
+# Downloads: byte ranges of CHUNK_BYTES (boto3's default), RANGES_AT_ONCE of them per file in flight,
+# and the client's connection pool sized for FILES_AT_ONCE such files (runtime/servable_cache.py).
+# 4 and 4 fetched MobileNetV2 from moto on loopback (2 cores) at 0.88x boto3's unhashed download_file,
+# 8 and 8 at 0.84x (load/download_throughput.py).
+CHUNK_BYTES = 8 << 20
+RANGES_AT_ONCE = 4
+FILES_AT_ONCE = 4
 
 
 class KeyNotFound(StorageError):
@@ -77,6 +85,38 @@ class Retry:
             raise ValueError(f"Retry.attempts must be at least 1, got {self.attempts}")
 
 
+@dataclass(frozen=True)
+class Received:
+    """What a download wrote: its size and sha256, computed as the bytes arrived."""
+
+    size: int
+    sha256: str
+
+
+class _Hashing(io.RawIOBase):
+    """A write-only file that hashes what passes into it. Being unseekable, boto3's transfer manager
+    writes the byte ranges it fetches concurrently in order, so a file is hashed as it arrives
+    rather than read back in a second pass."""
+
+    def __init__(self, out: BinaryIO):
+        self.out, self.digest, self.size = out, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.out.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def received(self) -> Received:
+        return Received(self.size, self.digest.hexdigest())
+
+
 class Storage(Protocol):
     @property
     def url(self) -> str:
@@ -91,8 +131,9 @@ class Storage(Protocol):
     def read_bytes(self, key: str) -> bytes:
         """A small file's contents, such as a manifest.json."""
 
-    def download(self, key: str, dest: Path) -> None:
-        """Copy a file, however large, to dest; a partial copy never appears under dest's name."""
+    def download(self, key: str, dest: Path) -> Received:
+        """Copy a file, however large, to dest, hashing it on the way; a partial copy never appears
+        under dest's name."""
 
     def list_keys(self, prefix: str = "") -> list[str]:
         """Sorted keys of every file under the "directory" prefix, at any depth; [] where none."""
@@ -172,11 +213,11 @@ class LocalStorage:
         except OSError as e:
             raise StorageError(f"cannot read {path}: {e.strerror}") from None
 
-    def download(self, key: str, dest: Path) -> None:
+    def download(self, key: str, dest: Path) -> Received:
         source = self.path(key)
         try:
             with open(source, "rb") as f:
-                _write_into_place(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+                return _write_into_place(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyNotFound(f"{source} does not exist") from None
 
@@ -235,16 +276,17 @@ class S3Storage:
 
     boto3's own retries are turned off so that one policy, `Retry`, bounds every call, with a
     delay that tests can shorten; large files go through boto3's transfer manager, which fetches
-    byte ranges in parallel.
+    byte ranges of `chunk_bytes` in parallel (RANGES_AT_ONCE per file), retried whole if one fails.
     """
 
     def __init__(self, bucket: str, prefix: str = "", retry: Retry = Retry(), *, scheme: str = "s3",
-                 endpoint_url: str | None = None):
+                 endpoint_url: str | None = None, chunk_bytes: int = CHUNK_BYTES):
         from boto3.s3.transfer import TransferConfig
 
         self.bucket, self.prefix, self.retry, self.scheme = bucket, prefix, retry, scheme
         self._client = _s3_client(endpoint_url)
-        self._transfer = TransferConfig()
+        self._transfer = TransferConfig(multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes,
+                                        max_concurrency=RANGES_AT_ONCE, io_chunksize=1 << 20)
 
     @property
     def url(self) -> str:
@@ -280,12 +322,12 @@ class S3Storage:
 
         return self._call(f"reading {self._name(key)}", read)
 
-    def download(self, key: str, dest: Path) -> None:
-        def fetch() -> None:
-            _write_into_place(dest, lambda out: self._client.download_fileobj(
+    def download(self, key: str, dest: Path) -> Received:
+        def fetch() -> Received:
+            return _write_into_place(dest, lambda out: self._client.download_fileobj(
                 self.bucket, self._object_key(key), out, Config=self._transfer))
 
-        self._call(f"downloading {self._name(key)}", fetch)
+        return self._call(f"downloading {self._name(key)}", fetch)
 
     def list_keys(self, prefix: str = "") -> list[str]:
         root = self._object_key("")
@@ -384,7 +426,8 @@ def _s3_client(endpoint_url: str | None):
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
+            config = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=30,
+                            max_pool_connections=FILES_AT_ONCE * RANGES_AT_ONCE)
             client = boto3.session.Session().client("s3", config=config, endpoint_url=endpoint_url)
             if len(_clients) >= MAX_CLIENTS:
                 del _clients[next(iter(_clients))]
@@ -454,13 +497,16 @@ def _local_info(status: os.stat_result, path: Path) -> ObjectInfo:
     return ObjectInfo(status.st_size, f"mtime_ns={status.st_mtime_ns};size={status.st_size}")
 
 
-def _write_into_place(dest: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write dest through a temporary file beside it, renamed over dest only once complete."""
+def _write_into_place(dest: Path, write: Callable[[BinaryIO], object]) -> Received:
+    """Write dest through a temporary file beside it, renamed over dest only once complete; returns
+    the size and sha256 of what was written."""
     temporary = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         with open(temporary, "xb") as out:
-            write(out)
+            hashing = _Hashing(out)
+            write(hashing)
         temporary.replace(dest)
+        return hashing.received()
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

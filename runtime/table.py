@@ -15,7 +15,12 @@ def render(manifest: Manifest) -> str:
         ("cpu features", " ".join(manifest.target.features) or "-"),
         ("tensorflow", manifest.tensorflow_version),
         ("files", f"{len(manifest.files)} ({total / 1e6:.1f} MB)"),
+        ("format", str(manifest.format_version)),
     ]
+    if manifest.runtime is not None:
+        head += [("shared code", f"{manifest.runtime.key} ({manifest.runtime.file})"),
+                 ("bytes saved", f"{manifest.runtime.bytes_saved / 1e6:.1f} MB (against format 1: runtime and "
+                                 f"weights in every bucket library)")]
     width = max(len(key) for key, _ in head)
     lines = [f"{key:<{width}}  {value}" for key, value in head]
     rows = [("signature", "method", "engine", "inputs", "outputs")]

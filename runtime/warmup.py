@@ -1,6 +1,12 @@
-"""Warm-up: before a version is AVAILABLE, every signature runs at every bucket, so no request pays
-a first call's cost (page faults in the libraries, thread pools starting, the saved-model engine's
-tracing).
+"""Warm-up: before a version is AVAILABLE, its signatures run, so no request pays a first call's cost
+(page faults in the libraries, thread pools starting, the saved-model engine's tracing).
+
+Two depths (KILN_WARMUP). "first", the default: the servable's own warm-up requests, each replayed as
+it is (as TF Serving does), or, without any, one call of each signature at the smallest bucket. AOT
+code has no lazy initialization, so another bucket's first call pays only the page faults of its own
+library (its code; the runtime and the weights are shared) on first use. "all": every request and
+signature at every bucket, as described below; the version is AVAILABLE later, by the time it takes
+to run them, and no request meets a page fault.
 
 The inputs are the servable's own warm-up requests where it has them: TensorFlow Serving's
 assets.extra/tf_serving_warmup_requests (a TFRecord file of PredictionLog records; read here without
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -32,14 +39,17 @@ WARMUP_FILES = (TF_SERVING_WARMUP, KILN_WARMUP)
 DEFAULT_SIGNATURE = "serving_default"
 
 
-def warm_up(engine: Engine, iterations: int = 1) -> int:
-    """Run the warm-up; returns how many executions it made."""
+WarmupDepth = Literal["first", "all"]
+
+
+def warm_up(engine: Engine, iterations: int = 1, depth: WarmupDepth = "all") -> int:
+    """Run the warm-up to `depth` (see the module's documentation); returns how many executions it made."""
     requests = warmup_requests(engine.directory)
     runs = 0
     for index, (key, inputs) in enumerate(requests):
         try:
             for _ in range(iterations):
-                for bucket_inputs in _at_every_bucket(engine, key, inputs):
+                for bucket_inputs in _at_every_bucket(engine, key, inputs) if depth == "all" else [inputs]:
                     engine.run(key, bucket_inputs)
                     runs += 1
         except KilnError as e:
@@ -50,7 +60,10 @@ def warm_up(engine: Engine, iterations: int = 1) -> int:
             continue
         if not signature.elementwise and any(spec.shape is None for spec in signature.inputs):
             continue  # a shape of unknown rank that the model accepts cannot be made up
-        for bucket in engine.manifest.batch_sizes if signature.batched else (0,):
+        if requests and depth == "first":
+            continue  # the servable's own requests are its warm-up
+        buckets = engine.manifest.batch_sizes if signature.batched else (0,)
+        for bucket in buckets if depth == "all" else buckets[:1]:
             engine.run(key, synthetic_inputs(signature, bucket))
             runs += 1
     return runs

@@ -281,7 +281,8 @@ def test_two_loads_of_one_version_share_one_download(bucket, digits, tmp_path, m
     store.publish(1)
     downloads = []
     original = S3Storage.download
-    monkeypatch.setattr(S3Storage, "download", lambda self, key, dest: (downloads.append(key), original(self, key, dest)))
+    monkeypatch.setattr(S3Storage, "download",
+                        lambda self, key, dest: (downloads.append(key), original(self, key, dest))[1])
     cache = ServableCache(tmp_path / "cache")
     config = ModelConfigList(models=(ModelConfig(name="digits", base_path=store.base_path()),))
     repos = [Repository(config, poll_seconds=0, cache=cache, retry=FAST) for _ in range(2)]

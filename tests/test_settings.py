@@ -162,3 +162,11 @@ def test_by_default_a_reload_names_paths_beside_the_models_configured_at_start(t
     Reload.check_base_paths([f"{tmp_path}/models/new", "s3://bucket/team/new"], roots)
     with pytest.raises(PermissionDenied):
         Reload.check_base_paths(["s3://bucket/other/new"], roots)
+
+
+def test_warmup_depth(tmp_path):
+    base = {"KILN_MODEL_REPOSITORY": str(tmp_path)}
+    assert Settings.from_env(base).warmup == "first"
+    assert Settings.from_env({**base, "KILN_WARMUP": "all"}).warmup == "all"
+    with pytest.raises(ConfigError, match="KILN_WARMUP must be one of first, all"):
+        Settings.from_env({**base, "KILN_WARMUP": "some"})

@@ -330,10 +330,10 @@ def test_concurrent_fetches_share_one_download(s3_repository, tmp_path):
     downloads: list[str] = []
     download = storage.download
 
-    def counted(key: str, dest: Path) -> None:
+    def counted(key: str, dest: Path):
         downloads.append(key)
         time.sleep(0.2)  # long enough for every caller to join this fetch
-        download(key, dest)
+        return download(key, dest)
 
     storage.download = counted
     cache = ServableCache(tmp_path / "cache")
@@ -407,3 +407,90 @@ def test_a_real_servable_from_s3_runs(digits, bucket, tmp_path):
     assert outputs["probabilities"].shape == (2, 10)
     np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1, rtol=1e-5)
     cache.release(fetched.directory)
+
+
+SERVE_FILES = """
+import os
+import sys
+from pathlib import Path
+
+import boto3
+from moto import mock_aws
+from moto.server import ThreadedMotoServer
+
+port, bucket, source = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):  # this client talks to moto's backend directly
+    os.environ.pop(name, None)
+with mock_aws():  # the objects are in place before the server listens
+    client = boto3.client("s3", region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, path.relative_to(source).as_posix())
+    ThreadedMotoServer("127.0.0.1", port, verbose=False).start()
+    print("up", flush=True)
+    sys.stdin.read()
+"""
+
+
+def serve_files(port: int, bucket: str, source: Path):
+    """moto's standalone S3 server in its own process, serving `source` as `bucket` on `port`."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", SERVE_FILES, str(port), bucket, str(source)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout.readline().strip() == "up"
+    return process
+
+
+def test_a_fetch_survives_a_store_that_stops_mid_way_and_leaves_no_partial_files(s3_env, tmp_path, monkeypatch):
+    """moto's server is killed while a version's files are coming in, byte ranges at a time and
+    several files at once, and started again (with the same objects): the failed downloads are
+    retried, the version arrives whole and verified, and nothing partial is left behind."""
+    import runtime.storage as storage_module
+    from tests.conftest import free_port
+
+    port = free_port()
+    s3_env(f"http://127.0.0.1:{port}")
+    source = fake_servable(tmp_path / "store" / "models" / "tiny" / "1", size=12 << 20)
+
+    def serve():
+        return serve_files(port, "stopping", tmp_path / "store")
+
+    servers = [serve()]
+    received, failures, restarted = [0], [], threading.Event()
+    write, transient = storage_module._Hashing.write, S3Storage._transient_cause
+
+    def write_then_stop(self, data) -> int:
+        received[0] += len(data)
+        if received[0] > (4 << 20) and not failures:
+            failures.append("stopped")
+            servers[0].kill()  # every connection drops; the ranges still to come fail until it is back
+            servers[0].wait()
+            threading.Thread(target=lambda: (servers.append(serve()), restarted.set())).start()
+        return write(self, data)
+
+    def counted(self, error, what):
+        failures.append(what)
+        return transient(self, error, what)
+
+    monkeypatch.setattr(storage_module._Hashing, "write", write_then_stop)
+    monkeypatch.setattr(S3Storage, "_transient_cause", counted)
+    storage = S3Storage("stopping", "models", Retry(attempts=50, delay=0.1, max_delay=0.5, deadline=120),
+                        chunk_bytes=1 << 20)
+    cache = ServableCache(tmp_path / "cache")
+    try:
+        fetched = cache.fetch(storage, "tiny", 1)
+    finally:
+        restarted.wait(60)
+        for server in servers:
+            server.kill()
+            server.wait()
+    assert len(failures) > 1 and failures[0] == "stopped"  # it did fail mid-way, and was retried
+    assert fetched.verified
+    for relative in ("lib/model.so", "weights.bin", "manifest.json"):
+        assert (fetched.directory / relative).read_bytes() == (source / relative).read_bytes()
+    assert sorted(cached_entries(cache)) == sorted(  # nothing partial: no staging, no temporary file
+        str((fetched.directory / relative).relative_to(cache.root)) for relative in
+        ("lib/model.so", "weights.bin", "manifest.json"))

@@ -95,6 +95,48 @@ def test_kiln_json_warmup(examples, tmp_path):
     engine.close()
 
 
+def recording(engine, monkeypatch) -> list:
+    """(signature, rows of its first input) of every call the engine makes from now on."""
+    seen = []
+    original = engine.run
+    monkeypatch.setattr(engine, "run", lambda key, inputs: seen.append((key, len(next(iter(inputs.values())))))
+                        or original(key, inputs))
+    return seen
+
+
+def test_first_depth_replays_the_servables_requests_as_they_are(examples, tmp_path, monkeypatch):
+    data = tfrecord(tmp_path / "requests", [predict_log("half_plus_two", x=np.array([1.0, 2.0, 3.0], np.float32)),
+                                            classify_log()])
+    servable = with_warmup(examples["half_plus_two"].servable, tmp_path / "servable", "tf_serving_warmup_requests",
+                           data)
+    engine = Engine.open(servable)
+    seen = recording(engine, monkeypatch)
+    assert warm_up(engine, iterations=2, depth="first") == 4
+    assert seen == [("serving_default", 3)] * 2 + [("classify_x_to_y", 1)] * 2  # nothing else, no bucket sizes
+    engine.close()
+
+
+def test_first_depth_without_requests_is_one_call_at_the_smallest_bucket(examples, monkeypatch):
+    engine = Engine.open(examples["digits"].servable)
+    seen = recording(engine, monkeypatch)
+    assert warm_up(engine, depth="first") == 1
+    assert seen == [("serving_default", engine.manifest.batch_sizes[0])]
+    engine.close()
+
+
+def test_the_repository_warms_to_the_depth_it_is_given(examples, tmp_path, monkeypatch):
+    depths = []
+    monkeypatch.setattr(repository_module, "warm_up", lambda engine, iterations, depth: depths.append(depth))
+    for depth in ("first", "all"):
+        repository = repository_of(tmp_path / depth, (1, examples["half_plus_two"].servable))
+        if depth == "all":
+            repository.warmup = depth
+        repository.start()
+        assert repository.is_available("half_plus_two")
+        repository.stop()
+    assert depths == ["first", "all"]  # "first" by default
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-3], "truncated"),
     (lambda data: data[:20] + bytes([data[20] ^ 1]) + data[21:], "checksum does not match"),
@@ -120,8 +162,8 @@ def test_a_version_is_not_ready_until_its_warmup_finishes(examples, tmp_path, mo
     started, finish = threading.Event(), threading.Event()
     real = repository_module.warm_up
 
-    def held(engine, iterations):  # the real warm-up, held at its end until the test has looked
-        runs = real(engine, iterations)
+    def held(engine, iterations, depth):  # the real warm-up, held at its end until the test has looked
+        runs = real(engine, iterations, depth)
         started.set()
         finish.wait(30)
         return runs

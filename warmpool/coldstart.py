@@ -9,12 +9,14 @@ answers one request; these are the phases, back to back, so they add up to the t
 - fetch: finding the version and, from an object store, downloading it into the servable cache
   (a fresh temporary cache unless --cache-dir names one: a new Lambda or Cloud Run instance starts
   with an empty disk). A local repository is served in place: a few file checks.
-- verification: the sha256 of every file against the manifest; the cache does it as it downloads,
-  the engine when it opens a servable in place (never both).
+- verification: the sha256 of every file against the manifest: the cache hashes what it downloads as
+  the bytes arrive (the hashing's time, summed over the download threads, is taken out of fetch),
+  the engine what it opens in place (never both).
 - library load: the rest of Engine.open: reading the manifest, checking the CPU, dlopen of
   TensorFlow's framework library (which starts in the background and overlaps the verification, as
   it does when serving) and of every bucket's library.
-- warm-up: runtime.repository.warm_up, every signature at every bucket once.
+- warm-up: runtime.warmup.warm_up to the depth serving uses (KILN_WARMUP: first by default, the
+  servable's own requests or one call at the smallest bucket; all: every signature at every bucket).
 - first request: one synthesized request (batch 1) through engine.run.
 
 With --runs N the median of each phase over N processes is reported, with every run kept.

@@ -6,12 +6,14 @@ prints one JSON line of time.perf_counter() checkpoints (CLOCK_MONOTONIC, one cl
 machine, so the parent can set them against the moment it spawned this process). Only the standard
 library is imported before the first checkpoint is taken by the caller's first line.
 
-Verification is timed by wrapping runtime.manifest.verify_files where the servable cache and the
-engine look it up, which changes nothing they do: the cache verifies what it downloads, the engine
-what it opens in place.
+Verification is timed by wrapping runtime.manifest.verify_files where the engine looks it up, which
+changes nothing it does: the engine verifies what it opens in place. The servable cache hashes what
+it downloads as the bytes arrive, inside the fetch: that hashing is timed through the sha256 objects
+runtime.storage makes, summed over the download threads, and counted as verification, not fetch.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -27,7 +29,7 @@ def main(started: float) -> None:
     import numpy  # noqa: F401  (the thin runtime's one heavy dependency, imported as serving imports it)
 
     import runtime.engines.base as engine_module
-    import runtime.servable_cache as cache_module
+    import runtime.storage as storage_module
     from runtime.engines.base import Engine, synthetic_inputs
     from runtime.errors import KilnError
     from runtime.repository import split_base_path, warm_up
@@ -47,8 +49,8 @@ def main(started: float) -> None:
                 verified_for[phase[0]] += time.perf_counter() - begun
         return verify_files
 
-    cache_module.verify_files = timed(cache_module.verify_files)
     engine_module.verify_files = timed(engine_module.verify_files)
+    storage_module.hashlib = _TimedHashlib(verified_for)
     try:
         base_path, _, last = target.rstrip("/").rpartition("/")
         version = int(last) if last.isdigit() else None
@@ -68,7 +70,7 @@ def main(started: float) -> None:
         phase[0] = "open"
         engine = Engine.open(fetched.directory, verify=not fetched.verified)
         marks["opened"] = time.perf_counter()
-        warm_up(engine)
+        warm_up(engine, depth="all" if os.environ.get("KILN_WARMUP") == "all" else "first")  # as serving does
         marks["warmed"] = time.perf_counter()
         key = signature_key or _default_signature(engine)
         signature = engine.signature(key)
@@ -86,6 +88,32 @@ def main(started: float) -> None:
                      "signature": key, "files": len(manifest.files),
                      "bytes": sum(entry.size for entry in manifest.files.values())},
     }), flush=True)
+
+
+class _TimedHashlib:
+    """hashlib for runtime.storage, whose sha256 objects add the time of each update to the fetch's
+    verification (a lock keeps the download threads' sums whole)."""
+
+    def __init__(self, verified_for: dict[str, float]):
+        import hashlib
+        import threading
+
+        self._hashlib, self._verified_for, self._lock = hashlib, verified_for, threading.Lock()
+
+    def sha256(self):
+        digest, timed = self._hashlib.sha256(), self
+
+        class Timed:
+            def update(self, data) -> None:
+                begun = time.perf_counter()
+                digest.update(data)
+                with timed._lock:
+                    timed._verified_for["fetch"] += time.perf_counter() - begun
+
+            def hexdigest(self) -> str:
+                return digest.hexdigest()
+
+        return Timed()
 
 
 def _default_signature(engine) -> str:

@@ -27,9 +27,11 @@ from runtime.compiler.aot import tfcompile
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
 from runtime.compiler.toolchain import Toolchain
+from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
-from runtime.manifest import Manifest, Position, Signature, describe_files, state_problems
+from runtime.manifest import (FORMAT_VERSION, Manifest, Position, SharedRuntime, Signature, describe_files,
+                              state_problems)
 from runtime.progress import steps
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
@@ -84,8 +86,8 @@ def compile_servable(
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries = _compile_aot(saved_model, tags, aot, batch_sizes, target, multithreading,
-                                     Path(work), staging, reasons, log)
+            libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
+                                                       multithreading, Path(work), staging, reasons, log)
             _refuse_if_forced(engine, reasons)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
         infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
@@ -98,7 +100,9 @@ def compile_servable(
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
                 position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
-            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, files={})
+            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
+            weights=weights, files={},
+            format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
@@ -242,16 +246,20 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> dict[str, dict[int, str]]:
+                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
+    Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
     """
     if not infos:
-        return {}
+        return {}, None, None
     from tensorflow.python.tools import saved_model_utils
 
-    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items()}
+    aliases = same_functions(infos)
+    for alias, key in aliases.items():
+        log(f"{alias} is the same function as {key}: compiled once")
+    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
     export_static(saved_model, tags, infos, plan, static)
@@ -278,14 +286,55 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             else:
                 jobs.extend(compiled)
     (staging / "lib").mkdir(exist_ok=True)
-    log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, steps(len(jobs), "linking", "library") as bar:
-        for _ in pool.map(lambda job: toolchain.link_bucket(job[2], job[3], job[4], staging / job[5]), jobs):
-            bar.update()
     libraries: dict[str, dict[int, str]] = {}
+    runtime = None
+    if jobs:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            shims = list(pool.map(lambda job: toolchain.compile_shim(job[2], job[3], work / "shims"), jobs))
+            kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
+            log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
+            runtime = toolchain.link_runtime(kernels, staging / "lib")
+            weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
+                                   staging / "lib", work / "weights", toolchain.cxx)
+            log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
+            log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
+            with steps(len(jobs), "linking", "library") as bar:
+                for _ in pool.map(lambda job, shim: toolchain.link_bucket(
+                        shim, [o for o in job[4] if not o.name.endswith(CONSTANTS)], [runtime, weights],
+                        staging / job[5]), jobs, shims):
+                    bar.update()
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
-    return libraries
+    for alias, key in aliases.items():
+        if reasons[key]:
+            reasons[alias] = reasons[key]
+        else:
+            libraries[alias] = libraries[key]
+    shared = None if runtime is None else SharedRuntime(
+        key=toolchain.runtime_key(kernels), file=str(runtime.relative_to(staging)),
+        bytes_saved=_bytes_saved(jobs, aliases, runtime, weights, staging))
+    return libraries, shared, None if runtime is None else str(weights.relative_to(staging))
+
+
+def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, staging: Path) -> int:
+    """How many bytes format 1 would have needed more: each bucket library with its own runtime and
+    its own constants (tfcompile's objects, as big as their padded symbols), once per name."""
+    names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job[0] for job in jobs}}
+    alone = sum(names[job[0]] * ((staging / job[5]).stat().st_size + runtime.stat().st_size +
+                                 sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))) for job in jobs)
+    shared = sum((staging / job[5]).stat().st_size for job in jobs) + runtime.stat().st_size + weights.stat().st_size
+    return max(alone - shared, 0)
+
+
+def same_functions(infos: Mapping[str, SignatureInfo]) -> dict[str, str]:
+    """{signature: the first signature (in key order) that is the same function} for every repeat."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key in sorted(infos):
+        identity = infos[key].same_function()
+        if identity is not None:
+            aliases[key] = first.setdefault(identity, key)
+    return {alias: key for alias, key in aliases.items() if alias != key}
 
 
 def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:

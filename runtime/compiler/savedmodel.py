@@ -7,6 +7,7 @@ batch fixed, so the compiled code is the user's own graph.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,16 @@ class SignatureInfo:
     appended: tuple[str, ...] = ()
     # Decided by the compiler (runtime/compiler/elementwise.py): compiled over flat runs of elements.
     elementwise: bool = False
+    # A digest of the graph function the signature calls and what it captures ("" when not recognized):
+    # signatures with equal `same_function()` keys compile once.
+    function: str = ""
+
+    def same_function(self) -> tuple | None:
+        """What must agree for two signatures to share compiled code, or None if this one shares none."""
+        if not self.function:
+            return None
+        return (self.function, self.inputs, self.outputs, tuple(sorted(self.state.items())), self.position,
+                self.appended, self.elementwise)
 
     @property
     def batched(self) -> bool:
@@ -90,10 +101,44 @@ def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, Sig
         raise CompileError(f"cannot read a SavedModel with tags '{tags}' at {saved_model_dir}: {e}") from None
     return {
         key: SignatureInfo(key, sig.method_name or "tensorflow/serving/predict",
-                           _specs(sig.inputs), _specs(sig.outputs))
+                           _specs(sig.inputs), _specs(sig.outputs), function=function_digest(meta_graph, sig))
         for key, sig in sorted(meta_graph.signature_def.items())
         if not key.startswith("__")
     }
+
+
+def function_digest(meta_graph, signature_def) -> str:
+    """A digest of what a TF2 signature computes, equal for two signatures that are one function.
+
+    A TF2 SavedModel gives each signature its own wrapper (Keras's `serve` and `serving_default`:
+    `__inference_signature_wrapper_72` and `_81`) around one call node; the wrappers differ only by
+    name and the `_user_specified_name` of their captures. The digest covers the wrapper without
+    those, the call node's inputs (each placeholder as the signature input it feeds, captures by
+    name) and which call output each signature output is. "" for any other graph shape: such a
+    signature is compiled on its own.
+    """
+    nodes = {node.name: node for node in meta_graph.graph_def.node}
+    functions = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    outputs = {key: info.name.partition(":") for key, info in signature_def.outputs.items()}
+    callers = {node for node, _, _ in outputs.values()}
+    if len(callers) != 1 or not all(info.name for info in signature_def.inputs.values()):
+        return ""
+    call = nodes.get(callers.pop())
+    if call is None or call.op not in ("StatefulPartitionedCall", "PartitionedCall"):
+        return ""
+    wrapper = functions.get(call.attr["f"].func.name)
+    if wrapper is None:
+        return ""
+    body = type(wrapper)()
+    body.CopyFrom(wrapper)
+    body.signature.name = ""
+    for attrs in body.arg_attr.values():
+        attrs.attr.pop("_user_specified_name", None)
+    fed = {info.name.partition(":")[0]: key for key, info in signature_def.inputs.items()}
+    digest = hashlib.sha256(body.SerializeToString(deterministic=True))
+    digest.update(repr([f"input {fed[name]}" if name in fed else name for name in call.input]).encode())
+    digest.update(repr(sorted((key, index) for key, (_, _, index) in outputs.items())).encode())
+    return digest.hexdigest()
 
 
 def _specs(tensor_infos) -> tuple[TensorSpec, ...]:

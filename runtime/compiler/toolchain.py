@@ -5,6 +5,10 @@ are always needed; each heavy kernel file instantiates one Eigen template (a mat
 for one element type) and takes a minute to build, so a kernel is built only when some compiled
 model calls it. Objects are cached under the kiln cache, keyed by TensorFlow version, compiler and
 flags, and written atomically so concurrent builds can share them.
+
+The core and the kernels a servable calls are linked once into a shared runtime library shipped in the
+servable (link_runtime), its constants into one weights library (runtime/compiler/weights.py); each
+bucket library holds only its shim and generated code and links both.
 """
 
 from __future__ import annotations
@@ -147,39 +151,62 @@ class Toolchain:
         undefined = run(["nm", "-uC", *map(str, objects)], "listing undefined symbols")
         return sorted({source for symbol, source in KERNEL_SOURCES.items() if symbol in undefined})
 
-    def link_bucket(self, header: Path, cpp_class: str, model_objects: list[Path], out: Path) -> None:
-        """Compile the shim over one generated class and link it into a self-contained library.
+    def runtime_key(self, kernels: list[str]) -> str:
+        """The shared runtime library's key: TensorFlow version, compiler, flags and the kernels in it
+        (Kiln's own by content), so equal keys mean interchangeable libraries."""
+        digest = hashlib.sha256(self.cache_dir().name.encode())
+        for source in sorted(kernels):
+            digest.update(f"\0{source}".encode())
+            if source.startswith("kiln:"):
+                digest.update((KILN_KERNELS / source.removeprefix("kiln:")).read_bytes())
+        return f"tf{self.tensorflow_version}-{self.target_cpu}-{digest.hexdigest()[:16]}"
 
-        Only kiln_* is exported, so libraries of several buckets and models load side by side; the
-        Abseil symbols the runtime needs come from the wheel's libtensorflow_framework.so.2.
+    def link_runtime(self, kernels: list[str], out_dir: Path) -> Path:
+        """The AOT runtime core and the given kernels as one shared library in `out_dir`, named by
+        runtime_key and built once per key (cached); every bucket library of a servable links it.
+
+        Its soname is its file name, so a process loads one copy per key however many servables ship
+        it; -Bsymbolic binds its own references inside it, so no other library interposes on them.
+        """
+        name = f"libkiln_runtime-{self.runtime_key(kernels)}.so"
+        cached = self.cache_dir() / "shared" / name
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with open(cached.parent / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not cached.exists():
+                    tmp = cached.with_name(f".{name}.{os.getpid()}.tmp")
+                    run([self.cxx, "-shared", "-o", str(tmp), *map(str, self.runtime_objects(kernels)),
+                         str(self.framework_library), f"-Wl,-soname,{name}", "-Wl,-Bsymbolic",
+                         "-Wl,--no-undefined", *self.strip], f"linking {name}")
+                    os.replace(tmp, cached)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(cached, out_dir / name)
+        return out_dir / name
+
+    def compile_shim(self, header: Path, cpp_class: str, work: Path) -> Path:
+        """The kiln_* C functions over one generated class (shim.cc)."""
+        work.mkdir(parents=True, exist_ok=True)
+        shim = work / f"{cpp_class}_shim.o"
+        self.compile_object(SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"',
+                                                f"-DKILN_CLASS={cpp_class}"])
+        return shim
+
+    def link_bucket(self, shim: Path, code: list[Path], shared: list[Path], out: Path) -> None:
+        """Link one bucket's shim and generated code (no constants) against the servable's shared
+        libraries (the runtime, the weights).
+
+        The library holds only its own code: the shared ones are found beside it (rpath $ORIGIN). Only
+        kiln_* is exported, so libraries of several buckets and models load side by side.
         """
         work = out.parent / f".{out.stem}-build"
         work.mkdir(parents=True, exist_ok=True)
-        shim = work / "shim.o"
-        self.compile_object(SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"',
-                                                f"-DKILN_CLASS={cpp_class}"])
-        model_objects = [self._page_aligned(o, work) if o.name.endswith("_constants.o") else o
-                         for o in model_objects]
-        runtime = self.runtime_objects(self.kernels_called_by([shim, *model_objects]))
-        # An archive, so the linker takes only the runtime members this model references.
-        archive = work / "runtime.a"
-        run(["ar", "rcs", str(archive), *map(str, runtime)], "archiving the AOT runtime")
         exports = work / "exports.map"
         exports.write_text(EXPORTS_MAP)
-        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, model_objects), str(archive),
-             str(self.framework_library), f"-Wl,--version-script={exports}", "-Wl,--no-undefined",
-             "-Wl,--as-needed", *self.strip], f"linking {out.name}")
+        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, code), *map(str, shared),
+             str(self.framework_library), "-Wl,-rpath,$ORIGIN", f"-Wl,--version-script={exports}",
+             "-Wl,--no-undefined", "-Wl,--as-needed", *self.strip], f"linking {out.name}")
         shutil.rmtree(work)
-
-    @staticmethod
-    def _page_aligned(constants: Path, work: Path) -> Path:
-        """tfcompile aligns the weights' section to its size rounded to a power of two (8 MB for
-        a few MB of weights), which pads every library with megabytes of zeros; a page is plenty
-        for the vector loads that read them."""
-        aligned = work / constants.name
-        run(["objcopy", "--set-section-alignment", ".rodata=4096", str(constants), str(aligned)],
-            f"aligning {constants.name}")
-        return aligned
 
 
 def run(command: list[str], what: str) -> str:

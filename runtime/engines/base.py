@@ -44,13 +44,22 @@ class Engine:
         if verify:
             verify_files(directory, manifest)
         runners: dict[str, Runner] = {}
+        shared = [manifest.runtime.file] if manifest.runtime else []
+        for relative in shared + ([manifest.weights] if manifest.weights else []):
+            from runtime.engines.xla_aot import check_elf
+
+            check_elf(directory / relative)  # the bucket libraries load it: it must be whole
         try:
             for key, signature in manifest.signatures.items():
                 if signature.engine == "xla-aot":
                     check_target(manifest.target.triple, manifest.target.cpu, list(manifest.target.features))
                     from runtime.engines.xla_aot import AotRunner
 
-                    runners[key] = AotRunner(directory, signature, threads)
+                    # Signatures compiled once (Keras's serve and serving_default) share one runner.
+                    same = next((runners[other] for other, seen in manifest.signatures.items()
+                                 if other in runners and seen.engine == "xla-aot"
+                                 and seen.libraries == signature.libraries), None)
+                    runners[key] = same or AotRunner(directory, signature, threads)
                 else:
                     from runtime.engines.saved_model import SavedModelRunner
 
@@ -105,7 +114,7 @@ class Engine:
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def close(self) -> None:
-        for runner in self._runners.values():
+        for runner in {id(runner): runner for runner in self._runners.values()}.values():
             runner.close()
         self._runners = {}
 
