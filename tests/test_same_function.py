@@ -59,11 +59,13 @@ def test_serve_and_serving_default_compile_once(keras_export, tmp_path):
     assert read_manifest(tmp_path / "model" / "1") == manifest
 
     loaded = tf.saved_model.load(str(exported))
-    inputs = {"keras_tensor": np.random.default_rng(0).random((3, 6), np.float32)}
+    # Keras names the input keras_tensor_N after every tensor made before it in this process.
+    name = manifest.signatures["serving_default"].inputs[0].name
+    inputs = {name: np.random.default_rng(0).random((3, 6), np.float32)}
     engine = open_servable(tmp_path / "model" / "1")
     try:
         for key in ("serve", "serving_default"):
-            theirs = loaded.signatures[key](keras_tensor=tf.constant(inputs["keras_tensor"]))["output_0"].numpy()
+            theirs = loaded.signatures[key](**{name: tf.constant(inputs[name])})["output_0"].numpy()
             np.testing.assert_allclose(engine.run(key, inputs)["output_0"], theirs, atol=1e-5)
     finally:
         engine.close()
