@@ -3,7 +3,7 @@ load/cnn32.py: requests/s and p99 at 1, 8 and 64 connections (wrk: 3 s warm-up, 
 run with the load generator pinned to core 0 and a one-worker server to core 1 (taskset), from which
 4 and 8 vCPUs are projected. Writes load/results/workers.json (ratios included) and workers.png.
 
-    python load/workers.py [--seconds 15] [--pytriton-python /work/venv-pytriton/bin/python]
+    python load/workers.py [--seconds 15] [--pytriton-python PYTHON]   # default: a cached venv of its own
 
 Kiln: TensorFlow Serving JSON (`instances`, one image per request) and the Open Inference Protocol's
 JSON; PyTriton (nvidia-pytriton 0.7.0: Triton's C++ front end and dynamic batcher, the model in
@@ -175,10 +175,18 @@ def sweep(url: str, script: Path, seconds: float, cpus: str | None = None) -> di
     return results
 
 
+def _pytriton_venv() -> Path:
+    """PyTriton in a venv of its own (it pins numpy<2), with the TensorFlow it serves the model with."""
+    from tests.engine_venv import cached_venv
+
+    return cached_venv("pytriton", ["nvidia-pytriton==0.7.0", "tensorflow-cpu==2.21.0"], system_site_packages=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--pytriton-python", default="/work/venv-pytriton/bin/python")
+    parser.add_argument("--pytriton-python", help="a Python with nvidia-pytriton and tensorflow-cpu (default: a "
+                        "venv of them made once under the cache directory)")
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     args = parser.parse_args()
     from cnn32 import build
@@ -202,7 +210,8 @@ def main() -> None:
             mem[f"kiln_{workers}w"] = memory(process)
     peer_error = None
     try:
-        with pytriton(args.pytriton_python, saved_model, work / "pytriton.log") as (process, url):
+        python = args.pytriton_python or str(_pytriton_venv())
+        with pytriton(python, saved_model, work / "pytriton.log") as (process, url):
             print("pytriton_oip", flush=True)
             runs["pytriton_oip"] = sweep(url + "/v2/models/cnn32/infer", scripts["oip"], args.seconds)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
