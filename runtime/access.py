@@ -163,10 +163,7 @@ class Auth:
         authentication is off. Raises Unauthenticated without a key, PermissionDenied for a wrong one."""
         if not self.keys:
             return None
-        presented = _presented_key(headers)
-        if presented is None:
-            raise Unauthenticated("this server requires an API key: send 'Authorization: Bearer KEY' "
-                                  "or 'X-API-Key: KEY'")
+        presented = _required_key(headers, "this server requires an API key")
         tenant = _owner(presented, self.keys)
         if tenant is None:
             if _owner(presented, self.admin_keys) is not None:
@@ -188,10 +185,7 @@ class Auth:
                                    "has none: set KILN_ADMIN_KEYS (NAME:KEY, comma-separated, not tenants' keys) "
                                    "and present one as 'Authorization: Bearer KEY'; or, without KILN_API_KEYS, "
                                    "KILN_RELOAD=open lets anyone reaching the port reload, as TF Serving does")
-        presented = _presented_key(headers)
-        if presented is None:
-            raise Unauthenticated("reloading the model configuration needs an administrator's key: send "
-                                  "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+        presented = _required_key(headers, "reloading the model configuration needs an administrator's key")
         admin = _owner(presented, self.admin_keys)
         if admin is None:
             raise PermissionDenied("reloading the model configuration needs an administrator's key (KILN_ADMIN_KEYS); "
@@ -218,6 +212,14 @@ def _owner(presented: str, keys: tuple[tuple[str, str], ...]) -> str | None:
         if hmac.compare_digest(presented.encode(), key.encode()):
             owner = name
     return owner
+
+
+def _required_key(headers: Mapping[str, str], needed: str) -> str:
+    """The key the request presents; Unauthenticated, saying what needs one and how to send it, without."""
+    presented = _presented_key(headers)
+    if presented is None:
+        raise Unauthenticated(f"{needed}: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    return presented
 
 
 def _presented_key(headers: Mapping[str, str]) -> str | None:
