@@ -638,15 +638,7 @@ def test_cloud_run_image_serves_behind_its_probes(images, model_repository, tmp_
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:  # as the startup probe does
-            try:
-                if httpx.get(url + container["startupProbe"]["httpGet"]["path"], timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.5)
+        _wait_for_200(url + container["startupProbe"]["httpGet"]["path"], process, log)  # as the startup probe does
         assert httpx.get(url + container["livenessProbe"]["httpGet"]["path"], timeout=5).status_code == 200
         response = httpx.post(f"{url}/v1/models/digits:predict", json={"instances": [digit_image()]}, timeout=30)
         assert response.status_code == 200, response.text
@@ -676,15 +668,7 @@ def test_serve_image_takes_tensorflow_serving_arguments(images, model_repository
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{rest}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/models/digits", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.5)
+        _wait_for_200(f"{url}/v1/models/digits", process, log)
         response = httpx.post(f"{url}/v1/models/digits:predict", json={"instances": [digit_image()]}, timeout=30)
         assert response.status_code == 200, response.text
         assert _is_probabilities(response.json()["predictions"][0])
@@ -711,3 +695,18 @@ def test_cloud_run_image_runs_the_job(images, model_repository, tmp_path):
     rows = [json.loads(line) for line in part.read_text().splitlines()]
     assert [row["row"] for row in rows] == [0, 1, 2]
     assert all(_is_probabilities(row["predictions"]) for row in rows)
+
+
+def _wait_for_200(url: str, process: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Poll url until it answers 200; fail with the server's log if it exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)
