@@ -3,7 +3,7 @@
 The adapter only turns ASGI into runtime.app.Request and back. Bodies are read up to the core's
 limit and no further (a larger one is answered 413 without reading it all). The core runs model
 work off the event loop, so the loop stays free for other requests; uvicorn's own shutdown lets
-in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc_server)
+in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc)
 runs beside it on the same event loop. Connections are bounded in time and number
 (handlers.connections: header, body and keep-alive timeouts, a connection cap).
 
@@ -178,7 +178,7 @@ async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, set
 
     grpc_server = None
     if grpc_port is not None:
-        from handlers.grpc_server import serve_grpc
+        from handlers.grpc.server import serve_grpc
 
         grpc_server = await serve_grpc(app, grpc_port, host, settings)
 

@@ -91,7 +91,7 @@ def tfserving_grpc(signature: Signature, inputs: dict, outputs: dict) -> Case:
         parsed = predict.PredictRequest.FromString(body)
         return {name: tensor_proto.to_ndarray(tensor) for name, tensor in parsed.inputs.items()}
 
-    def encode():  # as handlers.grpc_server's PredictionService._predict builds its answer
+    def encode():  # as handlers.grpc.tfserving's PredictionService._predict builds its answer
         response = predict.PredictResponse()
         response.model_spec.name = MODEL
         response.model_spec.version.value = VERSION
@@ -143,7 +143,7 @@ def oip_grpc_case(signature: Signature, inputs: dict, outputs: dict) -> Case:
         request.outputs.add(name=name)
     body = request.SerializeToString()
 
-    def decode():  # as handlers.oip_grpc's ModelInfer
+    def decode():  # as handlers.grpc.oip's ModelInfer
         return oip_grpc.decode_infer(service.ModelInferRequest.FromString(body), signature)[0]
 
     return Case(body, decode,

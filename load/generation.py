@@ -53,7 +53,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
 def open_app(models: Path, redis_url: str):
     from runtime.app import App
     from runtime.batching import BatchingParameters
-    from runtime.generation import Sessions
+    from runtime.sessions.services import Sessions
     from runtime.model_config import ModelConfig, ModelConfigList
     from runtime.repository import Repository
     from runtime.servable_cache import ServableCache

@@ -44,7 +44,7 @@ STAGES = (("engine (compiled code, calling thread)", ("runtime/engines/",)),
                                             "_instances (runtime/scoring")),
           ("read lines (S3 stream, split)", ("_records (runtime/scoring", "runtime/storage.py", "botocore/",
                                              "urllib3/", "http/client.py", "socket.py", "ssl.py")),
-          ("encode results (arrays -> JSON lines)", ("_prediction_lines (runtime/scoring", "_jsonable (")),
+          ("encode results (arrays -> JSON lines)", ("prediction_lines (runtime/scoring", "_jsonable (")),
           ("write parts", ("_write_part (runtime/scoring",)),
           ("batcher and app", ("runtime/batcher.py", "runtime/app.py", "runtime/metrics.py", "prometheus_client/")),
           ("event loop and threads", ("asyncio/", "concurrent/futures/", "threading.py", "selectors.py")))
@@ -79,9 +79,9 @@ def engine_rate(engine, x, bucket: int, callers: int = 1) -> float:
 
 def decode_all(data: bytes, signature, chunk_rows: int) -> tuple[list, float]:
     """Scoring's own decoder over the bytes: the decoded chunks and the seconds it took."""
-    from runtime.scoring import _JsonLines
+    from runtime.scoring.formats import JsonLines
 
-    rows = _JsonLines(io.BufferedReader(io.BytesIO(data)), "memory", signature)
+    rows = JsonLines(io.BufferedReader(io.BytesIO(data)), "memory", signature)
     chunks = []
     started = time.perf_counter()
     while (chunk := rows.take(chunk_rows)).count:

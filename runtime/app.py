@@ -9,7 +9,7 @@ Routes. TensorFlow Serving's REST API v1:
   POST /v1/models/NAME[/versions/N | /labels/L]:predict    predict (row or columnar JSON)
   POST /v1/models/NAME[/versions/N | /labels/L]:classify   classify tf.Examples given as JSON
   POST /v1/models/NAME[/versions/N | /labels/L]:regress    regress tf.Examples given as JSON
-  POST /v1/models/NAME[/versions/N | /labels/L]:generate   generate tokens in a session (runtime.generation)
+  POST /v1/models/NAME[/versions/N | /labels/L]:generate   generate tokens in a session (runtime.sessions.generate)
   GET  /v1/models                                          every served model (Kiln's; TF Serving lacks it)
 The Open Inference Protocol (KServe v2) over REST:
   GET  /v2, /v2/health/live, /v2/health/ready              server metadata, liveness, readiness
@@ -138,7 +138,7 @@ class App:
         self.cors = cors
         self.batching = batching
         self.access_log = access_log
-        self._sessions = sessions  # runtime.generation.Sessions; see the property
+        self._sessions = sessions  # runtime.sessions.services.Sessions; see the property
         self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
         self.metrics_paths = METRICS_PATHS
 
@@ -150,7 +150,7 @@ class App:
                                 warmup_iterations=settings.warmup_iterations, warmup=settings.warmup)
         repository.start()
         batching = BatchingPolicy(settings.batching, lambda name: repository.config_of(name).batching_parameters)
-        from runtime.generation import Sessions
+        from runtime.sessions.services import Sessions
 
         app = cls(repository, max_body_bytes=settings.max_body_bytes, auth=settings.auth, cors=settings.cors,
                   batching=batching, access_log=settings.access_log,
@@ -364,8 +364,8 @@ class App:
         with self._handle(target, exchange) as handle:
             key, signature = oip_signature(handle.engine, parameters)
             if signature.state:
-                from runtime.generation import SESSION_HEADER, tenant_of
-                from runtime.stateful import infer_in_session, visible
+                from runtime.sessions.services import SESSION_HEADER, tenant_of
+                from runtime.sessions.predict import infer_in_session, visible
 
                 request = oip.infer_request(header, binary, visible(signature))
                 outputs, session = await infer_in_session(self, handle, key, signature, request.inputs, parameters,
@@ -444,8 +444,8 @@ class App:
 
     async def _predict_in_session(self, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
                                   request: Request, exchange: Exchange) -> Response:
-        from runtime.generation import SESSION_HEADER, tenant_of
-        from runtime.stateful import predict_in_session
+        from runtime.sessions.services import SESSION_HEADER, tenant_of
+        from runtime.sessions.predict import predict_in_session
 
         outputs, row_format, session = await predict_in_session(
             self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange)
@@ -461,15 +461,16 @@ class App:
         return _json(examples.encode_results(outputs, method))
 
     async def _generate(self, target: Target, request: Request, exchange: Exchange) -> Response:
-        from runtime import generation
+        from runtime.sessions import generate as generation
+        from runtime.sessions.services import SESSION_HEADER, tenant_of
 
         generate_request = generation.read_generate(request.body)
-        tenant = generation.tenant_of(exchange.tenant, request.headers)
+        tenant = tenant_of(exchange.tenant, request.headers)
         session = generation.session_of(self, tenant, generate_request)
         if not generate_request.stream:
             with self._handle(target, exchange) as handle:
                 answer = await generation.generate(self, handle, generate_request, tenant, session, exchange)
-            return Response(200, orjson.dumps(answer), {**JSON, generation.SESSION_HEADER: session})
+            return Response(200, orjson.dumps(answer), {**JSON, SESSION_HEADER: session})
         with self._handle(target, exchange):  # an unknown model or version answers 404 before the stream
             pass
 
@@ -486,13 +487,13 @@ class App:
                 yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
 
         return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                   generation.SESSION_HEADER: session}, stream=stream())
+                                   SESSION_HEADER: session}, stream=stream())
 
     @property
     def sessions(self):
-        """Where agent sessions live (runtime.generation.Sessions), made on first use."""
+        """Where agent sessions live (runtime.sessions.services.Sessions), made on first use."""
         if self._sessions is None:
-            from runtime.generation import Sessions
+            from runtime.sessions.services import Sessions
 
             self._sessions = Sessions()
         return self._sessions

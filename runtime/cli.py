@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     score = commands.add_parser("score", help="score the rows of JSON Lines and CSV files with a model",
                                 description="Score every row of each input and write JSON Lines results under "
-                                "OUT/NAME.predictions/ (runtime/scoring.py). Inputs whose results exist are "
+                                "OUT/NAME.predictions/ (runtime/scoring/). Inputs whose results exist are "
                                 "skipped and finished parts kept: rerun the same command to resume.")
     score.add_argument("inputs", nargs="+", metavar="INPUT", help="a .jsonl, .ndjson or .csv file (optionally .gz), "
                        "a directory, or s3://BUCKET/KEY, s3://BUCKET/PREFIX/, gs://...")
@@ -265,7 +265,7 @@ def _serve(args) -> int:
     from handlers.local import serve
     # The servers' modules import while the models load: importing holds the interpreter lock, but
     # loading mostly does not (hashing, dlopen, the compiled code of the warm-up).
-    servers = ["uvicorn", "uvloop", "handlers.grpc_server"] if args.grpc_port else ["uvicorn", "uvloop"]
+    servers = ["uvicorn", "uvloop", "handlers.grpc.server"] if args.grpc_port else ["uvicorn", "uvloop"]
     preload = threading.Thread(target=lambda: [importlib.import_module(name) for name in servers], daemon=True)
     preload.start()
     from runtime.app import App

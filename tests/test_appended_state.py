@@ -11,7 +11,7 @@ import pytest
 
 from runtime import cli
 from runtime.engines import open_servable
-from runtime.state import initial_state, state_after
+from runtime.sessions.state import initial_state, state_after
 from runtime.errors import InvalidInput
 from runtime.table import render
 
@@ -115,7 +115,7 @@ def test_an_appended_state_is_stored_up_to_its_position(servable):
     """trim_state keeps the filled part of the log (up to the rows' largest position); untrim_state
     puts it back at full shape with zeros after it, and refuses what does not fit the model."""
     from runtime.errors import SessionCorrupt
-    from runtime.state import trim_state, untrim_state
+    from runtime.sessions.state import trim_state, untrim_state
 
     engine = open_servable(servable)
     try:

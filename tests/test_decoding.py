@@ -1,4 +1,4 @@
-"""Continuous batching of tiny_lm's decode steps (runtime.decoding): sessions generating at the same
+"""Continuous batching of tiny_lm's decode steps (runtime.sessions.decode_loop): sessions generating at the same
 time share steps, yet each gets exactly the tokens it gets alone; sessions join and leave between
 steps; one that is cancelled leaves the others running; more sessions than the largest bucket wait
 for a seat; a session that fills its cache fails alone. Sessions are kept in process here
@@ -14,10 +14,11 @@ import numpy as np
 import orjson
 import pytest
 
-from runtime import decoding
+from runtime.sessions import decode_loop as decoding
 from runtime.app import App, Request
 from runtime.batching import BatchingParameters
-from runtime.generation import SHORT_CHUNK, Sessions
+from runtime.sessions.generate import SHORT_CHUNK
+from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
 from runtime.servable_cache import ServableCache
@@ -189,7 +190,7 @@ def test_a_session_that_fills_its_cache_fails_alone(app, run, examples):
 def test_a_seat_holds_exactly_its_sessions_state(app, run):
     """A row's cache past what its session holds is zeros, whoever sat there before; a session that
     leaves takes exactly the filled part, and the last seat moving into a freed one keeps its state."""
-    from runtime.state import initial_state, untrim_state
+    from runtime.sessions.state import initial_state, untrim_state
 
     def full(loop, stored):
         state = initial_state(loop.signatures["decode"], 1)

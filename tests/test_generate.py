@@ -13,7 +13,7 @@ import pytest
 
 from runtime.app import App, Request
 from runtime.batching import BatchingParameters
-from runtime.generation import Sessions
+from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
 from runtime.servable_cache import ServableCache
@@ -232,7 +232,7 @@ def test_a_stateful_signature_predicts_in_a_session(served, examples):
     import numpy as np
 
     from runtime.engines.base import Engine
-    from runtime.state import initial_state, state_after
+    from runtime.sessions.state import initial_state, state_after
 
     app, loop, _ = served
 
@@ -270,7 +270,7 @@ def test_open_inference_protocol_sessions_by_sequence_id(examples, tmp_path, red
     from tritonclient.utils import InferenceServerException
 
     from runtime.engines.base import Engine
-    from runtime.state import initial_state, state_after
+    from runtime.sessions.state import initial_state, state_after
     from tests.conftest import free_port, kiln_serve
 
     shutil.copytree(examples["tiny_lm"].servable, tmp_path / "tiny_lm" / "1")

@@ -1,4 +1,4 @@
-"""Batch scoring (runtime/scoring.py) of local files and of objects in moto's S3 server on loopback,
+"""Batch scoring (runtime/scoring/) of local files and of objects in moto's S3 server on loopback,
 against the engine called directly on the same rows: JSON Lines and CSV, idempotent reruns, changed
 sources, bad rows, broken objects, an unreachable store, sharding, and `kiln score` interrupted by
 SIGTERM and run again."""
@@ -260,9 +260,9 @@ def test_bad_rows_become_error_lines_naming_them(app, place):
 
 
 def test_an_overlong_line_is_an_error_row_never_read_whole(app, tmp_path, monkeypatch):
-    import runtime.scoring
+    import runtime.scoring.formats
 
-    monkeypatch.setattr(runtime.scoring, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(runtime.scoring.formats, "MAX_LINE_BYTES", 64)
     text = b"1.0\n[" + b"1," * 100 + b"1]\n2.0\n" + b" " * 200 + b"3.0"
     result = score(app, put(str(tmp_path / "long.jsonl"), text), str(tmp_path / "out"), model="half_plus_two")
     _, lines = results(result)

@@ -131,7 +131,7 @@ def test_a_shared_session_store_needs_the_shared_key(tmp_path):
 
 
 def test_sessions_in_redis_refuse_to_start_without_the_key(monkeypatch):
-    from runtime.generation import Sessions
+    from runtime.sessions.services import Sessions
 
     monkeypatch.delenv("KILN_SESSION_KEY", raising=False)
     with pytest.raises(ConfigError, match="KILN_SESSION_KEY is not set"):

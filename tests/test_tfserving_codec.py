@@ -130,7 +130,7 @@ def test_surrogates_are_refused_at_decode_by_every_json_entry_point(read, where)
     """Before: the standard parser's fallback let them in, and the error messages quoting them, the
     :generate prompt, the examples and the OIP id then failed to encode, far from the request (500)."""
     from runtime.codecs import examples, oip
-    from runtime.generation import read_generate
+    from runtime.sessions.generate import read_generate
 
     text = {"key": b'"a' + SURROGATE + b'": 1', "value": b'"prompt": "a' + SURROGATE + b'"',
             "escaped value": b'"id": "\\ud800"'}[where]

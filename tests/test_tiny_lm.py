@@ -20,7 +20,7 @@ from runtime.engines import open_servable
 from runtime.errors import InvalidInput, ServableError
 from runtime.manifest import MANIFEST_FILE, Signature, TensorSpec, read_manifest
 from runtime.sessions import MemoryStore, servable_fingerprint
-from runtime.state import initial_state, state_after
+from runtime.sessions.state import initial_state, state_after
 
 TOLERANCE = 1e-5
 PROMPTS = ["Kiln fires a SavedModel into machine code once, and serves it from a thin runtime. " * 4,

@@ -10,7 +10,7 @@ session that asked for it, and writes each one's new state into its row in place
 state (a K/V cache, runtime.manifest) only the new entries, so a decode step moves one token's
 worth of cache rather than all of it, and for a state fed back whole, its output row. A session
 brings its state when it sits down (zeros for a new one) and takes it away when it leaves, both as
-stored (runtime.state: the filled part of a cache only), so new sessions join and finished ones
+stored (runtime.sessions.state: the filled part of a cache only), so new sessions join and finished ones
 leave between steps. Seats are kept packed at the front of the pool (the last moves into a seat that
 is left), so a step's bucket is the next size up from the rows in use.
 
@@ -33,7 +33,7 @@ import numpy as np
 from runtime.aligned import aligned_zeros
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
-from runtime.state import (appended_states, overflowed, past_capacity, trim_state, untrim_state,
+from runtime.sessions.state import (appended_states, overflowed, past_capacity, trim_state, untrim_state,
                            write_appended)
 
 GATHER_SECONDS = 0.002

@@ -3,13 +3,13 @@
 
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer; Triton's
 other methods in the same service answer UNIMPLEMENTED. The servicer only adapts, as
-handlers/grpc_server.py does: runtime.codecs.oip_grpc turns messages into arrays and back,
+handlers/grpc/tfserving.py does: runtime.codecs.oip_grpc turns messages into arrays and back,
 `serve_call` wraps every call (request id, authentication, the client's deadline, errors mapped by
 runtime.errors.status_of, metrics, the access log), and model work goes to `App.execute`. Answers
 agree with the REST routes (`/v2/...` in runtime.app): the same readiness, the same metadata
 documents, the same signature (`oip_signature`: the signature_name parameter's, else serving_default or the
 only one), and a stateful signature answers in the session its sequence_id parameter names
-(runtime.stateful), the session's id coming back as the response's sequence_id parameter.
+(runtime.sessions.predict), the session's id coming back as the response's sequence_id parameter.
 
 The messages are generated from Kiln's copy of Triton's grpc_service.proto, byte-identical to the
 one tritonclient registers, so a process may import both (tests/test_protos.py checks it).
@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc_server import serve_call, text_metadata
+from handlers.grpc.call import serve_call, text_metadata
 from runtime import __version__
 from runtime.app import App, Exchange, default_signature, oip_signature
 from runtime.codecs import oip_grpc
@@ -92,8 +92,8 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer):
                 inputs, names = oip_grpc.decode_infer(request, signature)
                 outputs = await self.app.execute(handle, key, inputs, exchange)
                 return oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
-            from runtime.generation import tenant_of
-            from runtime.stateful import infer_in_session, visible
+            from runtime.sessions.predict import infer_in_session, visible
+            from runtime.sessions.services import tenant_of
 
             inputs, names = oip_grpc.decode_infer(request, visible(signature))
             outputs, session = await infer_in_session(self.app, handle, key, signature, inputs, parameters,

@@ -7,7 +7,7 @@ ignores unknown keys, so its clients still work), or by the `sequence_id` parame
 Inference Protocol (where `sequence_end: true` also deletes the session once answered); a request
 without one starts a new session. One request is one session, so its batch is one row. State lost
 from the store (missing, expired, corrupt, from another servable version) is an error here: a plain
-predict keeps no token history to rebuild it from (:generate does, runtime.generation).
+predict keeps no token history to rebuild it from (:generate does, runtime.sessions.generate).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from runtime.codecs.tfserving import decode_predict
-from runtime.state import initial_state, state_after, trim_state, untrim_state
+from runtime.sessions.state import initial_state, state_after, trim_state, untrim_state
 from runtime.errors import InvalidInput
 from runtime.manifest import Signature
 from runtime.repository import ServableHandle

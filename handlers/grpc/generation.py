@@ -1,6 +1,6 @@
 """Kiln's gRPC Generation service (runtime/protos/kiln/generation.proto): POST :generate's gRPC form,
-each generated token written to the stream as it is made. It adapts as handlers/grpc_server.py does
-(serve_call around the call, the repository for the version, runtime.generation for the work)."""
+each generated token written to the stream as it is made. It adapts as handlers/grpc/tfserving.py does
+(serve_call around the call, the repository for the version, runtime.sessions.generate for the work)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc_server import serve_call, text_metadata
-from runtime import generation
+from handlers.grpc.call import serve_call, text_metadata
 from runtime.app import App, Exchange
 from runtime.protos import generated_module
+from runtime.sessions import generate as generation
+from runtime.sessions.services import tenant_of
 
 _messages = generated_module("kiln.generation_pb2")
 _service = generated_module("kiln.generation_pb2_grpc")
@@ -24,7 +25,7 @@ class GenerationService(_service.GenerationServicer):
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         async def work(exchange: Exchange) -> None:
             generate_request = _request(request)
-            tenant = generation.tenant_of(exchange.tenant, text_metadata(context))
+            tenant = tenant_of(exchange.tenant, text_metadata(context))
             session = generation.session_of(self.app, tenant, generate_request)
             version = request.model_version or None
             with self.app.repository.handle(request.model_name, version=version) as handle:

@@ -1,0 +1,62 @@
+"""What every gRPC call does around its own work (`serve_call`): request id, authentication from
+metadata, the client's deadline, a KilnError mapped to its gRPC code through runtime.errors.status_of,
+the metrics and the access log. Every service module (tfserving, oip, generation) uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from runtime import logs
+from runtime.app import App, Exchange
+from runtime.errors import KilnError, status_of
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OPEN_APIS = frozenset({"health"})  # as REST health: probes need no key
+
+
+def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata, by lower-case key (the headers of gRPC)."""
+    return text(context.invocation_metadata())
+
+
+def text(metadata: Any) -> dict[str, str]:
+    return {key.lower(): value for key, value in metadata or () if isinstance(value, str)}
+
+
+async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
+                     work: Callable[[Exchange], Awaitable[T]],
+                     authenticate: Callable[[Mapping[str, str]], str | None] | None = None) -> T:
+    """Serve one call: what every servicer method does around its own work. `authenticate`: who the
+    metadata names (default: the tenant of its API key; reload asks for an administrator instead)."""
+    exchange = Exchange("grpc", api=api)
+    metadata = text_metadata(context)
+    token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
+    context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
+    code, message = "OK", ""
+    try:
+        if api not in OPEN_APIS:
+            exchange.tenant = (authenticate or app.auth.tenant)(metadata)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            exchange.deadline = time.monotonic() + remaining
+        return await work(exchange)
+    except KilnError as e:
+        code, message = status_of(e)[1], str(e)
+    except asyncio.CancelledError:  # grpc ended the call: its deadline passed, or the client left
+        passed = exchange.deadline is not None and time.monotonic() >= exchange.deadline
+        code = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
+        raise
+    except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback
+        log.exception("internal error serving gRPC %s", api)
+        code, message = "INTERNAL", "internal error"
+    finally:
+        app.finished(exchange, code, f"gRPC {api}")
+        logs.request_id.reset(token)
+    await context.abort(grpc.StatusCode[code], message)
