@@ -85,17 +85,25 @@ import orjson
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.batch import (BatchProcessor, EventType, SqsFifoPartialProcessor,
-                                                   process_partial_response)
-from aws_lambda_powertools.utilities.data_classes import (S3BatchOperationEvent, S3BatchOperationResponseRecord,
-                                                          S3Event, S3EventBridgeNotificationEvent)
+from aws_lambda_powertools.utilities.batch import (
+    BatchProcessor,
+    EventType,
+    SqsFifoPartialProcessor,
+    process_partial_response,
+)
+from aws_lambda_powertools.utilities.data_classes import (
+    S3BatchOperationEvent,
+    S3BatchOperationResponseRecord,
+    S3Event,
+    S3EventBridgeNotificationEvent,
+)
 
-from handlers.records import predict_message
+from handlers.records import OutputStore, predict_message
 from runtime import logs, scoring
-from runtime.app import App, Exchange, Request, Response, whole
-from runtime.errors import ConfigError, InvalidInput, KilnError, retryable, status_of
+from runtime.app import App, Request, Response, whole
+from runtime.errors import InvalidInput, KilnError, retryable, status_of
 from runtime.settings import Settings
-from runtime.storage import Storage, open_storage
+from runtime.storage import Storage
 
 SERVICE = "kiln"
 NAMESPACE = "Kiln"
@@ -156,7 +164,7 @@ class LambdaFunction:
         self.metrics = metrics
         self.tracer = tracer
         self.loop = asyncio.new_event_loop()
-        self._outputs: Storage | None = None
+        self.outputs = OutputStore(settings.output_prefix)
         handle = tracer.capture_lambda_handler(self._handle, capture_response=False)
         handle = metrics.log_metrics(handle, capture_cold_start_metric=True)
         self.handler = logger.inject_lambda_context(handle, clear_state=True)
@@ -214,16 +222,9 @@ class LambdaFunction:
     async def predict(self, body: bytes | str | dict, deadline: float | None) -> dict:
         """A TF Serving predict body's response as strict JSON (handlers.records), with "model" and
         "version" added."""
-        exchange = Exchange(PROTOCOL, api="predict", deadline=deadline)
-        status = "OK"
-        try:
+        with self.app.exchange(PROTOCOL, "predict", what="lambda predict", deadline=deadline) as exchange:
             served, response = await predict_message(self.app, body, self.settings.score_model, exchange)
             return {**served, **response}
-        except BaseException as e:
-            status = status_of(e)[1] if isinstance(e, Exception) else "CANCELLED"
-            raise
-        finally:
-            self.app.finished(exchange, status, "lambda predict")
 
     def _direct(self, event: dict, invocation: Invocation) -> dict:
         try:
@@ -261,7 +262,7 @@ class LambdaFunction:
         """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
         after another), its predictions written to the output prefix, the failed ones reported for
         Lambda to retry."""
-        outputs = self._output_storage(invocation.kind)
+        outputs = self.outputs.open(f"{invocation.kind} events")
         records = event["Records"]
         processor = _processor(invocation.kind, records)
         fifo = isinstance(processor, SqsFifoPartialProcessor)
@@ -313,20 +314,12 @@ class LambdaFunction:
         await asyncio.to_thread(outputs.write_bytes, key, orjson.dumps({"id": _record_id(record), **response}))
         return f"{outputs.url}/{key}"
 
-    def _output_storage(self, kind: str) -> Storage:
-        if self.settings.output_prefix is None:
-            raise ConfigError(f"KILN_OUTPUT_PREFIX is not set: {kind} events write their results under it "
-                              f"(s3://bucket/prefix or a path)")
-        if self._outputs is None:
-            self._outputs = open_storage(self.settings.output_prefix)
-        return self._outputs
-
     # S3 objects ---------------------------------------------------------------------------------
 
     def _score_all(self, objects: list[tuple[str, str]], invocation: Invocation) -> list:
         """Every object scored at once by runtime.scoring (one already scored, or under the output
         prefix, is skipped); each one's ScoreResult or exception, in order."""
-        self._output_storage(invocation.kind)
+        self.outputs.open(f"{invocation.kind} events")
         results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", self.settings.output_prefix,
                                                         model=self.settings.score_model) for bucket, key in objects))
         failed = [result for result in results if isinstance(result, BaseException)]

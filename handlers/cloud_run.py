@@ -73,7 +73,7 @@ from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event  # n
 from handlers.local import AsgiApp  # noqa: E402
 from runtime import logs  # noqa: E402
 from runtime.app import App, Exchange, Request, Response, error_response  # noqa: E402
-from runtime.errors import KilnError, Unsupported, retryable, status_of  # noqa: E402
+from runtime.errors import KilnError, retryable, status_of  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"
@@ -86,8 +86,10 @@ class CloudRunApp(AsgiApp):
 
     def __init__(self, app: App, settings: Settings):
         super().__init__(app)
+        from handlers.records import OutputStore  # with runtime.scoring: on first use, not at start-up
+
         self.settings = settings
-        self._outputs = None
+        self.outputs = OutputStore(settings.output_prefix)
 
     async def respond(self, request: Request) -> Response:
         if request.path == EVENTS_PATH and request.method == "POST":
@@ -95,12 +97,11 @@ class CloudRunApp(AsgiApp):
         return await super().respond(request)
 
     async def _event(self, request: Request) -> Response:
-        exchange = Exchange("event", api="event")
-        token = logs.request_id.set(logs.new_request_id(request.headers.get("x-request-id")))
-        try:
+        with self.app.exchange("event", "event", what=f"POST {EVENTS_PATH} event",
+                               request_id=request.headers.get("x-request-id")) as exchange:
             try:
                 event = read_event(request.headers, request.body)
-                exchange.api = event.kind
+                exchange.api, exchange.what = event.kind, f"POST {EVENTS_PATH} {event.kind}"
                 logs.request_id.set(logs.new_request_id(event.id))
                 response = await self._pubsub(event.body, exchange) if event.kind == "pubsub" else \
                     await self._storage(event.body)
@@ -109,27 +110,15 @@ class CloudRunApp(AsgiApp):
             except Exception as e:  # a bug: the sender gets a plain 500 (and retries), the log the traceback
                 log.exception("internal error serving an event")
                 response = error_response(e, "internal error")
-            self.app.finished(exchange, str(response.status), f"POST {EVENTS_PATH} {exchange.api}")
-            return Response(response.status, response.body, {**response.headers, "X-Request-Id": logs.request_id.get()})
-        finally:
-            logs.request_id.reset(token)
-
-    def outputs(self):
-        """The store results are written to (opened on first use)."""
-        if self._outputs is None:
-            if not self.settings.output_prefix:
-                raise Unsupported("this service has no KILN_OUTPUT_PREFIX, so it cannot store the results of "
-                                  "events; set it (gs://BUCKET/PREFIX, s3://... or a path)")
-            from runtime.storage import open_storage
-
-            self._outputs = open_storage(self.settings.output_prefix)
-        return self._outputs
+            exchange.status = str(response.status)
+            return Response(response.status, response.body,
+                            {**response.headers, "X-Request-Id": logs.request_id.get() or ""})
 
     # Pub/Sub ------------------------------------------------------------------------------------
 
     async def _pubsub(self, delivery: PubsubDelivery, exchange: Exchange) -> Response:
         message = delivery.message
-        outputs = self.outputs()
+        outputs = self.outputs.open("Pub/Sub messages")
         result_key, error_key = f"{message.id}.json", f"{message.id}.error.json"
         for key in (result_key, error_key):
             if await asyncio.to_thread(outputs.exists, key):
@@ -161,7 +150,7 @@ class CloudRunApp(AsgiApp):
     async def _storage(self, event: ObjectFinalized) -> Response:
         from runtime.scoring import score_object
 
-        self.outputs()  # KILN_OUTPUT_PREFIX is set
+        self.outputs.open("Cloud Storage events")  # KILN_OUTPUT_PREFIX is set
         try:
             result = await score_object(self.app, event.url, self.settings.output_prefix,
                                         model=self.settings.score_model)

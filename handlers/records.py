@@ -3,14 +3,16 @@ Functions item, a direct invocation, a Pub/Sub message): run its TF Serving pred
 it as strict JSON. Lambda and Step Functions take no bare NaN or Infinity, and results written as
 JSON objects are read by strict parsers too, so there NaN and ±Infinity are the strings "NaN",
 "Infinity" and "-Infinity" (runtime.codecs.tfserving.NON_FINITE_STRINGS), as in every result that
-`kiln score` writes; only HTTP bodies carry TF Serving's bare tokens."""
+`kiln score` writes; only HTTP bodies carry TF Serving's bare tokens. Both write results to the same
+kind of store (OutputStore)."""
 
 from __future__ import annotations
 
 from runtime.app import App, Exchange
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
-from runtime.errors import InvalidInput, shown
+from runtime.errors import ConfigError, InvalidInput, shown
 from runtime.scoring import default_model
+from runtime.storage import Storage, open_storage
 
 
 async def predict_message(app: App, body: bytes | str | dict, model: str | None,
@@ -26,3 +28,21 @@ async def predict_message(app: App, body: bytes | str | dict, model: str | None,
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
         served = {"model": handle.name, "version": str(handle.version)}
     return served, predict_values(outputs, decoded.row_format, strict=True)
+
+
+class OutputStore:
+    """The store events' results go to (KILN_OUTPUT_PREFIX), opened on first use. Unset, it is the
+    deployment's error (ConfigError, not retried: redelivering cannot set it)."""
+
+    def __init__(self, prefix: str | None):
+        self.prefix = prefix
+        self._storage: Storage | None = None
+
+    def open(self, what: str) -> Storage:
+        """The store; `what`: the events that need it, named in the error when it is not configured."""
+        if not self.prefix:
+            raise ConfigError(f"KILN_OUTPUT_PREFIX is not set: {what} write their results under it "
+                              f"(s3://bucket/prefix, gs://bucket/prefix or a path)")
+        if self._storage is None:
+            self._storage = open_storage(self.prefix)
+        return self._storage

@@ -31,7 +31,8 @@ import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
 
@@ -43,10 +44,20 @@ from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
 from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
 from runtime.codecs import examples, oip
-from runtime.codecs.tfserving import decode_predict, encode_predict, fast_predict, instances_text, read_predict
-from runtime.errors import (BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated,
-                           status_of)
-from runtime.manifest import Signature, TensorSpec
+from runtime.codecs.oip import default_signature, oip_signature
+from runtime.codecs.tfserving import (
+    DEFAULT_SIGNATURE,
+    REPORTED_STATE,
+    decode_predict,
+    encode_predict,
+    fast_predict,
+    instances_text,
+    model_status,
+    read_predict,
+    signature_def,
+)
+from runtime.errors import BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated, status_of
+from runtime.manifest import Signature
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import Metrics
 from runtime.repository import Repository, ServableHandle
@@ -58,20 +69,11 @@ access_logger = logging.getLogger("kiln.access")
 JSON = {"Content-Type": "application/json"}
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 TIMEOUT_HEADER = "x-kiln-timeout-ms"
-# TF Serving's ModelVersionStatus states: a failed load is END with an error status.
-REPORTED_STATE = {State.START: "START", State.LOADING: "LOADING", State.AVAILABLE: "AVAILABLE",
-                  State.UNLOADING: "UNLOADING", State.END: "END", State.ERROR: "END"}
-DTYPE_ENUM = {"float16": "DT_HALF", "bfloat16": "DT_BFLOAT16", "float32": "DT_FLOAT", "float64": "DT_DOUBLE",
-              "int8": "DT_INT8", "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64",
-              "uint8": "DT_UINT8", "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64",
-              "bool": "DT_BOOL", "string": "DT_STRING", "complex64": "DT_COMPLEX64",
-              "complex128": "DT_COMPLEX128"}
 MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$")
 OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
-DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ async def whole(pending: Awaitable[Response]) -> Response:
 
 
 @dataclass(frozen=True)
-class Target:
+class ModelSpec:
     """Which model version a request addresses."""
 
     name: str
@@ -121,6 +123,8 @@ class Exchange:
     tenant: str | None = None
     deadline: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    status: str = "OK"  # as the protocol says it: an HTTP status, or a gRPC code's name
+    what: str = ""  # the access log line's description of the request
 
 
 class App:
@@ -140,7 +144,7 @@ class App:
         self.access_log = access_log
         self._sessions = sessions  # runtime.sessions.services.Sessions; see the property
         self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
-        self.metrics_paths = METRICS_PATHS
+        self.metrics_paths: tuple[str, ...] = METRICS_PATHS
 
     @classmethod
     def start(cls, settings: Settings) -> App:
@@ -167,21 +171,43 @@ class App:
 
     # Around every request ------------------------------------------------------------------------
 
+    @contextmanager
+    def exchange(self, protocol: str, api: str = "unknown", *, what: str = "", request_id: str | None = None,
+                 deadline: float | None = None) -> Iterator[Exchange]:
+        """What every entry point does around one request, written once: its request id (the one
+        presented, if sensible; else the one already in force, such as a Lambda invocation's; else a
+        new one), its Exchange, and at the end its status counted and logged (finished). The caller
+        sets exchange.status for an answer it makes itself (an HTTP status); an exception leaving the
+        block sets it by runtime.errors.status_of (its gRPC code name), CANCELLED when the task was
+        cancelled, DEADLINE_EXCEEDED when that happened past the deadline."""
+        exchange = Exchange(protocol, api=api, deadline=deadline, what=what or f"{protocol} {api}")
+        current = logs.request_id.get()
+        token = logs.request_id.set(logs.new_request_id(request_id)) if request_id or current is None else None
+        try:
+            yield exchange
+        except asyncio.CancelledError:  # the client left, or the platform ended the call at its deadline
+            passed = exchange.deadline is not None and time.monotonic() >= exchange.deadline
+            exchange.status = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
+            raise
+        except BaseException as e:
+            exchange.status = status_of(e)[1] if isinstance(e, Exception) else "CANCELLED"
+            raise
+        finally:
+            self.finished(exchange, exchange.status, exchange.what)
+            if token is not None:
+                logs.request_id.reset(token)
+
     async def handle(self, request: Request, refused: KilnError | None = None) -> Response:
         """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
         `refused`: why the handler could not take the request (a body over the limit while reading
         it), answered here so that it is counted, logged and marked like any other answer."""
-        exchange = Exchange("rest", deadline=request.deadline)
-        token = logs.request_id.set(logs.new_request_id(request.headers.get("x-request-id")))
-        try:
+        with self.exchange("rest", what=f"{request.method} {request.path}",
+                           request_id=request.headers.get("x-request-id"), deadline=request.deadline) as exchange:
             response = error_response(refused) if refused else await self._answer(request, exchange)
             origin = request.headers.get("origin")
-            response = replace(response, headers={**response.headers, **self.cors.headers(origin),
-                                                  "X-Request-Id": logs.request_id.get()})
-            self.finished(exchange, str(response.status), f"{request.method} {request.path}")
-            return response
-        finally:
-            logs.request_id.reset(token)
+            exchange.status = str(response.status)
+            return replace(response, headers={**response.headers, **self.cors.headers(origin),
+                                              "X-Request-Id": logs.request_id.get() or ""})
 
     async def _answer(self, request: Request, exchange: Exchange) -> Response:
         try:
@@ -241,7 +267,7 @@ class App:
 
     async def _run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
                    remaining: float | None) -> dict[str, np.ndarray]:
-        if self.batcher is not None and self.batching(handle.name).mode != "off" and \
+        if self.batcher is not None and self.batching is not None and self.batching(handle.name).mode != "off" and \
                 handle.engine.signature(key).batched:
             return await self.batcher.run(handle, key, inputs, exchange.deadline)
         abandoned = False
@@ -268,9 +294,9 @@ class App:
         future = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, work)
         try:
             return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             abandoned = True
-            raise DeadlineExceeded(f"the request's deadline passed after {remaining * 1e3:.0f} ms, before "
+            raise DeadlineExceeded(f"the request's deadline passed after {(remaining or 0) * 1e3:.0f} ms, before "
                                    f"the model answered") from None
 
     def observe_execution(self, handle: ServableHandle, key: str, rows: int | None, seconds: float) -> None:
@@ -298,7 +324,7 @@ class App:
             if request.path.startswith("/v1/"):
                 raise InvalidInput(f"Malformed request: {request.method} {request.path}")
             raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = _target(match)
+        target = _model_spec(match)
         verb, metadata = match["verb"], match["metadata"]
         if verb is None:
             exchange.api = "metadata" if metadata else "status"
@@ -334,7 +360,7 @@ class App:
         match = OIP_MODEL_PATH.match(request.path)
         if match is None:
             raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = Target(unquote(match["name"]), int(match["version"]) if match["version"] else None)
+        target = ModelSpec(unquote(match["name"]), int(match["version"]) if match["version"] else None)
         action = match["action"]
         if action == "/infer":
             exchange.api = "infer"
@@ -343,7 +369,7 @@ class App:
             return await self._infer(target, request.body, exchange, request.headers)
         exchange.api = "ready" if action == "/ready" else "metadata"
         _only(request, "GET")
-        with self._handle(target, exchange) as handle:
+        with self._hold(target, exchange) as handle:
             if action == "/ready":
                 return _json({"name": handle.name, "ready": True})
             versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
@@ -357,15 +383,15 @@ class App:
 
     # Endpoints ----------------------------------------------------------------------------------
 
-    async def _infer(self, target: Target, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
+    async def _infer(self, target: ModelSpec, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
         header, binary = oip.infer_header(body, headers.get(oip.HEADER_LENGTH.lower()))
         parameters = header.get("parameters") or {}
         session, extra = None, {}
-        with self._handle(target, exchange) as handle:
+        with self._hold(target, exchange) as handle:
             key, signature = oip_signature(handle.engine, parameters)
             if signature.state:
-                from runtime.sessions.services import SESSION_HEADER, tenant_of
                 from runtime.sessions.predict import infer_in_session, visible
+                from runtime.sessions.services import SESSION_HEADER, tenant_of
 
                 request = oip.infer_request(header, binary, visible(signature))
                 outputs, session = await infer_in_session(self, handle, key, signature, request.inputs, parameters,
@@ -387,17 +413,13 @@ class App:
             raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is "
                                f"{self.max_body_bytes}")
 
-    def _status(self, target: Target, exchange: Exchange) -> Response:
+    def _status(self, target: ModelSpec, exchange: Exchange) -> Response:
         version = target.version
         if target.label is not None:
-            with self._handle(target, exchange) as handle:
+            with self._hold(target, exchange) as handle:
                 version = handle.version
-        status = self.repository.status(target.name, version)
         exchange.model = target.name
-        return _json({"model_version_status": [
-            {"version": str(v.version), "state": REPORTED_STATE[v.state],
-             "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error}}
-            for v in status.versions]})
+        return _json(model_status(self.repository.status(target.name, version).versions))
 
     def _served_models(self) -> list[dict]:
         models = []
@@ -417,18 +439,18 @@ class App:
                  "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE", "reason": ""}
                 for model in self._served_models() for v in model["versions"]]
 
-    def _metadata(self, target: Target, exchange: Exchange) -> Response:
-        with self._handle(target, exchange) as handle:
-            signatures = {key: _signature_def(sig) for key, sig in handle.engine.signatures.items()}
+    def _metadata(self, target: ModelSpec, exchange: Exchange) -> Response:
+        with self._hold(target, exchange) as handle:
+            signatures = {key: signature_def(sig) for key, sig in handle.engine.signatures.items()}
             return _json({"model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
                           "metadata": {"signature_def": {"signature_def": signatures}}})
 
-    async def _predict(self, target: Target, request: Request, exchange: Exchange) -> Response:
+    async def _predict(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
         body = request.body
         instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
         if instances is None:
             signature_name, parsed = read_predict(body)
-        with self._handle(target, exchange) as handle:
+        with self._hold(target, exchange) as handle:
             signature = handle.engine.signatures.get(DEFAULT_SIGNATURE)
             stateless = signature is not None and not signature.state
             decoded = fast_predict(instances, signature) if instances is not None and stateless else None
@@ -444,8 +466,8 @@ class App:
 
     async def _predict_in_session(self, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
                                   request: Request, exchange: Exchange) -> Response:
-        from runtime.sessions.services import SESSION_HEADER, tenant_of
         from runtime.sessions.predict import predict_in_session
+        from runtime.sessions.services import SESSION_HEADER, tenant_of
 
         outputs, row_format, session = await predict_in_session(
             self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange)
@@ -453,14 +475,14 @@ class App:
         return Response(200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}",
                         {**JSON, SESSION_HEADER: session})
 
-    async def _classify_or_regress(self, target: Target, body: bytes, method: str, exchange: Exchange) -> Response:
+    async def _classify_or_regress(self, target: ModelSpec, body: bytes, method: str, exchange: Exchange) -> Response:
         signature_name, rows = examples.read_examples(body)
         serialized = examples.serialize(rows)
-        with self._handle(target, exchange) as handle:
+        with self._hold(target, exchange) as handle:
             outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
         return _json(examples.encode_results(outputs, method))
 
-    async def _generate(self, target: Target, request: Request, exchange: Exchange) -> Response:
+    async def _generate(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
         from runtime.sessions import generate as generation
         from runtime.sessions.services import SESSION_HEADER, tenant_of
 
@@ -468,16 +490,16 @@ class App:
         tenant = tenant_of(exchange.tenant, request.headers)
         session = generation.session_of(self, tenant, generate_request)
         if not generate_request.stream:
-            with self._handle(target, exchange) as handle:
+            with self._hold(target, exchange) as handle:
                 answer = await generation.generate(self, handle, generate_request, tenant, session, exchange)
             return Response(200, orjson.dumps(answer), {**JSON, SESSION_HEADER: session})
-        with self._handle(target, exchange):  # an unknown model or version answers 404 before the stream
+        with self._hold(target, exchange):  # an unknown model or version answers 404 before the stream
             pass
 
         async def stream() -> AsyncIterator[bytes]:
             """Server-sent events; an error once the stream has begun is its last event."""
             try:
-                with self._handle(target, exchange) as handle:
+                with self._hold(target, exchange) as handle:
                     async for event in generation.events(self, handle, generate_request, tenant, session, exchange):
                         yield b"data: " + orjson.dumps(event) + b"\n\n"
             except KilnError as e:
@@ -504,7 +526,7 @@ class App:
         input_name = examples.check_method(key, handle.engine.signature(key), method)
         return await self.execute(handle, key, {input_name: serialized}, exchange)
 
-    def _handle(self, target: Target, exchange: Exchange):
+    def _hold(self, target: ModelSpec, exchange: Exchange):
         exchange.model = target.name if target.name in self.repository.names() else ""
         return self.repository.handle(target.name, version=target.version, label=target.label)
 
@@ -529,45 +551,10 @@ def _deadline(request: Request) -> float | None:
     return deadline if request.deadline is None else min(deadline, request.deadline)
 
 
-def _target(match: re.Match) -> Target:
+def _model_spec(match: re.Match) -> ModelSpec:
     version, label = match["version"], match["label"]
-    return Target(unquote(match["name"]), int(version) if version is not None else None,
+    return ModelSpec(unquote(match["name"]), int(version) if version is not None else None,
                   unquote(label) if label is not None else None)
-
-
-def default_signature(engine) -> tuple[str, Signature]:
-    """The signature the Open Inference Protocol, which has none, reaches: serving_default, or the
-    only one."""
-    if DEFAULT_SIGNATURE in engine.signatures:
-        return DEFAULT_SIGNATURE, engine.signatures[DEFAULT_SIGNATURE]
-    if len(engine.signatures) == 1:
-        return next(iter(engine.signatures.items()))
-    raise InvalidInput(f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
-                       f"({', '.join(engine.signatures)}); name one with the request parameter signature_name")
-
-
-def oip_signature(engine, parameters: Mapping) -> tuple[str, Signature]:
-    """An infer request's signature: the one its `signature_name` parameter names (Kiln's, after TF
-    Serving's field: the Open Inference Protocol has no such notion), else default_signature's."""
-    key = parameters.get("signature_name")
-    if key is None:
-        return default_signature(engine)
-    if not isinstance(key, str):
-        raise InvalidInput(f"the request: parameter signature_name must be a string, got {key!r}")
-    return key, engine.signature(key)
-
-
-def _signature_def(signature: Signature) -> dict:
-    return {"inputs": {s.name: _tensor_info(s) for s in signature.inputs},
-            "outputs": {s.name: _tensor_info(s) for s in signature.outputs},
-            "method_name": signature.method}
-
-
-def _tensor_info(spec: TensorSpec) -> dict:
-    """TF Serving's TensorInfo as JSON; a shape of unknown rank is no dims and unknown_rank true."""
-    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape or ()]
-    return {"dtype": DTYPE_ENUM.get(spec.dtype, "DT_INVALID"), "name": spec.name,
-            "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None}}
 
 
 def _json(body: dict, status: int = 200) -> Response:

@@ -39,6 +39,10 @@ class StorageError(KilnError):
     """A model store that cannot be read: unreachable after retries, or refusing access."""
 
 
+class KeyNotFound(StorageError):
+    """The store answered, and it holds nothing at this key."""
+
+
 class Unauthenticated(KilnError):
     """A request without credentials where the server requires them."""
 
@@ -125,8 +129,6 @@ def retryable(error: BaseException) -> bool:
     comes back the same, but 409: a session conflict, which a retry may win. 501 (Unsupported) is
     permanent: the same request stays unsupported. A missing object (KeyNotFound) is gone for good.
     Other 5xx, and errors that are not Kiln's (a bug), may pass."""
-    from runtime.storage import KeyNotFound  # runtime.storage builds on this module
-
     http = status_of(error)[0]
     return not isinstance(error, KeyNotFound) and (http == 409 or not (400 <= http < 500 or http == 501))
 

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime.errors import ConfigError
+from runtime.errors import ConfigError, KilnError
 from runtime.version_policy import Latest, Specific, VersionPolicy
 
 Format = Literal["text", "yaml", "json"]
@@ -106,14 +106,25 @@ class ModelConfigList(_Model):
         return self
 
 
-def load_model_config(path: str | Path) -> ModelConfigList:
-    """Read a local configuration file, its format chosen by its extension."""
-    format = format_of(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
-    return parse_model_config(data, format, source=str(path))
+def load_model_config(location: str | Path) -> ModelConfigList:
+    """Read a configuration file, a local path or in a store (s3://, gs://), its format chosen by its
+    extension (KILN_MODEL_CONFIG_FILE, --model_config_file)."""
+    from runtime.storage import open_storage, split_location
+
+    location = str(location)
+    format = format_of(location)
+    if "://" in location:
+        parent, name = split_location(location)
+        try:
+            data = open_storage(parent).read_bytes(name)
+        except KilnError as e:
+            raise ConfigError(f"cannot read the model config file {location}: {e}") from None
+    else:
+        try:
+            data = Path(location).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read the model config file {location}: {e.strerror}") from None
+    return parse_model_config(data, format, source=location)
 
 
 def format_of(path: str | Path) -> Format:
@@ -222,7 +233,8 @@ def _batching_parameters(data: Any, source: str) -> tuple[Any, dict[str, dict[st
         models = models.get("config")
     if not isinstance(models, list):
         return data, {}
-    found, kept = {}, []
+    found: dict[str, dict[str, Any]] = {}
+    kept: list[Any] = []
     for index, model in enumerate(models):
         if isinstance(model, dict) and "batching_parameters" in model:
             model = dict(model)
@@ -231,7 +243,7 @@ def _batching_parameters(data: Any, source: str) -> tuple[Any, dict[str, dict[st
             if not isinstance(overrides, dict):
                 raise ConfigError(f"{where}: expected a mapping of batching parameters")
             parse(overrides, where)
-            found[model.get("name")] = overrides
+            found[str(model.get("name"))] = overrides
         kept.append(model)
     return {**data, "model_config_list": {"config": kept}}, found
 

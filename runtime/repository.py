@@ -21,12 +21,20 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from runtime.engines.base import Engine
-from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound
+from runtime.errors import InvalidInput, KilnError, NotFound
 from runtime.model_config import ModelConfig, ModelConfigList, check_version_labels
 from runtime.servable_cache import FetchedServable, NotPublished, ServableCache
-from runtime.storage import Retry, Storage, open_storage
-from runtime.version_policy import (Load, State, Unload, VersionSnapshot, aspired_versions,
-                                    availability_preserving)
+from runtime.storage import Retry, Storage, open_storage, split_location
+from runtime.version_policy import (
+    Load,
+    Specific,
+    State,
+    Unload,
+    VersionSnapshot,
+    aspired_versions,
+    availability_preserving,
+    missing_versions,
+)
 from runtime.warmup import WarmupDepth, warm_up
 
 log = logging.getLogger(__name__)
@@ -49,12 +57,13 @@ class Version:
 
 
 @dataclass
-class Model:
+class ServedModel:
     config: ModelConfig
     storage: Storage
     directory: str  # the base path's last component: versions are storage/directory/VERSION
     versions: dict[int, Version] = field(default_factory=dict)
     error: str = ""  # why the last poll failed, shown in status until a poll succeeds
+    missing: frozenset[int] = frozenset()  # versions its specific policy names that storage lacks (warned once)
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ class Repository:
         self.cache = cache or ServableCache()
         self.threads = threads
         self._lock = threading.Condition()
-        self._models: dict[str, Model] = {}
+        self._models: dict[str, ServedModel] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._apply_config(config)
@@ -153,8 +162,8 @@ class Repository:
                 if current and current.config.base_path == model_config.base_path:
                     current.config = model_config
                 else:
-                    parent, directory = split_base_path(model_config.base_path)
-                    self._models[model_config.name] = Model(model_config, open_storage(parent, retry=self.retry),
+                    parent, directory = split_location(model_config.base_path)
+                    self._models[model_config.name] = ServedModel(model_config, open_storage(parent, retry=self.retry),
                                                             directory)
             self._configured = {m.name for m in config.models}
 
@@ -173,7 +182,7 @@ class Repository:
                 self._discover(model)
             self._step(model)
 
-    def _discover(self, model: Model) -> None:
+    def _discover(self, model: ServedModel) -> None:
         try:
             names = model.storage.list_children(model.directory)
             published = {int(n) for n in names if n.isdigit()
@@ -183,9 +192,14 @@ class Repository:
                 model.error = f"cannot read versions of model {model.config.name}: {e}"
             log.warning(model.error)
             return
-        aspired = aspired_versions(model.config.version_policy, published)
+        policy = model.config.version_policy
+        aspired = aspired_versions(policy, published)
+        missing = frozenset(missing_versions(policy, published))
+        if missing and missing != model.missing:  # as TF Serving: warned, and the others served
+            log.warning("model %s: versions %s of its specific version policy are not in storage; serving the others",
+                        model.config.name, ", ".join(map(str, sorted(missing))))
         with self._lock:
-            model.error = ""
+            model.error, model.missing = "", missing
             for number in aspired - set(model.versions):
                 model.versions[number] = Version(number)
             for version in model.versions.values():
@@ -193,12 +207,14 @@ class Repository:
                 if version.aspired and version.state is State.END:
                     self._set(version, State.START)  # published again after it was removed
 
-    def _step(self, model: Model) -> None:
+    def _step(self, model: ServedModel) -> None:
         """Carry out the policy's actions for one model until it has none left."""
         while True:
             with self._lock:
                 snapshot = [VersionSnapshot(v.number, v.state, v.aspired) for v in model.versions.values()]
-                action = availability_preserving(snapshot)
+                policy = model.config.version_policy
+                pinned = frozenset(policy.versions) if isinstance(policy, Specific) else frozenset()
+                action = availability_preserving(snapshot, pinned)
                 if action is None:
                     return
                 version = model.versions[action.version]
@@ -208,7 +224,7 @@ class Repository:
             elif isinstance(action, Unload):
                 self._unload(version)
 
-    def _load(self, model: Model, version: Version) -> None:
+    def _load(self, model: ServedModel, version: Version) -> None:
         started = time.perf_counter()
         fetched = None
         try:
@@ -295,7 +311,7 @@ class Repository:
                 self._lock.notify_all()
 
     @staticmethod
-    def _available(model: Model, number: int | None) -> Version:
+    def _available(model: ServedModel, number: int | None) -> Version:
         available = [v for v in model.versions.values() if v.state is State.AVAILABLE]
         if number is None:
             if not available:
@@ -355,14 +371,3 @@ class Repository:
                 if remaining <= 0:
                     return False
                 self._lock.wait(remaining)
-
-
-def split_base_path(base_path: str) -> tuple[str, str]:
-    """A model's base path BASE/NAME as the store at BASE and the directory NAME in it."""
-    trimmed = base_path.rstrip("/")
-    parent, _, directory = trimmed.rpartition("/")
-    if trimmed.startswith("/") and not parent:
-        parent = "/"
-    if not directory or not parent or parent.endswith(":/"):
-        raise ConfigError(f"base path {base_path!r} must name a directory inside a store")
-    return parent, directory

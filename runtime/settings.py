@@ -61,12 +61,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.access import Auth, Cors
 from runtime.batching import BatchingParameters, server_parameters
-from runtime.errors import ConfigError, KilnError
+from runtime.errors import ConfigError
 from runtime.model_config import ModelConfig, ModelConfigList
+
+if TYPE_CHECKING:
+    from runtime.warmup import WarmupDepth
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 _CONNECTION_LIMITS = {"header_timeout_seconds": float, "body_timeout_seconds": float,
@@ -88,7 +91,7 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
     warmup_iterations: int = 1
-    warmup: str = "first"
+    warmup: WarmupDepth = "first"
     redis_url: str | None = None
     session_ttl_seconds: float | None = None
     prediction_cache_seconds: float | None = None
@@ -180,7 +183,6 @@ class Settings:
 
     def model_config(self) -> ModelConfigList:
         """The models to serve: the config file's, the one named, or every NAME in the repository."""
-        from runtime.model_config import format_of, parse_model_config
         from runtime.storage import open_storage
 
         if self.model_base_path:
@@ -188,16 +190,9 @@ class Settings:
 
             return single_model(self.model_name or "default", self.model_base_path)  # TF Serving's default name
         if self.model_config_file:
-            location = self.model_config_file
-            if "://" in location:
-                parent, _, name = location.rpartition("/")
-            else:
-                parent, name = str(Path(location).resolve().parent), Path(location).name
-            try:
-                data = open_storage(parent).read_bytes(name)
-            except KilnError as e:
-                raise ConfigError(f"cannot read the model config file {location}: {e}") from None
-            return parse_model_config(data, format_of(location), source=location)
+            from runtime.model_config import load_model_config
+
+            return load_model_config(self.model_config_file)
         base = self.model_repository.rstrip("/")
         if "://" not in base:
             base = str(Path(base).resolve())

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from runtime.errors import ConfigError, StorageError
+from runtime.errors import ConfigError, KeyNotFound, StorageError
 
 SCHEMES = "a local path, file://PATH, s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]"
 GCS_ENDPOINT = "https://storage.googleapis.com"
@@ -49,10 +49,6 @@ T = TypeVar("T")
 CHUNK_BYTES = 8 << 20
 RANGES_AT_ONCE = 4
 FILES_AT_ONCE = 4
-
-
-class KeyNotFound(StorageError):
-    """The store answered, and it holds nothing at this key."""
 
 
 class ObjectChanged(StorageError):
@@ -172,6 +168,18 @@ def open_storage(url: str, *, retry: Retry = Retry()) -> Storage:
     raise ConfigError(f"model store URL {url!r} is not supported; use {SCHEMES}")
 
 
+def split_location(location: str) -> tuple[str, str]:
+    """A location (a path, file://, s3:// or gs:// URL) as the store holding it and its name there:
+    BASE/NAME as (BASE, NAME). A model's base path, a config file's location, an object to score."""
+    trimmed = location.rstrip("/")
+    parent, _, name = trimmed.rpartition("/")
+    if trimmed.startswith("/") and not parent:
+        parent = "/"
+    if not name or not parent or parent.endswith(":/"):
+        raise ConfigError(f"{location!r} must name a directory or file inside a store")
+    return parent, name
+
+
 def key_parts(key: str) -> list[str]:
     """The path components of a key, refusing any that would leave the store's root."""
     parts = key.strip("/").split("/") if key.strip("/") else []
@@ -223,7 +231,8 @@ class LocalStorage:
 
     def list_keys(self, prefix: str = "") -> list[str]:
         top = self.path(prefix)
-        keys, errors = [], []
+        keys: list[str] = []
+        errors: list[OSError] = []
         for directory, subdirectories, files in os.walk(top, onerror=errors.append):
             subdirectories.sort()
             relative = Path(directory).relative_to(self.root).as_posix()
@@ -383,8 +392,15 @@ class S3Storage:
     def _transient_cause(self, error: Exception, what: str) -> str:
         """The phrased cause of a failure worth retrying; raises at once for any other."""
         from boto3.exceptions import RetriesExceededError
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError, HTTPClientError,
-                                         IncompleteReadError, ReadTimeoutError, ResponseStreamingError)
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
         from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
         if isinstance(error, ClientError):

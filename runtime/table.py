@@ -1,8 +1,18 @@
-"""A manifest as the tables `kiln inspect` and `kiln compile` print for a person."""
+"""Plain-text tables for a person: a manifest as `kiln inspect` and `kiln compile` print it, and the
+warmpool commands' tables."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from runtime.manifest import Manifest, TensorSpec, show_shape
+
+
+def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Rows (the first a header) in columns two spaces apart; the columns in `right` right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
 def render(manifest: Manifest) -> str:
@@ -27,10 +37,7 @@ def render(manifest: Manifest) -> str:
     for key, sig in manifest.signatures.items():
         rows.append((key, sig.method.rsplit("/", 1)[-1], sig.engine + (" (jit)" if sig.jit else ""),
                      _specs(sig.inputs), _specs(sig.outputs)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines.append("")
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    lines += ["", table(rows)]
     for key, sig in manifest.signatures.items():
         if sig.reason:
             lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")

@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE
 from runtime.engines.base import Engine, synthetic_inputs
 from runtime.errors import KilnError, ServableError
 from runtime.tfrecord import read_records
@@ -36,7 +37,6 @@ WARMUP_DIR = "assets.extra"
 TF_SERVING_WARMUP = "tf_serving_warmup_requests"
 KILN_WARMUP = "kiln_warmup.json"
 WARMUP_FILES = (TF_SERVING_WARMUP, KILN_WARMUP)
-DEFAULT_SIGNATURE = "serving_default"
 
 
 WarmupDepth = Literal["first", "all"]

@@ -157,16 +157,17 @@ OIP_KINDS = tuple(dtype for dtype in oip.DATATYPE_OF if dtype != "string") + (TE
 @PROPERTIES
 @given(st.data(), st.one_of(st.none(), st.text(max_size=8)))
 def test_oip_round_trips(data, request_id):
-    """encode_infer's response, as the server writes it, sent back as the inputs of an infer request;
+    """write_infer's response, as the server writes it, sent back as the inputs of an infer request;
     zero-sized dimensions too, since OIP states the shape."""
     kinds = data.draw(st.lists(st.sampled_from(OIP_KINDS), min_size=1, max_size=3))
     named = {f"t{i}": data.draw(tensors(kind, data.draw(array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=3))))
              for i, kind in enumerate(kinds)}
-    response = orjson.dumps(oip.encode_infer("m", 1, named, None, request_id), option=orjson.OPT_SERIALIZE_NUMPY)
+    response, header_length = oip.write_infer("m", 1, named, oip.InferRequest({}, id=request_id))
+    assert header_length is None  # all JSON
     body = b'{"inputs":' + response[response.index(b'"outputs":') + len(b'"outputs":'):]
-    inputs, names, got_id = oip.decode_infer(body, signature(named, kinds))
-    assert names is None and got_id == request_id
-    assert_all_identical(inputs, named)
+    decoded = oip.read_infer(body, signature(named, kinds))
+    assert decoded.outputs is None and decoded.id == request_id
+    assert_all_identical(decoded.inputs, named)
 
 
 TENSOR_PROTO_KINDS = NUMERIC + ("complex64", "complex128", BINARY)
@@ -251,4 +252,4 @@ def test_tensor_proto_impossible_shapes_are_invalid_input(shape, dtype, values):
 def test_oip_impossible_shapes_are_invalid_input(shape):
     body = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}).encode()
     with pytest.raises(InvalidInput):
-        oip.decode_infer(body, Signature(engine="saved-model", inputs=(), outputs=()))
+        oip.read_infer(body, Signature(engine="saved-model", inputs=(), outputs=()))

@@ -136,7 +136,7 @@ def test_format_of_urls_and_unknown_extensions():
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"nope\.config: cannot be read: No such file"):
+    with pytest.raises(ConfigError, match=r"cannot read the model config file .*nope\.config: No such file"):
         load_model_config(tmp_path / "nope.config")
 
 

@@ -182,6 +182,27 @@ def test_versions_added_and_removed_while_polling(store, tmp_path):
         repo.stop()
 
 
+def test_a_specific_policy_warns_of_missing_versions_and_keeps_its_own_loaded(store, tmp_path, caplog):
+    """TF Serving's rules for a specific version policy: versions it names that storage lacks are
+    warned about (once) while the others are served; a listed version withdrawn from storage stays
+    loaded (pinned by the configuration), where a latest policy would fall back."""
+    for version in (1, 2):
+        store.publish(version)
+    with caplog.at_level("WARNING", logger="runtime.repository"):
+        repo = repository(store, tmp_path, poll_seconds=0.05, version_policy=Specific(versions=(1, 2, 4)))
+    try:
+        assert {v for v, s in states(repo).items() if s is State.AVAILABLE} == {1, 2}
+        store.remove(1)
+        time.sleep(0.5)  # several polls
+        assert states(repo)[1] is State.AVAILABLE
+        assert served_version(repo, version=1) == 1
+    finally:
+        repo.stop()
+    warnings = [r.getMessage() for r in caplog.records if "not in storage" in r.getMessage()]
+    assert warnings == [f"model digits: versions {missing} of its specific version policy are not in storage; "
+                        f"serving the others" for missing in ("4", "1, 4")]  # once per change, not per poll
+
+
 def test_reload_adds_and_removes_models_and_checks_labels(store, tmp_path):
     store.publish(1)
     store.publish(1, name="other")

@@ -18,7 +18,7 @@ from runtime.errors import InvalidInput
 from runtime.sessions import encoding
 from runtime.sessions.encoding import FormatError, decode, encode, pack, unpack
 from runtime.sessions.keys import SessionKeys
-from runtime.sessions.manifest import Manifest, TensorEntry, version_of
+from runtime.sessions.manifest import SessionManifest, TensorEntry, version_of
 
 DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "float32", "float64", "complex64", "complex128")
@@ -137,11 +137,11 @@ def test_a_forged_header_is_checked_field_by_field():
 
 
 def test_the_manifest_round_trips_and_names_its_chunks():
-    manifest = Manifest(version=7, write_id="0123456789abcdef", fingerprint="m/1/ab", ttl_ms=1000, history_ttl_ms=2000,
+    manifest = SessionManifest(version=7, write_id="0123456789abcdef", fingerprint="m/1/ab", ttl_ms=1000, history_ttl_ms=2000,
                         history=True, tensors=(TensorEntry(name="k", chunks=2), TensorEntry(name="v", chunks=0)))
     value = manifest.value()
     assert value.startswith(b"7\n") and version_of(value) == 7
-    assert Manifest.parse(value) == manifest
+    assert SessionManifest.parse(value) == manifest
     keys = SessionKeys("acme", "s1")
     assert manifest.chunk_keys(keys) == [[f"kiln:{{acme:s1}}:chunk:0123456789abcdef:0:{part}" for part in range(3)],
                                          ["kiln:{acme:s1}:chunk:0123456789abcdef:1:0"]]
@@ -159,7 +159,7 @@ def test_the_manifest_round_trips_and_names_its_chunks():
 ])
 def test_an_unreadable_manifest_is_a_format_error(value, message):
     with pytest.raises(FormatError, match=message):
-        Manifest.parse(value)
+        SessionManifest.parse(value)
 
 
 def test_the_version_is_read_as_the_compare_and_set_script_reads_it():

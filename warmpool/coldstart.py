@@ -87,7 +87,7 @@ def _run_once(target: str, cache_dir: Path, signature: str | None) -> dict:
 
 def render(result: dict) -> str:
     """The phases as a table, with their shares of the total."""
-    from warmpool.table import table
+    from runtime.table import table
 
     total = result["total_seconds"]
     rows = [(name.replace("_", " "), f"{seconds * 1000:.1f}", f"{100 * seconds / total:.1f}%")

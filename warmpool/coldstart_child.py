@@ -32,9 +32,9 @@ def main(started: float) -> None:
     import runtime.storage as storage_module
     from runtime.engines.base import Engine, synthetic_inputs
     from runtime.errors import KilnError
-    from runtime.repository import split_base_path, warm_up
+    from runtime.repository import warm_up
     from runtime.servable_cache import FetchedServable, ServableCache
-    from runtime.storage import open_storage
+    from runtime.storage import open_storage, split_location
 
     if target.startswith(("s3://", "gs://")):
         import boto3  # noqa: F401  (what opening the store imports)
@@ -57,7 +57,7 @@ def main(started: float) -> None:
         if version is None and "://" not in target and (Path(target) / "manifest.json").is_file():
             fetched = FetchedServable(Path(target), verified=False)  # a servable outside any repository
         else:
-            parent, name = split_base_path(base_path if version is not None else target)
+            parent, name = split_location(base_path if version is not None else target)
             storage = open_storage(parent)
             if version is None:  # BASE/NAME: its newest published version
                 published = [int(n) for n in storage.list_children(name)
@@ -123,4 +123,6 @@ def _default_signature(engine) -> str:
         from runtime.errors import KilnError
 
         raise KilnError("every signature takes strings: no request can be synthesized; pass --signature")
-    return "serving_default" if "serving_default" in usable else usable[0]
+    from runtime.codecs.tfserving import DEFAULT_SIGNATURE
+
+    return DEFAULT_SIGNATURE if DEFAULT_SIGNATURE in usable else usable[0]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
 from runtime.errors import ConfigError, KilnError
-
 
 
 def plan(args) -> int:
@@ -31,8 +30,8 @@ def plan(args) -> int:
 
 
 def render_plan(plan) -> str:
+    from runtime.table import table
     from warmpool.plan import show_days, show_time
-    from warmpool.table import table
 
     def number(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -58,7 +57,7 @@ def apply(args) -> int:
     from warmpool.plan import Plan
 
     plan_ = read_model(Plan, args.plan)
-    at = _moment(args.at) if args.at else datetime.now(timezone.utc)
+    at = _moment(args.at) if args.at else datetime.now(UTC)
     if bool(args.lambda_function) == bool(args.cloud_run_service):
         raise ConfigError("give one of --lambda-function NAME or --cloud-run-service [PATH]")
     if args.lambda_function:
@@ -125,6 +124,6 @@ def _moment(text: str) -> datetime:
     from warmpool.plan import parse_timestamp
 
     try:
-        return datetime.fromtimestamp(parse_timestamp(text), timezone.utc)
+        return datetime.fromtimestamp(parse_timestamp(text), UTC)
     except ValueError as e:
         raise KilnError(f"--at: {e}") from None

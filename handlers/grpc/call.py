@@ -4,7 +4,6 @@ the metrics and the access log. Every service module (tfserving, oip, generation
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +20,13 @@ T = TypeVar("T")
 OPEN_APIS = frozenset({"health"})  # as REST health: probes need no key
 
 
+class Service:
+    """What every servicer holds: the core it adapts to."""
+
+    def __init__(self, app: App):
+        self.app = app
+
+
 def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """The call's text metadata, by lower-case key (the headers of gRPC)."""
     return text(context.invocation_metadata())
@@ -35,28 +41,20 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
                      authenticate: Callable[[Mapping[str, str]], str | None] | None = None) -> T:
     """Serve one call: what every servicer method does around its own work. `authenticate`: who the
     metadata names (default: the tenant of its API key; reload asks for an administrator instead)."""
-    exchange = Exchange("grpc", api=api)
     metadata = text_metadata(context)
-    token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
-    context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
-    code, message = "OK", ""
-    try:
-        if api not in OPEN_APIS:
-            exchange.tenant = (authenticate or app.auth.tenant)(metadata)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            exchange.deadline = time.monotonic() + remaining
-        return await work(exchange)
-    except KilnError as e:
-        code, message = status_of(e)[1], str(e)
-    except asyncio.CancelledError:  # grpc ended the call: its deadline passed, or the client left
-        passed = exchange.deadline is not None and time.monotonic() >= exchange.deadline
-        code = "DEADLINE_EXCEEDED" if passed else "CANCELLED"
-        raise
-    except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback
-        log.exception("internal error serving gRPC %s", api)
-        code, message = "INTERNAL", "internal error"
-    finally:
-        app.finished(exchange, code, f"gRPC {api}")
-        logs.request_id.reset(token)
-    await context.abort(grpc.StatusCode[code], message)
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    with app.exchange("grpc", api, what=f"gRPC {api}", request_id=metadata.get("x-request-id"),
+                      deadline=deadline) as exchange:
+        context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
+        try:
+            if api not in OPEN_APIS:
+                exchange.tenant = (authenticate or app.auth.tenant)(metadata)
+            return await work(exchange)
+        except KilnError as e:
+            exchange.status, message = status_of(e)[1], str(e)
+        except Exception:  # a bug: the client gets INTERNAL, the log gets the traceback
+            log.exception("internal error serving gRPC %s", api)
+            exchange.status, message = "INTERNAL", "internal error"
+    await context.abort(grpc.StatusCode[exchange.status], message)
+    raise AssertionError("context.abort returned")  # it raises, ending the call

@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc.call import serve_call, text_metadata
-from runtime.app import App, Exchange
+from handlers.grpc.call import Service, serve_call, text_metadata
+from runtime.app import Exchange
 from runtime.protos import generated_module
 from runtime.sessions import generate as generation
 from runtime.sessions.services import tenant_of
@@ -18,10 +18,7 @@ _messages = generated_module("kiln.generation_pb2")
 _service = generated_module("kiln.generation_pb2_grpc")
 
 
-class GenerationService(_service.GenerationServicer):
-    def __init__(self, app: App):
-        self.app = app
-
+class GenerationService(_service.GenerationServicer, Service):  # type: ignore[name-defined]  # generated
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         async def work(exchange: Exchange) -> None:
             generate_request = _request(request)

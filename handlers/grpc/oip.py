@@ -24,10 +24,11 @@ from typing import Any
 
 import grpc
 
-from handlers.grpc.call import serve_call, text_metadata
+from handlers.grpc.call import Service, serve_call, text_metadata
 from runtime import __version__
-from runtime.app import App, Exchange, default_signature, oip_signature
+from runtime.app import Exchange
 from runtime.codecs import oip_grpc
+from runtime.codecs.oip import default_signature, oip_signature
 from runtime.errors import NotFound
 from runtime.protos import generated_module
 from runtime.repository import ServableHandle
@@ -37,10 +38,7 @@ _service = generated_module("grpc_service_pb2")
 _service_grpc = generated_module("grpc_service_pb2_grpc")
 
 
-class InferenceService(_service_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, app: App):
-        self.app = app
-
+class InferenceService(_service_grpc.GRPCInferenceServiceServicer, Service):  # type: ignore[name-defined]  # generated
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await serve_call(self.app, context, "health", partial(self._live, request))
 

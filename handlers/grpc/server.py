@@ -37,7 +37,7 @@ def add_service(server: grpc.aio.Server, servicer: Any, module: Any, service: st
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
 
-        async def call(raw: bytes, context: grpc.aio.ServicerContext, behavior=getattr(servicer, method.name),
+        async def call(raw: bytes, context: grpc.aio.ServicerContext, behavior=getattr(servicer, method.name),  # noqa: B008 (bound per method)
                        request_class=request_class) -> Any:
             try:
                 request = request_class.FromString(raw)

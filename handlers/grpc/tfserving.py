@@ -16,17 +16,18 @@ import logging
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
-from handlers.grpc.call import serve_call
-from runtime.app import DTYPE_ENUM, REPORTED_STATE, App, Exchange
+from handlers.grpc.call import Service, serve_call
+from runtime.app import App, Exchange
 from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE, model_status, signature_def
 from runtime.errors import InvalidInput
-from runtime.manifest import CLASSIFY, REGRESS, Signature, TensorSpec
+from runtime.manifest import CLASSIFY, REGRESS
 from runtime.protos import generated_module
 
 log = logging.getLogger(__name__)
-DEFAULT_SIGNATURE = "serving_default"  # TF Serving's kDefaultServingSignatureDefKey
 
 _predict = generated_module("tensorflow_serving.apis.predict_pb2")
 _classification = generated_module("tensorflow_serving.apis.classification_pb2")
@@ -40,7 +41,7 @@ _prediction_grpc = generated_module("tensorflow_serving.apis.prediction_service_
 _model_grpc = generated_module("tensorflow_serving.apis.model_service_pb2_grpc")
 
 
-def _target(spec: Any) -> dict[str, Any]:
+def _version_keywords(spec: Any) -> dict[str, Any]:
     """ModelSpec -> the repository's (name, version, label) keywords."""
     choice = spec.WhichOneof("version_choice")
     return {"name": spec.name,
@@ -55,10 +56,7 @@ def _spec_of(response_spec: Any, name: str, version: int, signature_name: str | 
         response_spec.signature_name = signature_name
 
 
-class PredictionService(_prediction_grpc.PredictionServiceServicer):
-    def __init__(self, app: App):
-        self.app = app
-
+class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  # type: ignore[name-defined]  # generated
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await serve_call(self.app, context, "predict", lambda exchange: self._predict(request, exchange))
 
@@ -83,7 +81,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
     async def _predict(self, request: Any, exchange: Exchange) -> Any:
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         inputs = {name: to_ndarray(tensor) for name, tensor in request.inputs.items()}
-        with self.app.repository.handle(**_target(request.model_spec)) as handle:
+        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.execute(handle, key, inputs, exchange)
             version = handle.version
         wanted = list(request.output_filter) or list(outputs)
@@ -101,7 +99,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
         """Classify or Regress: one signature over the request's tf.Examples."""
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         serialized = examples.from_input(request.input)
-        with self.app.repository.handle(**_target(request.model_spec)) as handle:
+        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.run_examples(handle, key, method, serialized, exchange)
             version = handle.version
         response = (_classification.ClassificationResponse() if method == CLASSIFY
@@ -130,7 +128,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
                                    f"supported: {CLASSIFY}, {REGRESS}")
         serialized = examples.from_input(request.input)
         response = _inference.MultiInferenceResponse()
-        with self.app.repository.handle(**_target(specs[0])) as handle:
+        with self.app.repository.handle(**_version_keywords(specs[0])) as handle:
             for task, key in zip(request.tasks, keys):
                 outputs = await self.app.run_examples(handle, key, task.method_name, serialized, exchange)
                 result = response.results.add()
@@ -146,14 +144,14 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer):
         unsupported = [field for field in fields if field != "signature_def"]
         if unsupported:
             raise InvalidInput(f"Metadata field {unsupported[0]} is not supported")
-        with self.app.repository.handle(**_target(request.model_spec)) as handle:
+        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
             signatures = dict(handle.engine.signatures)
             version = handle.version
         response = _metadata.GetModelMetadataResponse()
         _spec_of(response.model_spec, request.model_spec.name, version, None)
-        signature_map = _metadata.SignatureDefMap()
-        for key, signature in signatures.items():
-            _signature_def(signature, signature_map.signature_def[key])
+        signature_map = json_format.ParseDict(
+            {"signature_def": {key: signature_def(signature) for key, signature in signatures.items()}},
+            _metadata.SignatureDefMap())
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
@@ -172,23 +170,7 @@ def _fill_result(result: Any, outputs: dict, method: str) -> None:
                 added.score = score
 
 
-def _signature_def(signature: Signature, message: Any) -> None:
-    message.method_name = signature.method
-    for specs, infos in ((signature.inputs, message.inputs), (signature.outputs, message.outputs)):
-        for spec in specs:
-            _tensor_info(spec, infos[spec.name])
-
-
-def _tensor_info(spec: TensorSpec, info: Any) -> None:
-    info.name = spec.name
-    info.dtype = _types.DataType.Value(DTYPE_ENUM.get(spec.dtype, "DT_INVALID"))
-    if spec.shape is None:
-        info.tensor_shape.unknown_rank = True
-    for size in spec.shape or ():
-        info.tensor_shape.dim.add(size=-1 if size is None else size)
-
-
-class ModelService(_model_grpc.ModelServiceServicer):
+class ModelService(_model_grpc.ModelServiceServicer):  # type: ignore[name-defined]  # generated
     def __init__(self, app: App):
         """Made at start-up: the roots a reload may name are fixed here, from the configuration before
         any reload (runtime.access.Reload)."""
@@ -217,15 +199,10 @@ class ModelService(_model_grpc.ModelServiceServicer):
         return await serve_call(self.app, context, "reload_config", work, authenticate=self.app.auth.admin)
 
     def _get_model_status(self, request: Any) -> Any:
-        target = _target(request.model_spec)
+        target = _version_keywords(request.model_spec)
         version = target["version"]
         if target["label"] is not None:
             with self.app.repository.handle(**target) as handle:
                 version = handle.version
         status = self.app.repository.status(target["name"], version)
-        response = _status.GetModelStatusResponse()
-        for v in status.versions:
-            response.model_version_status.add(
-                version=v.version, state=_status.ModelVersionStatus.State.Value(REPORTED_STATE[v.state]),
-                status={"error_code": 2 if v.error else 0, "error_message": v.error})  # UNKNOWN or OK
-        return response
+        return json_format.ParseDict(model_status(status.versions), _status.GetModelStatusResponse())

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
 
-from runtime.codecs.tfserving import loads, string_array
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE, loads, string_array
 from runtime.errors import InvalidInput, Unsupported, shown
 from runtime.manifest import Signature, TensorSpec, show_shape
 
@@ -56,12 +56,6 @@ class InferRequest:
 
     def binary(self, name: str) -> bool:
         return self.binary_outputs.get(name, self.binary_default)
-
-
-def decode_infer(body: bytes, signature: Signature) -> tuple[dict[str, np.ndarray], list[str] | None, str | None]:
-    """(inputs by name, requested output names or None for all, request id) of a JSON request."""
-    request = read_infer(body, signature)
-    return request.inputs, request.outputs, request.id
 
 
 def read_infer(body: bytes, signature: Signature, header_length: str | int | None = None) -> InferRequest:
@@ -280,12 +274,6 @@ def to_raw(array: np.ndarray) -> tuple[str, bytes]:
     return kind, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def encode_infer(model: str, version: int, outputs: dict[str, np.ndarray], names: list[str] | None,
-                 request_id: str | None) -> dict:
-    chosen = names if names is not None else list(outputs)
-    return _response(model, version, [_output(name, outputs[name]) for name in chosen], request_id)
-
-
 def write_infer(model: str, version: int, outputs: dict[str, np.ndarray], request: InferRequest,
                 parameters: dict | None = None) -> tuple[bytes, int | None]:
     """The response body (with the response's `parameters`, if any), and the length of its JSON
@@ -321,7 +309,7 @@ def _output(name: str, array: np.ndarray) -> dict:
         kind, data = datatype(array.dtype.name), array.ravel()
         if array.dtype.kind == "f" and not np.isfinite(data).all():
             # orjson would write null, which reads back as NaN; the standard encoder writes NaN,
-            # Infinity and -Infinity bare, as Triton does and as decode_infer reads them.
+            # Infinity and -Infinity bare, as Triton does and as read_infer reads them.
             data = orjson.Fragment(json.dumps(data.tolist(), allow_nan=True, separators=(",", ":")))
     return {"name": name, "shape": list(array.shape), "datatype": kind, "data": data}
 
@@ -335,3 +323,25 @@ def _spec(spec: TensorSpec) -> dict:
     """A tensor's metadata; the protocol has no unknown rank, so one is a single dynamic dimension, [-1]."""
     shape = [-1] if spec.shape is None else [-1 if d is None else d for d in spec.shape]
     return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": shape}
+
+
+def default_signature(engine) -> tuple[str, Signature]:
+    """The signature the Open Inference Protocol, which has none, reaches: serving_default, or the
+    only one."""
+    if DEFAULT_SIGNATURE in engine.signatures:
+        return DEFAULT_SIGNATURE, engine.signatures[DEFAULT_SIGNATURE]
+    if len(engine.signatures) == 1:
+        return next(iter(engine.signatures.items()))
+    raise InvalidInput(f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
+                       f"({', '.join(engine.signatures)}); name one with the request parameter signature_name")
+
+
+def oip_signature(engine, parameters: Mapping) -> tuple[str, Signature]:
+    """An infer request's signature: the one its `signature_name` parameter names (Kiln's, after TF
+    Serving's field: the Open Inference Protocol has no such notion), else default_signature's."""
+    key = parameters.get("signature_name")
+    if key is None:
+        return default_signature(engine)
+    if not isinstance(key, str):
+        raise InvalidInput(f"the request: parameter signature_name must be a string, got {key!r}")
+    return key, engine.signature(key)

@@ -17,9 +17,18 @@ import numpy as np
 import orjson
 
 from runtime.errors import InvalidInput, shown
-from runtime.manifest import Signature
+from runtime.manifest import Signature, TensorSpec
+from runtime.version_policy import State
 
-DEFAULT_SIGNATURE = "serving_default"
+DEFAULT_SIGNATURE = "serving_default"  # TF Serving's kDefaultServingSignatureDefKey
+# TF Serving's ModelVersionStatus states: a failed load is END with an error status.
+REPORTED_STATE = {State.START: "START", State.LOADING: "LOADING", State.AVAILABLE: "AVAILABLE",
+                  State.UNLOADING: "UNLOADING", State.END: "END", State.ERROR: "END"}
+DTYPE_ENUM = {"float16": "DT_HALF", "bfloat16": "DT_BFLOAT16", "float32": "DT_FLOAT", "float64": "DT_DOUBLE",
+              "int8": "DT_INT8", "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64",
+              "uint8": "DT_UINT8", "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64",
+              "bool": "DT_BOOL", "string": "DT_STRING", "complex64": "DT_COMPLEX64",
+              "complex128": "DT_COMPLEX128"}
 
 
 @dataclass(frozen=True)
@@ -309,3 +318,26 @@ def _map_strings(value, as_b64: bool):
     if as_b64:
         return {"b64": base64.b64encode(value).decode()}
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def model_status(versions) -> dict:
+    """TF Serving's GetModelStatusResponse as JSON, from the repository's version statuses (REST answers
+    it, gRPC parses it into its message)."""
+    return {"model_version_status": [
+        {"version": str(v.version), "state": REPORTED_STATE[v.state],
+         "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error}}
+        for v in versions]}
+
+
+def signature_def(signature: Signature) -> dict:
+    """TF Serving's SignatureDef as JSON (the REST metadata; gRPC parses the same document)."""
+    return {"inputs": {s.name: tensor_info(s) for s in signature.inputs},
+            "outputs": {s.name: tensor_info(s) for s in signature.outputs},
+            "method_name": signature.method}
+
+
+def tensor_info(spec: TensorSpec) -> dict:
+    """TF Serving's TensorInfo as JSON; a shape of unknown rank is no dims and unknown_rank true."""
+    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape or ()]
+    return {"dtype": DTYPE_ENUM.get(spec.dtype, "DT_INVALID"), "name": spec.name,
+            "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None}}

@@ -36,9 +36,8 @@ from runtime.codecs.tfserving import DEFAULT_SIGNATURE, b64_bytes
 from runtime.engines.base import Engine, check_inputs
 from runtime.errors import ConfigError, InvalidInput, NotFound
 from runtime.manifest import MANIFEST_FILE, Manifest, Signature, TensorSpec, read_manifest
-from runtime.repository import split_base_path
 from runtime.servable_cache import ServableCache
-from runtime.storage import LocalStorage, Storage, open_storage
+from runtime.storage import LocalStorage, Storage, open_storage, split_location
 
 Columns = Mapping[str, Any]  # input name -> an array (batch first) or one value per row
 
@@ -63,7 +62,7 @@ def locate(servable: str | os.PathLike) -> Located:
     if "://" not in text:
         text = str(Path(text).resolve())  # so that a relative NAME/VERSION still has a store above it
     parent, _, last = text.rpartition("/")
-    store, name = split_base_path(parent if last.isdigit() else text)
+    store, name = split_location(parent if last.isdigit() else text)
     storage = open_storage(store)
     return Located(storage, name, int(last) if last.isdigit() else _newest(storage, name))
 

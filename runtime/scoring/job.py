@@ -29,7 +29,8 @@ import numpy as np
 import orjson
 
 from runtime.app import Exchange
-from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, ResourceExhausted, status_of
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE
+from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, ResourceExhausted
 from runtime.manifest import Signature
 from runtime.scoring.formats import Chunk, Counting, Rows, error_line, open_rows, prediction_lines
 from runtime.scoring.pipeline import Part, Pipeline
@@ -74,7 +75,7 @@ def default_model(app, name: str | None) -> str:
 
 
 async def score_object(app, source: str, output_prefix: str, *, model: str | None = None,
-                       signature: str = "serving_default", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                       signature: str = DEFAULT_SIGNATURE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                        part_rows: int = DEFAULT_PART_ROWS, name: str | None = None,
                        progress: Progress | None = None) -> ScoreResult:
     """Score every row of `source` with the model's signature and write the results under
@@ -94,22 +95,15 @@ async def score_object(app, source: str, output_prefix: str, *, model: str | Non
                            f".csv (optionally followed by .gz)")
     model_name = default_model(app, model)
     directory = "/".join(key_parts(f"{name or located.name}{RESULTS_SUFFIX}"))
-    exchange = Exchange("batch", api="score")
-    status = "OK"
-    try:
-        with app.repository.handle(model_name) as handle:
-            spec = handle.engine.signature(signature)
-            if not spec.batched:
-                raise InvalidInput(f"signature '{signature}' of model {model_name} has no batch dimension: it "
-                                   f"takes one request, not rows")
-            job = _Job(app, handle, signature, spec, located, kind, output, directory, exchange,
-                       chunk_rows, part_rows, progress)
-            return await job.run()
-    except BaseException as e:
-        status = status_of(e)[1] if isinstance(e, Exception) else "CANCELLED"
-        raise
-    finally:
-        app.finished(exchange, status, f"score {source}")
+    with app.exchange("batch", "score", what=f"score {source}") as exchange, \
+            app.repository.handle(model_name) as handle:
+        spec = handle.engine.signature(signature)
+        if not spec.batched:
+            raise InvalidInput(f"signature '{signature}' of model {model_name} has no batch dimension: it "
+                               f"takes one request, not rows")
+        job = _Job(app, handle, signature, spec, located, kind, output, directory, exchange,
+                   chunk_rows, part_rows, progress)
+        return await job.run()
 
 
 class _Job:

@@ -33,8 +33,7 @@ import numpy as np
 from runtime.aligned import aligned_zeros
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
-from runtime.sessions.state import (appended_states, overflowed, past_capacity, trim_state, untrim_state,
-                           write_appended)
+from runtime.sessions.state import appended_states, overflowed, past_capacity, trim_state, untrim_state, write_appended
 
 GATHER_SECONDS = 0.002
 

@@ -174,7 +174,7 @@ class Seated:
         try:
             return await asyncio.wait_for(self.decoder.run(self.seat, key, inputs),
                                           max(0.0, self.deadline - time.monotonic()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it was generating; nothing of it "
                                    "was stored") from None
 

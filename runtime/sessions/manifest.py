@@ -31,7 +31,7 @@ class TensorEntry(BaseModel):
     chunks: int = Field(ge=0)  # data chunks, after the header chunk
 
 
-class Manifest(BaseModel):
+class SessionManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: int = Field(ge=1)
@@ -46,7 +46,7 @@ class Manifest(BaseModel):
         return b"%d\n" % self.version + self.model_dump_json().encode()
 
     @classmethod
-    def parse(cls, value: bytes) -> Manifest:
+    def parse(cls, value: bytes) -> SessionManifest:
         """The manifest in a stored value; FormatError when it is not one, or disagrees with its version."""
         version = version_of(value)
         try:

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from runtime.codecs.tfserving import decode_predict
-from runtime.sessions.state import initial_state, state_after, trim_state, untrim_state
 from runtime.errors import InvalidInput
 from runtime.manifest import Signature
 from runtime.repository import ServableHandle
+from runtime.sessions.state import initial_state, state_after, trim_state, untrim_state
 
 
 def visible(signature: Signature) -> Signature:

@@ -40,12 +40,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import (ConfigError, InvalidInput, KilnError, SessionConflict, SessionCorrupt, SessionNotFound,
-                            SessionStale, StoreUnavailable)
+from runtime.errors import (
+    ConfigError,
+    InvalidInput,
+    KilnError,
+    SessionConflict,
+    SessionCorrupt,
+    SessionNotFound,
+    SessionStale,
+    StoreUnavailable,
+)
 from runtime.sessions.backend import Backend
 from runtime.sessions.encoding import Encoded, FormatError, decode, encode, pack, unpack
 from runtime.sessions.keys import SessionKeys
-from runtime.sessions.manifest import Manifest, TensorEntry, version_of
+from runtime.sessions.manifest import SessionManifest, TensorEntry, version_of
 from runtime.sessions.memory import MemoryBackend
 
 DEFAULT_TTL_SECONDS = 3600.0
@@ -97,7 +105,7 @@ class SessionStore:
                 raise SessionNotFound(f"{named} has no stored state: it expired, was deleted, or was never saved",
                                       history=history)
             try:
-                manifest = Manifest.parse(manifest_value)
+                manifest = SessionManifest.parse(manifest_value)
             except FormatError as e:
                 raise SessionCorrupt(f"{named}: {e}", version=version, history=history) from None
             if history_problem or (manifest.history and history is None):
@@ -142,8 +150,9 @@ class SessionStore:
         history_value = None if history is None else pack(HISTORY, _history_array(history))
         write_id = secrets.token_hex(8)
         entries = tuple(TensorEntry(name=name, chunks=len(e.chunks)) for name, e in zip(names, encoded))
-        manifest = Manifest(version=expected_version + 1, write_id=write_id, fingerprint=fingerprint, ttl_ms=ttl_ms,
-                            history_ttl_ms=history_ttl_ms, history=history is not None, tensors=entries)
+        manifest = SessionManifest(version=expected_version + 1, write_id=write_id, fingerprint=fingerprint,
+                                   ttl_ms=ttl_ms, history_ttl_ms=history_ttl_ms, history=history is not None,
+                                   tensors=entries)
         items = [(key, value) for tensor_keys, e in zip(manifest.chunk_keys(keys), encoded)
                  for key, value in zip(tensor_keys, [e.header, *e.chunks])]
         value = manifest.value()
@@ -156,7 +165,7 @@ class SessionStore:
                                   f"nothing of this one was stored")
         if won and replaced is not None:
             try:
-                old = _chunk_keys(Manifest.parse(replaced), keys)
+                old = _chunk_keys(SessionManifest.parse(replaced), keys)
             except FormatError:
                 old = []  # whatever it pointed to expires with its time to live
             if old:  # off the request's path: one round trip fewer before the answer
@@ -189,12 +198,12 @@ class SessionStore:
         await self.drain()
         await self.backend.close()
 
-    async def _manifest(self, keys: SessionKeys) -> Manifest | None:
+    async def _manifest(self, keys: SessionKeys) -> SessionManifest | None:
         """The session's manifest; None when there is none or it is unreadable (then the chunks it
         may point to expire with their time to live)."""
         (value,) = await self.backend.get([keys.manifest])
         try:
-            return None if value is None else Manifest.parse(value)
+            return None if value is None else SessionManifest.parse(value)
         except FormatError:
             return None
 
@@ -231,11 +240,11 @@ def open_store(url: str | None, **options) -> SessionStore:
     return MemoryStore(**options)
 
 
-def _chunk_keys(manifest: Manifest, keys: SessionKeys) -> list[str]:
+def _chunk_keys(manifest: SessionManifest, keys: SessionKeys) -> list[str]:
     return [key for tensor_keys in manifest.chunk_keys(keys) for key in tensor_keys]
 
 
-def _ttls(manifest: Manifest, keys: SessionKeys, chunk_keys: list[str]) -> dict[str, int]:
+def _ttls(manifest: SessionManifest, keys: SessionKeys, chunk_keys: list[str]) -> dict[str, int]:
     """The time to live every key of the session gets on a load or touch: the manifest's first."""
     ttls = dict.fromkeys([keys.manifest, *chunk_keys], manifest.ttl_ms)
     if manifest.history:
@@ -243,7 +252,7 @@ def _ttls(manifest: Manifest, keys: SessionKeys, chunk_keys: list[str]) -> dict[
     return ttls
 
 
-def _decode(manifest: Manifest, values: list[bytes]) -> dict[str, np.ndarray]:
+def _decode(manifest: SessionManifest, values: list[bytes]) -> dict[str, np.ndarray]:
     tensors, offset = {}, 0
     for entry in manifest.tensors:
         header, array = decode(values[offset], values[offset + 1:offset + 1 + entry.chunks])
