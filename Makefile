@@ -28,7 +28,10 @@ demo: $(STAMP)
 	kiln predict $(SERVABLES)/half_plus_two/1 --input '{"instances": [1.0, 2.0, 5.0]}'
 	kiln serve --model-repository $(SERVABLES) --rest-port 8501 --grpc-port 8500
 
+# Lint and types first (configured in pyproject.toml), then the tests.
 test: $(STAMP)
+	$(PYTHON) -m ruff check runtime handlers warmpool
+	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 .PHONY: setup demo test

@@ -77,7 +77,8 @@ async def _score(settings, inputs: list[str], index: int, count: int) -> int:
         app.repository.stop()
     summary = {"task_index": index, "task_count": count, "objects": len(objects), "assigned": len(mine),
                "scored": sum(not r.skipped for r in results), "skipped": sum(r.skipped for r in results),
-               "failed": len(failed), "rows": sum(r.rows for r in results), "row_errors": sum(r.errors for r in results),
+               "failed": len(failed), "rows": sum(r.rows for r in results),
+               "row_errors": sum(r.errors for r in results),
                "failures": failed[:MAX_LISTED]}  # each is logged on its own as well
     log.info("task %d of %d: %d object(s) scored, %d skipped, %d failed", index, count, summary["scored"],
              summary["skipped"], len(failed), extra={"fields": {"summary": summary}})

@@ -107,8 +107,8 @@ def _cloud_event(headers: Mapping[str, str], body: bytes) -> Event:
 
     missing = [name for name in BINARY_HEADERS if name not in headers]
     if "ce-specversion" in headers and missing:  # else the library reads the body as a structured event
-        raise InvalidInput(f"not a valid CloudEvent: binary content mode needs the headers {', '.join(BINARY_HEADERS)}; "
-                           f"missing: {', '.join(missing)}")
+        raise InvalidInput(f"not a valid CloudEvent: binary content mode needs the headers "
+                           f"{', '.join(BINARY_HEADERS)}; missing: {', '.join(missing)}")
     try:
         event = from_http(dict(headers), body)
     except (GenericException, ValueError, TypeError) as e:

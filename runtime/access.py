@@ -246,7 +246,7 @@ class Cors:
 
     def headers(self, origin: str | None) -> dict[str, str]:
         """Headers for an answer to a request from `origin` (none when it is not allowed)."""
-        if not self.allowed(origin):
+        if origin is None or not self.allowed(origin):
             return {}
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                 "Access-Control-Expose-Headers": EXPOSED_HEADERS}

@@ -19,8 +19,9 @@ num_batch_threads batches of a queue run at once, in the event loop's thread poo
 Back-pressure: a queue holding max_enqueued_batches batches' worth of rows refuses new requests at
 once (ResourceExhausted: 503, RESOURCE_EXHAUSTED). A request whose deadline passes is answered
 DeadlineExceeded at that moment, and if it was still queued it is never run; a cancelled one (its
-client went away) is dropped from the queue. Requests arriving in one event-loop step (the records of one Lambda event) are merged
-without any waiting: a queue is looked at only after the step's other callbacks have run.
+client went away) is dropped from the queue. Requests arriving in one event-loop step (the records
+of one Lambda event) are merged without any waiting: a queue is looked at only after the step's
+other callbacks have run.
 
 Elementwise signatures (any input shape, runtime/manifest.py) are batched as runs of elements: each
 request's inputs are flattened, so requests of different shapes merge without mixing (a "row" is
@@ -162,9 +163,10 @@ class _Queue:
             if deadline is None:
                 return await asyncio.shield(request.future)
             return await asyncio.wait_for(asyncio.shield(request.future), deadline - time.monotonic())
-        except asyncio.TimeoutError:
+        except TimeoutError:
             queued = self._withdraw(request)
-            raise DeadlineExceeded(f"the request's deadline passed {'in the batching queue; it was not run' if queued else 'while its batch ran'}") from None
+            where = "in the batching queue; it was not run" if queued else "while its batch ran"
+            raise DeadlineExceeded(f"the request's deadline passed {where}") from None
         except asyncio.CancelledError:  # the client went away
             self._withdraw(request)
             raise

@@ -206,8 +206,8 @@ def _compile(args) -> int:
 
 
 def _inspect(args) -> int:
-    from runtime.table import render
     from runtime.manifest import read_manifest
+    from runtime.table import render
 
     manifest = read_manifest(args.servable)
     print(manifest.to_json().decode() if args.json else render(manifest))

@@ -37,18 +37,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal, Protocol
 
 import orjson
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from runtime.errors import ServableError
 
 # 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
-# (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1 servables, whose libraries are self-contained, still load.
+# (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1
+# servables, whose libraries are self-contained, still load.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 MANIFEST_FILE = "manifest.json"

@@ -4,8 +4,8 @@ Layout: ROOT/STORE/NAME/VERSION, STORE a hash of the store's URL. A version is d
 hidden staging directory beside its final place, its files FILES_AT_ONCE at a time (each in byte
 ranges fetched concurrently), each checked against its manifest by the size and sha256 computed as
 its bytes arrived (no second pass), and renamed into place whole: a directory under its final
-name is always complete and verified, so the engine may open it with verify=False. Versions are immutable, as in TensorFlow
-Serving: a cached version is never downloaded again.
+name is always complete and verified, so the engine may open it with verify=False. Versions are
+immutable, as in TensorFlow Serving: a cached version is never downloaded again.
 
 A local store (a directory on this machine) is not copied: fetch returns the store's own directory,
 unverified, and the engine checks it when it opens it, as it would without a cache. A copy would
@@ -90,11 +90,12 @@ class ServableCache:
             raise ValueError(f"invalid model name {name!r}: it must be one path component")
         key = (storage.url, name, version)
         with self._lock:
-            flight = self._flights.get(key)
-            leading = flight is None
-            if leading:
+            known = self._flights.get(key)
+            leading = known is None
+            if known is None:
                 flight = self._flights[key] = _Flight()
             else:
+                flight = known
                 flight.callers += 1
         if leading:
             held = None if isinstance(storage, LocalStorage) else self._hold(self._place(storage.url, name, version))

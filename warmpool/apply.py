@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -57,7 +57,7 @@ def apply_lambda(plan: Plan, function: str, alias: str, *, at: datetime | None =
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
-    count = instances_at(plan, at or datetime.now(timezone.utc))
+    count = instances_at(plan, at or datetime.now(UTC))
     result = LambdaResult(function, alias, count)
     try:
         lambda_client = lambda_client or boto3.client("lambda")
@@ -140,7 +140,7 @@ def apply_cloud_run(plan: Plan, path: Path, *, at: datetime | None = None, level
         raise ConfigError(f"level must be auto, service or revision, got {level!r}")
     keys = ["metadata", "annotations"] if level == "service" else ["spec", "template", "metadata", "annotations"]
     annotation = SERVICE_MIN if level == "service" else REVISION_MIN
-    count = instances_at(plan, at or datetime.now(timezone.utc))
+    count = instances_at(plan, at or datetime.now(UTC))
 
     expected = copy.deepcopy(document)
     annotations = expected

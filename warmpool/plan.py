@@ -75,7 +75,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone as dt_timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -168,7 +168,7 @@ def parse_timestamp(value) -> float:
             raise ValueError(f"expected epoch seconds or an ISO 8601 time, got {value!r}") from None
     else:
         raise ValueError(f"expected epoch seconds or an ISO 8601 time, got {value!r}")
-    return (moment if moment.tzinfo else moment.replace(tzinfo=dt_timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 Timestamp = Annotated[float, BeforeValidator(parse_timestamp)]
@@ -440,6 +440,8 @@ def make_plan(schedule: Schedule | None = None, traffic: Sequence[TrafficBucket]
         covering = [bucket for bucket, spans in bucket_spans if _covers(spans, a)]
         if len(covering) > 1:
             raise ConfigError(f"traffic buckets overlap: {covering[0].describe()} and {covering[1].describe()}")
+        rate: float | None
+        latency: float | None
         if covering:
             rate, latency, seen = covering[0].rate, covering[0].latency, covering[0].seen
         else:

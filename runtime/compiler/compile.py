@@ -17,11 +17,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from runtime.compiler.aot import tfcompile
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
@@ -30,8 +30,15 @@ from runtime.compiler.toolchain import Toolchain
 from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
-from runtime.manifest import (FORMAT_VERSION, Manifest, Position, SharedRuntime, Signature, describe_files,
-                              state_problems)
+from runtime.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    Position,
+    SharedRuntime,
+    Signature,
+    describe_files,
+    state_problems,
+)
 from runtime.progress import steps
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ KERNEL_SOURCES = {
     "TypedMatMul<Eigen::half, Eigen::half, Eigen::half>": "xla/backends/cpu/runtime/dot_lib_f16.cc",
     "TypedMatMul<float, float, float>": "xla/backends/cpu/runtime/dot_lib_f32.cc",
     "TypedMatMul<double, double, double>": "xla/backends/cpu/runtime/dot_lib_f64.cc",
-    "TypedMatMul<std::complex<float>, std::complex<float>, std::complex<float> >": "xla/backends/cpu/runtime/dot_lib_c64.cc",
-    "TypedMatMul<std::complex<double>, std::complex<double>, std::complex<double> >": "xla/backends/cpu/runtime/dot_lib_c128.cc",
+    "TypedMatMul<std::complex<float>, std::complex<float>, std::complex<float> >": "xla/backends/cpu/runtime/dot_lib_c64.cc",  # noqa: E501
+    "TypedMatMul<std::complex<double>, std::complex<double>, std::complex<double> >": "xla/backends/cpu/runtime/dot_lib_c128.cc",  # noqa: E501
     "TypedMatMul<signed char, signed char, int>": "xla/backends/cpu/runtime/dot_lib_s8.cc",
     "TypedMatMul<int, int, int>": "xla/backends/cpu/runtime/dot_lib_s32.cc",
     "EigenConv2D<Eigen::half>": "xla/backends/cpu/runtime/convolution_lib_f16_2d.cc",
@@ -135,7 +136,7 @@ class Toolchain:
                 self.compile_object(path, target)
         return target, True
 
-    def compile_object(self, source: Path, target: Path, extra: list[str] = ()) -> None:
+    def compile_object(self, source: Path, target: Path, extra: Sequence[str] = ()) -> None:
         """Compile one C++ file; the object appears under its final name only when complete."""
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".o", delete=False) as tmp:
             pass

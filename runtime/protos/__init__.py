@@ -4,12 +4,12 @@ one way runtime code reaches the modules generated from them at build time (runt
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import Any
 
 _GENERATED = f"{__name__}.generated"
 
 
-def generated_module(module: str) -> ModuleType:
+def generated_module(module: str) -> Any:  # its classes are made at import: no static types
     """A generated module by its path under the .proto tree, such as
     "tensorflow_serving.config.model_server_config_pb2", with a clear error if the build step has
     not run (the modules are build outputs, not sources)."""

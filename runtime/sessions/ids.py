@@ -36,7 +36,7 @@ MIN_KEY_BYTES = 32
 RANDOM_BYTES = 16
 TAG_BYTES = 16
 ID_LENGTH = 43  # base64url of RANDOM_BYTES + TAG_BYTES, unpadded
-_ID = re.compile(r"[A-Za-z0-9_\-]{%d}" % ID_LENGTH)
+_ID = re.compile(rf"[A-Za-z0-9_\-]{{{ID_LENGTH}}}")
 _DOMAIN = b"kiln-session-id-v1\0"
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ call), and any failure becomes StoreUnavailable naming the store (never its pass
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -131,7 +130,7 @@ class RedisBackend:
     async def _call(self, what: str, awaitable):
         try:
             return await awaitable
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, RedisError, OSError) as e:
             raise StoreUnavailable(f"{self.description} did not answer a {what}: {type(e).__name__}: {e}") from None
 
 
