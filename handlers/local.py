@@ -22,13 +22,13 @@ import time
 from dataclasses import replace
 from functools import partial
 
+from handlers.supervisor import GRACE_SECONDS
 from runtime.app import App, Request, Response, error_response
 from runtime.errors import BodyTooLarge
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 WORKER_HEADER = "X-Kiln-Worker"  # the pid of the worker that answered, with several (handlers.supervisor)
-GRACE_SECONDS = 30  # how long in-flight requests may take to finish at shutdown, REST and gRPC
 _NOT_IN_A_HEADER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 WORKER_ENV = "KILN_WORKER"  # set in each worker to its index: a process with it serves, never supervises
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GRACE_SECONDS = 30  # how long in-flight requests may take to finish at shutdown, REST and gRPC
 STOP_MARGIN_SECONDS = 5.0  # beyond the workers' own grace period, before they are killed
 QUICK_DEATH_SECONDS = 30.0  # a worker that dies sooner counts towards the restart backoff
 MAX_BACKOFF_SECONDS = 30.0
@@ -96,8 +97,6 @@ class Supervisor:
         from prometheus_client import Counter
 
         if self.grace_seconds is None:
-            from handlers.local import GRACE_SECONDS
-
             self.grace_seconds = GRACE_SECONDS
 
         self._restarts = Counter("kiln_worker_restarts", "Workers of kiln serve restarted after they died")
