@@ -432,3 +432,18 @@ def test_a_job_with_a_failed_object_exits_non_zero(examples, tmp_path, s3_endpoi
     assert code == 2 and summary is None and "CLOUD_RUN_TASK_INDEX" in log
     code, _, log = run_job(tmp_path, s3_endpoint, **settings)
     assert code == 2 and "KILN_SCORE_INPUTS" in log
+
+
+def test_the_results_store_is_opened_once_and_named_when_missing(tmp_path):
+    """handlers.records.OutputStore, Lambda's and Cloud Run's one opener of KILN_OUTPUT_PREFIX: unset, a
+    ConfigError naming it and the events that need it (not retried, as for Lambda's queue records);
+    set, one store for every event."""
+    from handlers.records import OutputStore
+    from runtime.errors import ConfigError, retryable
+
+    with pytest.raises(ConfigError, match="KILN_OUTPUT_PREFIX is not set: Pub/Sub messages write their results") as e:
+        OutputStore(None).open("Pub/Sub messages")
+    assert not retryable(e.value)
+    outputs = OutputStore(str(tmp_path / "results"))
+    assert outputs.open("Pub/Sub messages") is outputs.open("Cloud Storage events")
+    assert outputs.open("Pub/Sub messages").url.endswith("results")
