@@ -191,8 +191,9 @@ async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, set
                        body_timeout=settings.body_timeout_seconds, max_connections=settings.max_connections or None)
     config = uvicorn.Config(AsgiApp(app, settings.rest_timeout_seconds), host=host, port=rest_port,
                             log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,
-                            timeout_keep_alive=settings.keepalive_timeout_seconds,
+                            # uvicorn takes a protocol factory and a float timeout, whatever its annotations say
+                            timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,  # type: ignore[arg-type]
+                            timeout_keep_alive=settings.keepalive_timeout_seconds,  # type: ignore[arg-type]
                             headers=[(WORKER_HEADER, str(os.getpid()))] if worker else None)
     try:
         await Server(config).serve(sockets=[_shared_socket(host, rest_port)] if worker else None)

@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 WORKER_ENV = "KILN_WORKER"  # set in each worker to its index: a process with it serves, never supervises
@@ -87,7 +88,7 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}
         self._stopping = False
         self._status = 0
-        self._restarts = None
+        self._restarts: Any = None  # a prometheus_client Counter, made once the multiprocess mode is chosen
 
     def run(self) -> int:
         directory = tempfile.mkdtemp(prefix="kiln-metrics-")
@@ -162,7 +163,7 @@ class Supervisor:
         for worker in self.workers.values():
             if worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_seconds + STOP_MARGIN_SECONDS
+        deadline = time.monotonic() + (self.grace_seconds or 0) + STOP_MARGIN_SECONDS
         for worker in self.workers.values():
             try:
                 worker.process.wait(max(0.0, deadline - time.monotonic()))
@@ -190,7 +191,12 @@ def prepare_forked_workers(environ=os.environ) -> int:
 
         environ[MULTIPROC_ENV] = directory = tempfile.mkdtemp(prefix="kiln-metrics-")
         master = os.getpid()  # the workers it forks run atexit handlers too: only the master removes it
-        atexit.register(lambda: os.getpid() == master and shutil.rmtree(directory, ignore_errors=True))
+
+        def remove() -> None:
+            if os.getpid() == master:
+                shutil.rmtree(directory, ignore_errors=True)
+
+        atexit.register(remove)
     return workers
 
 

@@ -31,7 +31,7 @@ import gc
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from urllib.parse import unquote
@@ -90,7 +90,7 @@ class Response:
     status: int
     body: bytes
     headers: Mapping[str, str] = field(default_factory=lambda: dict(JSON))
-    stream: AsyncIterator[bytes] | None = None  # a body sent as it is made (server-sent events), after `body`
+    stream: AsyncGenerator[bytes, None] | None = None  # a body sent as it is made (server-sent events), after `body`
 
 
 async def whole(pending: Awaitable[Response]) -> Response:
@@ -496,7 +496,7 @@ class App:
         with self._hold(target, exchange):  # an unknown model or version answers 404 before the stream
             pass
 
-        async def stream() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncGenerator[bytes, None]:
             """Server-sent events; an error once the stream has begun is its last event."""
             try:
                 with self._hold(target, exchange) as handle:

@@ -247,7 +247,9 @@ class _Queue:
         """Waiting requests in arrival order up to the dispatch size (the first always), skipping
         ones whose inner shapes differ from the first's unless they will be padded."""
         first = self.waiting[0]
-        batch, rows, skipped = [], 0, deque()
+        batch: list[_Request] = []
+        skipped: deque[_Request] = deque()
+        rows = 0
         while self.waiting and (not batch or rows + self.waiting[0].rows <= self.dispatch_size):
             request = self.waiting.popleft()
             if batch and request.inner_shapes != first.inner_shapes and not self.parameters.pad_variable_length_inputs:

@@ -319,8 +319,14 @@ def _score(args) -> int:
     async def run() -> None:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            stopped.append(signum)
+            if task is not None:
+                task.cancel()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, lambda signum=signum: (stopped.append(signum), task.cancel()))
+            loop.add_signal_handler(signum, stop, signum)
         await scoring.score_many(app, sources, output, names=names, at_once=args.inputs_at_once, done=done,
                                  progress=bar.advance, model=args.model or settings.score_model,
                                  signature=args.signature, chunk_rows=args.chunk_rows, part_rows=args.part_rows)

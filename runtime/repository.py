@@ -292,6 +292,7 @@ class Repository:
             chosen = self._available(model, version)
             chosen.in_flight += 1
         try:
+            assert chosen.engine is not None  # an AVAILABLE version has its engine
             yield ServableHandle(name, chosen.number, chosen.engine, chosen)
         finally:
             self._release(chosen)

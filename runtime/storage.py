@@ -513,7 +513,7 @@ def _local_info(status: os.stat_result, path: Path) -> ObjectInfo:
     return ObjectInfo(status.st_size, f"mtime_ns={status.st_mtime_ns};size={status.st_size}")
 
 
-def _write_into_place(dest: Path, write: Callable[[BinaryIO], object]) -> Received:
+def _write_into_place(dest: Path, write: Callable[[io.RawIOBase], object]) -> Received:
     """Write dest through a temporary file beside it, renamed over dest only once complete; returns
     the size and sha256 of what was written."""
     temporary = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")

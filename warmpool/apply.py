@@ -85,7 +85,7 @@ def _schedule_lambda(plan: Plan, resource: str, count: int, client, result: Lamb
     actions = {}
     for change in changes(plan):
         minute, hour = change.minute % 60, change.minute // 60
-        days = "daily" if change.days is None else show_days(change.days).replace(",", "_")
+        days = "daily" if change.days is None else (show_days(change.days) or "").replace(",", "_")
         name = f"{ACTION_PREFIX}{days}-{hour:02d}{minute:02d}"
         actions[name] = {  # cron(minutes hours day-of-month month day-of-week year); one of the days is ?
             "Schedule": f"cron({minute} {hour} * * ? *)" if change.days is None else
@@ -151,7 +151,7 @@ def apply_cloud_run(plan: Plan, path: Path, *, at: datetime | None = None, level
 
     edited = _edit_in_place(text, root, keys, annotation, f'"{count}"')
     rewritten = edited is None or yaml.safe_load(edited) != expected
-    if rewritten:  # flow style, or blocks the file lacks: written whole
+    if rewritten or edited is None:  # flow style, or blocks the file lacks: written whole
         edited = yaml.safe_dump(expected, sort_keys=False)
     path.write_text(edited)
 

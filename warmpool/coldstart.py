@@ -50,12 +50,14 @@ def measure(target: str, *, runs: int = 1, cache_dir: Path | None = None, signat
         target = str(Path(target).resolve())
     samples = []
     for _ in range(runs):
-        scratch = None if cache_dir else Path(tempfile.mkdtemp(prefix="kiln-coldstart-"))
+        if cache_dir:
+            samples.append(_run_once(target, cache_dir, signature))
+            continue
+        scratch = Path(tempfile.mkdtemp(prefix="kiln-coldstart-"))
         try:
-            samples.append(_run_once(target, cache_dir or scratch, signature))
+            samples.append(_run_once(target, scratch, signature))
         finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     phases = {name: statistics.median(s["phases"][name] for s in samples) for name in PHASES}
     return {"target": target, "servable": samples[0]["servable"], "runs": runs, "phases": phases,
             "total_seconds": statistics.median(s["total_seconds"] for s in samples),

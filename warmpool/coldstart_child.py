@@ -50,7 +50,7 @@ def main(started: float) -> None:
         return verify_files
 
     engine_module.verify_files = timed(engine_module.verify_files)
-    storage_module.hashlib = _TimedHashlib(verified_for)
+    storage_module.hashlib = _TimedHashlib(verified_for)  # type: ignore[assignment]  # timed stand-in
     try:
         base_path, _, last = target.rstrip("/").rpartition("/")
         version = int(last) if last.isdigit() else None

@@ -103,11 +103,11 @@ def classifications(outputs: dict[str, np.ndarray]) -> list[list[tuple[str, floa
     """Per example, its (label, score) pairs: labels "" without a classes output, scores None
     without a scores output."""
     scores, classes = outputs.get("scores"), outputs.get("classes")
-    rows = len(scores if scores is not None else classes)
+    rows = len(scores) if scores is not None else len(classes) if classes is not None else 0
     results = []
     for i in range(rows):
         labels = [c.decode() if isinstance(c, bytes) else str(c) for c in classes[i]] if classes is not None else None
-        values = scores[i].tolist() if scores is not None else [None] * len(labels)
+        values = scores[i].tolist() if scores is not None else [None] * len(labels or ())
         results.append([(labels[j] if labels else "", values[j]) for j in range(len(values))])
     return results
 

@@ -56,13 +56,13 @@ def fixed_size(shape: tuple | None) -> int | None:
     return None if any(d is None for d in inner) else int(np.prod(inner, dtype=np.int64))
 
 
-def numeric_rows(text: bytes, shape: tuple, dtype: str) -> np.ndarray | None:
+def numeric_rows(text: bytes, shape: tuple | None, dtype: str) -> np.ndarray | None:
     """Rows of a fixed-shape numeric input written as nested JSON lists, parsed as one flat list
     once their brackets are checked to nest exactly as the shape says (orjson building the nested
     lists and numpy walking them cost several times more); None when the text is anything else
     (strings, NaN, ragged rows), for the general path to parse and judge."""
     size = fixed_size(shape)
-    if size is None or not dtype.startswith("float"):  # integers: the general path refuses fractions
+    if shape is None or size is None or not dtype.startswith("float"):  # integers: the general path refuses fractions
         return None
     brackets, row = text.translate(None, NUMBER_BYTES), skeleton(shape[1:]) or b""
     rows = (len(brackets) - 1) // (len(row) + 1) if row else 0

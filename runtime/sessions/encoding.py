@@ -83,7 +83,7 @@ def encode(name: str, array: np.ndarray, fingerprint: str = "", chunk_bytes: int
     if chunk_bytes < 1:
         raise InvalidInput(f"the chunk size must be positive, got {chunk_bytes}")
     array = _little_endian(name, array)
-    raw = memoryview(array.reshape(-1).view(np.uint8))
+    raw = memoryview(array.reshape(-1).view(np.uint8).data)
     chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
     dtype, fingerprint_bytes, name_bytes = (_text(array.dtype.str, "dtype"), _text(fingerprint, "fingerprint"),
                                             _text(name, "tensor name"))
@@ -126,7 +126,8 @@ def pack(name: str, array: np.ndarray, fingerprint: str = "") -> bytes:
 
 def unpack(value: Buffer) -> list[tuple[Header, np.ndarray]]:
     """Every tensor of a value written by pack() (or several pack() values joined), in order."""
-    value, tensors, offset = memoryview(value), [], 0
+    value, offset = memoryview(value), 0
+    tensors: list[tuple[Header, np.ndarray]] = []
     while offset < len(value) or not tensors:
         header, _ = _parse_header(value[offset:])
         end = offset + header.size + header.data_bytes

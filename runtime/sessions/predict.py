@@ -44,21 +44,21 @@ async def run_in_session(app, handle: ServableHandle, key: str, signature: Signa
     fingerprint = sessions.fingerprint(handle)
     state, signatures = initial_state(signature, 1), handle.engine.signatures
     if session is None:
-        session, version = sessions.ids.new(tenant), 0
+        session_id, version = sessions.ids.new(tenant), 0
     else:
-        session = sessions.ids.check(tenant, session)
-        stored = await store.load(tenant, session, fingerprint)
+        session_id = sessions.ids.check(tenant, session)
+        stored = await store.load(tenant, session_id, fingerprint)
         version = stored.version
         untrim_state(signatures, stored.tensors, state)
     inputs = {**inputs, **state}
     outputs = await app.execute(handle, key, inputs, exchange)
     if end:
-        await store.delete(tenant, session)
+        await store.delete(tenant, session_id)
     else:
-        await store.save(tenant, session, version, trim_state(signatures, state_after(signature, outputs, inputs)),
+        await store.save(tenant, session_id, version, trim_state(signatures, state_after(signature, outputs, inputs)),
                          None, fingerprint)
     state_outputs = set(signature.state.values())
-    return {name: array for name, array in outputs.items() if name not in state_outputs}, session
+    return {name: array for name, array in outputs.items() if name not in state_outputs}, session_id
 
 
 async def predict_in_session(app, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
