@@ -78,7 +78,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, unquote_plus
 
 import orjson
@@ -115,6 +115,9 @@ EXPECTED = ("an API Gateway (REST or HTTP API), function URL or ALB request; an 
             "Batch Operations job (invocationSchemaVersion, tasks); a Step Functions item batch (Items); "
             "a TF Serving predict body (instances or inputs); or {\"kiln\": \"warm\"}")
 T = TypeVar("T")
+
+
+handler: Callable[[Any, Any], Any]  # declared only: __getattr__ makes it on first look-up
 
 
 def __getattr__(name: str):
@@ -258,7 +261,7 @@ class LambdaFunction:
         return {"predictions": [result if _is_predict_body(item) else _only_prediction(result)
                                 for item, result in zip(items, results)]}
 
-    def _queue(self, event: dict, invocation: Invocation) -> dict:
+    def _queue(self, event: dict, invocation: Invocation) -> Mapping[str, Any]:
         """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
         after another), its predictions written to the output prefix, the failed ones reported for
         Lambda to retry."""
@@ -319,8 +322,8 @@ class LambdaFunction:
     def _score_all(self, objects: list[tuple[str, str]], invocation: Invocation) -> list:
         """Every object scored at once by runtime.scoring (one already scored, or under the output
         prefix, is skipped); each one's ScoreResult or exception, in order."""
-        self.outputs.open(f"{invocation.kind} events")
-        results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", self.settings.output_prefix,
+        prefix = self.outputs.url(f"{invocation.kind} events")
+        results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", prefix,
                                                         model=self.settings.score_model) for bucket, key in objects))
         failed = [result for result in results if isinstance(result, BaseException)]
         rows = sum(result.rows for result in results if isinstance(result, scoring.ScoreResult))
@@ -367,7 +370,7 @@ def event_kind(event: Any) -> str:
         return "unknown"
     records = event.get("Records")
     if isinstance(records, list) and records and isinstance(records[0], dict):
-        return {"aws:sqs": "sqs", "aws:kinesis": "kinesis", "aws:s3": "s3"}.get(records[0].get("eventSource"),
+        return {"aws:sqs": "sqs", "aws:kinesis": "kinesis", "aws:s3": "s3"}.get(str(records[0].get("eventSource")),
                                                                               "unknown")
     if event.get("kiln") == "warm" or (event.get("source") == "aws.events"
                                        and event.get("detail-type") == "Scheduled Event"):
@@ -474,9 +477,10 @@ def _source_name(arn: str) -> str:
     return arn.rpartition(":")[2].rpartition("/")[2]
 
 
-def _processor(kind: str, records: list[dict]):
+def _processor(kind: str, records: list[dict]) -> BatchProcessor:
     """Powertools' batch processor for the event; it reports every failed record, never raising
     for a batch that failed whole (that is reported the same way)."""
+    processor: BatchProcessor
     if kind == "sqs" and records[0].get("eventSourceARN", "").endswith(".fifo"):
         processor = SqsFifoPartialProcessor(skip_group_on_error=True)
     else:
@@ -495,7 +499,8 @@ def _result_dict(source: str, result: Any) -> dict:
 
 def _task_result(task_id: str, result: Any) -> S3BatchOperationResponseRecord:
     if isinstance(result, BaseException):
-        code = "TemporaryFailure" if retryable(result) else "PermanentFailure"
+        code: Literal["TemporaryFailure", "PermanentFailure"] = \
+            "TemporaryFailure" if retryable(result) else "PermanentFailure"
         message = str(result) if isinstance(result, KilnError) else f"internal error: {type(result).__name__}"
         return S3BatchOperationResponseRecord(task_id, code, message)
     if result.skipped and not result.output:

@@ -103,8 +103,8 @@ class CloudRunApp(AsgiApp):
                 event = read_event(request.headers, request.body)
                 exchange.api, exchange.what = event.kind, f"POST {EVENTS_PATH} {event.kind}"
                 logs.request_id.set(logs.new_request_id(event.id))
-                response = await self._pubsub(event.body, exchange) if event.kind == "pubsub" else \
-                    await self._storage(event.body)
+                response = await self._pubsub(event.body, exchange) if isinstance(event.body, PubsubDelivery) \
+                    else await self._storage(event.body)
             except KilnError as e:
                 response = error_response(e)
             except Exception as e:  # a bug: the sender gets a plain 500 (and retries), the log the traceback
@@ -150,10 +150,9 @@ class CloudRunApp(AsgiApp):
     async def _storage(self, event: ObjectFinalized) -> Response:
         from runtime.scoring import score_object
 
-        self.outputs.open("Cloud Storage events")  # KILN_OUTPUT_PREFIX is set
+        prefix = self.outputs.url("Cloud Storage events")
         try:
-            result = await score_object(self.app, event.url, self.settings.output_prefix,
-                                        model=self.settings.score_model)
+            result = await score_object(self.app, event.url, prefix, model=self.settings.score_model)
         except KilnError as e:
             if retryable(e):
                 raise
@@ -179,7 +178,7 @@ class _Process:
 
     def start(self) -> concurrent.futures.Future:
         with self._lock:
-            if self._pid != os.getpid():
+            if self._pid != os.getpid() or self._started is None:
                 self._pid, self._started = os.getpid(), concurrent.futures.Future()
                 threading.Thread(target=self._load, args=(self._started,), name="kiln-start", daemon=True).start()
             return self._started
@@ -194,7 +193,7 @@ class _Process:
             os._exit(BOOT_ERROR)
 
     async def app(self) -> CloudRunApp:
-        started = self._started if self._pid == os.getpid() else self.start()
+        started = self._started if self._pid == os.getpid() and self._started is not None else self.start()
         return started.result() if started.done() else await asyncio.wrap_future(started)
 
 

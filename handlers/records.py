@@ -35,8 +35,13 @@ class OutputStore:
     deployment's error (ConfigError, not retried: redelivering cannot set it)."""
 
     def __init__(self, prefix: str | None):
-        self.prefix = prefix
+        self.prefix = prefix or ""
         self._storage: Storage | None = None
+
+    def url(self, what: str) -> str:
+        """The prefix, once open() found it set."""
+        self.open(what)
+        return self.prefix
 
     def open(self, what: str) -> Storage:
         """The store; `what`: the events that need it, named in the error when it is not configured."""

@@ -61,7 +61,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from runtime.access import Auth, Cors
 from runtime.batching import BatchingParameters, server_parameters
@@ -113,7 +113,7 @@ class Settings:
         `batching_mode`: the entry point's default when KILN_BATCHING says nothing."""
         given = {key: value for key, value in (overrides or {}).items() if value is not None}
         env = _Env(environ)
-        batching_flags = {name: env.integer(f"KILN_{name.upper()}") for name in _INTEGERS}
+        batching_flags: dict[str, Any] = {name: env.integer(f"KILN_{name.upper()}") for name in _INTEGERS}
         batching_flags |= {name: env.boolean(f"KILN_{name.upper()}") for name in _BOOLEANS}
         batching_flags["allowed_batch_sizes"] = env.sizes("KILN_ALLOWED_BATCH_SIZES")
         batching_flags["mode"] = env.choice("KILN_BATCHING", ("adaptive", "fixed", "off")) or batching_mode
@@ -124,7 +124,7 @@ class Settings:
         max_body = env.integer("KILN_MAX_BODY_BYTES")
         iterations = env.integer("KILN_WARMUP_ITERATIONS")
         workers = env.integer("KILN_WORKERS")
-        limits = {name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
+        limits: dict[str, Any] = {name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
                   for name, kind in _CONNECTION_LIMITS.items()}
         settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
                        model_repository=env.get("KILN_MODEL_REPOSITORY"), model_name=env.get("KILN_MODEL_NAME"),
@@ -133,7 +133,7 @@ class Settings:
                        max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
                        log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
                        warmup_iterations=1 if iterations is None else iterations,
-                       warmup=env.choice("KILN_WARMUP", ("first", "all")) or "first",
+                       warmup=cast("WarmupDepth", env.choice("KILN_WARMUP", ("first", "all")) or "first"),
                        redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
                        prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
                        output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"),
@@ -193,7 +193,7 @@ class Settings:
             from runtime.model_config import load_model_config
 
             return load_model_config(self.model_config_file)
-        base = self.model_repository.rstrip("/")
+        base = (self.model_repository or "").rstrip("/")  # set: checked at start-up
         if "://" not in base:
             base = str(Path(base).resolve())
         names = [self.model_name] if self.model_name else open_storage(base).list_children("")

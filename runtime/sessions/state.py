@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.engines.base import synthetic_inputs
 from runtime.errors import InvalidInput, SessionCorrupt
-from runtime.manifest import Signature
+from runtime.manifest import Position, Signature
 
 
 def initial_state(signature: Signature, rows: int) -> dict[str, np.ndarray]:
@@ -38,7 +38,7 @@ def state_after(signature: Signature, outputs: Mapping[str, np.ndarray],
     for name, output in signature.state.items():
         if name in signature.appended:
             state[name] = np.array(inputs[name])
-            write_appended(signature, name, state[name], outputs[output], inputs[signature.position.input])
+            write_appended(signature, name, state[name], outputs[output], inputs[_position(signature).input])
         else:
             state[name] = outputs[output]
     return state
@@ -57,8 +57,8 @@ def overflowed(signature: Signature, outputs: Mapping[str, np.ndarray]) -> Inval
     over = np.flatnonzero(past_capacity(signature, outputs))
     if not over.size:
         return None
-    held = np.asarray(outputs[signature.state[signature.position.input]]).reshape(-1)
-    return InvalidInput(f"the session state holds at most {signature.position.capacity} tokens; this call would "
+    held = np.asarray(outputs[signature.state[_position(signature).input]]).reshape(-1)
+    return InvalidInput(f"the session state holds at most {_position(signature).capacity} tokens; this call would "
                         f"take row(s) {', '.join(map(str, over[:10]))} to {held[over[0]]}")
 
 
@@ -83,7 +83,7 @@ def trim_state(signatures: Mapping[str, Signature], state: Mapping[str, np.ndarr
     trimmed = dict(state)
     for name, (signature, axis) in appended_states(signatures).items():
         if name in state:
-            filled = int(np.max(state[signature.position.input], initial=0))
+            filled = int(np.max(state[_position(signature).input], initial=0))
             trimmed[name] = np.take(state[name], np.arange(min(filled, state[name].shape[axis])), axis=axis)
     return trimmed
 
@@ -114,7 +114,7 @@ def untrim_state(signatures: Mapping[str, Signature], stored: Mapping[str, np.nd
         head[axis] = slice(length, None)
         target[tuple(head)] = 0
     for name, (signature, axis) in appended.items():
-        position = signature.position.input
+        position = _position(signature).input
         if name in into and position in into and np.max(into[position], initial=0) > stored[name].shape[axis]:
             raise SessionCorrupt(f"the stored state '{name}' holds {stored[name].shape[axis]} entries, fewer than "
                                  f"its position {int(np.max(into[position]))}")
@@ -122,8 +122,14 @@ def untrim_state(signatures: Mapping[str, Signature], stored: Mapping[str, np.nd
 
 def appended_states(signatures: Mapping[str, Signature]) -> dict[str, tuple[Signature, int]]:
     """{state input: (a signature appending to it, its axis)} over all the servable's signatures."""
-    found = {}
+    found: dict[str, tuple[Signature, int]] = {}
     for signature in signatures.values():
         for name in signature.appended:
             found.setdefault(name, (signature, signature.append_axis(name)))
     return found
+
+
+def _position(signature: Signature) -> Position:
+    """The position of a signature with an appended state (runtime.manifest refuses one without)."""
+    assert signature.position is not None, "an appended state always has a position"
+    return signature.position

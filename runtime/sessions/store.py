@@ -50,7 +50,7 @@ from runtime.errors import (
     SessionStale,
     StoreUnavailable,
 )
-from runtime.sessions.backend import Backend
+from runtime.sessions.backend import Backend, Buffer
 from runtime.sessions.encoding import Encoded, FormatError, decode, encode, pack, unpack
 from runtime.sessions.keys import SessionKeys
 from runtime.sessions.manifest import SessionManifest, TensorEntry, version_of
@@ -120,8 +120,9 @@ class SessionStore:
                     continue  # replaced by a newer version while this load read it: read that one
                 raise SessionCorrupt(f"{named}: part of its state is missing from the store (evicted?)",
                                      version=version, history=history)
+            present = [value for value in values if value is not None]  # all of them, as checked
             try:
-                tensors = await _off_loop(sum(map(len, values)), _decode, manifest, values)
+                tensors = await _off_loop(sum(map(len, present)), _decode, manifest, present)
             except FormatError as e:
                 raise SessionCorrupt(f"{named}: {e}", version=version, history=history) from None
             return SessionState(version, tensors, history, fingerprint)
@@ -154,7 +155,7 @@ class SessionStore:
                                    ttl_ms=ttl_ms, history_ttl_ms=history_ttl_ms, history=history is not None,
                                    tensors=entries)
         items = [(key, value) for tensor_keys, e in zip(manifest.chunk_keys(keys), encoded)
-                 for key, value in zip(tensor_keys, [e.header, *e.chunks])]
+                 for key, value in zip(tensor_keys, _values(e))]
         value = manifest.value()
         won, replaced = await self.backend.commit(items, ttl_ms, keys.manifest, expected_version, value, keys.history,
                                                   history_value, history_ttl_ms)
@@ -250,6 +251,11 @@ def _ttls(manifest: SessionManifest, keys: SessionKeys, chunk_keys: list[str]) -
     if manifest.history:
         ttls[keys.history] = manifest.history_ttl_ms
     return ttls
+
+
+def _values(encoded: Encoded) -> list[Buffer]:
+    """A stored tensor's values in key order: its header, then its data chunks."""
+    return [encoded.header, *encoded.chunks]
 
 
 def _decode(manifest: SessionManifest, values: list[bytes]) -> dict[str, np.ndarray]:
