@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from handlers.grpc_health import OPEN_METHODS as HEALTH_METHODS
 from handlers.grpc_health import Health
-from runtime import logs
+from runtime import logs, tracing
 from runtime.app import DTYPE_ENUM, REPORTED_STATE, App, Exchange
 from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
@@ -69,7 +69,8 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
     exchange = Exchange("grpc", api=api)
     metadata = text_metadata(context)
     token = logs.request_id.set(logs.new_request_id(metadata.get("x-request-id")))
-    context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
+    trace = tracing.start(metadata, f"gRPC {api}")
+    context.set_trailing_metadata((("x-request-id", logs.request_id.get()), *trace.headers.items()))
     code, message = "OK", ""
     try:
         if api not in OPEN_APIS:
@@ -89,6 +90,7 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
         code, message = "INTERNAL", "internal error"
     finally:
         app.finished(exchange, code, f"gRPC {api}")
+        trace.end(exchange)
         logs.request_id.reset(token)
     await context.abort(grpc.StatusCode[code], message)
 

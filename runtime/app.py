@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import numpy as np
 import orjson
 
-from runtime import __version__, logs
+from runtime import __version__, logs, tracing
 from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
 from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
@@ -121,6 +121,7 @@ class Exchange:
     tenant: str | None = None
     deadline: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    status: str = ""
 
 
 class App:
@@ -159,6 +160,7 @@ class App:
         if settings.metrics_paths is not None:  # a TF Serving monitoring config's
             app.metrics_paths = settings.metrics_paths
         app.metrics.started()
+        tracing.configure()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
         # hundred requests, which cost a fifth of a small request's time.
@@ -173,14 +175,16 @@ class App:
         it), answered here so that it is counted, logged and marked like any other answer."""
         exchange = Exchange("rest", deadline=request.deadline)
         token = logs.request_id.set(logs.new_request_id(request.headers.get("x-request-id")))
+        trace = tracing.start(request.headers, f"{request.method} {request.path}")
         try:
             response = error_response(refused) if refused else await self._answer(request, exchange)
             origin = request.headers.get("origin")
             response = replace(response, headers={**response.headers, **self.cors.headers(origin),
-                                                  "X-Request-Id": logs.request_id.get()})
+                                                  "X-Request-Id": logs.request_id.get(), **trace.headers})
             self.finished(exchange, str(response.status), f"{request.method} {request.path}")
             return response
         finally:
+            trace.end(exchange)
             logs.request_id.reset(token)
 
     async def _answer(self, request: Request, exchange: Exchange) -> Response:
@@ -202,6 +206,7 @@ class App:
     def finished(self, exchange: Exchange, status: str, what: str) -> None:
         """Count the request in the metrics and write its access log line."""
         seconds = time.perf_counter() - exchange.started
+        exchange.status = status
         self.metrics.request(exchange.protocol, exchange.api, exchange.model, exchange.version, status, seconds)
         if self.access_log:
             access_logger.info("%s %s", what, status, extra={"fields": {
@@ -234,7 +239,8 @@ class App:
                          remaining: float | None) -> dict[str, np.ndarray]:
         """_run, its time recorded as TF Serving's runtime latency (queue and batch included)."""
         started = time.perf_counter()
-        outputs = await self._run(handle, key, inputs, exchange, remaining)
+        with tracing.model_span(handle.name, handle.version, key):
+            outputs = await self._run(handle, key, inputs, exchange, remaining)
         self.metrics.tfserving.runtime(handle.name, exchange.api, handle.engine.signature(key).engine,
                                        time.perf_counter() - started)
         return outputs
@@ -253,7 +259,8 @@ class App:
                 if abandoned:
                     raise DeadlineExceeded("abandoned")
                 started = time.perf_counter()
-                outputs = handle.engine.run(key, inputs)
+                with tracing.span("kiln.engine"):
+                    outputs = handle.engine.run(key, inputs)
                 signature = handle.engine.signatures.get(key)
                 first = next(iter(inputs.values()), None)
                 rows = None if signature is None or not signature.batched or first is None else \
