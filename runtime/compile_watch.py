@@ -12,8 +12,8 @@ manifest for it yet, newest version first (the one a `latest` policy serves). Th
 appears half-written: on a local target it is compiled into a hidden directory beside its place and
 renamed into place whole; on an object store its files are uploaded first and manifest.json last,
 which is what publishes it (the repository skips versions without one). A version that fails to
-compile is logged and tried again only once its SavedModel files change. The S3 event handler
-(handlers/compile_event.py) calls `compile_version` for one uploaded version.
+compile is logged and tried again only once its SavedModel files change. The compile function
+(handlers/compile_event.py) runs `kiln compile --watch --once --only NAME/VERSION` for one uploaded version.
 """
 
 from __future__ import annotations
@@ -80,19 +80,21 @@ class Watcher:
         self.options, self.say = dict(options), say
         self.failed: dict[tuple[str, int], tuple] = {}  # version -> its files when it failed
 
-    def pending(self) -> list[tuple[str, int]]:
-        """Published SavedModel versions without a servable, newest first within each model."""
+    def pending(self, only: tuple[str, int] | None = None) -> list[tuple[str, int]]:
+        """Published SavedModel versions without a servable (of `only`, that one), newest first
+        within each model."""
         found = []
-        for name in self.source.list_children():
-            versions = sorted((int(v) for v in self.source.list_children(name) if v.isdigit()), reverse=True)
+        for name in [only[0]] if only else self.source.list_children():
+            versions = [only[1]] if only else sorted((int(v) for v in self.source.list_children(name) if v.isdigit()),
+                                                     reverse=True)
             found.extend((name, v) for v in versions if self.source.exists(f"{name}/{v}/{SAVED_MODEL}")
                          and not self.target.exists(f"{name}/{v}/{MANIFEST}"))
         return found
 
-    def run_once(self) -> int:
-        """Compile what is pending now; how many versions were published."""
+    def run_once(self, only: tuple[str, int] | None = None) -> int:
+        """Compile what is pending now (of `only`, that version); how many versions were published."""
         published = 0
-        for name, version in self.pending():
+        for name, version in self.pending(only):
             files = self._files(name, version)
             if self.failed.get((name, version)) == files:
                 continue

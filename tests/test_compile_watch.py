@@ -93,3 +93,37 @@ def test_watch_between_object_stores(examples, bucket, tmp_path):
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=name, Prefix="servables/")["Contents"]]
     assert "servables/hpt/1/manifest.json" in keys and any(k.endswith(".so") for k in keys)
     assert not any(k.startswith("servables/hpt/2/") for k in keys)
+
+
+def test_the_compile_function_on_an_s3_event(examples, bucket):
+    """handlers/compile_event.handler with S3's own ObjectCreated notification (tests/events) for an
+    uploaded saved_model.pb, against moto: the version is compiled into KILN_SERVABLE_BASE; a
+    redelivery is skipped; other keys are ignored. The Lambda service itself is not run here."""
+    import json
+
+    from tests.conftest import run_python
+
+    client, name = bucket
+    saved_model = examples["half_plus_two"].saved_model
+    for path in sorted(saved_model.rglob("*"), key=lambda p: p.name == "saved_model.pb"):  # the .pb last
+        if path.is_file():
+            client.upload_file(str(path), name, f"uploads/my+model/7/{path.relative_to(saved_model).as_posix()}")
+    event = json.loads((ROOT / "tests" / "events" / "s3_object_created.json").read_text())
+    record = event["Records"][0]
+    record["s3"]["bucket"]["name"] = name
+    record["s3"]["object"]["key"] = "uploads/my%2Bmodel/7/saved_model.pb"  # as S3 encodes a "+"
+    other = json.loads(json.dumps(record))
+    other["s3"]["object"]["key"] = "uploads/my%2Bmodel/7/variables/variables.index"
+    event["Records"].append(other)
+    code = ("import json, sys; from handlers.compile_event import handler; "
+            "print(json.dumps(handler(json.loads(sys.argv[1]), None)))")
+    env = {"KILN_SERVABLE_BASE": f"s3://{name}/servables", "KILN_COMPILE_FLAGS": " ".join(COMPILE)}
+    result = run_python(code, json.dumps(event), env=env)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer == {"compiled": [f"s3://{name}/servables/my+model/7"],
+                      "ignored": ["uploads/my+model/7/variables/variables.index"]}
+    manifest = json.loads(client.get_object(Bucket=name, Key="servables/my+model/7/manifest.json")["Body"].read())
+    assert manifest["name"] == "my+model" and manifest["version"] == 7
+    again = run_python(code, json.dumps(event), env=env)  # a redelivered event: already compiled
+    assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr
