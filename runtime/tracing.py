@@ -26,8 +26,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -36,8 +35,7 @@ METADATA_PROJECT = "/computeMetadata/v1/project/project-id"
 GRPC_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 
 
-@dataclass(frozen=True)
-class TraceIds:
+class TraceIds(NamedTuple):
     """What a log line says about the trace it belongs to."""
 
     trace_id: str  # 32 hex digits
@@ -55,12 +53,17 @@ _project: str | None = None
 
 def configure(environ: Mapping[str, str] = os.environ) -> None:
     """Read the OTEL_* environment and the Google Cloud project once, as the server starts (in each
-    worker process: the exporter's thread does not survive a fork). A wrong OTEL_* value fails the
-    start, naming the variable."""
+    worker process: the exporter's thread does not survive a fork). As OpenTelemetry's SDKs do, an
+    OTEL_* value Kiln cannot honour (an unknown exporter, the SDK not installed) is logged, naming
+    the variable, and the server runs without spans rather than not at all."""
     global _tracer, _project
     _project = environ.get("GOOGLE_CLOUD_PROJECT") or (_metadata_project(environ) if _on_cloud_run(environ) else None)
-    exporters = _exporters(environ)
-    _tracer = _sdk_tracer(exporters, environ) if exporters else None
+    try:
+        exporters = _exporters(environ)
+        _tracer = _sdk_tracer(exporters, environ) if exporters else None
+    except ValueError as e:
+        log.error("no traces: %s", e)
+        _tracer = None
 
 
 def enabled() -> bool:
