@@ -252,13 +252,26 @@ def test_grpc_call_continues_the_callers_trace(examples, tmp_path, otlp_http):
         assert line["span_id"] == server.span_id.hex()
 
 
-def test_without_otel_log_lines_carry_cloud_runs_trace(examples, tmp_path, metadata_server):
-    """No OTEL_* variables: no spans, no traceparent out, but the log lines of a request Cloud Run's
-    front end marked (X-Cloud-Trace-Context; span id in decimal) carry its trace, under the project
-    the metadata server names (K_SERVICE says this is Cloud Run)."""
-    env = {"KILN_ACCESS_LOG": "true", "K_SERVICE": "kiln-svc", "GCE_METADATA_HOST": metadata_server,
-           "GOOGLE_CLOUD_PROJECT": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "", "OTEL_TRACES_EXPORTER": ""}
-    with kiln_serve(examples, tmp_path, env=env) as (process, url):
+def test_cloud_run_log_lines_carry_the_trace_of_cloud_runs_front_end(examples, tmp_path, metadata_server):
+    """The Cloud Run service (functions-framework, as its image runs it) without OTEL_* variables: no
+    spans, no traceparent out, but the lines logged for a request Cloud Run's front end marked
+    (X-Cloud-Trace-Context; its span id in decimal) carry its trace, under the project the metadata
+    server names (simulated; K_SERVICE says this is Cloud Run, as Cloud Run sets it)."""
+    from tests.conftest import install_examples, stop, wait_until_up
+    from tests.test_cloud_run import functions_framework, kiln_env
+
+    install_examples(examples, tmp_path / "models")
+    port, log = free_port(), tmp_path / "service.log"
+    env = kiln_env(tmp_path, "http://127.0.0.1:9", KILN_MODEL_REPOSITORY=str(tmp_path / "models"),
+                   KILN_ACCESS_LOG="true", K_SERVICE="kiln-svc", GCE_METADATA_HOST=metadata_server)
+    for name in ("GOOGLE_CLOUD_PROJECT", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_EXPORTER"):
+        env.pop(name, None)
+    process = functions_framework(port, env, log)
+    process.log_path = log
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(process, lambda: httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200, log,
+                  "functions-framework")
+    try:
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
         response = httpx.post(f"{url}/v1/models/half_plus_two:predict", json={"instances": [1.0]}, timeout=30,
                               headers={"X-Cloud-Trace-Context": f"{trace_id}/12345678901234567890;o=1"})
@@ -272,6 +285,8 @@ def test_without_otel_log_lines_carry_cloud_runs_trace(examples, tmp_path, metad
         assert untraced.status_code == 200
         line = _wait_for_line(process, lambda entry: entry.get("message") == "GET /v1/models/half_plus_two 200")
         assert not any(key.startswith("logging.googleapis.com/") for key in line)
+    finally:
+        stop(process)
 
 
 def test_tracing_off_imports_no_opentelemetry():
