@@ -178,6 +178,7 @@ class Repository:
             names = model.storage.list_children(model.directory)
             published = {int(n) for n in names if n.isdigit()
                          and model.storage.exists(f"{model.directory}/{n}/manifest.json")}
+            hint = "" if published else _saved_models_hint(model, names)
         except KilnError as e:
             with self._lock:
                 model.error = f"cannot read versions of model {model.config.name}: {e}"
@@ -185,7 +186,9 @@ class Repository:
             return
         aspired = aspired_versions(model.config.version_policy, published)
         with self._lock:
-            model.error = ""
+            if hint and hint != model.error:
+                log.warning(hint)
+            model.error = hint
             for number in aspired - set(model.versions):
                 model.versions[number] = Version(number)
             for version in model.versions.values():
@@ -366,3 +369,13 @@ def split_base_path(base_path: str) -> tuple[str, str]:
     if not directory or not parent or parent.endswith(":/"):
         raise ConfigError(f"base path {base_path!r} must name a directory inside a store")
     return parent, directory
+
+
+def _saved_models_hint(model: Model, names: list[str]) -> str:
+    """What to run when a model's base path holds SavedModels (TF Serving's layout) and no servable."""
+    versions = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+    if not versions or not model.storage.exists(f"{model.directory}/{versions[0]}/saved_model.pb"):
+        return ""
+    return (f"{model.storage.url}/{model.directory}/{versions[0]} holds a SavedModel, not a Kiln servable: "
+            f"compile the versions as they are published with `kiln compile --watch {model.storage.url} "
+            f"SERVABLE_BASE` and serve SERVABLE_BASE (README: Compiling on publish)")

@@ -127,3 +127,25 @@ def test_the_compile_function_on_an_s3_event(examples, bucket):
     assert manifest["name"] == "my+model" and manifest["version"] == 7
     again = run_python(code, json.dumps(event), env=env)  # a redelivered event: already compiled
     assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr
+
+
+def test_serving_a_base_of_savedmodels_says_what_to_run(examples, tmp_path):
+    """A TF Serving user's base path (SavedModels, no servables): the model's status says which
+    `kiln compile --watch` to run instead of only "no versions"."""
+    from runtime.errors import NotFound
+    from runtime.model_config import single_model
+    from runtime.repository import Repository
+
+    sources = tmp_path / "models"
+    (sources / "hpt").mkdir(parents=True)
+    publish(examples["half_plus_two"].saved_model, sources, "hpt", 3)
+    repo = Repository(single_model("hpt", str(sources / "hpt")), poll_seconds=0)
+    repo.start()
+    try:
+        with pytest.raises(NotFound) as raised:
+            repo.status("hpt")
+    finally:
+        repo.stop()
+    message = str(raised.value)
+    assert f"{sources.as_uri()}/hpt/3 holds a SavedModel" in message
+    assert f"kiln compile --watch {sources.as_uri()} SERVABLE_BASE" in message
