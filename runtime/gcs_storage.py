@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from runtime.errors import StorageError
-from runtime.storage import KeyNotFound, ObjectChanged, ObjectInfo, Received, Retry, write_into_place, key_parts
+from runtime.storage import KeyNotFound, ObjectChanged, ObjectInfo, Received, Retry, key_parts, write_into_place
 
 T = TypeVar("T")
 _client: Any = None

@@ -10,7 +10,6 @@ import asyncio
 from collections import defaultdict
 
 import numpy as np
-import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from runtime.sessions import RedisStore, SessionIds, servable_fingerprint
