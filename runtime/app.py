@@ -39,7 +39,7 @@ from urllib.parse import unquote
 import numpy as np
 import orjson
 
-from runtime import __version__, logs
+from runtime import __version__, logs, tracing
 from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
 from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
@@ -125,6 +125,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     status: str = "OK"  # as the protocol says it: an HTTP status, or a gRPC code's name
     what: str = ""  # the access log line's description of the request
+    trace: tracing.RequestTrace = tracing.NO_TRACE  # its span (OpenTelemetry) or its caller's trace ids
 
 
 class App:
@@ -163,6 +164,7 @@ class App:
         if settings.metrics_paths is not None:  # a TF Serving monitoring config's
             app.metrics_paths = settings.metrics_paths
         app.metrics.started()
+        tracing.configure()
         # What start-up made (modules, models) lives as long as the process: out of the collector's
         # sight, a full collection no longer walks it. A JSON request's lists trigger one every few
         # hundred requests, which cost a fifth of a small request's time.
@@ -173,16 +175,18 @@ class App:
 
     @contextmanager
     def exchange(self, protocol: str, api: str = "unknown", *, what: str = "", request_id: str | None = None,
-                 deadline: float | None = None) -> Iterator[Exchange]:
+                 deadline: float | None = None, headers: Mapping[str, str] | None = None) -> Iterator[Exchange]:
         """What every entry point does around one request, written once: its request id (the one
         presented, if sensible; else the one already in force, such as a Lambda invocation's; else a
-        new one), its Exchange, and at the end its status counted and logged (finished). The caller
+        new one), its Exchange and its trace (continuing the caller's, from headers: lower-case names),
+        and at the end its status counted and logged (finished). The caller
         sets exchange.status for an answer it makes itself (an HTTP status); an exception leaving the
         block sets it by runtime.errors.status_of (its gRPC code name), CANCELLED when the task was
         cancelled, DEADLINE_EXCEEDED when that happened past the deadline."""
         exchange = Exchange(protocol, api=api, deadline=deadline, what=what or f"{protocol} {api}")
         current = logs.request_id.get()
         token = logs.request_id.set(logs.new_request_id(request_id)) if request_id or current is None else None
+        exchange.trace = tracing.start(headers or {}, exchange.what)
         try:
             yield exchange
         except asyncio.CancelledError:  # the client left, or the platform ended the call at its deadline
@@ -194,6 +198,7 @@ class App:
             raise
         finally:
             self.finished(exchange, exchange.status, exchange.what)
+            exchange.trace.end(exchange)
             if token is not None:
                 logs.request_id.reset(token)
 
@@ -201,13 +206,13 @@ class App:
         """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
         `refused`: why the handler could not take the request (a body over the limit while reading
         it), answered here so that it is counted, logged and marked like any other answer."""
-        with self.exchange("rest", what=f"{request.method} {request.path}",
+        with self.exchange("rest", what=f"{request.method} {request.path}", headers=request.headers,
                            request_id=request.headers.get("x-request-id"), deadline=request.deadline) as exchange:
             response = error_response(refused) if refused else await self._answer(request, exchange)
             origin = request.headers.get("origin")
             exchange.status = str(response.status)
             return replace(response, headers={**response.headers, **self.cors.headers(origin),
-                                              "X-Request-Id": logs.request_id.get() or ""})
+                                              "X-Request-Id": logs.request_id.get() or "", **exchange.trace.headers})
 
     async def _answer(self, request: Request, exchange: Exchange) -> Response:
         try:
@@ -228,6 +233,7 @@ class App:
     def finished(self, exchange: Exchange, status: str, what: str) -> None:
         """Count the request in the metrics and write its access log line."""
         seconds = time.perf_counter() - exchange.started
+        exchange.status = status
         self.metrics.request(exchange.protocol, exchange.api, exchange.model, exchange.version, status, seconds)
         if self.access_log:
             access_logger.info("%s %s", what, status, extra={"fields": {
@@ -260,7 +266,8 @@ class App:
                          remaining: float | None) -> dict[str, np.ndarray]:
         """_run, its time recorded as TF Serving's runtime latency (queue and batch included)."""
         started = time.perf_counter()
-        outputs = await self._run(handle, key, inputs, exchange, remaining)
+        with tracing.model_span(handle.name, handle.version, key):
+            outputs = await self._run(handle, key, inputs, exchange, remaining)
         self.metrics.tfserving.runtime(handle.name, exchange.api, handle.engine.signature(key).engine,
                                        time.perf_counter() - started)
         return outputs
@@ -279,7 +286,8 @@ class App:
                 if abandoned:
                     raise DeadlineExceeded("abandoned")
                 started = time.perf_counter()
-                outputs = handle.engine.run(key, inputs)
+                with tracing.span("kiln.engine"):
+                    outputs = handle.engine.run(key, inputs)
                 signature = handle.engine.signatures.get(key)
                 first = next(iter(inputs.values()), None)
                 rows = None if signature is None or not signature.batched or first is None else \

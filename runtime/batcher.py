@@ -36,9 +36,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from runtime import tracing
 from runtime.batching import BatchingParameters
 from runtime.engines.base import check_inputs
 from runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
@@ -57,6 +59,7 @@ class _Request:
     release: Callable[[], None]  # the request's own hold on its version
     inner_shapes: tuple = ()
     enqueued: float = field(default_factory=time.monotonic)
+    trace: Any = None  # the request's span context (runtime.tracing), which its batch links to
 
 
 class Batcher:
@@ -153,7 +156,7 @@ class _Queue:
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         loop = asyncio.get_running_loop()
         request = _Request(inputs, rows, loop.create_future(), deadline, self.batcher.repository.retain(self.handle),
-                           tuple(a.shape[1:] for a in inputs.values()), now)
+                           tuple(a.shape[1:] for a in inputs.values()), now, tracing.link())
         self._learn_arrival(now, rows)
         self.waiting.append(request)
         self.rows += rows
@@ -275,7 +278,8 @@ class _Queue:
         rows = sum(r.rows for r in batch)
         try:
             started = time.perf_counter()
-            outputs = self.call(self.key, self._merge(batch))
+            with tracing.batch([r.trace for r in batch], [r.enqueued for r in batch], rows=rows, requests=len(batch)):
+                outputs = self.call(self.key, self._merge(batch))
             elapsed = time.perf_counter() - started
         except Exception as e:
             if len(batch) == 1:

@@ -14,8 +14,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compile_ = commands.add_parser("compile", help="compile a SavedModel into a servable")
-    compile_.add_argument("saved_model", type=Path, help="the SavedModel directory")
-    compile_.add_argument("out", type=Path, help="the servable directory to write (BASE/NAME/VERSION)")
+    compile_.add_argument("saved_model", help="the SavedModel directory (with --watch: a base URL of NAME/VERSION/)")
+    compile_.add_argument("out", help="the servable directory to write (BASE/NAME/VERSION; with --watch: BASE)")
+    compile_.add_argument("--watch", action="store_true",
+                          help="compile every new SavedModel version under SAVED_MODEL into OUT (runtime/compile_watch.py)")
+    compile_.add_argument("--once", action="store_true", help="with --watch: compile what is there now, then exit")
+    compile_.add_argument("--only", type=_name_and_version, metavar="NAME/VERSION",
+                          help="with --watch --once: that version alone (the compile function's event)")
+    compile_.add_argument("--poll-seconds", type=float, default=2.0, help="with --watch: seconds between looks")
     compile_.add_argument("--name", help="model name (default: from OUT)")
     compile_.add_argument("--version", type=int, help="version number (default: from OUT, else 1)")
     compile_.add_argument("--signatures", type=_names, help="comma-separated signature keys (default: all)")
@@ -189,16 +195,31 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _name_and_version(text: str) -> tuple[str, int]:
+    name, _, version = text.partition("/")
+    if not name or not version.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME/VERSION (a model name, a version number), got '{text}'")
+    return name, int(version)
+
+
 def _compile(args) -> int:
     from runtime.compiler.compile import compile_servable, parse_appended, parse_capacities, parse_state
     from runtime.progress import say
 
-    manifest = compile_servable(
-        args.saved_model, args.out, name=args.name, version=args.version, signatures=args.signatures,
-        batch_sizes=args.batch_sizes, target_cpu=args.target_cpu, engine=args.engine,
-        tags=args.tag_set, state=parse_state(args.state), positions=parse_capacities(args.state_capacity),
-        appended=parse_appended(args.state_append),
-        log=lambda message: say(f"kiln compile: {message}"))
+    options = dict(signatures=args.signatures, batch_sizes=args.batch_sizes, target_cpu=args.target_cpu,
+                   engine=args.engine, tags=args.tag_set, state=parse_state(args.state),
+                   positions=parse_capacities(args.state_capacity), appended=parse_appended(args.state_append),
+                   log=lambda message: say(f"kiln compile: {message}"))
+    if args.watch:
+        from runtime.compile_watch import Watcher
+
+        watcher = Watcher(args.saved_model, args.out, options, say=lambda message: say(f"kiln compile: {message}"))
+        if not args.once:
+            watcher.run(args.poll_seconds)
+        watcher.run_once(args.only)
+        return 1 if watcher.failed else 0
+    manifest = compile_servable(Path(args.saved_model), Path(args.out), name=args.name, version=args.version,
+                                **options)
     from runtime.table import render
 
     print(render(manifest))

@@ -17,6 +17,8 @@ from contextvars import ContextVar
 
 import orjson
 
+from runtime import tracing
+
 request_id: ContextVar[str | None] = ContextVar("kiln_request_id", default=None)
 MAX_REQUEST_ID = 128
 _PREFIX = os.urandom(8).hex()
@@ -40,6 +42,7 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid is not None:
             entry["request_id"] = rid
+        entry.update(tracing.log_fields())
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

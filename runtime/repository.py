@@ -187,6 +187,7 @@ class Repository:
             names = model.storage.list_children(model.directory)
             published = {int(n) for n in names if n.isdigit()
                          and model.storage.exists(f"{model.directory}/{n}/manifest.json")}
+            hint = "" if published else _saved_models_hint(model, names)
         except KilnError as e:
             with self._lock:
                 model.error = f"cannot read versions of model {model.config.name}: {e}"
@@ -199,7 +200,9 @@ class Repository:
             log.warning("model %s: versions %s of its specific version policy are not in storage; serving the others",
                         model.config.name, ", ".join(map(str, sorted(missing))))
         with self._lock:
-            model.error, model.missing = "", missing
+            if hint and hint != model.error:
+                log.warning(hint)
+            model.error, model.missing = hint, missing
             for number in aspired - set(model.versions):
                 model.versions[number] = Version(number)
             for version in model.versions.values():
@@ -372,3 +375,13 @@ class Repository:
                 if remaining <= 0:
                     return False
                 self._lock.wait(remaining)
+
+
+def _saved_models_hint(model: ServedModel, names: list[str]) -> str:
+    """What to run when a model's base path holds SavedModels (TF Serving's layout) and no servable."""
+    versions = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+    if not versions or not model.storage.exists(f"{model.directory}/{versions[0]}/saved_model.pb"):
+        return ""
+    return (f"{model.storage.url}/{model.directory}/{versions[0]} holds a SavedModel, not a Kiln servable: "
+            f"compile the versions as they are published with `kiln compile --watch {model.storage.url} "
+            f"SERVABLE_BASE` and serve SERVABLE_BASE (README: Compiling on publish)")

@@ -45,8 +45,8 @@ naming the variable, never a request.
     KILN_WARMUP               first: AVAILABLE after the servable's warm-up requests, else one call at the
                               smallest bucket, other buckets warm on first use (default); all: every
                               request and signature at every bucket first (runtime/warmup.py)
-    KILN_REDIS_URL            where agent sessions live: redis://, rediss://, unix:// (Redis 7 or Valkey);
-                              unset: in this process
+    KILN_REDIS_URL            where agent sessions live: redis://, rediss://, unix:// (Redis 7 or Valkey; a
+                              cluster is found by itself, or named by redis+cluster://); unset: in this process
     KILN_SESSION_KEY          the key binding session ids to tenants (runtime.sessions.ids); required with
                               KILN_REDIS_URL, where every instance must share it
     KILN_SESSION_TTL_SECONDS  how long an untouched session lives (default 3600)

@@ -10,9 +10,10 @@ Keys are '/'-separated paths relative to the store's root.
 S3 goes through boto3, imported only when an s3:// store is opened. Any S3-compatible store works
 through boto3's own settings: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL) for the endpoint, and
 credentials from boto3's usual chain (environment, profile, instance or function role).
-gs://BUCKET URLs are Google Cloud Storage through its S3-interoperable XML API, also with boto3: the
-endpoint is KILN_GCS_ENDPOINT_URL (default https://storage.googleapis.com) and the credentials an
-HMAC key in boto3's chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+gs://BUCKET URLs are Google Cloud Storage through google-cloud-storage with Application Default
+Credentials (runtime.gcs_storage); with KILN_GCS_ENDPOINT_URL set (https://storage.googleapis.com),
+through its S3-interoperable XML API instead, with boto3 and an HMAC key in boto3's chain
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from urllib.parse import unquote, urlparse
 from runtime.errors import ConfigError, KeyNotFound, StorageError
 
 SCHEMES = "a local path, file://PATH, s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]"
-GCS_ENDPOINT = "https://storage.googleapis.com"
 # Failures that say nothing about the request itself: the next attempt may well succeed.
 TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
                    "RequestTimeoutException", "InternalError", "ServiceUnavailable"}
@@ -161,9 +161,12 @@ def open_storage(url: str, *, retry: Retry = Retry()) -> Storage:
             prefix = "/".join(key_parts(parsed.path.strip("/")))
         except ValueError as e:
             raise ConfigError(f"model store URL {url!r} has an invalid prefix: {e}") from None
+        if parsed.scheme == "gs" and os.environ.get("KILN_GCS_ENDPOINT_URL"):  # an HMAC key, S3's API
+            return S3Storage(parsed.netloc, prefix, retry, scheme="gs", endpoint_url=os.environ["KILN_GCS_ENDPOINT_URL"])
         if parsed.scheme == "gs":
-            return S3Storage(parsed.netloc, prefix, retry, scheme="gs",
-                             endpoint_url=os.environ.get("KILN_GCS_ENDPOINT_URL") or GCS_ENDPOINT)
+            from runtime.gcs_storage import GcsStorage
+
+            return GcsStorage(parsed.netloc, prefix, retry)
         return S3Storage(parsed.netloc, prefix, retry)
     raise ConfigError(f"model store URL {url!r} is not supported; use {SCHEMES}")
 
@@ -225,7 +228,7 @@ class LocalStorage:
         source = self.path(key)
         try:
             with open(source, "rb") as f:
-                return _write_into_place(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+                return write_into_place(dest, lambda out: shutil.copyfileobj(f, out, 1 << 20))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyNotFound(f"{source} does not exist") from None
 
@@ -268,7 +271,7 @@ class LocalStorage:
         path = self.path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_into_place(path, lambda out: out.write(data))
+            write_into_place(path, lambda out: out.write(data))
         except OSError as e:
             raise StorageError(f"cannot write {path}: {e.strerror}") from None
 
@@ -333,7 +336,7 @@ class S3Storage:
 
     def download(self, key: str, dest: Path) -> Received:
         def fetch() -> Received:
-            return _write_into_place(dest, lambda out: self._client.download_fileobj(
+            return write_into_place(dest, lambda out: self._client.download_fileobj(
                 self.bucket, self._object_key(key), out, Config=self._transfer))
 
         return self._call(f"downloading {self._name(key)}", fetch)
@@ -513,7 +516,7 @@ def _local_info(status: os.stat_result, path: Path) -> ObjectInfo:
     return ObjectInfo(status.st_size, f"mtime_ns={status.st_mtime_ns};size={status.st_size}")
 
 
-def _write_into_place(dest: Path, write: Callable[[io.RawIOBase], object]) -> Received:
+def write_into_place(dest: Path, write: Callable[[io.RawIOBase], object]) -> Received:
     """Write dest through a temporary file beside it, renamed over dest only once complete; returns
     the size and sha256 of what was written."""
     temporary = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")

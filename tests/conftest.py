@@ -76,6 +76,34 @@ def bucket(s3_endpoint, s3_env):
     return client, name
 
 
+@pytest.fixture(scope="session")
+def gcs_endpoint():
+    """gcp-storage-emulator (a GCS JSON API server in Python), in a thread of this process, in memory,
+    on a free loopback port: google-cloud-storage reaches it through its STORAGE_EMULATOR_HOST."""
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # it logs every 404
+    server = create_server("127.0.0.1", free_port(), in_memory=True)
+    server._api.daemon = True  # its thread must not keep a failed run alive
+    server.start()
+    host, port = server._api._httpd.server_address
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint, monkeypatch):
+    """A fresh bucket in the emulator, with the client pointed at it; returns (client, bucket name)."""
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_endpoint)
+    monkeypatch.delenv("KILN_GCS_ENDPOINT_URL", raising=False)
+    client = storage.Client()
+    name = f"kiln-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(name)
+    return client, name
+
+
 def free_port() -> int:
     import socket
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ BINARY = "redis-server"
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, binary: str = BINARY):
-        self.directory, self.binary = Path(directory), binary
+    def __init__(self, directory: Path, port: int | None = None, binary: str = BINARY, options: Sequence[str] = ()):
+        self.directory, self.binary, self.options = Path(directory), binary, list(options)
         self.port = port or _free_port()
         self.process: subprocess.Popen | None = None
 
@@ -41,7 +42,7 @@ class RedisServer:
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)], stdout=log, stderr=subprocess.STDOUT)
+             "--dir", str(self.directory), *self.options], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while not self.ping():
@@ -90,6 +91,45 @@ class RedisServer:
         self.stop()
 
 
+class RedisCluster:
+    """A Redis Cluster of `size` primaries (no replicas) on loopback, made as an operator makes one:
+    redis-server with cluster-enabled on each port, then `redis-cli --cluster create`."""
+
+    def __init__(self, directory: Path, size: int = 3):
+        self.nodes = []
+        for index in range(size):
+            node_dir = Path(directory) / f"node{index}"
+            node_dir.mkdir()
+            self.nodes.append(RedisServer(node_dir, options=[
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-port", str(_free_port())]))  # the bus: port + 10000 may not exist
+
+    @property
+    def url(self) -> str:
+        """One node's address, as a cluster's configuration endpoint is given."""
+        return self.nodes[0].url
+
+    def __enter__(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        try:
+            subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                            "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            deadline = time.monotonic() + 30
+            while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO") for n in self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis cluster did not reach cluster_state:ok")
+                time.sleep(0.1)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +148,16 @@ def redis_server():
     _require()
     with tempfile.TemporaryDirectory(prefix="kiln-redis-") as directory, RedisServer(Path(directory)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """A 3-primary Redis Cluster for a test module."""
+    _require()
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed (apt-get install redis-tools); it makes the test cluster")
+    with tempfile.TemporaryDirectory(prefix="kiln-redis-cluster-") as directory, RedisCluster(Path(directory)) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import multiprocessing
 
 import numpy as np
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from runtime.errors import (InvalidInput, KilnError, PermissionDenied, SessionConflict, SessionCorrupt, SessionLost,
                             SessionNotFound, SessionStale, StoreUnavailable, status_of)
@@ -22,7 +23,7 @@ FINGERPRINT = servable_fingerprint("agent", 1, b'{"name": "agent"}')
 OTHER_FINGERPRINT = servable_fingerprint("agent", 2, b'{"name": "agent", "version": 2}')
 IDS = SessionIds([b"k" * 32])
 run = asyncio.run
-pytest_plugins = ["tests.redis_server"]  # its fixtures: redis_server, own_redis_server
+pytest_plugins = ["tests.redis_server"]  # its fixtures: redis_server, redis_cluster, own_redis_server
 
 
 def state(seed: int = 0, rows: int = 4) -> dict[str, np.ndarray]:
@@ -45,14 +46,15 @@ def chunk_count(tensors: dict[str, np.ndarray], chunk_bytes: int) -> int:
     return sum(1 + -(-np.asarray(array).nbytes // chunk_bytes) for array in tensors.values())
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_store(request):
     """A function making a store (inside the test's event loop) of the kind the test runs with; the
-    stores one test makes share their storage, as instances sharing one Redis do."""
+    stores one test makes share their storage, as instances sharing one Redis do. The cluster's URL
+    is a plain redis:// one to a node, as ElastiCache's configuration endpoint is: found a cluster."""
     if request.param == "memory":
         backend = MemoryBackend()
         return lambda **options: SessionStore(backend, **options)
-    url = request.getfixturevalue("redis_server").url
+    url = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster").url
     return lambda **options: RedisStore(url, **options)
 
 
@@ -61,7 +63,11 @@ async def session_keys(store: SessionStore, tenant: str, session: str) -> set[st
     base = SessionKeys(tenant, session).base
     if isinstance(store.backend, MemoryBackend):
         return {key for key in store.backend.values if key.startswith(base)}
-    return {key.decode() async for key in store.backend.client.scan_iter(match=base + "*")}
+    client = await store.backend.connected()
+    if isinstance(client, RedisCluster):  # a session's keys share one slot: ask its shard
+        node = client.get_node_from_key(base)
+        return {key.decode() async for key in client.scan_iter(match=base + "*", target_nodes=node)}
+    return {key.decode() async for key in client.scan_iter(match=base + "*")}
 
 
 async def rewrite(store: SessionStore, key: str, change) -> None:
@@ -73,7 +79,7 @@ async def rewrite(store: SessionStore, key: str, change) -> None:
         if new is not None:
             store.backend.values[key] = (new, deadline)
         return
-    client = store.backend.client
+    client = await store.backend.connected()
     new = change(await client.get(key))
     await (client.delete(key) if new is None else client.set(key, new, keepttl=True))
 

@@ -45,6 +45,13 @@ def upload(client, bucket: str, source: Path, prefix: str) -> None:
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(source)}")
 
 
+def gcs_upload(bucket, source: Path, prefix: str) -> None:
+    """Every file under source, manifest.json files last (publication)."""
+    for path in sorted(source.rglob("*"), key=lambda p: (p.name == "manifest.json", str(p))):
+        if path.is_file():
+            bucket.blob(f"{prefix}/{path.relative_to(source).as_posix()}").upload_from_filename(str(path))
+
+
 @pytest.fixture
 def local_repository(tmp_path) -> Path:
     """A local repository: tiny/1 and tiny/2 published, tiny/3 still being written."""
@@ -55,14 +62,19 @@ def local_repository(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture(params=["path", "file", "s3"])
-def store(request, local_repository, bucket):
+@pytest.fixture(params=["path", "file", "s3", "gcs"])
+def store(request, local_repository):
     """The same local_repository, behind each kind of URL."""
     if request.param == "path":
         return open_storage(str(local_repository))
     if request.param == "file":
         return open_storage(local_repository.as_uri())
-    client, name = bucket
+    if request.param == "gcs":  # gs:// with google-cloud-storage, against its emulator
+        client, name = request.getfixturevalue("gcs_bucket")
+        gcs_upload(client.bucket(name), local_repository, "models")
+        client.bucket(name).blob("models/tiny/3/lib/partial.so").upload_from_string(b"\0")
+        return open_storage(f"gs://{name}/models", retry=FAST)
+    client, name = request.getfixturevalue("bucket")
     upload(client, name, local_repository, "models")
     client.put_object(Bucket=name, Key="models/tiny/3/lib/partial.so", Body=b"\0")
     return open_storage(f"s3://{name}/models", retry=FAST)

@@ -18,10 +18,13 @@ from runtime.storage import KeyNotFound, LocalStorage, ObjectChanged, Retry, S3S
 FAST = Retry(attempts=4, delay=0.01, max_delay=0.05, deadline=10)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs"])
 def store(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "store"))
+    if request.param == "gcs":  # gs:// with google-cloud-storage, against its emulator
+        _, name = request.getfixturevalue("gcs_bucket")
+        return open_storage(f"gs://{name}/root", retry=FAST)
     _, name = request.getfixturevalue("bucket")
     return open_storage(f"s3://{name}/root", retry=FAST)
 
@@ -190,3 +193,20 @@ def test_gs_urls_use_the_interoperable_api(bucket, s3_endpoint, monkeypatch):
     assert store.list_keys() == ["rows.jsonl"] and store.read_bytes("rows.jsonl") == b"1\n"
     store.write_bytes("more/rows.jsonl", b"2\n")
     assert client.get_object(Bucket=name, Key="in/more/rows.jsonl")["Body"].read() == b"2\n"
+
+
+def test_gs_without_credentials_is_a_clear_error(tmp_path):
+    """No Application Default Credentials anywhere (no file, no metadata server: a closed loopback
+    port stands in for it): opening a gs:// store says so, naming the store."""
+    from tests.conftest import free_port, run_python
+
+    result = run_python("from runtime.storage import open_storage\n"
+                        "try:\n    open_storage('gs://kiln-no-such/models')\n"
+                        "except Exception as e:\n    print(type(e).__name__, e)",
+                        env={"STORAGE_EMULATOR_HOST": "", "KILN_GCS_ENDPOINT_URL": "",
+                             "GOOGLE_APPLICATION_CREDENTIALS": "", "CLOUDSDK_CONFIG": str(tmp_path),
+                             "GCE_METADATA_HOST": f"127.0.0.1:{free_port()}",
+                             "GCE_METADATA_IP": f"127.0.0.1:{free_port()}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("StorageError cannot open gs://kiln-no-such"), result.stdout
+    assert "credentials" in result.stdout.lower()

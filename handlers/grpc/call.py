@@ -45,8 +45,8 @@ async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
     with app.exchange("grpc", api, what=f"gRPC {api}", request_id=metadata.get("x-request-id"),
-                      deadline=deadline) as exchange:
-        context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
+                      deadline=deadline, headers=metadata) as exchange:
+        context.set_trailing_metadata((("x-request-id", logs.request_id.get()), *exchange.trace.headers.items()))
         try:
             if api not in OPEN_APIS:
                 exchange.tenant = (authenticate or app.auth.tenant)(metadata)

@@ -1,6 +1,6 @@
 """The Open Inference Protocol's gRPC messages (inference.ModelInferRequest and the rest, the file
 tritonclient.grpc ships: runtime/protos/grpc_service.proto) to arrays and back. Pure functions over
-the generated messages; grpc itself is the handler's (handlers/oip_grpc.py).
+the generated messages; grpc itself is the handler's (handlers/grpc/oip.py).
 
 An input's data comes either in its `contents` (typed repeated fields; FP16 has none) or, for every
 input at once, in the request's `raw_input_contents` (what tritonclient sends): the binary form of

@@ -8,6 +8,7 @@ Redis-compatible storage between requests, so any stateless instance can resume 
     backend.py           what a store needs from its storage
     memory.py            the in-process backend (the embedded default)
     redis_backend.py     Redis 7 or Valkey through redis-py's asyncio client (KILN_REDIS_URL)
+    redis_client.py      which client a URL gets: one server's, or Redis Cluster's (found or named)
     store.py             load, save (compare-and-set), delete, touch; loss and conflicts
     prediction_cache.py  an optional cache of stateless predictions in the same storage
     state.py             a stateful signature's state: a new session's, after a call, as stored

@@ -1,4 +1,5 @@
-"""The Redis backend: Redis 7 or Valkey by URL (KILN_REDIS_URL), through redis-py's asyncio client.
+"""The Redis backend: Redis 7 or Valkey by URL (KILN_REDIS_URL), through redis-py's asyncio client, a
+single server's or a cluster's (runtime.sessions.redis_client).
 
 Only commands both servers have: GET, SET with PX, PEXPIRE, UNLINK, and one Lua script run by
 EVALSHA (SCRIPT LOAD when the server does not know it yet), whose own calls are GET, EXISTS, SET and
@@ -16,16 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from runtime.errors import ConfigError, StoreUnavailable
+from runtime.sessions import redis_client
 from runtime.sessions.backend import Buffer
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
-SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = ("redis", "rediss", "unix", *redis_client.CLUSTER_SCHEMES)
 
 # KEYS: manifest, history, then every chunk the new manifest points to. ARGV: expected version, new
 # manifest, its ttl (ms), history ('' to remove it), its ttl (ms). The version is the manifest's
@@ -64,9 +65,18 @@ class RedisBackend:
         if not timeout_seconds > 0:
             raise ConfigError(f"the session store timeout must be positive, got {timeout_seconds}")
         self.description = f"the session store at {redact(url)}"
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_seconds,
-                                              socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 1))
-        self.script = self.client.register_script(COMMIT)
+        self.url, self.options = url, {"socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds,
+                                       "retry": Retry(NoBackoff(), 1)}
+        self.client = self.script = None  # on first use: which client depends on the server (redis_client)
+        self._connecting = asyncio.Lock()
+
+    async def connected(self):
+        """The client, opened on first use."""
+        async with self._connecting:
+            if self.client is None:
+                client = await redis_client.connect(self.url, **self.options)
+                self.client, self.script = client, client.register_script(COMMIT)
+        return self.client
 
     async def get(self, keys: Sequence[str], expire: Mapping[str, int] | None = None) -> list[bytes | None]:
         # Expiries first, then a GET per key: measured faster than one MGET, than GETEX, and than
@@ -83,7 +93,10 @@ class RedisBackend:
         return [bool(found) for found in await self._pipeline("touch", [("PEXPIRE", k, t) for k, t in ttls.items()])]
 
     async def delete(self, keys: Sequence[str]) -> int:
-        return await self._call("delete", self.client.execute_command("UNLINK", *keys)) if keys else 0
+        async def run():
+            return await (await self.connected()).unlink(*keys)
+
+        return await self._call("delete", run()) if keys else 0
 
     async def commit(self, chunks: Sequence[tuple[str, Buffer]], ttl_ms: int, manifest_key: str, expected: int,
                      manifest: bytes, history_key: str, history: bytes | None, history_ttl_ms: int
@@ -94,7 +107,7 @@ class RedisBackend:
         async def run():
             # One pipeline: the server runs a connection's commands in order, so every chunk is
             # written before the script looks for them and sets the manifest.
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with (await self.connected()).pipeline(transaction=False) as pipe:
                 for key, value in chunks:
                     pipe.execute_command("SET", key, value, "PX", ttl_ms)
                 pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
@@ -112,7 +125,8 @@ class RedisBackend:
         return won == 1, current
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
 
     async def _pipeline(self, what: str, *groups: list[tuple]) -> list:
         commands = [command for group in groups for command in group]
@@ -120,7 +134,7 @@ class RedisBackend:
             return []
 
         async def run():
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with (await self.connected()).pipeline(transaction=False) as pipe:
                 for command in commands:
                     pipe.execute_command(*command)
                 return await pipe.execute()

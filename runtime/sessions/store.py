@@ -224,7 +224,8 @@ class MemoryStore(SessionStore):
 
 
 class RedisStore(SessionStore):
-    """Sessions in Redis 7 or Valkey at `url` (redis://, rediss://, unix://)."""
+    """Sessions in Redis 7 or Valkey at `url` (redis://, rediss://, unix://; a cluster at redis:// is
+    found by itself, or named by redis+cluster:// or rediss+cluster://)."""
 
     def __init__(self, url: str, *, timeout_seconds: float | None = None, **options):
         from runtime.sessions.redis_backend import DEFAULT_TIMEOUT_SECONDS, RedisBackend
