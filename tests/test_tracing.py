@@ -291,7 +291,7 @@ def test_cloud_run_log_lines_carry_the_trace_of_cloud_runs_front_end(examples, t
 
 def test_tracing_off_imports_no_opentelemetry():
     """Start-up time: without OTEL_* variables the serving path never imports the SDK (or the API)."""
-    result = run_python("import sys; from runtime import tracing; import runtime.app, handlers.grpc_server; "
+    result = run_python("import sys; from runtime import tracing; import runtime.app, handlers.grpc.server; "
                         "tracing.configure({}); "
                         "assert tracing.start({'traceparent': '00-' + '1' * 32 + '-' + '2' * 16 + '-01'}, 'x') "
                         "is not None; print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
