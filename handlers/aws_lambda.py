@@ -91,7 +91,7 @@ from aws_lambda_powertools.utilities.data_classes import (S3BatchOperationEvent,
                                                           S3Event, S3EventBridgeNotificationEvent)
 
 from handlers.records import predict_message
-from runtime import logs, scoring
+from runtime import logs
 from runtime.app import App, Exchange, Request, Response, whole
 from runtime.errors import ConfigError, InvalidInput, KilnError, retryable, status_of
 from runtime.settings import Settings
@@ -326,6 +326,8 @@ class LambdaFunction:
     def _score_all(self, objects: list[tuple[str, str]], invocation: Invocation) -> list:
         """Every object scored at once by runtime.scoring (one already scored, or under the output
         prefix, is skipped); each one's ScoreResult or exception, in order."""
+        from runtime import scoring  # imported by the first S3 event: no other invocation needs it
+
         self._output_storage(invocation.kind)
         results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", self.settings.output_prefix,
                                                         model=self.settings.score_model) for bucket, key in objects))

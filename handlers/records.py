@@ -10,7 +10,6 @@ from __future__ import annotations
 from runtime.app import App, Exchange
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
 from runtime.errors import InvalidInput, shown
-from runtime.scoring import default_model
 
 
 async def predict_message(app: App, body: bytes | str | dict, model: str | None,
@@ -21,6 +20,8 @@ async def predict_message(app: App, body: bytes | str | dict, model: str | None,
     name = request.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
+    from runtime.scoring import default_model  # scoring's own imports wait for the first record
+
     with app.repository.handle(default_model(app, name or model)) as handle:
         decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)

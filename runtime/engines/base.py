@@ -47,6 +47,8 @@ class Engine:
         if manifest.runtime:
             from runtime import runtime_library
 
+            # Not on a CPU that lacks the target's features: its static initializers could use them.
+            check_target(manifest.target.triple, manifest.target.cpu, list(manifest.target.features))
             runtime_library.load(directory, manifest.runtime)  # before the bucket libraries that need it
         if manifest.weights:
             from runtime.engines.xla_aot import check_elf
