@@ -155,8 +155,10 @@ class ServableCache:
             (staging / MANIFEST_FILE).write_bytes(raw)  # visible only with the whole directory
             manifest = _checked(storage, prefix, lambda: read_manifest(staging))
             self._make_room(len(raw) + sum(entry.size for entry in manifest.files.values()))
-            self._download_files(storage, prefix, manifest, staging)
-            self._fetch_runtime(storage, manifest, final.parent.parent)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-fetch-runtime") as alongside:
+                runtime = alongside.submit(self._fetch_runtime, storage, manifest, final.parent.parent)
+                self._download_files(storage, prefix, manifest, staging)
+                runtime.result()
             _touch(staging)
             try:
                 staging.rename(final)
