@@ -175,3 +175,34 @@ def test_inspect_shows_the_key_and_that_the_runtime_is_not_in_the_servable(base)
     # Format 1 put the runtime and the constants in both bucket libraries: about two runtimes more.
     assert manifest.runtime.bytes_saved > manifest.runtime.size * 3 // 2
     assert f"bytes saved   {manifest.runtime.bytes_saved / 1e6:.1f} MB" in shown
+
+
+def test_kiln_serve_finds_the_runtime_in_its_repository(base, tmp_path):
+    """`kiln serve` over the repository on a machine with nothing installed: the models are a and b
+    (not .kiln), and both load the runtime from the repository's .kiln/runtime/."""
+    import os
+
+    import httpx
+
+    from tests.conftest import free_port, stop, wait_until_up
+
+    port, log_path = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "KILN_CACHE_DIR": str(tmp_path / "empty-cache"), "KILN_WORKERS": "1"}
+    env.pop(runtime_library.PATH_ENV, None)
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", "--model-repository", str(base),
+                                    "--rest-port", str(port), "--grpc-port", "0", "--host", "127.0.0.1"],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(process, lambda: all(httpx.get(f"{url}/v1/models/{name}", timeout=2).status_code == 200
+                                           for name in MODELS), log_path, "kiln serve")
+        listed = httpx.get(f"{url}/v1/models", timeout=5)
+        assert listed.status_code == 200 and "a" in listed.text and ".kiln" not in listed.text, listed.text
+        x = np.random.default_rng(3).random((2, 16), np.float32)
+        for name, weights in MODELS.items():
+            response = httpx.post(f"{url}/v1/models/{name}:predict", json={"instances": x.tolist()}, timeout=30)
+            assert response.status_code == 200, response.text
+            np.testing.assert_allclose(response.json()["predictions"], x @ weights + 1.0, atol=1e-5)
+    finally:
+        stop(process)
