@@ -20,9 +20,7 @@ async def predict_message(app: App, body: bytes | str | dict, model: str | None,
     name = request.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
-    from runtime.scoring import default_model  # scoring's own imports wait for the first record
-
-    with app.repository.handle(default_model(app, name or model)) as handle:
+    with app.repository.handle(app.repository.named_or_only(name or model)) as handle:
         decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
         served = {"model": handle.name, "version": str(handle.version)}

@@ -84,7 +84,7 @@ from runtime.app import Exchange
 from runtime.codecs.tfserving import (NUMBER_BYTES, _jsonable, decode_predict, fixed_size, loads, predict_values,
                                       skeleton)
 from runtime.engines.base import check_inputs
-from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound, ResourceExhausted, status_of
+from runtime.errors import ConfigError, InvalidInput, KilnError, ResourceExhausted, status_of
 from runtime.manifest import Signature, TensorSpec
 from runtime.storage import KeyNotFound, ObjectChanged, ObjectInfo, Storage, key_parts, open_storage
 
@@ -116,17 +116,7 @@ class ScoreResult:
 
 def default_model(app, name: str | None) -> str:
     """The model to score with: `name`, else the only one the app serves."""
-    names = app.repository.names()
-    if name:
-        if name not in names:
-            raise NotFound(f"model {name!r} is not served; served: {', '.join(names) or 'none'}")
-        return name
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise ConfigError("no model is served, so there is nothing to score with")
-    raise ConfigError(f"several models are served ({', '.join(names)}); name the one to score with "
-                      f"(KILN_SCORE_MODEL, or kiln score --model)")
+    return app.repository.named_or_only(name)
 
 
 def shard(items: list[str], index: int, count: int) -> list[str]:
