@@ -35,7 +35,7 @@ from runtime.cache import cache_root  # noqa: E402
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
 # The Kiln code whose changes change a built servable (serving code does not).
-BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/warmup.py", "runtime/engines/saved_model.py",
+BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/runtime_library.py", "runtime/warmup.py", "runtime/engines/saved_model.py",
               "runtime/engines/base.py")
 KEEP_ENTRIES = 2  # per example: the newest, and one more for switching back and forth
 # Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`
@@ -125,9 +125,11 @@ def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log)
         example.save(staging / "saved_model", log)
         log(f"{name}: SavedModel exported ({time.perf_counter() - started:.1f} s)")
         started = time.perf_counter()
+        # Embedded: tests copy the examples anywhere, and run them in stand-ins for images that have no
+        # runtime installed (runtime/runtime_library.py); the bucket libraries are the same either way.
         compile_servable(staging / "saved_model", staging / "servable", name=name, version=VERSION,
                          batch_sizes=batch_sizes, log=lambda message: log(f"{name}: {message}"),
-                         **getattr(example, "COMPILE_OPTIONS", {}))
+                         embed_runtime=True, **getattr(example, "COMPILE_OPTIONS", {}))
         log(f"{name}: compiled for batch sizes {list(batch_sizes)} ({time.perf_counter() - started:.1f} s)")
         staging.rename(entry)
     except BaseException:

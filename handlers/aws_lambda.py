@@ -99,7 +99,7 @@ from aws_lambda_powertools.utilities.data_classes import (
 )
 
 from handlers.records import OutputStore, predict_message
-from runtime import logs, scoring
+from runtime import logs
 from runtime.app import App, Request, Response, whole
 from runtime.errors import InvalidInput, KilnError, retryable, status_of
 from runtime.settings import Settings
@@ -322,6 +322,8 @@ class LambdaFunction:
     def _score_all(self, objects: list[tuple[str, str]], invocation: Invocation) -> list:
         """Every object scored at once by runtime.scoring (one already scored, or under the output
         prefix, is skipped); each one's ScoreResult or exception, in order."""
+        from runtime import scoring  # imported by the first S3 event: no other invocation needs it
+
         prefix = self.outputs.url(f"{invocation.kind} events")
         results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", prefix,
                                                         model=self.settings.score_model) for bucket, key in objects))

@@ -11,7 +11,6 @@ from __future__ import annotations
 from runtime.app import App, Exchange
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
 from runtime.errors import ConfigError, InvalidInput, shown
-from runtime.scoring import default_model
 from runtime.storage import Storage, open_storage
 
 
@@ -23,7 +22,7 @@ async def predict_message(app: App, body: bytes | str | dict, model: str | None,
     name = request.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
-    with app.repository.handle(default_model(app, name or model)) as handle:
+    with app.repository.handle(app.repository.named_or_only(name or model)) as handle:
         decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
         served = {"model": handle.name, "version": str(handle.version)}

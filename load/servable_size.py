@@ -24,7 +24,8 @@ def directory_bytes(path: Path) -> int:
 
 
 def breakdown(servable: Path) -> dict:
-    """Bytes of the servable by part: the shared runtime, the weights, the bucket libraries, the rest."""
+    """Bytes of the servable by part: the runtime (in it, or shared: found by its key), the weights,
+    the bucket libraries, the rest."""
     from runtime.manifest import read_manifest
 
     manifest = read_manifest(servable)
@@ -33,13 +34,21 @@ def breakdown(servable: Path) -> dict:
     for name, entry in manifest.files.items():
         part = shared.get(name) or ("buckets" if name.startswith("lib/") else "other")
         parts[part] += entry.size
-    return {"format": manifest.format_version, "batch_sizes": list(manifest.batch_sizes), **parts}
+    if manifest.runtime and not manifest.runtime.embedded:
+        parts["runtime"] = manifest.runtime.size
+    return {"format": manifest.format_version, "batch_sizes": list(manifest.batch_sizes),
+            "runtime_embedded": bool(manifest.runtime and manifest.runtime.embedded), **parts}
 
 
 def measure(name: str, saved_model: Path, servable: Path) -> dict:
-    saved, total = directory_bytes(saved_model), directory_bytes(servable)
-    return {"model": name, "saved_model_bytes": saved, "servable_bytes": total,
-            "ratio": round(total / saved, 3), **breakdown(servable)}
+    """`ratio`: the servable as format 3 stores it, its runtime shared (once per store and install);
+    `ratio_embedded`: with the runtime in it (--embed-runtime, format 2). The bucket libraries are
+    the same either way, so one servable gives both."""
+    saved, parts = directory_bytes(saved_model), breakdown(servable)
+    total = directory_bytes(servable)
+    alone = total - parts["runtime"] if parts["runtime_embedded"] else total
+    return {"model": name, "saved_model_bytes": saved, "servable_bytes": alone,
+            "ratio": round(alone / saved, 3), "ratio_embedded": round((alone + parts["runtime"]) / saved, 3), **parts}
 
 
 def keras_model(name: str):

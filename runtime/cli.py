@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                           help="the state INPUT that counts the tokens a session holds, and the most it can hold")
     compile_.add_argument("--state-append", default="", metavar="SIGNATURE:INPUT[,...]",
                           help="state INPUTs whose OUTPUT is only the new entries, written at the position")
+    compile_.add_argument("--embed-runtime", action="store_true",
+                          help="put the runtime library (7 MB) in the servable, instead of installing it here and "
+                               "writing it once per store in BASE/.kiln/runtime/ (runtime/runtime_library.py)")
     compile_.set_defaults(run=_compile)
 
     inspect = commands.add_parser("inspect", help="show a servable's manifest")
@@ -209,7 +212,7 @@ def _compile(args) -> int:
     options = dict(signatures=args.signatures, batch_sizes=args.batch_sizes, target_cpu=args.target_cpu,
                    engine=args.engine, tags=args.tag_set, state=parse_state(args.state),
                    positions=parse_capacities(args.state_capacity), appended=parse_appended(args.state_append),
-                   log=lambda message: say(f"kiln compile: {message}"))
+                   embed_runtime=args.embed_runtime, log=lambda message: say(f"kiln compile: {message}"))
     if args.watch:
         from runtime.compile_watch import Watcher
 
@@ -355,7 +358,7 @@ def _score(args) -> int:
     stopped: list[int] = []
     app = App.start(settings)
     try:
-        scoring.default_model(app, args.model or settings.score_model)
+        app.repository.named_or_only(args.model or settings.score_model)
         with logging_around_bars():
             asyncio.run(run())
     except asyncio.CancelledError:

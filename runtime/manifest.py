@@ -57,8 +57,12 @@ from runtime.errors import ServableError
 # 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
 # (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1
 # servables, whose libraries are self-contained, still load.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# 3: the runtime library is not in the servable but named by its key and checksum, and found installed
+# or once per store (runtime/runtime_library.py); a servable compiled with --embed-runtime is format 2.
+SHARED_RUNTIME_FORMAT = 3
+EMBEDDED_RUNTIME_FORMAT = 2
+FORMAT_VERSION = SHARED_RUNTIME_FORMAT
+READABLE_FORMATS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 
 Engine = Literal["xla-aot", "saved-model"]
@@ -162,12 +166,26 @@ class SharedRuntime(Model):
     """The XLA AOT runtime and Kiln's kernels, linked once for every bucket library of the servable.
 
     `key` names its TensorFlow version, compiler, flags, target CPU and kernels; `file` is its path
-    in the servable (checksummed like every file), beside the bucket libraries that load it.
+    in the servable, beside the bucket libraries that load it. Embedded (format 2), it is checksummed
+    like every file; shared (format 3), it is not in the servable and `size` and `sha256` check the
+    copy found installed or in the store (runtime/runtime_library.py).
     """
 
     key: str
     file: str
+    embedded: bool = Field(True, description="in the servable (format 2), else found by its key")
+    size: int = Field(0, description="shared: the library's size")
+    sha256: str = Field("", description="shared: the library's sha256")
     bytes_saved: int = Field(0, description="about how many bytes format 1 would have needed more")
+
+    @model_serializer(mode="wrap")
+    def _embedded_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """An embedded runtime is written as format 2 wrote it."""
+        data = handler(self)
+        if self.embedded:
+            for field in ("embedded", "size", "sha256"):
+                data.pop(field, None)
+        return data
 
 
 class FileEntry(Model):
@@ -199,9 +217,16 @@ class Manifest(Model):
         problems = state_problems(self.signatures)
         if problems:
             raise ValueError("; ".join(problems))
-        for shared in (self.runtime.file if self.runtime else None, self.weights):
+        runtime = self.runtime
+        for shared in (runtime.file if runtime and runtime.embedded else None, self.weights):
             if shared is not None and self.files and shared not in self.files:
                 raise ValueError(f"shared library {shared} is not among the files")
+        if runtime and not runtime.embedded:
+            if runtime.file in self.files or not runtime.sha256 or runtime.size < 1:
+                raise ValueError(f"a runtime found by its key ({runtime.key}) is not among the files and "
+                                 f"has a size and sha256")
+            if self.format_version < SHARED_RUNTIME_FORMAT:
+                raise ValueError(f"a runtime found by its key needs format_version {SHARED_RUNTIME_FORMAT}")
         return self
 
     @model_serializer(mode="wrap")

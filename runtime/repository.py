@@ -333,6 +333,21 @@ class Repository:
         with self._lock:
             return sorted(self._configured)
 
+    def named_or_only(self, name: str | None) -> str:
+        """`name`, if it is served, else the only model served: what a record or a scoring run that
+        names no model is for."""
+        names = self.names()
+        if name:
+            if name not in names:
+                raise NotFound(f"model {name!r} is not served; served: {', '.join(names) or 'none'}")
+            return name
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ConfigError("no model is served, so there is nothing to score with")
+        raise ConfigError(f"several models are served ({', '.join(names)}); name the one to score with "
+                          f"(KILN_SCORE_MODEL, or kiln score --model)")
+
     def config_of(self, name: str) -> ModelConfig:
         """The model's configuration as it stands."""
         with self._lock:

@@ -7,6 +7,9 @@ its bytes arrived (no second pass), and renamed into place whole: a directory un
 name is always complete and verified, so the engine may open it with verify=False. Versions are
 immutable, as in TensorFlow Serving: a cached version is never downloaded again.
 
+A version whose runtime library is shared (format 3) and not installed here brings it from the store's
+.kiln/runtime/ once per store, into the same place under the store's copy (runtime/runtime_library.py).
+
 A local store (a directory on this machine) is not copied: fetch returns the store's own directory,
 unverified, and the engine checks it when it opens it, as it would without a cache. A copy would
 double the disk used and the start-up time for nothing.
@@ -153,7 +156,10 @@ class ServableCache:
             (staging / MANIFEST_FILE).write_bytes(raw)  # visible only with the whole directory
             manifest = _checked(storage, prefix, lambda: read_manifest(staging))
             self._make_room(len(raw) + sum(entry.size for entry in manifest.files.values()))
-            self._download_files(storage, prefix, manifest, staging)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-fetch-runtime") as alongside:
+                runtime = alongside.submit(self._fetch_runtime, storage, manifest, final.parent.parent)
+                self._download_files(storage, prefix, manifest, staging)
+                runtime.result()
             _touch(staging)
             try:
                 staging.rename(final)
@@ -194,6 +200,34 @@ class ServableCache:
         finally:  # after a failure, files not started are not fetched; those under way finish first
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _fetch_runtime(self, storage: Storage, manifest: Manifest, base: Path) -> None:
+        """A shared runtime that is not installed here, fetched once per store from its .kiln/runtime/
+        into the same place under the store's copy (runtime/runtime_library.py), checked as it arrives.
+        Several versions and processes may fetch it at once: each writes it whole or not at all."""
+        from runtime import runtime_library
+
+        runtime = manifest.runtime
+        if runtime is None or runtime.embedded or runtime_library.installed(runtime):
+            return
+        target = runtime_library.store_copy(base, runtime)
+        if target.is_file() and target.stat().st_size == runtime.size:
+            return  # checked when it arrived; the engine checks it again before loading it
+        target.parent.mkdir(parents=True, exist_ok=True)
+        key = runtime_library.store_key(runtime)
+        try:
+            received = storage.download(key, target)
+        except KeyNotFound:
+            places = ", ".join(map(str, runtime_library.installed_dirs()))
+            raise ServableError(f"{storage.url}/{manifest.name}/{manifest.version} needs the Kiln runtime library "
+                                f"{runtime.key}, which is neither installed here (looked in {places}) nor in its "
+                                f"store ({storage.url}/{key}): upload BASE/{key} from where it was compiled, or "
+                                f"recompile with --embed-runtime") from None
+        if (received.size, received.sha256) != (runtime.size, runtime.sha256):
+            target.unlink(missing_ok=True)
+            raise ServableError(f"{storage.url}/{key} has {received.size} bytes and sha256 {received.sha256}; "
+                                f"{manifest.name} version {manifest.version} expects {runtime.size} bytes and "
+                                f"sha256 {runtime.sha256} (runtime {runtime.key})")
+
     def _hold(self, directory: Path, exclusive: bool = False) -> int | None:
         return _flock(_lock_file(self.root, directory), exclusive)
 
@@ -228,8 +262,8 @@ class ServableCache:
         """(last use, directory, bytes) of every cached version."""
         entries = []
         for directory in self.root.glob("*/*/*"):
-            if directory.name.startswith("."):
-                continue
+            if any(part.startswith(".") for part in directory.relative_to(self.root).parts):
+                continue  # staging, evicted, or a store's shared runtime (never evicted: small, shared)
             try:
                 used = directory.stat().st_mtime_ns
             except FileNotFoundError:

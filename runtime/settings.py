@@ -196,7 +196,8 @@ class Settings:
         base = (self.model_repository or "").rstrip("/")  # set: checked at start-up
         if "://" not in base:
             base = str(Path(base).resolve())
-        names = [self.model_name] if self.model_name else open_storage(base).list_children("")
+        names = [self.model_name] if self.model_name else [  # not .kiln/: the store's shared runtimes
+            name for name in open_storage(base).list_children("") if not name.startswith(".")]
         if not names:
             raise ConfigError(f"no models in {base}: expected NAME/VERSION directories")
         return ModelConfigList(models=tuple(ModelConfig(name=name, base_path=f"{base}/{name}") for name in names))

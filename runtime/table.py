@@ -28,7 +28,9 @@ def render(manifest: Manifest) -> str:
         ("format", str(manifest.format_version)),
     ]
     if manifest.runtime is not None:
-        head += [("shared code", f"{manifest.runtime.key} ({manifest.runtime.file})"),
+        where = (manifest.runtime.file if manifest.runtime.embedded else
+                 f"not in the servable: installed or in its store's .kiln/runtime/, {manifest.runtime.size / 1e6:.1f} MB")
+        head += [("shared code", f"{manifest.runtime.key} ({where})"),
                  ("bytes saved", f"{manifest.runtime.bytes_saved / 1e6:.1f} MB (against format 1: runtime and "
                                  f"weights in every bucket library)")]
     width = max(len(key) for key, _ in head)

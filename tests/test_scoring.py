@@ -22,7 +22,7 @@ import pytest
 
 from runtime.app import App
 from runtime.errors import ConfigError, InvalidInput, NotFound, StorageError
-from runtime.scoring import ScoreResult, default_model, expand_inputs, score_object, shard
+from runtime.scoring import ScoreResult, expand_inputs, score_object, shard
 from runtime.settings import Settings
 from runtime.storage import KeyNotFound, open_storage
 from tests.conftest import ROOT, free_port
@@ -166,10 +166,10 @@ def test_rows_beside_a_nan_row_keep_their_float_formatting(app, tmp_path):
 
 def test_the_model_defaults_to_the_only_one_and_several_need_a_name(app):
     with pytest.raises(ConfigError, match="several models are served .*digits, half_plus_two"):
-        default_model(app, None)
-    assert default_model(app, "digits") == "digits"
+        app.repository.named_or_only(None)
+    assert app.repository.named_or_only("digits") == "digits"
     with pytest.raises(NotFound, match="'nope' is not served"):
-        default_model(app, "nope")
+        app.repository.named_or_only("nope")
 
 
 # Idempotency -----------------------------------------------------------------------------------

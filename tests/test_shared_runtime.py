@@ -1,8 +1,8 @@
-"""Runtime code and weights once (format 2): the XLA AOT runtime and Kiln's kernels are one shared
-library in the servable, every distinct constant is stored once in one weights library, both
-checksummed like every file; each bucket library holds only its generated code and links
+"""Runtime code and weights once (format 2, `--embed-runtime`): the XLA AOT runtime and Kiln's kernels
+are one shared library in the servable, every distinct constant is stored once in one weights library,
+both checksummed like every file; each bucket library holds only its generated code and links
 both. Servables of format 1 (self-contained libraries), generated here by the Kiln that wrote them, still
-load."""
+load. The runtime found by its key instead (format 3, the default): tests/test_runtime_by_key.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 from runtime.compiler.compile import compile_servable
 from runtime.engines import open_servable
 from runtime.errors import ServableError
-from runtime.manifest import read_manifest
+from runtime.manifest import FORMAT_VERSION, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 # XLA lays a matmul's weights out transposed at batch 1 (a vector-matrix product), so a bucket of 1
@@ -51,7 +51,7 @@ def saved_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def servable(saved_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("servable") / "m" / "1"
-    compile_servable(saved_model, out, batch_sizes=BUCKETS)
+    compile_servable(saved_model, out, batch_sizes=BUCKETS, embed_runtime=True)
     return out
 
 
@@ -106,7 +106,7 @@ def test_two_servables_with_the_same_symbols_keep_their_own_weights(servable, tm
     """Both weights libraries name __tfcompile_kiln_s0_b2_Constant_0_...: each bucket library must
     bind its own servable's (the libraries load RTLD_LOCAL; the sonames hash the contents)."""
     other = tmp_path / "other" / "1"
-    compile_servable(save_model(tmp_path / "other_saved", -WEIGHTS), other, batch_sizes=BUCKETS)
+    compile_servable(save_model(tmp_path / "other_saved", -WEIGHTS), other, batch_sizes=BUCKETS, embed_runtime=True)
     first, second = open_servable(servable), open_servable(other)
     try:
         x = np.random.default_rng(1).random((2, 16), np.float32)
@@ -155,7 +155,8 @@ def format_one_kiln(into: Path) -> Path:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        introduced = git("log", "-1", "--format=%H", "-S", "FORMAT_VERSION = 2", "--", "runtime/manifest.py")
+        introduced = git("log", "--reverse", "--format=%H", "-S", "FORMAT_VERSION = 2", "--",
+                         "runtime/manifest.py").partition("\n")[0]  # the first: later ones moved on from 2
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("needs the git history of this checkout")
     if not introduced:
@@ -194,7 +195,7 @@ def test_a_newer_format_is_refused_with_a_message_to_recompile(servable, tmp_pat
     copy = tmp_path / "m" / "1"
     shutil.copytree(servable, copy)
     raw = orjson.loads((copy / "manifest.json").read_bytes())
-    raw["format_version"] = 3
+    raw["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_bytes(orjson.dumps(raw))
     with pytest.raises(ServableError, match="recompile it"):
         open_servable(copy)

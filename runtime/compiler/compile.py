@@ -31,12 +31,14 @@ from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
 from runtime.manifest import (
+    EMBEDDED_RUNTIME_FORMAT,
     FORMAT_VERSION,
     Manifest,
     Position,
     SharedRuntime,
     Signature,
     describe_files,
+    sha256_of,
     state_problems,
 )
 from runtime.progress import steps
@@ -61,6 +63,7 @@ def compile_servable(
     state: Mapping[str, Mapping[str, str]] | None = None,
     positions: Mapping[str, tuple[str, int]] | None = None,
     appended: Mapping[str, Sequence[str]] | None = None,
+    embed_runtime: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Compile the SavedModel's signatures into a servable at `out`; see the module's documentation.
@@ -70,6 +73,10 @@ def compile_servable(
     a session holds, and `appended` {signature: [state input]} the state inputs whose output is only
     the entries to write at the position (runtime/manifest.py has the rules); all are checked before
     anything compiles.
+
+    The runtime library goes into the servable only with `embed_runtime`; else it is installed on this
+    machine and, when `out` is BASE/NAME/VERSION, written once beside the servables in BASE/.kiln/runtime/
+    (runtime/runtime_library.py).
     """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
@@ -94,7 +101,8 @@ def compile_servable(
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
             libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
-                                                       multithreading, Path(work), staging, reasons, log)
+                                                       multithreading, Path(work), staging, reasons, log,
+                                                       embed_runtime)
             _refuse_if_forced(engine, reasons)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
         infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
@@ -108,8 +116,8 @@ def compile_servable(
                 position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
-            weights=weights, files={},
-            format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
+            weights=weights, files={},  # the oldest format that describes it, for older readers
+            format_version=1 if not runtime else EMBEDDED_RUNTIME_FORMAT if runtime.embedded else FORMAT_VERSION)
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
@@ -117,6 +125,8 @@ def compile_servable(
         _copy_warmup_requests(saved_model, staging, log)
         manifest = manifest.model_copy(update={"files": describe_files(staging)})
         manifest.write(staging)
+        if runtime and not runtime.embedded and out.name.isdigit():
+            _publish_runtime(runtime, out.parent.parent, log)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -253,7 +263,7 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+                 reasons, log, embed_runtime=False) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
@@ -300,7 +310,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             shims = list(pool.map(lambda job: toolchain.compile_shim(job[2], job[3], work / "shims"), jobs))
             kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
-            runtime = toolchain.link_runtime(kernels, staging / "lib")
+            runtime = toolchain.link_runtime(kernels)
             weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
                                    staging / "lib", work / "weights", toolchain.cxx)
             log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
@@ -317,20 +327,44 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             reasons[alias] = reasons[key]
         else:
             libraries[alias] = libraries[key]
-    shared = None if runtime is None else SharedRuntime(
-        key=toolchain.runtime_key(kernels), file=str(runtime.relative_to(staging)),
-        bytes_saved=_bytes_saved(jobs, aliases, runtime, weights, staging))
-    return libraries, shared, None if runtime is None else str(weights.relative_to(staging))
+    if runtime is None:
+        return libraries, None, None
+    shared = _shared_runtime(runtime, toolchain.runtime_key(kernels), staging, embed_runtime,
+                             _bytes_saved(jobs, aliases, runtime, weights, staging, embed_runtime))
+    return libraries, shared, str(weights.relative_to(staging))
 
 
-def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, staging: Path) -> int:
+def _shared_runtime(library: Path, key: str, staging: Path, embed: bool, saved: int) -> SharedRuntime:
+    """The runtime library copied into the servable (embed), or installed on this machine and named
+    by its key and checksum (runtime/runtime_library.py)."""
+    from runtime import runtime_library
+
+    file = f"lib/{library.name}"
+    if embed:
+        shutil.copy(library, staging / file)
+        return SharedRuntime(key=key, file=file, bytes_saved=saved)
+    runtime = SharedRuntime(key=key, file=file, embedded=False, size=library.stat().st_size,
+                            sha256=sha256_of(library), bytes_saved=saved)
+    runtime_library.place(library, runtime_library.install_copy(runtime))
+    return runtime
+
+
+def _publish_runtime(runtime: SharedRuntime, base: Path, log) -> None:
+    """The runtime once per store, beside its servables: BASE/.kiln/runtime/KEY/."""
+    from runtime import runtime_library
+
+    target = runtime_library.place(runtime_library.install_copy(runtime), runtime_library.store_copy(base, runtime))
+    log(f"runtime {runtime.key}: shared by the servables of {base} ({target.relative_to(base)})")
+
+
+def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, staging: Path, embedded: bool) -> int:
     """How many bytes format 1 would have needed more: each bucket library with its own runtime and
     its own constants (tfcompile's objects, as big as their padded symbols), once per name."""
     names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job[0] for job in jobs}}
     alone = sum(names[job[0]] * ((staging / job[5]).stat().st_size + runtime.stat().st_size +
                                  sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))) for job in jobs)
-    shared = sum((staging / job[5]).stat().st_size for job in jobs) + runtime.stat().st_size + weights.stat().st_size
-    return max(alone - shared, 0)
+    shared = sum((staging / job[5]).stat().st_size for job in jobs) + weights.stat().st_size
+    return max(alone - shared - (runtime.stat().st_size if embedded else 0), 0)
 
 
 def same_functions(infos: Mapping[str, SignatureInfo]) -> dict[str, str]:

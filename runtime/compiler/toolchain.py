@@ -6,8 +6,8 @@ for one element type) and takes a minute to build, so a kernel is built only whe
 model calls it. Objects are cached under the kiln cache, keyed by TensorFlow version, compiler and
 flags, and written atomically so concurrent builds can share them.
 
-The core and the kernels a servable calls are linked once into a shared runtime library shipped in the
-servable (link_runtime), its constants into one weights library (runtime/compiler/weights.py); each
+The core and the kernels a servable calls are linked once into a shared runtime library, found by its
+key (link_runtime; runtime/runtime_library.py), its constants into one weights library (runtime/compiler/weights.py); each
 bucket library holds only its shim and generated code and links both.
 """
 
@@ -162,9 +162,10 @@ class Toolchain:
                 digest.update((KILN_KERNELS / source.removeprefix("kiln:")).read_bytes())
         return f"tf{self.tensorflow_version}-{self.target_cpu}-{digest.hexdigest()[:16]}"
 
-    def link_runtime(self, kernels: list[str], out_dir: Path) -> Path:
-        """The AOT runtime core and the given kernels as one shared library in `out_dir`, named by
-        runtime_key and built once per key (cached); every bucket library of a servable links it.
+    def link_runtime(self, kernels: list[str]) -> Path:
+        """The AOT runtime core and the given kernels as one shared library, named by runtime_key and
+        built once per key (cached, this path); every bucket library of a servable links it, and
+        runtime/runtime_library.py says where servables find it.
 
         Its soname is its file name, so a process loads one copy per key however many servables ship
         it; -Bsymbolic binds its own references inside it, so no other library interposes on them.
@@ -181,9 +182,7 @@ class Toolchain:
                          str(self.framework_library), f"-Wl,-soname,{name}", "-Wl,-Bsymbolic",
                          "-Wl,--no-undefined", *self.strip], f"linking {name}")
                     os.replace(tmp, cached)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(cached, out_dir / name)
-        return out_dir / name
+        return cached
 
     def compile_shim(self, header: Path, cpp_class: str, work: Path) -> Path:
         """The kiln_* C functions over one generated class (shim.cc)."""

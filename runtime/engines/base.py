@@ -44,11 +44,16 @@ class Engine:
         if verify:
             verify_files(directory, manifest)
         runners: dict[str, Runner] = {}
-        shared = [manifest.runtime.file] if manifest.runtime else []
-        for relative in shared + ([manifest.weights] if manifest.weights else []):
+        if manifest.runtime:
+            from runtime import runtime_library
+
+            # Not on a CPU that lacks the target's features: its static initializers could use them.
+            check_target(manifest.target.triple, manifest.target.cpu, list(manifest.target.features))
+            runtime_library.load(directory, manifest.runtime)  # before the bucket libraries that need it
+        if manifest.weights:
             from runtime.engines.xla_aot import check_elf
 
-            check_elf(directory / relative)  # the bucket libraries load it: it must be whole
+            check_elf(directory / manifest.weights)  # the bucket libraries load it: it must be whole
         try:
             for key, signature in manifest.signatures.items():
                 if signature.engine == "xla-aot":

@@ -12,9 +12,9 @@ merges the chunks of an object that are in flight together.
     formats.py   JSON Lines and CSV rows read and decoded; result and error lines
 """
 
-from runtime.scoring.job import ScoreResult, default_model, score_many, score_object
+from runtime.scoring.job import ScoreResult, score_many, score_object
 from runtime.scoring.sharding import shard
 from runtime.scoring.sources import expand_inputs, input_size, plan_inputs
 
-__all__ = ["ScoreResult", "default_model", "expand_inputs", "input_size", "plan_inputs", "score_many",
+__all__ = ["ScoreResult", "expand_inputs", "input_size", "plan_inputs", "score_many",
            "score_object", "shard"]

@@ -59,21 +59,6 @@ class ScoreResult:
     errors: int = 0  # rows answered with an error line
 
 
-def default_model(app, name: str | None) -> str:
-    """The model to score with: `name`, else the only one the app serves."""
-    names = app.repository.names()
-    if name:
-        if name not in names:
-            raise NotFound(f"model {name!r} is not served; served: {', '.join(names) or 'none'}")
-        return name
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise ConfigError("no model is served, so there is nothing to score with")
-    raise ConfigError(f"several models are served ({', '.join(names)}); name the one to score with "
-                      f"(KILN_SCORE_MODEL, or kiln score --model)")
-
-
 async def score_object(app, source: str, output_prefix: str, *, model: str | None = None,
                        signature: str = DEFAULT_SIGNATURE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                        part_rows: int = DEFAULT_PART_ROWS, name: str | None = None,
@@ -93,7 +78,7 @@ async def score_object(app, source: str, output_prefix: str, *, model: str | Non
     if kind is None:
         raise InvalidInput(f"{source}: cannot score this object: expected a name ending in .jsonl, .ndjson or "
                            f".csv (optionally followed by .gz)")
-    model_name = default_model(app, model)
+    model_name = app.repository.named_or_only(model)
     directory = "/".join(key_parts(f"{name or located.name}{RESULTS_SUFFIX}"))
     with app.exchange("batch", "score", what=f"score {source}") as exchange, \
             app.repository.handle(model_name) as handle:
