@@ -167,7 +167,10 @@ def _host_fronts(saved_model: Path, tags: str, infos: dict[str, SignatureInfo], 
         if isinstance(found, str):
             reasons[key] = f"{reasons[key]}, and its string front cannot run on the host: {found}"
             continue
-        split = replace(infos[key], host=found.program)
+        # The front reads a batch of strings: a string input of unknown rank is served as a vector.
+        inputs = tuple(spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string"
+                       else spec for spec in infos[key].inputs)
+        split = replace(infos[key], host=found.program, inputs=inputs)
         if split.aot_obstacle():
             reasons[key] = f"{reasons[key]}; its numeric remainder cannot be compiled: {split.aot_obstacle()}"
             continue
