@@ -87,7 +87,8 @@ def _partition(function, table_prefix: str) -> Partition:
     strings = [t for t in frozen.inputs if t.dtype == tf.string]
     host_ops, alias = _front(strings, consumers)
     steps, tables = [], {}
-    names: dict[str, str] = {t.name: t.name.split(":")[0] for t in frozen.inputs if t.dtype != tf.resource}
+    # The signature's inputs, by the names requests use (a TF1 placeholder "tf_example:0" is "inputs").
+    names: dict[str, str] = {t.name: key for t, key in zip(frozen.inputs, sorted(function.structured_input_signature[1]))}
     for op in host_ops:  # already in an order where each op follows what it reads
         if op.type == "Identity":
             continue
