@@ -2,7 +2,8 @@
 
 Cold start: a fresh process to its first prediction on a tf.Example/string signature, Kiln (no
 TensorFlow) against `import tensorflow` + `tf.saved_model.load` + first call, runs interleaved,
-medians. Throughput: batch-32 calls per second in one process, Kiln's engine against the loaded
+medians; and the same for wide_deep compiled with --engine saved-model (the fallback, which imports
+TensorFlow itself). Throughput: batch-32 calls per second in one process, Kiln's engine against the loaded
 SavedModel's signature (a TensorFlow graph function), interleaved rounds, medians.
 
     python load/string_models.py [--runs 5] [--seconds 2] [--out load/results]
@@ -51,7 +52,7 @@ KILN = PRELUDE + """
 from runtime.engines import open_servable
 engine = open_servable(sys.argv[1])
 engine.run(sys.argv[2], inputs)
-assert "tensorflow" not in sys.modules
+assert ("tensorflow" in sys.modules) == (engine.signature(sys.argv[2]).engine == "saved-model")
 """
 TENSORFLOW = PRELUDE + """
 import tensorflow as tf
@@ -98,13 +99,18 @@ def main() -> None:
     args = parser.parse_args()
     repository = Path(tempfile.mkdtemp(prefix="kiln-strings-"))
     built = example_servables(repository, ["wide_deep", "half_plus_two"])
+    fallback = repository / "wide_deep_saved_model" / "1"
+    subprocess.run([sys.executable, "-m", "runtime.cli", "compile", str(built["wide_deep"].saved_model), str(fallback),
+                    "--engine", "saved-model", "--batch-sizes", "1,32"], cwd=ROOT, check=True, capture_output=True)
     results: dict = {"cold_start": {}, "throughput_batch_32": {}}
-    for case, (model, key) in CASES.items():
-        example = built[model]
+    runs = {case: (built[model].servable, built[model].saved_model, key, case) for case, (model, key) in CASES.items()}
+    runs["wide_deep:serving_default (saved-model engine)"] = (fallback, built["wide_deep"].saved_model, "serving_default",
+                                                              "wide_deep:serving_default")
+    for case, (servable, saved_model, key, inputs) in runs.items():
         times: dict[str, list[float]] = {"kiln": [], "tensorflow": []}
         for _ in range(args.runs):  # interleaved: the machine's noise falls on both alike
-            times["kiln"].append(cold_start(KILN, str(example.servable), key, case))
-            times["tensorflow"].append(cold_start(TENSORFLOW, str(example.saved_model), key, case))
+            times["kiln"].append(cold_start(KILN, str(servable), key, inputs))
+            times["tensorflow"].append(cold_start(TENSORFLOW, str(saved_model), key, inputs))
         kiln, tensorflow = statistics.median(times["kiln"]), statistics.median(times["tensorflow"])
         results["cold_start"][case] = {"kiln_s": round(kiln, 3), "tensorflow_s": round(tensorflow, 3),
                                        "speedup": round(tensorflow / kiln, 2),

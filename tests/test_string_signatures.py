@@ -242,19 +242,21 @@ def test_grpc_classify_regress_and_malformed_examples(served):
     _, channel = served
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
-    def examples(*values, key="x", kind="float_list"):
+    def examples(*features):
         request_input = classification_pb2.Input()
-        for value in values:
-            feature = tf.train.Feature(**{kind: {"float_list": tf.train.FloatList, "bytes_list": tf.train.BytesList}[kind](
-                value=[value])})
-            request_input.example_list.examples.add().features.feature[key].CopyFrom(feature)
+        for feature in features:
+            request_input.example_list.examples.add().features.feature["x"].CopyFrom(feature)
         return request_input
 
-    request = classification_pb2.ClassificationRequest(input=examples(1.0, 9.0))
+    def number(value: float):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+
+    request = classification_pb2.ClassificationRequest(input=examples(number(1.0), number(9.0)))
     request.model_spec.name, request.model_spec.signature_name = "half_plus_two", "classify_x_to_y"
     assert [[c.score for c in row.classes] for row in stub.Classify(request, timeout=30).result.classifications] == \
         [[2.5], [6.5]]
-    request = regression_pb2.RegressionRequest(input=examples(b"not a float", kind="bytes_list"))
+    request = regression_pb2.RegressionRequest(input=examples(
+        tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"not a float"]))))
     request.model_spec.name, request.model_spec.signature_name = "half_plus_two", "regress_x_to_y"
     with pytest.raises(grpc.RpcError) as error:
         stub.Regress(request, timeout=30)
