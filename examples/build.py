@@ -1,6 +1,6 @@
 """Build the example SavedModels and compile each into a servable repository OUT_DIR/NAME/1.
 
-    python examples/build.py OUT_DIR [--models digits,half_plus_two,mobilenet_v2,tiny_lm]
+    python examples/build.py OUT_DIR [--models digits,half_plus_two,mobilenet_v2,tiny_lm,wide_deep]
                                      [--batch-sizes 1,2,4,8,16,32]
 
 Training and XLA compiles take minutes, so each example's SavedModel and servable are cached under
@@ -35,8 +35,8 @@ from runtime.cache import cache_root  # noqa: E402
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
 # The Kiln code whose changes change a built servable (serving code does not).
-BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/runtime_library.py", "runtime/warmup.py", "runtime/engines/saved_model.py",
-              "runtime/engines/base.py")
+BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/runtime_library.py", "runtime/warmup.py",
+              "runtime/engines/saved_model.py", "runtime/engines/base.py", "runtime/host_program.py")
 KEEP_ENTRIES = 2  # per example: the newest, and one more for switching back and forth
 # Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`
 # (and whose COMPILE_OPTIONS, if any, are more arguments of compile_servable: a stateful model's
@@ -46,6 +46,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "half_plus_two": ("half_plus_two.py",),
     "mobilenet_v2": ("mobilenet_v2.py", "keras_export.py"),
     "tiny_lm": ("tiny_lm.py",),
+    "wide_deep": ("wide_deep.py",),
 }
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 VERSION = 1

@@ -8,7 +8,7 @@ b=2, c=3; y = a*x + b, y2 = a*x + c, y3 = a*x2 + c. Where it differs, and why:
   original's unknown rank too (tests/test_unknown_rank.py builds it as TF Serving's script does).
 - Every classify/regress signature, regress_x2_to_y3 included (the original feeds it the parsed x2),
   takes serialized tf.Examples (DT_STRING), as the standard signature builders require; Kiln
-  packages them for the saved-model engine. classify_x2_to_y3 is added beside classify_x_to_y.
+  parses them on the host and compiles the rest (README, "String inputs"). classify_x2_to_y3 is added beside classify_x_to_y.
 - Both features default to 0.0 (the original requires x), and there is no asset file.
 """
 

@@ -39,7 +39,7 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
 
 import orjson
 from pydantic import (
@@ -91,6 +91,54 @@ class Position(Model):
     capacity: int = Field(ge=1)
 
 
+class DenseFeature(Model):
+    """One dense feature ParseExample reads: its key, dtype ("float32", "int64", "string"), shape per
+    example, and default values (flattened; bytes as base64) or None when the feature is required."""
+
+    key: str
+    dtype: Literal["float32", "int64", "string"]
+    shape: tuple[int, ...]
+    default: tuple[float | int | str, ...] | None = None
+
+
+class ParseExampleStep(Model):
+    """ParseExample/ParseExampleV2 over serialized tf.Examples, dense features only."""
+
+    op: Literal["parse_example"] = "parse_example"
+    input: str
+    outputs: tuple[str, ...]
+    dense: tuple[DenseFeature, ...]
+
+
+class LookupStep(Model):
+    """LookupTableFindV2 over a static hash table whose keys and values are in `table` (an .npz file
+    of the servable, runtime/host_program.py), with the default value for keys it lacks."""
+
+    op: Literal["lookup"] = "lookup"
+    input: str
+    output: str
+    table: str
+    default: float | int
+
+
+class HashBucketStep(Model):
+    """StringToHashBucketFast: TensorFlow's Fingerprint64 of each string modulo `buckets`."""
+
+    op: Literal["hash_bucket"] = "hash_bucket"
+    input: str
+    output: str
+    buckets: int = Field(ge=1)
+
+
+class HostProgram(Model):
+    """A signature's string-handling front, run on the host before its compiled remainder
+    (runtime/host_program.py): steps over named tensors, starting from the signature's inputs;
+    `outputs` are the compiled code's inputs, batched like the signature."""
+
+    steps: tuple[Annotated[ParseExampleStep | LookupStep | HashBucketStep, Field(discriminator="op")], ...]
+    outputs: tuple[TensorSpec, ...]
+
+
 class Signature(Model):
     """One callable entry point, TensorFlow Serving's SignatureDef as Kiln runs it.
 
@@ -112,6 +160,8 @@ class Signature(Model):
                                                       "at the position")
     elementwise: bool = Field(False, description="compiled over flat runs of elements; takes any shape its "
                                                  "inputs allow (see the module's documentation)")
+    host: HostProgram | None = Field(None, description="xla-aot: the string front run on the host, whose "
+                                                       "outputs the libraries take")
 
     @model_validator(mode="after")
     def _libraries_match_engine(self) -> Signature:
@@ -119,7 +169,15 @@ class Signature(Model):
             raise ValueError("an xla-aot signature needs a library for each bucket")
         if self.elementwise and (self.state or not self.batched):
             raise ValueError("an elementwise signature is batched over its elements and has no state")
+        if self.host is not None and (self.engine != "xla-aot" or self.state or self.elementwise or not self.batched):
+            raise ValueError("a host program fronts a batched, stateless xla-aot signature")
         return self
+
+    def compiled(self) -> Signature:
+        """The signature the libraries implement: behind a host program, its outputs as the inputs."""
+        if self.host is None:
+            return self
+        return self.model_copy(update={"inputs": self.host.outputs, "host": None})
 
     @model_serializer(mode="wrap")
     def _stateless_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
@@ -132,6 +190,8 @@ class Signature(Model):
             data.pop("appended", None)
         if not self.elementwise:
             data.pop("elementwise", None)
+        if self.host is None:
+            data.pop("host", None)
         return data
 
     @property

@@ -46,6 +46,9 @@ def render(manifest: Manifest) -> str:
         if sig.elementwise:
             lines.append(f"  {key}: elementwise: takes inputs of any shape they allow, run as flat runs of "
                          f"elements (buckets count elements)")
+        if sig.host:
+            steps = ", ".join(step.op for step in sig.host.steps)
+            lines.append(f"  {key}: string front on the host ({steps}), then compiled code")
         if sig.state:
             pairs = ", ".join(f"{name} <- {output}{' (appended at the position)' if name in sig.appended else ''}"
                               for name, output in sig.state.items())

@@ -20,10 +20,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from runtime.compiler.aot import tfcompile
+from runtime.compiler.partition import Partition, partition_signatures, remainder, write_tables
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
 from runtime.compiler.toolchain import Toolchain
@@ -89,10 +91,12 @@ def compile_servable(
     target = resolve_target(target_cpu)
     infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
                            state or {}, positions or {}, appended or {})
+    fronts: dict = {}
     if engine == "saved-model":
         reasons = {key: "built with --engine saved-model" for key in infos}
     else:
         infos, reasons = _elementwise(saved_model, tags, infos, log)
+        infos, reasons, fronts = _host_fronts(saved_model, tags, infos, reasons, log)
     _refuse_if_forced(engine, reasons)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +105,13 @@ def compile_servable(
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
             libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
-                                                       multithreading, Path(work), staging, reasons, log,
+                                                       multithreading, Path(work), staging, reasons, log, fronts,
                                                        embed_runtime)
             _refuse_if_forced(engine, reasons)
-        # The saved-model engine runs a signature as declared, not over flat runs of elements.
-        infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
+        # The saved-model engine runs a signature as declared: not over flat runs of elements, no host front.
+        infos = {key: replace(info, elementwise=False, host=None) if reasons[key] else info
+                 for key, info in infos.items()}
+        write_tables({key: front for key, front in fronts.items() if not reasons[key]}, staging)
         fallback = [key for key in infos if reasons[key]]
         manifest = Manifest(
             name=name, version=version, engine=_engine_of(infos, reasons),
@@ -113,7 +119,7 @@ def compile_servable(
                 method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
                 engine="saved-model" if reasons[key] else "xla-aot",
                 libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
-                position=info.position, appended=info.appended, elementwise=info.elementwise)
+                position=info.position, appended=info.appended, elementwise=info.elementwise, host=info.host)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
             weights=weights, files={},  # the oldest format that describes it, for older readers
@@ -166,6 +172,29 @@ def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
                 reason = f"{reason}, and it is not elementwise over its inputs ({why})"
         reasons[key] = reason
     return infos, reasons
+
+
+def _host_fronts(saved_model: Path, tags: str, infos: dict[str, SignatureInfo], reasons: dict[str, str],
+                 log) -> tuple[dict[str, SignatureInfo], dict[str, str], dict[str, Partition]]:
+    """Signatures kept from XLA AOT by string inputs, split where their string front can run on the
+    host (runtime/compiler/partition.py): their host programs, and their partitions by key."""
+    candidates = [key for key, info in infos.items() if reasons[key] and info.dtype_obstacle() and not info.state]
+    infos, reasons, fronts = dict(infos), dict(reasons), {}
+    for key, found in partition_signatures(saved_model, tags, candidates).items():
+        if isinstance(found, str):
+            reasons[key] = f"{reasons[key]}, and its string front cannot run on the host: {found}"
+            continue
+        # The front reads a batch of strings: a string input of unknown rank is served as a vector.
+        inputs = tuple(spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string"
+                       else spec for spec in infos[key].inputs)
+        split = replace(infos[key], host=found.program, inputs=inputs)
+        if split.aot_obstacle():
+            reasons[key] = f"{reasons[key]}; its numeric remainder cannot be compiled: {split.aot_obstacle()}"
+            continue
+        steps = ", ".join(step.op for step in found.program.steps)
+        log(f"{key}: string front on the host ({steps}); compiling the numeric remainder")
+        infos[key], reasons[key], fronts[key] = split, "", found
+    return infos, reasons, fronts
 
 
 def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
@@ -263,7 +292,7 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log, embed_runtime=False) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+                 reasons, log, fronts, embed_runtime=False) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
@@ -279,7 +308,8 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
-    export_static(saved_model, tags, infos, plan, static)
+    export_static(saved_model, tags, infos, plan, static,
+                  {key: partial(remainder, partition=front) for key, front in fronts.items()})
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
     toolchain = Toolchain.for_installed_tensorflow(target.cpu)
     jobs = []

@@ -49,7 +49,7 @@ def _obstacle(function) -> str:
         return f"its graph could not be read: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
     nodes = {node.name: node for node in frozen.graph.as_graph_def().node}
     kinds: dict[str, str] = {}
-    for output, tensor in zip(_output_names(function), frozen.outputs):
+    for output, tensor in zip(output_names(function), frozen.outputs):
         node = tensor.name.split(":")[0]
         problem = _kind(node, nodes, kinds)
         if problem:
@@ -59,7 +59,7 @@ def _obstacle(function) -> str:
     return ""
 
 
-def _output_names(function) -> list[str]:
+def output_names(function) -> list[str]:
     """The signature's output names in the order of the function's output tensors."""
     import tensorflow as tf
 

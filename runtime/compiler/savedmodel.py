@@ -8,12 +8,12 @@ batch fixed, so the compiled code is the user's own graph.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import CompileError
-from runtime.manifest import Position, TensorSpec, element_shape, show_shape
+from runtime.manifest import HostProgram, Position, TensorSpec, element_shape, show_shape
 
 AOT_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
               "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"}
@@ -34,19 +34,28 @@ class SignatureInfo:
     # A digest of the graph function the signature calls and what it captures ("" when not recognized):
     # signatures with equal `same_function()` keys compile once.
     function: str = ""
+    # Decided by the compiler (runtime/compiler/partition.py): the string front run on the host; the
+    # libraries then take its outputs instead of the inputs.
+    host: HostProgram | None = None
 
     def same_function(self) -> tuple | None:
         """What must agree for two signatures to share compiled code, or None if this one shares none."""
         if not self.function:
             return None
         return (self.function, self.inputs, self.outputs, tuple(sorted(self.state.items())), self.position,
-                self.appended, self.elementwise)
+                self.appended, self.elementwise, self.host)
+
+    @property
+    def compiled_inputs(self) -> tuple[TensorSpec, ...]:
+        """What the compiled code takes: the inputs, or behind a host program its outputs."""
+        return self.host.outputs if self.host else self.inputs
 
     @property
     def batched(self) -> bool:
         """Dimension 0 of every input and output is free: the batch (for an elementwise signature,
         the buckets count elements)."""
-        return self.elementwise or all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
+        return self.elementwise or all(spec.shape and spec.shape[0] is None
+                                       for spec in self.compiled_inputs + self.outputs)
 
     def aot_obstacle(self) -> str:
         """Why XLA AOT cannot take this signature as it stands, or "" if nothing is known against it."""
@@ -78,7 +87,7 @@ class SignatureInfo:
             spec.shape is None or all(dim is None for dim in spec.shape) for spec in self.inputs)
 
     def _specs(self):
-        return [("input", spec) for spec in self.inputs] + [("output", spec) for spec in self.outputs]
+        return [("input", spec) for spec in self.compiled_inputs] + [("output", spec) for spec in self.outputs]
 
     def specs_for(self, batch: int) -> tuple[TensorSpec, ...]:
         """The inputs with the batch dimension fixed (unchanged for an unbatched signature); for an
@@ -87,8 +96,8 @@ class SignatureInfo:
             shape = element_shape(self.inputs, batch)
             return tuple(spec.model_copy(update={"shape": shape}) for spec in self.inputs)
         if not self.batched:
-            return self.inputs
-        return tuple(spec.model_copy(update={"shape": (batch, *spec.shape[1:])}) for spec in self.inputs)
+            return self.compiled_inputs
+        return tuple(spec.model_copy(update={"shape": (batch, *spec.shape[1:])}) for spec in self.compiled_inputs)
 
 
 def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, SignatureInfo]:
@@ -157,10 +166,11 @@ def bucket_key(signature_key: str, batch: int) -> str:
 
 
 def export_static(saved_model_dir: Path, tags: str, infos: Mapping[str, SignatureInfo],
-                  plan: dict[str, list[int]], out: Path) -> None:
+                  plan: dict[str, list[int]], out: Path, rewrites: Mapping[str, Callable] | None = None) -> None:
     """Save a SavedModel with signature bucket_key(key, b) for each key and bucket b in the plan.
 
     An unbatched signature is planned with the single bucket 0 and keeps its own static shapes.
+    `rewrites` {key: f} compiles f(the signature's function) instead (a host program's remainder).
     """
     import tensorflow as tf
 
@@ -170,6 +180,8 @@ def export_static(saved_model_dir: Path, tags: str, infos: Mapping[str, Signatur
     signatures = {}
     for key, batches in plan.items():
         function = loaded.signatures[key]
+        if rewrites and key in rewrites:
+            function = rewrites[key](function)
         for batch in batches:
             specs = infos[key].specs_for(batch)
             static = {s.name: tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=s.name) for s in specs}

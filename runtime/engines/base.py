@@ -64,6 +64,11 @@ class Engine:
                     same = next((runners[other] for other, seen in manifest.signatures.items()
                                  if other in runners and seen.engine == "xla-aot"
                                  and seen.libraries == signature.libraries), None)
+                    if same is None and signature.host is not None:
+                        from runtime.host_program import FrontedRunner, HostFront
+
+                        same = FrontedRunner(HostFront(directory, signature.host),
+                                             AotRunner(directory, signature.compiled(), threads))
                     runners[key] = same or AotRunner(directory, signature, threads)
                 else:
                     from runtime.engines.saved_model import SavedModelRunner
@@ -218,7 +223,10 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
         shape = signature.element_shape(bucket) if signature.elementwise else \
             tuple(bucket if d is None else d for d in spec.shape)
         if spec.dtype == "string":
-            inputs[spec.name] = np.full(shape, b"", dtype=object)
+            from runtime.host_program import warmup_string
+
+            text = warmup_string(signature.host, spec.name) if signature.host else b""
+            inputs[spec.name] = np.full(shape, text, dtype=object)
         else:
             inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return inputs

@@ -44,12 +44,29 @@ def import_tensorflow(cache: Path, writable: bool = False):
                 f"--tf_xla_persistent_cache_read_only={'false' if writable else 'true'}"])
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             _configured_cache = cache
-        elif _configured_cache != cache:
+            return _import_without_keras()
+        if _configured_cache != cache:
             log.warning("tensorflow started before this servable loaded: its prebuilt XLA cache at %s "
                         "is not used, so first calls compile", cache)
         import tensorflow as tf
 
         return tf
+
+
+def _import_without_keras():
+    """`import tensorflow` without the eager import of all of Keras it makes at start (for
+    SavedModels holding optimizers; with scikit-learn and IPython it is about two thirds of
+    TensorFlow's import time, load/string_models.py), which serving a signature does not need.
+    Keras stays importable: anything that needs it later imports it then."""
+    blocked = "keras" not in sys.modules
+    if blocked:
+        sys.modules["keras"] = None  # TensorFlow's `import keras.src.optimizers` fails, which it tolerates
+    try:
+        import tensorflow as tf
+    finally:
+        if blocked and sys.modules.get("keras", False) is None:
+            del sys.modules["keras"]
+    return tf
 
 
 @functools.cache
