@@ -26,12 +26,12 @@ from typing import Callable, Literal
 from runtime.compiler.aot import tfcompile
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
-from runtime.compiler.toolchain import Toolchain
+from runtime.compiler.cross import toolchain_for
 from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
-from runtime.manifest import (FORMAT_VERSION, Manifest, Position, SharedRuntime, Signature, describe_files,
-                              state_problems)
+from runtime.manifest import (FORMAT_VERSION, Build, Manifest, Position, SharedRuntime, Signature, Target,
+                              describe_files, state_problems)
 from runtime.progress import steps
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
 
@@ -47,7 +47,7 @@ def compile_servable(
     version: int | None = None,
     signatures: list[str] | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    target_cpu: str = "native",
+    target_cpu: str | Sequence[str] = "native",
     engine: EngineChoice = "auto",
     tags: str = "serve",
     multithreading: bool = True,
@@ -62,7 +62,8 @@ def compile_servable(
     and `positions` {signature: (position input, capacity)} the state input that counts the tokens
     a session holds, and `appended` {signature: [state input]} the state inputs whose output is only
     the entries to write at the position (runtime/manifest.py has the rules); all are checked before
-    anything compiles.
+    anything compiles. Several `target_cpu`s, one per architecture, build one servable for each: the
+    first in lib/, each other in lib/TRIPLE/ (runtime/manifest.py's Build).
     """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
@@ -72,7 +73,8 @@ def compile_servable(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    target = resolve_target(target_cpu)
+    targets = _resolve_targets([target_cpu] if isinstance(target_cpu, str) else list(target_cpu))
+    target = targets[0]
     infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
                            state or {}, positions or {}, appended or {})
     if engine == "saved-model":
@@ -89,6 +91,8 @@ def compile_servable(
             libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
                                                        multithreading, Path(work), staging, reasons, log)
             _refuse_if_forced(engine, reasons)
+            builds = _further_builds(saved_model, tags, {key: info for key, info in aot.items() if not reasons[key]},
+                                     batch_sizes, targets[1:], multithreading, Path(work), staging, log)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
         infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
         fallback = [key for key in infos if reasons[key]]
@@ -101,7 +105,7 @@ def compile_servable(
                 position=info.position, appended=info.appended, elementwise=info.elementwise)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
-            weights=weights, files={},
+            weights=weights, files={}, builds=builds,
             format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
@@ -115,6 +119,36 @@ def compile_servable(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _resolve_targets(cpus: list[str]) -> list[Target]:
+    """The targets of --target-cpu's names: at least one, at most one per architecture."""
+    if not cpus:
+        raise CompileError("--target-cpu needs at least one CPU")
+    targets = [resolve_target(cpu) for cpu in cpus]
+    triples = [target.triple for target in targets]
+    if len(set(triples)) < len(triples):
+        raise CompileError(f"--target-cpu {','.join(cpus)} names two CPUs of one architecture ({', '.join(triples)}); "
+                           f"a servable holds one build per architecture")
+    return targets
+
+
+def _further_builds(saved_model, tags, infos, batch_sizes, targets, multithreading, work, staging,
+                    log) -> tuple[Build, ...]:
+    """The code for each target after the first, in lib/TRIPLE/. Every signature compiled for the first
+    target must compile for the others: a servable serves the same signatures on every machine."""
+    builds = []
+    for target in targets:
+        log(f"compiling for {target.triple} (cpu {target.cpu})")
+        reasons = {key: "" for key in infos}
+        libraries, runtime, weights = _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading,
+                                                   work / target.triple, staging, reasons, log, f"lib/{target.triple}")
+        failed = [f"{key}: {reason}" for key, reason in reasons.items() if reason]
+        if failed:
+            raise CompileError(f"compiled for {', '.join(b.target.triple for b in builds) or 'the first target'} "
+                               f"but not for {target.triple}: {'; '.join(failed)}")
+        builds.append(Build(target=target, runtime=runtime, weights=weights, libraries=libraries))
+    return tuple(builds)
 
 
 def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
@@ -246,8 +280,8 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
-    """tfcompile every (signature, bucket), then link the libraries in parallel.
+                 reasons, log, lib: str = "lib") -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+    """tfcompile every (signature, bucket), then link the libraries in parallel into `lib`.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
@@ -264,7 +298,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     log(f"exporting static shapes for {len(plan)} signature(s)")
     export_static(saved_model, tags, infos, plan, static)
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
-    toolchain = Toolchain.for_installed_tensorflow(target.cpu)
+    toolchain = toolchain_for(target)
     jobs = []
     with steps(sum(map(len, plan.values())), "compiling", "bucket") as bar:
         for index, (key, batches) in enumerate(plan.items()):
@@ -281,11 +315,11 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
                     break
                 finally:
                     bar.update()
-                library = f"lib/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
+                library = f"{lib}/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
                 compiled.append((key, batch, header, cpp_class, objects, library))
             else:
                 jobs.extend(compiled)
-    (staging / "lib").mkdir(exist_ok=True)
+    (staging / lib).mkdir(parents=True, exist_ok=True)
     libraries: dict[str, dict[int, str]] = {}
     runtime = None
     if jobs:
@@ -293,9 +327,9 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             shims = list(pool.map(lambda job: toolchain.compile_shim(job[2], job[3], work / "shims"), jobs))
             kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
-            runtime = toolchain.link_runtime(kernels, staging / "lib")
+            runtime = toolchain.link_runtime(kernels, staging / lib)
             weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
-                                   staging / "lib", work / "weights", toolchain.cxx)
+                                   staging / lib, work / "weights", toolchain.cxx)
             log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
             log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
             with steps(len(jobs), "linking", "library") as bar:
