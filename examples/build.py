@@ -1,12 +1,12 @@
 """Build the example SavedModels and compile each into a servable repository OUT_DIR/NAME/1.
 
     python examples/build.py OUT_DIR [--models digits,half_plus_two,mobilenet_v2,tiny_lm]
-                                     [--batch-sizes 1,2,4,8,16,32] [--target-cpu native,neoverse-n1]
+                                     [--batch-sizes 1,2,4,8,16,32]
 
 Training and XLA compiles take minutes, so each example's SavedModel and servable are cached under
 cache_root()/examples/NAME-KEY, KEY a hash of everything they are built from: the example's own
 source files, the Kiln code a servable is built from (the compiler, the manifest, the saved-model
-engine that prebuilds XLA caches), the TensorFlow version, the batch sizes, the target CPUs and the name. A changed input gives a new key, so a stale entry is never used. Entries are built in
+engine that prebuilds XLA caches), the TensorFlow version, the batch sizes and the name. A changed input gives a new key, so a stale entry is never used. Entries are built in
 a temporary directory beside their final place and renamed into it whole, so an interrupted build
 never leaves something that counts as a hit.
 """
@@ -63,20 +63,18 @@ class Example:
 
 
 def build_examples(out_dir: Path, models: Sequence[str] | None = None,
-                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, *, target_cpus: Sequence[str] = ("native",),
-                   log: Log = print) -> dict[str, Example]:
+                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, *, log: Log = print) -> dict[str, Example]:
     """Build (or take from the cache) each example and install its servable as OUT_DIR/NAME/1."""
     models = list(SOURCES) if models is None else list(models)
     unknown = [name for name in models if name not in SOURCES]
     if unknown:
         raise ValueError(f"unknown example(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
     batch_sizes = tuple(sorted(set(batch_sizes)))
-    return {name: build_example(name, Path(out_dir), batch_sizes, log, tuple(target_cpus)) for name in models}
+    return {name: build_example(name, Path(out_dir), batch_sizes, log) for name in models}
 
 
-def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: Log,
-                  target_cpus: tuple[str, ...] = ("native",)) -> Example:
-    key = cache_key(name, batch_sizes, target_cpus)
+def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: Log) -> Example:
+    key = cache_key(name, batch_sizes)
     entry = cache_root() / "examples" / key
     started = time.perf_counter()
     if entry.is_dir():
@@ -85,7 +83,7 @@ def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: L
         entry.parent.mkdir(parents=True, exist_ok=True)
         with _locked(entry.parent / f".{key}.lock"):  # concurrent builds of one key wait for the first
             if not entry.is_dir():
-                _build_entry(name, entry, batch_sizes, log, target_cpus)
+                _build_entry(name, entry, batch_sizes, log)
                 _prune(name, entry.parent)
     servable = out_dir / name / str(VERSION)
     _install(entry / "servable", servable)
@@ -93,7 +91,7 @@ def build_example(name: str, out_dir: Path, batch_sizes: tuple[int, ...], log: L
     return Example(name, entry / "saved_model", servable)
 
 
-def cache_key(name: str, batch_sizes: tuple[int, ...], target_cpus: tuple[str, ...] = ("native",)) -> str:
+def cache_key(name: str, batch_sizes: tuple[int, ...]) -> str:
     """NAME-HASH over everything the cached SavedModel and servable are built from."""
     runtime_files = sorted(path for part in BUILT_FROM for path in [REPO_ROOT / part, *(REPO_ROOT / part).rglob("*")]
                            if path.suffix in (".py", ".cc") and path.is_file())
@@ -102,8 +100,6 @@ def cache_key(name: str, batch_sizes: tuple[int, ...], target_cpus: tuple[str, .
         digest.update(f"{path.relative_to(REPO_ROOT)}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update(f"tensorflow {tensorflow_version()}\0batch sizes {list(batch_sizes)}\0{name}".encode())
-    if target_cpus != ("native",):
-        digest.update(f"\0target cpus {list(target_cpus)}".encode())
     return f"{name}-{digest.hexdigest()[:16]}"
 
 
@@ -117,8 +113,7 @@ def tensorflow_version() -> str:
     return version(distributions[0])
 
 
-def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log,
-                 target_cpus: tuple[str, ...]) -> None:
+def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log) -> None:
     """Export the SavedModel and compile it into a temporary directory, then rename it to `entry`."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from runtime.compiler.compile import compile_servable
@@ -131,7 +126,7 @@ def _build_entry(name: str, entry: Path, batch_sizes: tuple[int, ...], log: Log,
         log(f"{name}: SavedModel exported ({time.perf_counter() - started:.1f} s)")
         started = time.perf_counter()
         compile_servable(staging / "saved_model", staging / "servable", name=name, version=VERSION,
-                         batch_sizes=batch_sizes, target_cpu=target_cpus, log=lambda message: log(f"{name}: {message}"),
+                         batch_sizes=batch_sizes, log=lambda message: log(f"{name}: {message}"),
                          **getattr(example, "COMPILE_OPTIONS", {}))
         log(f"{name}: compiled for batch sizes {list(batch_sizes)} ({time.perf_counter() - started:.1f} s)")
         staging.rename(entry)
@@ -174,7 +169,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(SOURCES), help="comma-separated example names")
     parser.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                         help="comma-separated batch buckets")
-    parser.add_argument("--target-cpu", default="native", help="comma-separated CPUs, one per architecture")
     args = parser.parse_args(argv)
     models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in models if name not in SOURCES]
@@ -186,8 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
     if min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
-    build_examples(args.out_dir, models, batch_sizes,
-                   target_cpus=[cpu.strip() for cpu in args.target_cpu.split(",") if cpu.strip()])
+    build_examples(args.out_dir, models, batch_sizes)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,25 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from examples.build import DEFAULT_BATCH_SIZES, SOURCES, Example, build_examples  # noqa: E402
+from runtime.progress import say  # noqa: E402
 
 TOLERANCE = 1e-5
+
+
+def build_for(examples: dict[str, Example], out: Path, cpus, buckets=DEFAULT_BATCH_SIZES) -> dict[str, Example]:
+    """The examples' SavedModels compiled for `cpus` (one per architecture) into OUT/NAME/1."""
+    import importlib
+
+    from runtime.compiler.compile import compile_servable
+
+    built = {}
+    for name, example in examples.items():
+        options = getattr(importlib.import_module(f"examples.{name}"), "COMPILE_OPTIONS", {})
+        servable = out / name / "1"
+        compile_servable(example.saved_model, servable, batch_sizes=tuple(buckets), target_cpu=list(cpus),
+                         log=lambda message: say(f"{name}: {message}"), **options)
+        built[name] = Example(name, example.saved_model, servable)
+    return built
 
 
 def random_inputs(signature, bucket: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -76,9 +93,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     buckets = [int(size) for size in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as out:
+        native = build_examples(Path(out) / "native", args.models.split(","), log=say)
         started = time.perf_counter()
-        examples = build_examples(Path(out), args.models.split(","), buckets, target_cpus=(args.target_cpu,),
-                                  log=lambda message: print(message, file=sys.stderr))
+        examples = build_for(native, Path(out) / "aarch64", [args.target_cpu], buckets)
         built = time.perf_counter() - started
         rows = [row for example in examples.values() for row in compare(example, buckets)]
     print(json.dumps({"target_cpu": args.target_cpu, "build_seconds": round(built, 1),

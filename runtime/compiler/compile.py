@@ -29,6 +29,7 @@ from runtime.compiler.target import resolve_target
 from runtime.compiler.cross import toolchain_for
 from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
+from runtime.cpu import architecture_of, host_architecture
 from runtime.errors import CompileError
 from runtime.manifest import (FORMAT_VERSION, Build, Manifest, Position, SharedRuntime, Signature, Target,
                               describe_files, state_problems)
@@ -110,7 +111,10 @@ def compile_servable(
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
-            manifest = _prebuild_xla_cache(staging, manifest)
+            if {architecture_of(t.triple) for t in targets} == {host_architecture()}:
+                manifest = _prebuild_xla_cache(staging, manifest)
+            else:  # XLA's cache holds this machine's code: those signatures run as TensorFlow graphs
+                log(f"no XLA cache prebuilt for {', '.join(fallback)}: it would hold {host_architecture()} code only")
         _copy_warmup_requests(saved_model, staging, log)
         manifest = manifest.model_copy(update={"files": describe_files(staging)})
         manifest.write(staging)
