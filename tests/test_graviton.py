@@ -119,3 +119,26 @@ def test_two_cpus_of_one_architecture_are_refused_before_compiling(examples, tmp
     with pytest.raises(CompileError, match="two CPUs of one architecture"):
         compile_servable(examples["digits"].saved_model, tmp_path / "digits", target_cpu=["neoverse-n1", "neoverse-v1"])
     assert not (tmp_path / "digits").exists()
+
+
+def test_a_build_missing_a_signature_is_an_invalid_manifest(mixed, tmp_path):
+    import json
+    import shutil
+
+    servable = tmp_path / "digits"
+    shutil.copytree(mixed["digits"].servable, servable)
+    manifest = json.loads((servable / "manifest.json").read_text())
+    manifest["builds"][0]["libraries"] = {}
+    (servable / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ServableError, match=f"the {AARCH64} build has libraries for \\[\\], not for the compiled "
+                                            f"signatures \\['serving_default'\\]"):
+        read_manifest(servable)
+
+
+def test_a_missing_cross_compiler_is_named(monkeypatch):
+    from runtime.compiler import cross
+    from runtime.compiler.target import resolve_target
+
+    monkeypatch.setitem(cross.CROSS, "aarch64", ("no-such-aarch64-g++", "manylinux_2_27_aarch64"))
+    with pytest.raises(CompileError, match="--target-cpu 'neoverse-n1' needs the compiler no-such-aarch64-g\\+\\+"):
+        resolve_target("neoverse-n1")
