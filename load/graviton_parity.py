@@ -46,12 +46,12 @@ def build_for(examples: dict[str, Example], out: Path, cpus, buckets=DEFAULT_BAT
 
 
 def random_inputs(signature, bucket: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Inputs filling one bucket: floats in [0, 1), integers (token ids, positions, counts) in [0, 4)."""
+    """Inputs filling one bucket: floats in [0, 1), integers (token ids, positions, counts) in [1, 4)."""
     inputs = {}
     for spec in signature.inputs:
         shape = (bucket,) if signature.elementwise else tuple(bucket if d is None else d for d in spec.shape)
         if np.dtype(spec.dtype).kind in "iu":
-            inputs[spec.name] = rng.integers(0, 4, shape).astype(spec.dtype)
+            inputs[spec.name] = rng.integers(1, 4, shape).astype(spec.dtype)
         else:
             inputs[spec.name] = rng.random(shape).astype(spec.dtype)
     return inputs

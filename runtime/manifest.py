@@ -227,12 +227,14 @@ class Manifest(Model):
 
     def for_architecture(self, architecture: str) -> Manifest:
         """The manifest as a machine of `architecture` runs it: its build for that architecture as
-        the target, runtime, weights and libraries. A servable without one is refused, naming what it
-        was compiled for."""
-        if architecture_of(self.target.triple) == architecture or not self.builds:
-            return self  # (a single build for another architecture is refused by check_target)
+        the target, runtime, weights and libraries. A servable with compiled code but none for this
+        architecture is refused, naming what it was compiled for, before any library is opened."""
+        if architecture_of(self.target.triple) == architecture:
+            return self
         build = next((build for build in self.builds if architecture_of(build.target.triple) == architecture), None)
         if build is None:
+            if all(sig.engine != "xla-aot" for sig in self.signatures.values()):
+                return self  # saved-model signatures run anywhere TensorFlow does
             raise ServableError(f"servable was compiled for {', '.join(t.triple for t in self.targets)} but this "
                                 f"machine is {architecture}")
         signatures = {key: sig.model_copy(update={"libraries": build.libraries[key]}) if key in build.libraries

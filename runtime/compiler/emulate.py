@@ -55,9 +55,9 @@ def run_emulated(servable: Path, manifest: Manifest, architecture: str,
         raise CompileError(f"emulating {architecture} needs {emulator} (Debian: apt-get install qemu-user)")
     from runtime.compiler.cross import target_tensorflow
 
-    build = manifest.for_architecture(architecture)
-    if architecture_of(build.target.triple) != architecture:
+    if architecture not in {architecture_of(target.triple) for target in manifest.targets}:
         raise CompileError(f"{servable} has no build for {architecture}")
+    build = manifest.for_architecture(architecture)
     framework = target_tensorflow(architecture, manifest.tensorflow_version)
     with tempfile.TemporaryDirectory(prefix="kiln-emulate-") as scratch:
         command, shapes = [emulator, "-L", str(sysroot), "-E", f"LD_LIBRARY_PATH={framework}", str(harness(architecture))], []
