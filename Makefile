@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml $(PROTOS) runtime/protos/build.py
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	# Debian's Java: the Spark integration's tests run Spark in local mode.
 	command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq default-jre-headless; }
+	# Debian's aarch64 cross compiler and QEMU user-mode: Graviton servables are built and tested here.
+	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; }
 	# ray and spark share this environment (they change none of its versions); beam pins older pillow
 	# and pyarrow, so its tests build a venv of their own (tests/engine_venv.py).
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[compile,dev,ray,spark]'

@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     compile_.add_argument("--signatures", type=_names, help="comma-separated signature keys (default: all)")
     compile_.add_argument("--batch-sizes", type=_sizes, default=(1, 2, 4, 8, 16, 32),
                           help="comma-separated buckets (default: 1,2,4,8,16,32)")
-    compile_.add_argument("--target-cpu", default="native",
-                          help="CPU to compile for: native (default), x86-64-v3, x86-64-v4, skylake-avx512...")
+    compile_.add_argument("--target-cpu", type=_names, default=["native"],
+                          help="CPU to compile for: native (default), x86-64-v3, x86-64-v4, skylake-avx512..., or "
+                          "for Graviton aarch64-generic, neoverse-n1, neoverse-v1, neoverse-v2; one per architecture, "
+                          "comma-separated, builds one servable for each (x86-64-v3,neoverse-n1)")
     compile_.add_argument("--engine", choices=("auto", "xla-aot", "saved-model"), default="auto",
                           help="auto: AOT where possible, saved-model for the rest; xla-aot: fail instead")
     compile_.add_argument("--tag-set", default="serve", help="MetaGraph tags (default: serve)")

@@ -34,10 +34,14 @@ def host_architecture() -> str:
     return ARCHITECTURE_OF_TRIPLE.get(machine, machine)
 
 
+def architecture_of(triple: str) -> str:
+    """The machine a target triple runs on, as host_architecture() names it (aarch64, x86_64)."""
+    return ARCHITECTURE_OF_TRIPLE.get(triple.split("-")[0], triple.split("-")[0])
+
+
 def check_target(triple: str, cpu: str, features: list[str]) -> None:
     """Raise ServableError naming what this machine lacks to run code compiled for the target."""
-    wanted = ARCHITECTURE_OF_TRIPLE.get(triple.split("-")[0], triple.split("-")[0])
-    if wanted != host_architecture():
+    if architecture_of(triple) != host_architecture():
         raise ServableError(
             f"servable was compiled for {triple} but this machine is {host_architecture()}")
     missing = sorted(set(features) - host_features())

@@ -52,6 +52,7 @@ from pydantic import (
     model_validator,
 )
 
+from runtime.cpu import architecture_of
 from runtime.errors import ServableError
 
 # 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
@@ -248,6 +249,19 @@ class SharedRuntime(Model):
         return data
 
 
+class Build(Model):
+    """The compiled code for one more target, so that one servable serves a mixed fleet (x86_64 and
+    aarch64 instances under one S3 prefix). The manifest's own target, runtime, weights and signature
+    libraries are its first build; each further one keeps its libraries in their own directory
+    (lib/TRIPLE/), so each loads its own runtime and weights (rpath $ORIGIN). A machine runs the build
+    for its architecture (Manifest.for_architecture)."""
+
+    target: Target
+    runtime: SharedRuntime | None = None
+    weights: str | None = None
+    libraries: dict[str, dict[int, str]] = Field(description="signature -> bucket -> library")
+
+
 class FileEntry(Model):
     sha256: str
     size: int
@@ -265,6 +279,7 @@ class Manifest(Model):
     runtime: SharedRuntime | None = Field(None, description="format 2: the runtime library every bucket links")
     weights: str | None = Field(None, description="format 2: the library holding each distinct constant once")
     files: dict[str, FileEntry]
+    builds: tuple[Build, ...] = Field((), description="the code for further targets (one per architecture)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -278,16 +293,48 @@ class Manifest(Model):
         if problems:
             raise ValueError("; ".join(problems))
         runtime = self.runtime
-        for shared in (runtime.file if runtime and runtime.embedded else None, self.weights):
-            if shared is not None and self.files and shared not in self.files:
-                raise ValueError(f"shared library {shared} is not among the files")
         if runtime and not runtime.embedded:
             if runtime.file in self.files or not runtime.sha256 or runtime.size < 1:
                 raise ValueError(f"a runtime found by its key ({runtime.key}) is not among the files and "
                                  f"has a size and sha256")
             if self.format_version < SHARED_RUNTIME_FORMAT:
                 raise ValueError(f"a runtime found by its key needs format_version {SHARED_RUNTIME_FORMAT}")
+        compiled = {key for key, sig in self.signatures.items() if sig.engine == "xla-aot"}
+        architectures = [architecture_of(self.target.triple)]
+        for build in self.builds:
+            architectures.append(architecture_of(build.target.triple))
+            if set(build.libraries) != compiled:
+                raise ValueError(f"the {build.target.triple} build has libraries for {sorted(build.libraries)}, "
+                                 f"not for the compiled signatures {sorted(compiled)}")
+        if len(set(architectures)) < len(architectures):
+            raise ValueError(f"two builds for one architecture: {', '.join(architectures)}")
+        for build in (self, *self.builds):
+            embedded = build.runtime.file if build.runtime and build.runtime.embedded else None
+            for shared in (embedded, build.weights):
+                if shared is not None and self.files and shared not in self.files:
+                    raise ValueError(f"shared library {shared} is not among the files")
         return self
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return (self.target, *(build.target for build in self.builds))
+
+    def for_architecture(self, architecture: str) -> Manifest:
+        """The manifest as a machine of `architecture` runs it: its build for that architecture as
+        the target, runtime, weights and libraries. A servable with compiled code but none for this
+        architecture is refused, naming what it was compiled for, before any library is opened."""
+        if architecture_of(self.target.triple) == architecture:
+            return self
+        build = next((build for build in self.builds if architecture_of(build.target.triple) == architecture), None)
+        if build is None:
+            if all(sig.engine != "xla-aot" for sig in self.signatures.values()):
+                return self  # saved-model signatures run anywhere TensorFlow does
+            raise ServableError(f"servable was compiled for {', '.join(t.triple for t in self.targets)} but this "
+                                f"machine is {architecture}")
+        signatures = {key: sig.model_copy(update={"libraries": build.libraries[key]}) if key in build.libraries
+                      else sig for key, sig in self.signatures.items()}
+        return self.model_copy(update={"target": build.target, "runtime": build.runtime, "weights": build.weights,
+                                       "signatures": signatures, "builds": ()})
 
     @model_serializer(mode="wrap")
     def _format_one_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
@@ -296,6 +343,8 @@ class Manifest(Model):
         for field in ("runtime", "weights"):
             if data.get(field) is None:
                 data.pop(field, None)
+        if not self.builds:  # single-target servables read as before builds existed
+            data.pop("builds", None)
         return data
 
     def to_json(self) -> bytes:

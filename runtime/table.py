@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from runtime.cpu import architecture_of
 from runtime.manifest import Manifest, TensorSpec, show_shape
 
 
@@ -21,8 +22,8 @@ def render(manifest: Manifest) -> str:
         ("model", f"{manifest.name} version {manifest.version}"),
         ("engine", manifest.engine),
         ("batch sizes", ", ".join(map(str, manifest.batch_sizes))),
-        ("target", f"{manifest.target.triple} cpu={manifest.target.cpu}"),
-        ("cpu features", " ".join(manifest.target.features) or "-"),
+        *((f"target ({architecture_of(t.triple)})" if manifest.builds else "target", f"{t.triple} cpu={t.cpu}; "
+           f"features {' '.join(t.features) or '-'}") for t in manifest.targets),
         ("tensorflow", manifest.tensorflow_version),
         ("files", f"{len(manifest.files)} ({total / 1e6:.1f} MB)"),
         ("format", str(manifest.format_version)),

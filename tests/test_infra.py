@@ -84,6 +84,9 @@ def test_sam_template_wiring():
     assert (ROOT / "infra" / "lambda" / function["Metadata"]["DockerContext"] / function["Metadata"]["Dockerfile"]
             ).resolve() == DOCKERFILE
     assert properties["MemorySize"] == {"Ref": "MemorySize"} and properties["Timeout"] == {"Ref": "Timeout"}
+    assert properties["Architectures"] == [{"Ref": "Architecture"}]
+    assert template["Parameters"]["Architecture"]["AllowedValues"] == ["x86_64", "arm64"]
+    assert template["Parameters"]["Architecture"]["Default"] == "x86_64"
     assert properties["AutoPublishAlias"] == "live"
     condition, provisioned, _ = properties["ProvisionedConcurrencyConfig"]["Fn::If"]
     assert provisioned == {"ProvisionedConcurrentExecutions": {"Ref": "ProvisionedConcurrency"}}
@@ -290,8 +293,11 @@ def test_dockerfile_pins_match_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     args, stages = read_dockerfile()
-    tensorflow = dict(step[1].split("=", 1) for step in stages["framework"].steps if step[0] == "ARG")["TENSORFLOW"]
+    pins = dict(step[1].split("=", 1) for step in stages["framework"].steps if step[0] == "ARG")
+    tensorflow = pins["TENSORFLOW"]
     assert tensorflow in extras["compile"], "the image's framework library must be the compiler's TensorFlow's"
+    # arm64 images take it from tensorflow's aarch64 wheel (tensorflow-cpu has none), of the same version.
+    assert pins["TENSORFLOW_AARCH64"] == tensorflow.replace("tensorflow-cpu==", "tensorflow==")
     generator = next(spec for spec in extras["dev"] if spec.startswith("grpcio-tools"))
     assert f'"{generator}"' in dict(stages["wheel"].steps)["RUN"]
     # The wheel holds the one file the framework stage extracts (checked on the installed copy).

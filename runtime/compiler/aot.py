@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runtime.compiler.target import llvm_cpu
 from runtime.errors import CompileError
 from runtime.manifest import Target
 
@@ -25,7 +26,7 @@ def tfcompile(static_model: Path, meta_graph, key: str, prefix: Path, cpp_class:
             signature_def_key=key,
             cpp_class=cpp_class,
             target_triple=target.triple,
-            target_cpu=target.cpu,
+            target_cpu=llvm_cpu(target.cpu),
             variables_to_feed=(),
             multithreading=multithreading,
         )

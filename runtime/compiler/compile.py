@@ -28,17 +28,20 @@ from runtime.compiler.aot import tfcompile
 from runtime.compiler.partition import Partition, partition_signatures, remainder, write_tables
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
-from runtime.compiler.toolchain import Toolchain
+from runtime.compiler.cross import toolchain_for
 from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.engines.saved_model import SAVED_MODEL_DIR
+from runtime.cpu import architecture_of, host_architecture
 from runtime.errors import CompileError
 from runtime.manifest import (
     EMBEDDED_RUNTIME_FORMAT,
     FORMAT_VERSION,
+    Build,
     Manifest,
     Position,
     SharedRuntime,
     Signature,
+    Target,
     describe_files,
     sha256_of,
     state_problems,
@@ -58,7 +61,7 @@ def compile_servable(
     version: int | None = None,
     signatures: list[str] | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    target_cpu: str = "native",
+    target_cpu: str | Sequence[str] = "native",
     engine: EngineChoice = "auto",
     tags: str = "serve",
     multithreading: bool = True,
@@ -79,6 +82,8 @@ def compile_servable(
     The runtime library goes into the servable only with `embed_runtime`; else it is installed on this
     machine and, when `out` is BASE/NAME/VERSION, written once beside the servables in BASE/.kiln/runtime/
     (runtime/runtime_library.py).
+    Several `target_cpu`s, one per architecture, build one servable for each: the first in lib/, each
+    other in lib/TRIPLE/ with its runtime in the servable (runtime/manifest.py's Build).
     """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
@@ -88,7 +93,8 @@ def compile_servable(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    target = resolve_target(target_cpu)
+    targets = _resolve_targets([target_cpu] if isinstance(target_cpu, str) else list(target_cpu))
+    target = targets[0]
     infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
                            state or {}, positions or {}, appended or {})
     fronts: dict = {}
@@ -108,6 +114,8 @@ def compile_servable(
                                                        multithreading, Path(work), staging, reasons, log, fronts,
                                                        embed_runtime)
             _refuse_if_forced(engine, reasons)
+            builds = _further_builds(saved_model, tags, {key: info for key, info in aot.items() if not reasons[key]},
+                                     batch_sizes, targets[1:], multithreading, Path(work), staging, log, fronts)
         # The saved-model engine runs a signature as declared: not over flat runs of elements, no host front.
         infos = {key: replace(info, elementwise=False, host=None) if reasons[key] else info
                  for key, info in infos.items()}
@@ -122,12 +130,15 @@ def compile_servable(
                 position=info.position, appended=info.appended, elementwise=info.elementwise, host=info.host)
                 for key, info in infos.items()},
             batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
-            weights=weights, files={},  # the oldest format that describes it, for older readers
+            weights=weights, files={}, builds=builds,  # the oldest format that describes it, for older readers
             format_version=1 if not runtime else EMBEDDED_RUNTIME_FORMAT if runtime.embedded else FORMAT_VERSION)
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
-            manifest = _prebuild_xla_cache(staging, manifest)
+            if {architecture_of(t.triple) for t in targets} == {host_architecture()}:
+                manifest = _prebuild_xla_cache(staging, manifest)
+            else:  # XLA's cache holds this machine's code: those signatures run as TensorFlow graphs
+                log(f"no XLA cache prebuilt for {', '.join(fallback)}: it would hold {host_architecture()} code only")
         _copy_warmup_requests(saved_model, staging, log)
         manifest = manifest.model_copy(update={"files": describe_files(staging)})
         manifest.write(staging)
@@ -138,6 +149,39 @@ def compile_servable(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _resolve_targets(cpus: list[str]) -> list[Target]:
+    """The targets of --target-cpu's names: at least one, at most one per architecture."""
+    if not cpus:
+        raise CompileError("--target-cpu needs at least one CPU")
+    targets = [resolve_target(cpu) for cpu in cpus]
+    triples = [target.triple for target in targets]
+    if len(set(triples)) < len(triples):
+        raise CompileError(f"--target-cpu {','.join(cpus)} names two CPUs of one architecture ({', '.join(triples)}); "
+                           f"a servable holds one build per architecture")
+    return targets
+
+
+def _further_builds(saved_model, tags, infos, batch_sizes, targets, multithreading, work, staging,
+                    log, fronts) -> tuple[Build, ...]:
+    """The code for each target after the first, in lib/TRIPLE/ with its own runtime (a machine of that
+    architecture finds it in the servable; the installed runtime is this machine's). Every signature
+    compiled for the first target must compile for the others: a servable serves the same signatures
+    on every machine."""
+    builds = []
+    for target in targets:
+        log(f"compiling for {target.triple} (cpu {target.cpu})")
+        reasons = {key: "" for key in infos}
+        libraries, runtime, weights = _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading,
+                                                   work / target.triple, staging, reasons, log, fronts,
+                                                   embed_runtime=True, lib=f"lib/{target.triple}")
+        failed = [f"{key}: {reason}" for key, reason in reasons.items() if reason]
+        if failed:
+            raise CompileError(f"compiled for {', '.join(b.target.triple for b in builds) or 'the first target'} "
+                               f"but not for {target.triple}: {'; '.join(failed)}")
+        builds.append(Build(target=target, runtime=runtime, weights=weights, libraries=libraries))
+    return tuple(builds)
 
 
 def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
@@ -292,8 +336,9 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log, fronts, embed_runtime=False) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
-    """tfcompile every (signature, bucket), then link the libraries in parallel.
+                 reasons, log, fronts, embed_runtime=False,
+                 lib: str = "lib") -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+    """tfcompile every (signature, bucket), then link the libraries in parallel into `lib`.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
     A signature that tfcompile refuses (an unsupported op, a lookup table) gets that as its reason.
@@ -311,7 +356,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     export_static(saved_model, tags, infos, plan, static,
                   {key: partial(remainder, partition=front) for key, front in fronts.items()})
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
-    toolchain = Toolchain.for_installed_tensorflow(target.cpu)
+    toolchain = toolchain_for(target)
     jobs = []
     with steps(sum(map(len, plan.values())), "compiling", "bucket") as bar:
         for index, (key, batches) in enumerate(plan.items()):
@@ -328,11 +373,11 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
                     break
                 finally:
                     bar.update()
-                library = f"lib/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
+                library = f"{lib}/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
                 compiled.append((key, batch, header, cpp_class, objects, library))
             else:
                 jobs.extend(compiled)
-    (staging / "lib").mkdir(exist_ok=True)
+    (staging / lib).mkdir(parents=True, exist_ok=True)
     libraries: dict[str, dict[int, str]] = {}
     runtime = None
     if jobs:
@@ -342,7 +387,7 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
             runtime = toolchain.link_runtime(kernels)
             weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
-                                   staging / "lib", work / "weights", toolchain.cxx)
+                                   staging / lib, work / "weights", toolchain.cxx)
             log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
             log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
             with steps(len(jobs), "linking", "library") as bar:
@@ -359,17 +404,17 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             libraries[alias] = libraries[key]
     if runtime is None:
         return libraries, None, None
-    shared = _shared_runtime(runtime, toolchain.runtime_key(kernels), staging, embed_runtime,
+    shared = _shared_runtime(runtime, toolchain.runtime_key(kernels), staging, lib, embed_runtime,
                              _bytes_saved(jobs, aliases, runtime, weights, staging, embed_runtime))
     return libraries, shared, str(weights.relative_to(staging))
 
 
-def _shared_runtime(library: Path, key: str, staging: Path, embed: bool, saved: int) -> SharedRuntime:
-    """The runtime library copied into the servable (embed), or installed on this machine and named
-    by its key and checksum (runtime/runtime_library.py)."""
+def _shared_runtime(library: Path, key: str, staging: Path, lib: str, embed: bool, saved: int) -> SharedRuntime:
+    """The runtime library copied into the servable's `lib` (embed), or installed on this machine and
+    named by its key and checksum (runtime/runtime_library.py)."""
     from runtime import runtime_library
 
-    file = f"lib/{library.name}"
+    file = f"{lib}/{library.name}"
     if embed:
         shutil.copy(library, staging / file)
         return SharedRuntime(key=key, file=file, bytes_saved=saved)

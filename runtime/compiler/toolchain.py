@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.cache import cache_root
+from runtime.compiler.target import cpu_flags
 from runtime.errors import CompileError
 from runtime.progress import steps
 
@@ -74,7 +75,7 @@ class Toolchain:
         # One set of flags for every object: Eigen's templates must be compiled alike everywhere
         # they are instantiated.
         return [
-            "-O3", f"-march={self.target_cpu}", "-fPIC", "-std=c++17", "-w",
+            "-O3", *cpu_flags(self.target_cpu), "-fPIC", "-std=c++17", "-w",
             "-D_GLIBCXX_USE_CXX11_ABI=1", "-DEIGEN_USE_THREADS",
             f"-I{self.tensorflow_dir / 'include'}",
         ]

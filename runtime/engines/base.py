@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.buckets import plan_chunks
-from runtime.cpu import check_target
+from runtime.cpu import check_target, host_architecture
 from runtime.errors import InvalidInput
 from runtime.manifest import Manifest, Signature, TensorSpec, read_manifest, show_shape, verify_files
 
@@ -36,7 +36,7 @@ class Engine:
 
     @classmethod
     def open(cls, directory: Path, *, verify: bool = True, threads: int | None = None) -> Engine:
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory).for_architecture(host_architecture())  # its build for this machine
         if any(sig.engine == "xla-aot" for sig in manifest.signatures.values()):
             from runtime.engines.xla_aot import preload_framework_library
 
