@@ -35,8 +35,14 @@ SAVED_MODEL = "saved_model.pb"
 MANIFEST = "manifest.json"
 
 
-def compile_version(source: Storage, target: Storage, name: str, version: int, options: Mapping[str, Any],
-                    say: Callable[[str], None] = log.info) -> None:
+def compile_version(
+    source: Storage,
+    target: Storage,
+    name: str,
+    version: int,
+    options: Mapping[str, Any],
+    say: Callable[[str], None] = log.info,
+) -> None:
     """Compile source's NAME/VERSION SavedModel into target's NAME/VERSION servable and publish it.
     `options`: runtime.compiler.compile.compile_servable's keywords (batch sizes, target CPU, ...)."""
     from runtime.compiler.compile import compile_servable
@@ -48,7 +54,7 @@ def compile_version(source: Storage, target: Storage, name: str, version: int, o
         else:
             saved_model = Path(work) / "saved_model"
             for file in source.list_keys(key):
-                dest = saved_model.joinpath(*file[len(key) + 1:].split("/"))
+                dest = saved_model.joinpath(*file[len(key) + 1 :].split("/"))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 source.download(file, dest)
         if isinstance(target, LocalStorage):
@@ -74,8 +80,7 @@ def compile_version(source: Storage, target: Storage, name: str, version: int, o
 class Watcher:
     """Polls a base of SavedModels and compiles every version the servable base lacks."""
 
-    def __init__(self, source: str, target: str, options: Mapping[str, Any], *,
-                 say: Callable[[str], None] = log.info):
+    def __init__(self, source: str, target: str, options: Mapping[str, Any], *, say: Callable[[str], None] = log.info):
         self.source, self.target = open_storage(source), open_storage(target)
         self.options, self.say = dict(options), say
         self.failed: dict[tuple[str, int], tuple] = {}  # version -> its files when it failed
@@ -85,10 +90,16 @@ class Watcher:
         within each model."""
         found = []
         for name in [only[0]] if only else self.source.list_children():
-            versions = [only[1]] if only else sorted((int(v) for v in self.source.list_children(name) if v.isdigit()),
-                                                     reverse=True)
-            found.extend((name, v) for v in versions if self.source.exists(f"{name}/{v}/{SAVED_MODEL}")
-                         and not self.target.exists(f"{name}/{v}/{MANIFEST}"))
+            versions = (
+                [only[1]]
+                if only
+                else sorted((int(v) for v in self.source.list_children(name) if v.isdigit()), reverse=True)
+            )
+            found.extend(
+                (name, v)
+                for v in versions
+                if self.source.exists(f"{name}/{v}/{SAVED_MODEL}") and not self.target.exists(f"{name}/{v}/{MANIFEST}")
+            )
         return found
 
     def run_once(self, only: tuple[str, int] | None = None) -> int:
@@ -104,8 +115,14 @@ class Watcher:
                 compile_version(self.source, self.target, name, version, self.options, self.say)
             except Exception as e:  # noqa: BLE001 -- one version's failure must not stop the watch
                 self.failed[(name, version)] = files
-                log.error("compiling %s/%s/%s failed (tried again when its files change): %s: %s",
-                          self.source.url, name, version, type(e).__name__, e)
+                log.error(
+                    "compiling %s/%s/%s failed (tried again when its files change): %s: %s",
+                    self.source.url,
+                    name,
+                    version,
+                    type(e).__name__,
+                    e,
+                )
                 continue
             self.failed.pop((name, version), None)
             self.say(f"{name}/{version} compiled and published in {time.monotonic() - started:.1f} s")

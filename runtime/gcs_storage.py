@@ -51,8 +51,9 @@ class GcsStorage:
 
         self.prefix = prefix
         self.retry = retry
-        self._policy = DEFAULT_RETRY.with_timeout(retry.deadline).with_delay(initial=retry.delay,
-                                                                               maximum=retry.max_delay)
+        self._policy = DEFAULT_RETRY.with_timeout(retry.deadline).with_delay(
+            initial=retry.delay, maximum=retry.max_delay
+        )
         try:
             self._bucket = _shared_client().bucket(bucket)
         except Exception as e:  # noqa: BLE001 -- no credentials found, most likely
@@ -70,7 +71,7 @@ class GcsStorage:
             pages = self._bucket.client.list_blobs(self._bucket, prefix=start, delimiter="/", retry=self._policy)
             for _ in pages:  # the prefixes fill in as the pages are read
                 pass
-            return sorted(common[len(start):].rstrip("/") for common in pages.prefixes)
+            return sorted(common[len(start) :].rstrip("/") for common in pages.prefixes)
 
         return self._call(f"listing {self._name(prefix)}", listing)
 
@@ -81,15 +82,17 @@ class GcsStorage:
         return self._call(f"reading {self._name(key)}", lambda: self._blob(key).download_as_bytes(retry=self._policy))
 
     def download(self, key: str, dest: Path) -> Received:
-        return self._call(f"downloading {self._name(key)}", lambda: write_into_place(
-            dest, lambda out: self._blob(key).download_to_file(out, retry=self._policy)))
+        return self._call(
+            f"downloading {self._name(key)}",
+            lambda: write_into_place(dest, lambda out: self._blob(key).download_to_file(out, retry=self._policy)),
+        )
 
     def list_keys(self, prefix: str = "") -> list[str]:
         root, start = self._directory(""), self._directory(prefix)
 
         def listing() -> list[str]:
             blobs = self._bucket.client.list_blobs(self._bucket, prefix=start, retry=self._policy)
-            return sorted(blob.name[len(root):] for blob in blobs if not blob.name.endswith("/"))
+            return sorted(blob.name[len(root) :] for blob in blobs if not blob.name.endswith("/"))
 
         return self._call(f"listing {self._name(prefix)}", listing)
 
@@ -113,8 +116,9 @@ class GcsStorage:
             pass
 
     def _current(self, key: str) -> Any:
-        blob = self._call(f"looking up {self._name(key)}", lambda: self._bucket.get_blob(self._object_key(key),
-                                                                                          retry=self._policy))
+        blob = self._call(
+            f"looking up {self._name(key)}", lambda: self._bucket.get_blob(self._object_key(key), retry=self._policy)
+        )
         if blob is None:
             raise KeyNotFound(f"looking up {self._name(key)}: no such key")
         return blob
@@ -141,8 +145,10 @@ class GcsStorage:
         try:
             return call()
         except exceptions.NotFound:
-            raise missing(f"{what}: " + ("no such key" if missing is KeyNotFound else
-                                         "the object was replaced while it was being read")) from None
+            raise missing(
+                f"{what}: "
+                + ("no such key" if missing is KeyNotFound else "the object was replaced while it was being read")
+            ) from None
         except exceptions.PreconditionFailed:
             raise ObjectChanged(f"{what}: the object was replaced while it was being read") from None
         except (exceptions.GoogleAPICallError, exceptions.RetryError, GoogleAuthError, OSError) as e:
@@ -165,7 +171,7 @@ class _OneVersion(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.storage._call(self.what, lambda: self.stream.read(len(buffer)), missing=ObjectChanged)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
     def close(self) -> None:

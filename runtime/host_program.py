@@ -61,8 +61,9 @@ class HostFront:
 
     def __init__(self, directory: Path, program: HostProgram):
         self.program = program
-        self.tables = {step.table: load_table(directory / step.table)
-                       for step in program.steps if isinstance(step, LookupStep)}
+        self.tables = {
+            step.table: load_table(directory / step.table) for step in program.steps if isinstance(step, LookupStep)
+        }
         self.dtypes = {spec.name: spec.dtype for spec in program.outputs}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -70,8 +70,9 @@ def install_copy(runtime: SharedRuntime) -> Path:
 
 def installed(runtime: SharedRuntime) -> Path | None:
     """The first installed copy of the runtime, unchecked, or None."""
-    return next((path for path in (d / runtime.key / file_name(runtime) for d in installed_dirs())
-                 if path.is_file()), None)
+    return next(
+        (path for path in (d / runtime.key / file_name(runtime) for d in installed_dirs()) if path.is_file()), None
+    )
 
 
 def candidates(directory: Path, runtime: SharedRuntime) -> list[Path]:
@@ -79,8 +80,10 @@ def candidates(directory: Path, runtime: SharedRuntime) -> list[Path]:
     runtime is the servable's own copy, checked with its files."""
     if runtime.embedded:
         return [directory / runtime.file]
-    return [*(d / runtime.key / file_name(runtime) for d in installed_dirs()),
-            store_copy(directory.parent.parent, runtime)]
+    return [
+        *(d / runtime.key / file_name(runtime) for d in installed_dirs()),
+        store_copy(directory.parent.parent, runtime),
+    ]
 
 
 def locate(directory: Path, runtime: SharedRuntime) -> Path:
@@ -93,14 +96,17 @@ def locate(directory: Path, runtime: SharedRuntime) -> Path:
             f"servable {directory} needs the Kiln runtime library {runtime.key} ({file_name(runtime)}), "
             f"which is neither installed here nor in its store; looked in: {', '.join(map(str, places))}. "
             f"Copy BASE/{'/'.join(STORE_DIR)}/{runtime.key}/ from where it was compiled to its store (beside the "
-            f"model directories) or into a directory of {PATH_ENV}, or recompile it with --embed-runtime")
+            f"model directories) or into a directory of {PATH_ENV}, or recompile it with --embed-runtime"
+        )
     if runtime.embedded:
         return found
     size, sha256 = runtime.size, runtime.sha256
     status = found.stat()
     if status.st_size != size:
-        raise ServableError(f"runtime library {found} has {status.st_size} bytes, servable {directory} "
-                            f"expects {size} (runtime {runtime.key})")
+        raise ServableError(
+            f"runtime library {found} has {status.st_size} bytes, servable {directory} "
+            f"expects {size} (runtime {runtime.key})"
+        )
     identity = (str(found), status.st_dev, status.st_ino, status.st_mtime_ns)
     with _lock:
         known = _verified.get(identity)
@@ -109,8 +115,10 @@ def locate(directory: Path, runtime: SharedRuntime) -> Path:
         with _lock:
             _verified[identity] = known
     if known != sha256:
-        raise ServableError(f"runtime library {found} has sha256 {known}, servable {directory} expects "
-                            f"{sha256} (runtime {runtime.key}): it is corrupt or another build; remove it")
+        raise ServableError(
+            f"runtime library {found} has sha256 {known}, servable {directory} expects "
+            f"{sha256} (runtime {runtime.key}): it is corrupt or another build; remove it"
+        )
     return found
 
 

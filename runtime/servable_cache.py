@@ -179,18 +179,25 @@ class ServableCache:
             try:
                 targets[relative] = staging.joinpath(*key_parts(relative))
             except ValueError:
-                raise ServableError(f"{storage.url}/{prefix}: its manifest lists file {relative!r}, "
-                                    f"outside the servable's directory") from None
+                raise ServableError(
+                    f"{storage.url}/{prefix}: its manifest lists file {relative!r}, outside the servable's directory"
+                ) from None
             targets[relative].parent.mkdir(parents=True, exist_ok=True)
 
         def download(relative: str) -> None:
             try:
                 received = storage.download(f"{prefix}/{relative}", targets[relative])
             except KeyNotFound:
-                raise ServableError(f"{storage.url}/{prefix}: file {relative} is listed in its manifest "
-                                    f"but missing from the store") from None
-            check_file(f"{storage.url}/{prefix}", relative, manifest.files[relative], size=received.size,
-                       sha256=received.sha256)
+                raise ServableError(
+                    f"{storage.url}/{prefix}: file {relative} is listed in its manifest but missing from the store"
+                ) from None
+            check_file(
+                f"{storage.url}/{prefix}",
+                relative,
+                manifest.files[relative],
+                size=received.size,
+                sha256=received.sha256,
+            )
 
         order = sorted(manifest.files, key=lambda name: -manifest.files[name].size)
         pool = ThreadPoolExecutor(max_workers=FILES_AT_ONCE, thread_name_prefix="kiln-fetch")
@@ -218,15 +225,19 @@ class ServableCache:
             received = storage.download(key, target)
         except KeyNotFound:
             places = ", ".join(map(str, runtime_library.installed_dirs()))
-            raise ServableError(f"{storage.url}/{manifest.name}/{manifest.version} needs the Kiln runtime library "
-                                f"{runtime.key}, which is neither installed here (looked in {places}) nor in its "
-                                f"store ({storage.url}/{key}): upload BASE/{key} from where it was compiled, or "
-                                f"recompile with --embed-runtime") from None
+            raise ServableError(
+                f"{storage.url}/{manifest.name}/{manifest.version} needs the Kiln runtime library "
+                f"{runtime.key}, which is neither installed here (looked in {places}) nor in its "
+                f"store ({storage.url}/{key}): upload BASE/{key} from where it was compiled, or "
+                f"recompile with --embed-runtime"
+            ) from None
         if (received.size, received.sha256) != (runtime.size, runtime.sha256):
             target.unlink(missing_ok=True)
-            raise ServableError(f"{storage.url}/{key} has {received.size} bytes and sha256 {received.sha256}; "
-                                f"{manifest.name} version {manifest.version} expects {runtime.size} bytes and "
-                                f"sha256 {runtime.sha256} (runtime {runtime.key})")
+            raise ServableError(
+                f"{storage.url}/{key} has {received.size} bytes and sha256 {received.sha256}; "
+                f"{manifest.name} version {manifest.version} expects {runtime.size} bytes and "
+                f"sha256 {runtime.sha256} (runtime {runtime.key})"
+            )
 
     def _hold(self, directory: Path, exclusive: bool = False) -> int | None:
         return _flock(_lock_file(self.root, directory), exclusive)
@@ -268,8 +279,9 @@ class ServableCache:
                 used = directory.stat().st_mtime_ns
             except FileNotFoundError:
                 continue
-            size = sum(os.path.getsize(os.path.join(parent, name))
-                       for parent, _, names in os.walk(directory) for name in names)
+            size = sum(
+                os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(directory) for name in names
+            )
             entries.append((used, directory, size))
         return entries
 

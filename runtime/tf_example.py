@@ -141,13 +141,17 @@ def _raise_first_problem(example, features: tuple[DenseFeature, ...], row: int) 
             if feature.dtype == "string" and len(values) > size:  # TensorFlow's wording for this
                 raise InvalidInput(f"{where}  Can't parse serialized Example.")
             counted = "bytes" if feature.dtype == "string" else name
-            raise InvalidInput(f"{where}  Number of {counted} values != expected.  Values size: {len(values)} "
-                               f"but output shape: [{','.join(map(str, feature.shape))}]")
+            raise InvalidInput(
+                f"{where}  Number of {counted} values != expected.  Values size: {len(values)} "
+                f"but output shape: [{','.join(map(str, feature.shape))}]"
+            )
         found.add(feature.key)
     for feature in features:
         if feature.key not in found and feature.default is None:
-            raise InvalidInput(f"Name: <unknown>, Feature: {feature.key} (data type: "
-                               f"{KINDS[feature.dtype][1]}) is required but could not be found.")
+            raise InvalidInput(
+                f"Name: <unknown>, Feature: {feature.key} (data type: "
+                f"{KINDS[feature.dtype][1]}) is required but could not be found."
+            )
 
 
 def _shown(data: bytes) -> str:

@@ -51,6 +51,7 @@ _project: str | None = None
 
 # Start-up -------------------------------------------------------------------------------------------
 
+
 def configure(environ: Mapping[str, str] = os.environ) -> None:
     """Read the OTEL_* environment and the Google Cloud project once, as the server starts (in each
     worker process: the exporter's thread does not survive a fork). As OpenTelemetry's SDKs do, an
@@ -79,8 +80,10 @@ def _exporters(environ: Mapping[str, str]) -> list[str]:
         return ["otlp"] if endpoint else []
     unknown = sorted(set(named) - {"otlp", "console", "none"})
     if unknown:
-        raise ValueError(f"OTEL_TRACES_EXPORTER={environ['OTEL_TRACES_EXPORTER']!r}: Kiln exports to otlp, "
-                         f"console or none, not {', '.join(unknown)}")
+        raise ValueError(
+            f"OTEL_TRACES_EXPORTER={environ['OTEL_TRACES_EXPORTER']!r}: Kiln exports to otlp, "
+            f"console or none, not {', '.join(unknown)}"
+        )
     return [name for name in named if name != "none"]
 
 
@@ -91,8 +94,10 @@ def _sdk_tracer(exporters: list[str], environ: Mapping[str, str]) -> Any:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as e:
-        raise ValueError(f"the OTEL_* environment asks for traces, but OpenTelemetry's SDK is not installed "
-                         f"(pip install 'kiln[otel]'): {e}") from None
+        raise ValueError(
+            f"the OTEL_* environment asks for traces, but OpenTelemetry's SDK is not installed "
+            f"(pip install 'kiln[otel]'): {e}"
+        ) from None
     named = environ.get("OTEL_SERVICE_NAME") or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     resource = Resource.create({} if named else {"service.name": environ.get("K_SERVICE") or "kiln"})
     provider = TracerProvider(resource=resource)  # its sampler from OTEL_TRACES_SAMPLER; flushed at exit
@@ -109,8 +114,9 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    variable = next((v for v in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(v)),
-                    None)
+    variable = next(
+        (v for v in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") if environ.get(v)), None
+    )
     protocol = environ[variable].strip() if variable else "http/protobuf"
     try:
         if protocol == "grpc":
@@ -139,12 +145,17 @@ def _metadata_project(environ: Mapping[str, str]) -> str | None:
         with urllib.request.urlopen(request, timeout=2) as answer:
             return answer.read().decode().strip() or None
     except OSError as e:
-        log.warning("no Google Cloud project for log correlation (set GOOGLE_CLOUD_PROJECT): the metadata "
-                    "server at %s did not answer: %s", host, e)
+        log.warning(
+            "no Google Cloud project for log correlation (set GOOGLE_CLOUD_PROJECT): the metadata "
+            "server at %s did not answer: %s",
+            host,
+            e,
+        )
         return None
 
 
 # Requests -------------------------------------------------------------------------------------------
+
 
 class RequestTrace:
     """One request's trace, from `start` to `end` (in the request's own task): `headers` go out with
@@ -256,14 +267,21 @@ def batch(links: Sequence[Any], enqueued: Sequence[float], **attributes: Any):
     contexts = [context for context in links if context is not None]
     for context, since in zip(links, enqueued):
         if context is not None:
-            _tracer.start_span("kiln.queue", context=trace.set_span_in_context(trace.NonRecordingSpan(context)),
-                               start_time=now - int((monotonic - since) * 1e9)).end(end_time=now)
+            _tracer.start_span(
+                "kiln.queue",
+                context=trace.set_span_in_context(trace.NonRecordingSpan(context)),
+                start_time=now - int((monotonic - since) * 1e9),
+            ).end(end_time=now)
     return _tracer.start_as_current_span(
-        "kiln.batch", context=trace.set_span_in_context(trace.INVALID_SPAN), links=[trace.Link(c) for c in contexts],
-        attributes={f"kiln.{key}": value for key, value in attributes.items()})
+        "kiln.batch",
+        context=trace.set_span_in_context(trace.INVALID_SPAN),
+        links=[trace.Link(c) for c in contexts],
+        attributes={f"kiln.{key}": value for key, value in attributes.items()},
+    )
 
 
 # Log lines ------------------------------------------------------------------------------------------
+
 
 def log_fields() -> dict[str, Any]:
     """The trace fields of a line logged now (none outside a traced request)."""
@@ -271,12 +289,16 @@ def log_fields() -> dict[str, Any]:
     if ids is None:
         return {}
     if _project:
-        return {"logging.googleapis.com/trace": f"projects/{_project}/traces/{ids.trace_id}",
-                "logging.googleapis.com/spanId": ids.span_id, "logging.googleapis.com/trace_sampled": ids.sampled}
+        return {
+            "logging.googleapis.com/trace": f"projects/{_project}/traces/{ids.trace_id}",
+            "logging.googleapis.com/spanId": ids.span_id,
+            "logging.googleapis.com/trace_sampled": ids.sampled,
+        }
     return {"trace_id": ids.trace_id, "span_id": ids.span_id, "trace_sampled": ids.sampled}
 
 
 # Header formats -------------------------------------------------------------------------------------
+
 
 def _caller(headers: Mapping[str, str]) -> TraceIds | None:
     """The caller's ids: W3C traceparent, else Cloud Run's X-Cloud-Trace-Context (TRACE/SPAN;o=1,

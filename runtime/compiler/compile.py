@@ -95,8 +95,12 @@ def compile_servable(
 
     targets = _resolve_targets([target_cpu] if isinstance(target_cpu, str) else list(target_cpu))
     target = targets[0]
-    infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
-                           state or {}, positions or {}, appended or {})
+    infos = _declare_state(
+        _select(read_signatures(saved_model, tags), signatures, saved_model),
+        state or {},
+        positions or {},
+        appended or {},
+    )
     fronts: dict = {}
     if engine == "saved-model":
         reasons = {key: "built with --engine saved-model" for key in infos}
@@ -110,28 +114,69 @@ def compile_servable(
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
-                                                       multithreading, Path(work), staging, reasons, log, fronts,
-                                                       embed_runtime)
+            libraries, runtime, weights = _compile_aot(
+                saved_model,
+                tags,
+                aot,
+                batch_sizes,
+                target,
+                multithreading,
+                Path(work),
+                staging,
+                reasons,
+                log,
+                fronts,
+                embed_runtime,
+            )
             _refuse_if_forced(engine, reasons)
-            builds = _further_builds(saved_model, tags, {key: info for key, info in aot.items() if not reasons[key]},
-                                     batch_sizes, targets[1:], multithreading, Path(work), staging, log, fronts)
+            builds = _further_builds(
+                saved_model,
+                tags,
+                {key: info for key, info in aot.items() if not reasons[key]},
+                batch_sizes,
+                targets[1:],
+                multithreading,
+                Path(work),
+                staging,
+                log,
+                fronts,
+            )
         # The saved-model engine runs a signature as declared: not over flat runs of elements, no host front.
-        infos = {key: replace(info, elementwise=False, host=None) if reasons[key] else info
-                 for key, info in infos.items()}
+        infos = {
+            key: replace(info, elementwise=False, host=None) if reasons[key] else info for key, info in infos.items()
+        }
         write_tables({key: front for key, front in fronts.items() if not reasons[key]}, staging)
         fallback = [key for key in infos if reasons[key]]
         manifest = Manifest(
-            name=name, version=version, engine=_engine_of(infos, reasons),
-            signatures={key: Signature(
-                method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
-                engine="saved-model" if reasons[key] else "xla-aot",
-                libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
-                position=info.position, appended=info.appended, elementwise=info.elementwise, host=info.host)
-                for key, info in infos.items()},
-            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
-            weights=weights, files={}, builds=builds,  # the oldest format that describes it, for older readers
-            format_version=1 if not runtime else EMBEDDED_RUNTIME_FORMAT if runtime.embedded else FORMAT_VERSION)
+            name=name,
+            version=version,
+            engine=_engine_of(infos, reasons),
+            signatures={
+                key: Signature(
+                    method=info.method,
+                    inputs=info.inputs,
+                    outputs=info.outputs,
+                    batched=info.batched,
+                    engine="saved-model" if reasons[key] else "xla-aot",
+                    libraries=libraries.get(key, {}),
+                    reason=reasons[key],
+                    state=dict(info.state),
+                    position=info.position,
+                    appended=info.appended,
+                    elementwise=info.elementwise,
+                    host=info.host,
+                )
+                for key, info in infos.items()
+            },
+            batch_sizes=batch_sizes,
+            target=target,
+            tensorflow_version=tf.__version__,
+            runtime=runtime,
+            weights=weights,
+            files={},
+            builds=builds,  # the oldest format that describes it, for older readers
+            format_version=1 if not runtime else EMBEDDED_RUNTIME_FORMAT if runtime.embedded else FORMAT_VERSION,
+        )
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
@@ -158,13 +203,16 @@ def _resolve_targets(cpus: list[str]) -> list[Target]:
     targets = [resolve_target(cpu) for cpu in cpus]
     triples = [target.triple for target in targets]
     if len(set(triples)) < len(triples):
-        raise CompileError(f"--target-cpu {','.join(cpus)} names two CPUs of one architecture ({', '.join(triples)}); "
-                           f"a servable holds one build per architecture")
+        raise CompileError(
+            f"--target-cpu {','.join(cpus)} names two CPUs of one architecture ({', '.join(triples)}); "
+            f"a servable holds one build per architecture"
+        )
     return targets
 
 
-def _further_builds(saved_model, tags, infos, batch_sizes, targets, multithreading, work, staging,
-                    log, fronts) -> tuple[Build, ...]:
+def _further_builds(
+    saved_model, tags, infos, batch_sizes, targets, multithreading, work, staging, log, fronts
+) -> tuple[Build, ...]:
     """The code for each target after the first, in lib/TRIPLE/ with its own runtime (a machine of that
     architecture finds it in the servable; the installed runtime is this machine's). Every signature
     compiled for the first target must compile for the others: a servable serves the same signatures
@@ -173,13 +221,27 @@ def _further_builds(saved_model, tags, infos, batch_sizes, targets, multithreadi
     for target in targets:
         log(f"compiling for {target.triple} (cpu {target.cpu})")
         reasons = {key: "" for key in infos}
-        libraries, runtime, weights = _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading,
-                                                   work / target.triple, staging, reasons, log, fronts,
-                                                   embed_runtime=True, lib=f"lib/{target.triple}")
+        libraries, runtime, weights = _compile_aot(
+            saved_model,
+            tags,
+            infos,
+            batch_sizes,
+            target,
+            multithreading,
+            work / target.triple,
+            staging,
+            reasons,
+            log,
+            fronts,
+            embed_runtime=True,
+            lib=f"lib/{target.triple}",
+        )
         failed = [f"{key}: {reason}" for key, reason in reasons.items() if reason]
         if failed:
-            raise CompileError(f"compiled for {', '.join(b.target.triple for b in builds) or 'the first target'} "
-                               f"but not for {target.triple}: {'; '.join(failed)}")
+            raise CompileError(
+                f"compiled for {', '.join(b.target.triple for b in builds) or 'the first target'} "
+                f"but not for {target.triple}: {'; '.join(failed)}"
+            )
         builds.append(Build(target=target, runtime=runtime, weights=weights, libraries=libraries))
     return tuple(builds)
 
@@ -194,15 +256,19 @@ def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
             log(f"warm-up requests: {WARMUP_DIR}/{name}")
 
 
-def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
-                 log) -> tuple[dict[str, SignatureInfo], dict[str, str]]:
+def _elementwise(
+    saved_model: Path, tags: str, infos: dict[str, SignatureInfo], log
+) -> tuple[dict[str, SignatureInfo], dict[str, str]]:
     """The signatures, those kept from XLA AOT only by their inputs' unknown rank or dynamic inner
     dimensions marked elementwise where their graph is (runtime/compiler/elementwise.py), and why
     XLA AOT cannot take each of the others ("" where it can)."""
     from runtime.compiler.elementwise import elementwise_obstacles
 
-    candidates = [key for key, info in infos.items() if info.shape_obstacle() and not info.dtype_obstacle()
-                  and not info.state and info.flat_inputs()]
+    candidates = [
+        key
+        for key, info in infos.items()
+        if info.shape_obstacle() and not info.dtype_obstacle() and not info.state and info.flat_inputs()
+    ]
     obstacles = elementwise_obstacles(saved_model, tags, candidates)
     infos, reasons = dict(infos), {}
     for key, info in infos.items():
@@ -218,8 +284,9 @@ def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
     return infos, reasons
 
 
-def _host_fronts(saved_model: Path, tags: str, infos: dict[str, SignatureInfo], reasons: dict[str, str],
-                 log) -> tuple[dict[str, SignatureInfo], dict[str, str], dict[str, Partition]]:
+def _host_fronts(
+    saved_model: Path, tags: str, infos: dict[str, SignatureInfo], reasons: dict[str, str], log
+) -> tuple[dict[str, SignatureInfo], dict[str, str], dict[str, Partition]]:
     """Signatures kept from XLA AOT by string inputs, split where their string front can run on the
     host (runtime/compiler/partition.py): their host programs, and their partitions by key."""
     candidates = [key for key, info in infos.items() if reasons[key] and info.dtype_obstacle() and not info.state]
@@ -229,8 +296,10 @@ def _host_fronts(saved_model: Path, tags: str, infos: dict[str, SignatureInfo], 
             reasons[key] = f"{reasons[key]}, and its string front cannot run on the host: {found}"
             continue
         # The front reads a batch of strings: a string input of unknown rank is served as a vector.
-        inputs = tuple(spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string"
-                       else spec for spec in infos[key].inputs)
+        inputs = tuple(
+            spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string" else spec
+            for spec in infos[key].inputs
+        )
         split = replace(infos[key], host=found.program, inputs=inputs)
         if split.aot_obstacle():
             reasons[key] = f"{reasons[key]}; its numeric remainder cannot be compiled: {split.aot_obstacle()}"
@@ -244,8 +313,10 @@ def _host_fronts(saved_model: Path, tags: str, infos: dict[str, SignatureInfo], 
 def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
     """Defaults from a repository layout BASE/NAME/VERSION, else the directory's own name, version 1."""
     numbered = out.name.isdigit()
-    return (name or (out.parent.name if numbered else out.name),
-            version if version is not None else (int(out.name) if numbered else 1))
+    return (
+        name or (out.parent.name if numbered else out.name),
+        version if version is not None else (int(out.name) if numbered else 1),
+    )
 
 
 def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_model: Path):
@@ -255,27 +326,37 @@ def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_mod
         return infos
     unknown = [key for key in wanted if key not in infos]
     if unknown:
-        raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has "
-                           f"{', '.join(infos)}")
+        raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has {', '.join(infos)}")
     return {key: infos[key] for key in wanted}
 
 
-def _declare_state(infos: dict[str, SignatureInfo], state: Mapping[str, Mapping[str, str]],
-                   positions: Mapping[str, tuple[str, int]],
-                   appended: Mapping[str, Sequence[str]]) -> dict[str, SignatureInfo]:
+def _declare_state(
+    infos: dict[str, SignatureInfo],
+    state: Mapping[str, Mapping[str, str]],
+    positions: Mapping[str, tuple[str, int]],
+    appended: Mapping[str, Sequence[str]],
+) -> dict[str, SignatureInfo]:
     for option, named in (("--state", state), ("--state-capacity", positions), ("--state-append", appended)):
         unknown = [key for key in named if key not in infos]
         if unknown:
-            raise CompileError(f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
-                               f"the signatures are {', '.join(infos)}")
+            raise CompileError(
+                f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
+                f"the signatures are {', '.join(infos)}"
+            )
     for key, (name, capacity) in positions.items():
         if type(capacity) is not int or capacity < 1:
-            raise CompileError(f"--state-capacity for {key}:{name} must be a positive number of tokens, "
-                               f"got {capacity!r}")
-    declared = {key: replace(info, state=dict(state.get(key, {})),
-                             position=Position(input=positions[key][0], capacity=positions[key][1])
-                             if key in positions else None, appended=tuple(appended.get(key, ())))
-                for key, info in infos.items()}
+            raise CompileError(
+                f"--state-capacity for {key}:{name} must be a positive number of tokens, got {capacity!r}"
+            )
+    declared = {
+        key: replace(
+            info,
+            state=dict(state.get(key, {})),
+            position=Position(input=positions[key][0], capacity=positions[key][1]) if key in positions else None,
+            appended=tuple(appended.get(key, ())),
+        )
+        for key, info in infos.items()
+    }
     problems = state_problems(declared)
     if problems:
         raise CompileError("the state declared does not fit the signatures: " + "; ".join(problems))
@@ -335,9 +416,21 @@ def _engine_of(infos, reasons) -> str:
     return engines.pop() if len(engines) == 1 else "mixed"
 
 
-def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log, fronts, embed_runtime=False,
-                 lib: str = "lib") -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+def _compile_aot(
+    saved_model,
+    tags,
+    infos,
+    batch_sizes,
+    target,
+    multithreading,
+    work,
+    staging,
+    reasons,
+    log,
+    fronts,
+    embed_runtime=False,
+    lib: str = "lib",
+) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel into `lib`.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
@@ -353,8 +446,14 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
     plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
-    export_static(saved_model, tags, infos, plan, static,
-                  {key: partial(remainder, partition=front) for key, front in fronts.items()})
+    export_static(
+        saved_model,
+        tags,
+        infos,
+        plan,
+        static,
+        {key: partial(remainder, partition=front) for key, front in fronts.items()},
+    )
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
     toolchain = toolchain_for(target)
     jobs = []
@@ -366,8 +465,9 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
                 log(f"compiling {key} for batch {batch or 'static'}")
                 bar.set_postfix_str(f"{key} batch {batch or 'static'}")
                 try:
-                    header, objects = tfcompile(static, meta_graph, bucket_key(key, batch),
-                                                work / cpp_class, cpp_class, target, multithreading)
+                    header, objects = tfcompile(
+                        static, meta_graph, bucket_key(key, batch), work / cpp_class, cpp_class, target, multithreading
+                    )
                 except CompileError as e:
                     reasons[key] = f"XLA could not compile it: {e}"
                     break
@@ -386,14 +486,25 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
             runtime = toolchain.link_runtime(kernels)
-            weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
-                                   staging / lib, work / "weights", toolchain.cxx)
+            weights = link_weights(
+                [o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
+                staging / lib,
+                work / "weights",
+                toolchain.cxx,
+            )
             log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
             log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
             with steps(len(jobs), "linking", "library") as bar:
-                for _ in pool.map(lambda job, shim: toolchain.link_bucket(
-                        shim, [o for o in job[4] if not o.name.endswith(CONSTANTS)], [runtime, weights],
-                        staging / job[5]), jobs, shims):
+                for _ in pool.map(
+                    lambda job, shim: toolchain.link_bucket(
+                        shim,
+                        [o for o in job[4] if not o.name.endswith(CONSTANTS)],
+                        [runtime, weights],
+                        staging / job[5],
+                    ),
+                    jobs,
+                    shims,
+                ):
                     bar.update()
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
@@ -404,8 +515,14 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             libraries[alias] = libraries[key]
     if runtime is None:
         return libraries, None, None
-    shared = _shared_runtime(runtime, toolchain.runtime_key(kernels), staging, lib, embed_runtime,
-                             _bytes_saved(jobs, aliases, runtime, weights, staging, embed_runtime))
+    shared = _shared_runtime(
+        runtime,
+        toolchain.runtime_key(kernels),
+        staging,
+        lib,
+        embed_runtime,
+        _bytes_saved(jobs, aliases, runtime, weights, staging, embed_runtime),
+    )
     return libraries, shared, str(weights.relative_to(staging))
 
 
@@ -418,8 +535,9 @@ def _shared_runtime(library: Path, key: str, staging: Path, lib: str, embed: boo
     if embed:
         shutil.copy(library, staging / file)
         return SharedRuntime(key=key, file=file, bytes_saved=saved)
-    runtime = SharedRuntime(key=key, file=file, embedded=False, size=library.stat().st_size,
-                            sha256=sha256_of(library), bytes_saved=saved)
+    runtime = SharedRuntime(
+        key=key, file=file, embedded=False, size=library.stat().st_size, sha256=sha256_of(library), bytes_saved=saved
+    )
     runtime_library.place(library, runtime_library.install_copy(runtime))
     return runtime
 
@@ -436,8 +554,15 @@ def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, st
     """How many bytes format 1 would have needed more: each bucket library with its own runtime and
     its own constants (tfcompile's objects, as big as their padded symbols), once per name."""
     names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job[0] for job in jobs}}
-    alone = sum(names[job[0]] * ((staging / job[5]).stat().st_size + runtime.stat().st_size +
-                                 sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))) for job in jobs)
+    alone = sum(
+        names[job[0]]
+        * (
+            (staging / job[5]).stat().st_size
+            + runtime.stat().st_size
+            + sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))
+        )
+        for job in jobs
+    )
     shared = sum((staging / job[5]).stat().st_size for job in jobs) + weights.stat().st_size
     return max(alone - shared - (runtime.stat().st_size if embedded else 0), 0)
 
@@ -457,14 +582,23 @@ def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
     """Run every saved-model signature at every bucket in a fresh process that writes the persistent
     XLA cache (its flags must be set before TensorFlow starts); learn which ones XLA can compile."""
     manifest.write(staging)
-    done = subprocess.run([sys.executable, "-m", "runtime.compiler.xla_cache", str(staging)],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.compiler.xla_cache", str(staging)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     (staging / "manifest.json").unlink()
     if done.returncode != 0:
         raise CompileError(f"prebuilding the XLA cache failed:\n{done.stderr[-3000:]}")
     jit = json.loads(done.stdout.strip().splitlines()[-1])
-    return manifest.model_copy(update={"signatures": {
-        key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()}})
+    return manifest.model_copy(
+        update={
+            "signatures": {
+                key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()
+            }
+        }
+    )
 
 
 def _replace(staging: Path, out: Path) -> None:

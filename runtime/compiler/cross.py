@@ -46,8 +46,9 @@ def toolchain_for(target: Target) -> Toolchain:
         return Toolchain.for_installed_tensorflow(target.cpu)
     cxx = cross_compiler(architecture)
     if shutil.which(cxx) is None:
-        raise CompileError(f"building for {target.triple} needs {cxx} (Debian: apt-get install "
-                           f"g++-{architecture}-linux-gnu)")
+        raise CompileError(
+            f"building for {target.triple} needs {cxx} (Debian: apt-get install g++-{architecture}-linux-gnu)"
+        )
     import tensorflow as tf
 
     return Toolchain(target_tensorflow(architecture, tf.__version__), tf.__version__, target.cpu, cxx)
@@ -70,12 +71,29 @@ def _unpack(architecture: str, version: str, entry: Path) -> None:
     """Download the wheel into a scratch directory, unpack the parts a build needs, rename into place."""
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}-") as scratch:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--only-binary=:all:", "--platform", CROSS[architecture][1], f"tensorflow=={version}",
-             "-d", scratch], capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                CROSS[architecture][1],
+                f"tensorflow=={version}",
+                "-d",
+                scratch,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
-            raise CompileError(f"downloading TensorFlow {version} for {architecture} failed:\n"
-                               + "\n".join(done.stderr.strip().splitlines()[-10:]))
+            raise CompileError(
+                f"downloading TensorFlow {version} for {architecture} failed:\n"
+                + "\n".join(done.stderr.strip().splitlines()[-10:])
+            )
         wheel = next(Path(scratch).glob("*.whl"))
         unpacked = Path(scratch) / "unpacked"
         with zipfile.ZipFile(wheel) as archive:

@@ -39,14 +39,17 @@ def harness(architecture: str) -> Path:
     if not built.exists():
         built.parent.mkdir(parents=True, exist_ok=True)
         tmp = built.with_name(f".{built.name}.{os.getpid()}.tmp")
-        run([cross_compiler(architecture), "-O2", "-std=c++17", str(HARNESS_SOURCE), "-o", str(tmp), "-ldl"],
-            "building the emulation harness")
+        run(
+            [cross_compiler(architecture), "-O2", "-std=c++17", str(HARNESS_SOURCE), "-o", str(tmp), "-ldl"],
+            "building the emulation harness",
+        )
         os.replace(tmp, built)
     return built
 
 
-def run_emulated(servable: Path, manifest: Manifest, architecture: str,
-                 calls: Sequence[tuple[str, int, Mapping[str, np.ndarray]]]) -> list[dict[str, np.ndarray]]:
+def run_emulated(
+    servable: Path, manifest: Manifest, architecture: str, calls: Sequence[tuple[str, int, Mapping[str, np.ndarray]]]
+) -> list[dict[str, np.ndarray]]:
     """Each (signature, bucket, inputs) run by the servable's `architecture` build in one emulated
     process; inputs have the bucket's full shape (padding is the caller's). Returns each call's
     outputs, at the bucket's shape."""
@@ -60,7 +63,10 @@ def run_emulated(servable: Path, manifest: Manifest, architecture: str,
     build = manifest.for_architecture(architecture)
     framework = target_tensorflow(architecture, manifest.tensorflow_version)
     with tempfile.TemporaryDirectory(prefix="kiln-emulate-") as scratch:
-        command, shapes = [emulator, "-L", str(sysroot), "-E", f"LD_LIBRARY_PATH={framework}", str(harness(architecture))], []
+        command, shapes = (
+            [emulator, "-L", str(sysroot), "-E", f"LD_LIBRARY_PATH={framework}", str(harness(architecture))],
+            [],
+        )
         for n, (key, bucket, inputs) in enumerate(calls):
             signature = build.signatures[key]
             command.append(str(servable / signature.libraries[bucket]))
@@ -77,6 +83,10 @@ def run_emulated(servable: Path, manifest: Manifest, architecture: str,
             shapes.append(outputs)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise CompileError(f"the emulated {architecture} run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-        return [{name: np.fromfile(path, dtype).reshape(shape) for name, (path, dtype, shape) in outputs.items()}
-                for outputs in shapes]
+            raise CompileError(
+                f"the emulated {architecture} run failed ({done.returncode}): {done.stderr.strip()[-2000:]}"
+            )
+        return [
+            {name: np.fromfile(path, dtype).reshape(shape) for name, (path, dtype, shape) in outputs.items()}
+            for outputs in shapes
+        ]

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.compiler import elementwise
-from runtime.manifest import (DenseFeature, HashBucketStep, HostProgram, LookupStep, ParseExampleStep,
-                              TensorSpec)
+from runtime.manifest import DenseFeature, HashBucketStep, HostProgram, LookupStep, ParseExampleStep, TensorSpec
 
 HOST_OPS = ("ParseExample", "ParseExampleV2", "LookupTableFindV2", "StringToHashBucketFast")
 TABLES_DIR = "host"
@@ -78,8 +77,12 @@ def _partition(function, table_prefix: str) -> Partition:
     graph = frozen.graph
     # Resources the frozen graph still reads (tables) are its inputs beyond the signature's own,
     # fed from the original function's captures: name -> the live resource.
-    captured = dict(zip([t.name for t in function.inputs[len(function.inputs) - len(function.captured_inputs):]],
-                        function.captured_inputs))
+    captured = dict(
+        zip(
+            [t.name for t in function.inputs[len(function.inputs) - len(function.captured_inputs) :]],
+            function.captured_inputs,
+        )
+    )
     consumers: dict[str, list] = {}
     for op in graph.get_operations():
         for tensor in op.inputs:
@@ -88,7 +91,9 @@ def _partition(function, table_prefix: str) -> Partition:
     host_ops, alias = _front(strings, consumers)
     steps, tables = [], {}
     # The signature's inputs, by the names requests use (a TF1 placeholder "tf_example:0" is "inputs").
-    names: dict[str, str] = {t.name: key for t, key in zip(frozen.inputs, sorted(function.structured_input_signature[1]))}
+    names: dict[str, str] = {
+        t.name: key for t, key in zip(frozen.inputs, sorted(function.structured_input_signature[1]))
+    }
     for op in host_ops:  # already in an order where each op follows what it reads
         if op.type == "Identity":
             continue
@@ -98,28 +103,32 @@ def _partition(function, table_prefix: str) -> Partition:
         if op.type in ("ParseExample", "ParseExampleV2"):
             steps.append(_parse_step(op, source, names))
         elif op.type == "StringToHashBucketFast":
-            steps.append(HashBucketStep(input=source, output=names[op.outputs[0].name],
-                                        buckets=op.get_attr("num_buckets")))
+            steps.append(
+                HashBucketStep(input=source, output=names[op.outputs[0].name], buckets=op.get_attr("num_buckets"))
+            )
         else:
             file = f"{table_prefix}_t{len(tables)}.npz"
             tables[file] = _table_contents(op, captured)
             default = _constant(op.inputs[2], "the lookup's default value")
-            steps.append(LookupStep(input=source, output=names[op.outputs[0].name], table=file,
-                                    default=default.item()))
+            steps.append(LookupStep(input=source, output=names[op.outputs[0].name], table=file, default=default.item()))
     host = {op.name for op in host_ops}
     cut: dict[str, object] = {}
     for op in host_ops:
         for out in op.outputs:
             readers = [reader for reader in consumers.get(out.name, []) if reader.name not in host]
             if readers and out.dtype in (tf.string, tf.resource):
-                raise Unsupported(f"op {readers[0].type} ('{readers[0].name}') reads a string; Kiln runs only "
-                                  f"{', '.join(HOST_OPS)} on strings")
+                raise Unsupported(
+                    f"op {readers[0].type} ('{readers[0].name}') reads a string; Kiln runs only "
+                    f"{', '.join(HOST_OPS)} on strings"
+                )
             if readers:
                 cut[alias(out).name] = alias(out)
     for output in frozen.outputs:
         if output.dtype == tf.string or output.op.name in host:
-            raise Unsupported(f"output '{output.name}' is computed on strings by the front itself; only "
-                              f"numeric outputs of compiled ops are supported")
+            raise Unsupported(
+                f"output '{output.name}' is computed on strings by the front itself; only "
+                f"numeric outputs of compiled ops are supported"
+            )
     specs, feeds = [], {}
     for tensor_name, tensor in cut.items():
         name = names[tensor_name]
@@ -133,14 +142,19 @@ def _partition(function, table_prefix: str) -> Partition:
         if tensor.dtype not in (tf.string, tf.resource) and consumers.get(tensor.name):
             name = names[tensor.name]
             shape = tensor.shape
-            specs.append(TensorSpec(name=name, dtype=tensor.dtype.name,
-                                    shape=None if shape.rank is None else tuple(shape.as_list())))
+            specs.append(
+                TensorSpec(
+                    name=name, dtype=tensor.dtype.name, shape=None if shape.rank is None else tuple(shape.as_list())
+                )
+            )
             feeds[name] = tensor.name
-    sizes = {op.name: int(tf.raw_ops.LookupTableSizeV2(table_handle=_table(op, captured)))
-             for op in graph.get_operations() if op.type == "LookupTableSizeV2"}
+    sizes = {
+        op.name: int(tf.raw_ops.LookupTableSizeV2(table_handle=_table(op, captured)))
+        for op in graph.get_operations()
+        if op.type == "LookupTableSizeV2"
+    }
     program = HostProgram(steps=tuple(steps), outputs=tuple(specs))
-    return Partition(program=program, tables=tables, feeds=feeds, outputs=[t.name for t in frozen.outputs],
-                     sizes=sizes)
+    return Partition(program=program, tables=tables, feeds=feeds, outputs=[t.name for t in frozen.outputs], sizes=sizes)
 
 
 def _front(strings, consumers):
@@ -157,8 +171,9 @@ def _front(strings, consumers):
                 continue
             if op.type not in HOST_OPS and op.type != "Identity":
                 if tensor.dtype == tf.string:
-                    raise Unsupported(f"op {op.type} ('{op.name}') reads a string; Kiln runs only "
-                                      f"{', '.join(HOST_OPS)} on strings")
+                    raise Unsupported(
+                        f"op {op.type} ('{op.name}') reads a string; Kiln runs only {', '.join(HOST_OPS)} on strings"
+                    )
                 continue  # numeric: the compiled remainder reads it
             if op.type == "Identity" and tensor.dtype != tf.string:
                 continue  # an Identity on a numeric front output belongs to the remainder
@@ -210,17 +225,21 @@ def _parse_step(op, source: str, names: dict[str, str]) -> ParseExampleStep:
         ragged = _constant(op.inputs[4], "ragged keys")
         defaults = op.inputs[5:]
         if sparse.size or ragged.size:
-            raise Unsupported(f"op {op.type} ('{op.name}') parses sparse or ragged features; Kiln's host parser "
-                              f"takes dense (FixedLenFeature) features only")
+            raise Unsupported(
+                f"op {op.type} ('{op.name}') parses sparse or ragged features; Kiln's host parser "
+                f"takes dense (FixedLenFeature) features only"
+            )
         keys = [k.decode() for k in dense_keys.reshape(-1).tolist()]
     else:
         num_sparse = op.get_attr("Nsparse")
         if num_sparse:
-            raise Unsupported(f"op {op.type} ('{op.name}') parses sparse features; Kiln's host parser takes "
-                              f"dense (FixedLenFeature) features only")
+            raise Unsupported(
+                f"op {op.type} ('{op.name}') parses sparse features; Kiln's host parser takes "
+                f"dense (FixedLenFeature) features only"
+            )
         count = op.get_attr("Ndense")
-        keys = [_constant(t, "a dense key").item().decode() for t in op.inputs[2:2 + count]]
-        defaults = op.inputs[2 + count:]
+        keys = [_constant(t, "a dense key").item().decode() for t in op.inputs[2 : 2 + count]]
+        defaults = op.inputs[2 + count :]
     import tensorflow as tf
 
     dense = []
@@ -228,8 +247,10 @@ def _parse_step(op, source: str, names: dict[str, str]) -> ParseExampleStep:
         shape = tf.TensorShape(shape)
         dims = tuple(shape.as_list()) if shape.rank is not None else None
         if dims is None or any(d is None or d < 0 for d in dims):
-            raise Unsupported(f"op {op.type} ('{op.name}') parses feature '{key}' of variable length; Kiln's host "
-                              f"parser takes fixed-length features only")
+            raise Unsupported(
+                f"op {op.type} ('{op.name}') parses feature '{key}' of variable length; Kiln's host "
+                f"parser takes fixed-length features only"
+            )
         if dtype.name not in DENSE_DTYPES:
             raise Unsupported(f"op {op.type} ('{op.name}') parses feature '{key}' as {dtype.name}")
         value = _constant(default, f"the default of feature '{key}'")
@@ -239,8 +260,9 @@ def _parse_step(op, source: str, names: dict[str, str]) -> ParseExampleStep:
             values = tuple(base64.b64encode(v).decode() for v in flat) if dtype.name == "string" else tuple(flat)
         dense.append(DenseFeature(key=key, dtype=DENSE_DTYPES[dtype.name], shape=dims, default=values))
     # Outputs: sparse indices/values/shapes (none here), then one dense value per key, then ragged.
-    return ParseExampleStep(input=source, outputs=tuple(names[op.outputs[i].name] for i in range(len(dense))),
-                            dense=tuple(dense))
+    return ParseExampleStep(
+        input=source, outputs=tuple(names[op.outputs[i].name] for i in range(len(dense))), dense=tuple(dense)
+    )
 
 
 def _table_contents(op, captured) -> tuple[np.ndarray, np.ndarray]:
@@ -285,8 +307,10 @@ def remainder(function, partition: Partition):
             node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(size, tf.int64))
     wrapped = tf.compat.v1.wrap_function(lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
     names = list(partition.feeds)
-    pruned = wrapped.prune(feeds=[wrapped.graph.get_tensor_by_name(partition.feeds[n]) for n in names],
-                           fetches=[wrapped.graph.get_tensor_by_name(t) for t in partition.outputs])
+    pruned = wrapped.prune(
+        feeds=[wrapped.graph.get_tensor_by_name(partition.feeds[n]) for n in names],
+        fetches=[wrapped.graph.get_tensor_by_name(t) for t in partition.outputs],
+    )
     output_names = elementwise.output_names(function)
 
     def run(**inputs):

@@ -27,24 +27,55 @@ AARCH64_CPUS = {
 
 # Feature macros g++ defines for a -march, and the name /proc/cpuinfo gives the same feature.
 MACRO_TO_CPUINFO = {
-    "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
-    "__POPCNT__": "popcnt", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
-    "__BMI__": "bmi1", "__BMI2__": "bmi2", "__LZCNT__": "abm", "__MOVBE__": "movbe",
-    "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512BW__": "avx512bw",
-    "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512VNNI__": "avx512_vnni",
-    "__AVX512BF16__": "avx512_bf16", "__AVX512IFMA__": "avx512ifma", "__AVX512VBMI__": "avx512vbmi",
-    "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512BITALG__": "avx512_bitalg",
-    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni",
-    "__VAES__": "vaes", "__VPCLMULQDQ__": "vpclmulqdq", "__FMA4__": "fma4", "__XOP__": "xop",
+    "__SSE3__": "pni",
+    "__SSSE3__": "ssse3",
+    "__SSE4_1__": "sse4_1",
+    "__SSE4_2__": "sse4_2",
+    "__POPCNT__": "popcnt",
+    "__AVX__": "avx",
+    "__AVX2__": "avx2",
+    "__FMA__": "fma",
+    "__F16C__": "f16c",
+    "__BMI__": "bmi1",
+    "__BMI2__": "bmi2",
+    "__LZCNT__": "abm",
+    "__MOVBE__": "movbe",
+    "__AVX512F__": "avx512f",
+    "__AVX512CD__": "avx512cd",
+    "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl",
+    "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BF16__": "avx512_bf16",
+    "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi",
+    "__AVX512VBMI2__": "avx512_vbmi2",
+    "__AVX512BITALG__": "avx512_bitalg",
+    "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
+    "__AVXVNNI__": "avx_vnni",
+    "__GFNI__": "gfni",
+    "__VAES__": "vaes",
+    "__VPCLMULQDQ__": "vpclmulqdq",
+    "__FMA4__": "fma4",
+    "__XOP__": "xop",
 }
 
 AARCH64_MACRO_TO_CPUINFO = {
-    "__ARM_NEON": "asimd", "__ARM_FEATURE_CRC32": "crc32", "__ARM_FEATURE_ATOMICS": "atomics",
-    "__ARM_FEATURE_DOTPROD": "asimddp", "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
-    "__ARM_FEATURE_QRDMX": "asimdrdm", "__ARM_FEATURE_COMPLEX": "fcma", "__ARM_FEATURE_JCVT": "jscvt",
-    "__ARM_FEATURE_FRINT": "frint", "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2",
-    "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16", "__ARM_FEATURE_MATMUL_INT8": "i8mm",
-    "__ARM_FEATURE_SVE_MATMUL_INT8": "svei8mm", "__ARM_FEATURE_RNG": "rng",
+    "__ARM_NEON": "asimd",
+    "__ARM_FEATURE_CRC32": "crc32",
+    "__ARM_FEATURE_ATOMICS": "atomics",
+    "__ARM_FEATURE_DOTPROD": "asimddp",
+    "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+    "__ARM_FEATURE_QRDMX": "asimdrdm",
+    "__ARM_FEATURE_COMPLEX": "fcma",
+    "__ARM_FEATURE_JCVT": "jscvt",
+    "__ARM_FEATURE_FRINT": "frint",
+    "__ARM_FEATURE_SVE": "sve",
+    "__ARM_FEATURE_SVE2": "sve2",
+    "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16",
+    "__ARM_FEATURE_MATMUL_INT8": "i8mm",
+    "__ARM_FEATURE_SVE_MATMUL_INT8": "svei8mm",
+    "__ARM_FEATURE_RNG": "rng",
 }
 
 LEVELS = {
@@ -82,8 +113,9 @@ def cpu_flags(cpu: str) -> list[str]:
 def features_of(cpu: str, cxx: str = "g++") -> list[str]:
     """The cpuinfo features code compiled for CPU may use, as g++ reports them."""
     try:
-        done = subprocess.run([cxx, *cpu_flags(cpu), "-dM", "-E", "-x", "c++", "-"], input="",
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [cxx, *cpu_flags(cpu), "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True
+        )
     except FileNotFoundError:
         raise CompileError(f"--target-cpu '{cpu}' needs the compiler {cxx}, which is not installed") from None
     if done.returncode != 0:

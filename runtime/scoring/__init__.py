@@ -16,5 +16,4 @@ from runtime.scoring.job import ScoreResult, score_many, score_object
 from runtime.scoring.sharding import shard
 from runtime.scoring.sources import expand_inputs, input_size, plan_inputs
 
-__all__ = ["ScoreResult", "expand_inputs", "input_size", "plan_inputs", "score_many",
-           "score_object", "shard"]
+__all__ = ["ScoreResult", "expand_inputs", "input_size", "plan_inputs", "score_many", "score_object", "shard"]
