@@ -110,10 +110,12 @@ NAMESPACE = "Kiln"
 DEADLINE_MARGIN = 0.25  # seconds kept back from Lambda's deadline to send the answer
 PROTOCOL = "lambda"  # the protocol label of everything but HTTP events in Kiln's own metrics
 LOGGERS = {"runtime", "handlers", "kiln"}  # Kiln's loggers, written through Powertools' Logger
-EXPECTED = ("an API Gateway (REST or HTTP API), function URL or ALB request; an SQS, Kinesis or S3 "
-            "notification batch (Records); an EventBridge S3 Object Created or Scheduled Event; an S3 "
-            "Batch Operations job (invocationSchemaVersion, tasks); a Step Functions item batch (Items); "
-            "a TF Serving predict body (instances or inputs); or {\"kiln\": \"warm\"}")
+EXPECTED = (
+    "an API Gateway (REST or HTTP API), function URL or ALB request; an SQS, Kinesis or S3 "
+    "notification batch (Records); an EventBridge S3 Object Created or Scheduled Event; an S3 "
+    "Batch Operations job (invocationSchemaVersion, tasks); a Step Functions item batch (Items); "
+    'a TF Serving predict body (instances or inputs); or {"kiln": "warm"}'
+)
 T = TypeVar("T")
 
 
@@ -141,12 +143,16 @@ def build(environ: Mapping[str, str]) -> LambdaFunction:
     for name in app.repository.names():
         if not app.repository.is_available(name):
             logger.warning("model not available after init", extra={"model": name})
-    function = LambdaFunction(app, settings, logger,
-                              Metrics(namespace=environ.get("POWERTOOLS_METRICS_NAMESPACE") or NAMESPACE,
-                                      service=service),
-                              Tracer(service=service))
-    logger.info("initialized", extra={"models": app.repository.names(),
-                                      "init_seconds": round(time.perf_counter() - started, 3)})
+    function = LambdaFunction(
+        app,
+        settings,
+        logger,
+        Metrics(namespace=environ.get("POWERTOOLS_METRICS_NAMESPACE") or NAMESPACE, service=service),
+        Tracer(service=service),
+    )
+    logger.info(
+        "initialized", extra={"models": app.repository.names(), "init_seconds": round(time.perf_counter() - started, 3)}
+    )
     return function
 
 
@@ -172,9 +178,18 @@ class LambdaFunction:
         handle = metrics.log_metrics(handle, capture_cold_start_metric=True)
         self.handler = logger.inject_lambda_context(handle, clear_state=True)
         self.kinds: dict[str, Callable[[dict, Invocation], Any]] = {
-            "warm": self._warm, "http_v1": self._http, "http_v2": self._http, "alb": self._http,
-            "sqs": self._queue, "kinesis": self._queue, "s3": self._s3_event, "s3_eventbridge": self._s3_event,
-            "s3_batch": self._s3_batch, "items": self._items, "predict": self._direct}
+            "warm": self._warm,
+            "http_v1": self._http,
+            "http_v2": self._http,
+            "alb": self._http,
+            "sqs": self._queue,
+            "kinesis": self._queue,
+            "s3": self._s3_event,
+            "s3_eventbridge": self._s3_event,
+            "s3_batch": self._s3_batch,
+            "items": self._items,
+            "predict": self._direct,
+        }
 
     def _handle(self, event: Any, context: Any) -> Any:
         kind = event_kind(event)
@@ -213,11 +228,15 @@ class LambdaFunction:
     # HTTP ---------------------------------------------------------------------------------------
 
     def _http(self, event: dict, invocation: Invocation) -> dict:
-        request, refused = http_request(event, invocation.kind, invocation.deadline,
-                                        getattr(invocation.context, "aws_request_id", None))
+        request, refused = http_request(
+            event, invocation.kind, invocation.deadline, getattr(invocation.context, "aws_request_id", None)
+        )
         response = self.run(whole(self.app.handle(request, refused)))  # Lambda answers whole bodies
-        self._count(requests=1, predictions=int(request.method == "POST" and response.status < 400),
-                    errors=int(response.status >= 400))
+        self._count(
+            requests=1,
+            predictions=int(request.method == "POST" and response.status < 400),
+            errors=int(response.status >= 400),
+        )
         return http_response(response, invocation.kind, event)
 
     # Predict bodies: queue records, Step Functions items, direct invocations ----------------------
@@ -258,8 +277,11 @@ class LambdaFunction:
             if not isinstance(first, KilnError):
                 raise first
             raise type(first)(f"{len(failures)} of {len(items)} items failed: {detail}")
-        return {"predictions": [result if _is_predict_body(item) else _only_prediction(result)
-                                for item, result in zip(items, results)]}
+        return {
+            "predictions": [
+                result if _is_predict_body(item) else _only_prediction(result) for item, result in zip(items, results)
+            ]
+        }
 
     def _queue(self, event: dict, invocation: Invocation) -> Mapping[str, Any]:
         """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
@@ -271,10 +293,12 @@ class LambdaFunction:
         fifo = isinstance(processor, SqsFifoPartialProcessor)
         chains: dict[str, list[dict]] = {}  # run one after another: a FIFO message group, else one record
         for record in records:
-            chains.setdefault(record["attributes"].get("MessageGroupId", "") if fifo else _record_id(record),
-                              []).append(record)
-        done = self.run(_gather((self._in_order(chain, invocation, outputs) for chain in chains.values()),
-                                return_exceptions=False))
+            chains.setdefault(
+                record["attributes"].get("MessageGroupId", "") if fifo else _record_id(record), []
+            ).append(record)
+        done = self.run(
+            _gather((self._in_order(chain, invocation, outputs) for chain in chains.values()), return_exceptions=False)
+        )
         outcomes = {record_id: outcome for chain in done for record_id, outcome in chain.items()}
         for record_id, outcome in outcomes.items():
             if isinstance(outcome, KilnError):
@@ -290,8 +314,9 @@ class LambdaFunction:
                 raise outcome
             return outcome
 
-        return process_partial_response(event=event, record_handler=record_handler, processor=processor,
-                                        context=invocation.context)
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=invocation.context
+        )
 
     async def _in_order(self, records: list[dict], invocation: Invocation, outputs: Storage) -> dict[str, Any]:
         """Each record's output URL or exception, one after another up to the first that fails: the
@@ -323,20 +348,34 @@ class LambdaFunction:
         """Every object scored at once by runtime.scoring (one already scored, or under the output
         prefix, is skipped); each one's ScoreResult or exception, in order."""
         prefix = self.outputs.url(f"{invocation.kind} events")
-        results = self.run(_gather(scoring.score_object(self.app, f"s3://{bucket}/{key}", prefix,
-                                                        model=self.settings.score_model) for bucket, key in objects))
+        results = self.run(
+            _gather(
+                scoring.score_object(self.app, f"s3://{bucket}/{key}", prefix, model=self.settings.score_model)
+                for bucket, key in objects
+            )
+        )
         failed = [result for result in results if isinstance(result, BaseException)]
         rows = sum(result.rows for result in results if isinstance(result, scoring.ScoreResult))
         self._count(requests=len(objects), predictions=len(objects) - len(failed), errors=len(failed))
         self.metrics.add_metric(name="ScoredRows", unit=MetricUnit.Count, value=rows)
         for (bucket, key), result in zip(objects, results):
             if isinstance(result, BaseException):
-                self.logger.warning("scoring failed", extra={"source": f"s3://{bucket}/{key}", "error": str(result)},
-                                    exc_info=None if isinstance(result, KilnError) else result)
+                self.logger.warning(
+                    "scoring failed",
+                    extra={"source": f"s3://{bucket}/{key}", "error": str(result)},
+                    exc_info=None if isinstance(result, KilnError) else result,
+                )
             else:
-                self.logger.info("scored", extra={"source": result.source, "output": result.output,
-                                                  "rows": result.rows, "skipped": result.skipped,
-                                                  "errors": result.errors})
+                self.logger.info(
+                    "scored",
+                    extra={
+                        "source": result.source,
+                        "output": result.output,
+                        "rows": result.rows,
+                        "skipped": result.skipped,
+                        "errors": result.errors,
+                    },
+                )
         return results
 
     def _s3_event(self, event: dict, invocation: Invocation) -> dict:
@@ -345,23 +384,29 @@ class LambdaFunction:
             objects = [(detail.bucket.name, detail.object.key)]
         else:
             # Notifications URL-encode keys ("a b.csv" is "a+b.csv"); Powertools' EventBridge detail decodes.
-            objects = [(record.s3.bucket.name, unquote_plus(record.s3.get_object.key))
-                       for record in S3Event(event).records if record.event_name.startswith("ObjectCreated:")]
+            objects = [
+                (record.s3.bucket.name, unquote_plus(record.s3.get_object.key))
+                for record in S3Event(event).records
+                if record.event_name.startswith("ObjectCreated:")
+            ]
         results = self._score_all(objects, invocation)
         transient = [result for result in results if isinstance(result, BaseException) and retryable(result)]
         if transient:  # Lambda retries the event; what was scored is skipped then
             raise transient[0]
-        return {"results": [_result_dict(f"s3://{bucket}/{key}", result)
-                            for (bucket, key), result in zip(objects, results)]}
+        return {
+            "results": [_result_dict(f"s3://{bucket}/{key}", result) for (bucket, key), result in zip(objects, results)]
+        }
 
     def _s3_batch(self, event: dict, invocation: Invocation) -> dict:
         batch = S3BatchOperationEvent(event)
         tasks = list(batch.tasks)
         results = self._score_all([(task.s3_bucket, task.s3_key) for task in tasks], invocation)
-        return {"invocationSchemaVersion": batch.invocation_schema_version,
-                "treatMissingKeysAs": "PermanentFailure",
-                "invocationId": batch.invocation_id,
-                "results": [_task_result(task.task_id, result).asdict() for task, result in zip(tasks, results)]}
+        return {
+            "invocationSchemaVersion": batch.invocation_schema_version,
+            "treatMissingKeysAs": "PermanentFailure",
+            "invocationId": batch.invocation_id,
+            "results": [_task_result(task.task_id, result).asdict() for task, result in zip(tasks, results)],
+        }
 
 
 def event_kind(event: Any) -> str:
@@ -370,10 +415,12 @@ def event_kind(event: Any) -> str:
         return "unknown"
     records = event.get("Records")
     if isinstance(records, list) and records and isinstance(records[0], dict):
-        return {"aws:sqs": "sqs", "aws:kinesis": "kinesis", "aws:s3": "s3"}.get(str(records[0].get("eventSource")),
-                                                                              "unknown")
-    if event.get("kiln") == "warm" or (event.get("source") == "aws.events"
-                                       and event.get("detail-type") == "Scheduled Event"):
+        return {"aws:sqs": "sqs", "aws:kinesis": "kinesis", "aws:s3": "s3"}.get(
+            str(records[0].get("eventSource")), "unknown"
+        )
+    if event.get("kiln") == "warm" or (
+        event.get("source") == "aws.events" and event.get("detail-type") == "Scheduled Event"
+    ):
         return "warm"
     if event.get("source") == "aws.s3" and event.get("detail-type") == "Object Created":
         return "s3_eventbridge"
@@ -394,8 +441,9 @@ def event_kind(event: Any) -> str:
     return "unknown"
 
 
-def http_request(event: dict, kind: str, deadline: float | None,
-                 request_id: str | None) -> tuple[Request, InvalidInput | None]:
+def http_request(
+    event: dict, kind: str, deadline: float | None, request_id: str | None
+) -> tuple[Request, InvalidInput | None]:
     """The core's request for an API Gateway, function URL or ALB event, and why it cannot be
     taken (a body that is not the base64 the event says it is), if it cannot."""
     if kind == "http_v2":
@@ -403,15 +451,18 @@ def http_request(event: dict, kind: str, deadline: float | None,
         method, path = context["http"]["method"], event["rawPath"]
         stage = context.get("stage")
         if stage and stage != "$default" and path.startswith(f"/{stage}/"):
-            path = path[len(stage) + 1:]
+            path = path[len(stage) + 1 :]
         headers = {name.lower(): value for name, value in (event.get("headers") or {}).items()}
         if event.get("cookies"):
             headers["cookie"] = "; ".join(event["cookies"])
     else:
         method, path = event["httpMethod"], event["path"]
         multi = event.get("multiValueHeaders")
-        headers = ({name.lower(): ", ".join(values) for name, values in multi.items() if values} if multi else
-                   {name.lower(): value for name, value in (event.get("headers") or {}).items()})
+        headers = (
+            {name.lower(): ", ".join(values) for name, values in multi.items() if values}
+            if multi
+            else {name.lower(): value for name, value in (event.get("headers") or {}).items()}
+        )
     body, refused = event.get("body") or "", None
     try:
         body = base64.b64decode(body, validate=True) if event.get("isBase64Encoded") else body.encode()
@@ -430,9 +481,12 @@ def http_response(response: Response, kind: str, event: dict) -> dict:
         body = response.body.decode() if text else None
     except UnicodeDecodeError:
         body = None
-    answer: dict[str, Any] = {"statusCode": response.status, "headers": dict(response.headers),
-                              "body": body if body is not None else base64.b64encode(response.body).decode(),
-                              "isBase64Encoded": body is None}
+    answer: dict[str, Any] = {
+        "statusCode": response.status,
+        "headers": dict(response.headers),
+        "body": body if body is not None else base64.b64encode(response.body).decode(),
+        "isBase64Encoded": body is None,
+    }
     if kind == "alb":
         answer["statusDescription"] = f"{response.status} {HTTPStatus(response.status).phrase}"
         if event.get("multiValueHeaders") is not None:  # the target group's multi-value headers are on
@@ -491,16 +545,25 @@ def _processor(kind: str, records: list[dict]) -> BatchProcessor:
 
 def _result_dict(source: str, result: Any) -> dict:
     if isinstance(result, BaseException):
-        return {"source": source, "error": str(result) if isinstance(result, KilnError) else "internal error",
-                "status": status_of(result)[0]}
-    return {"source": result.source, "output": result.output, "rows": result.rows, "skipped": result.skipped,
-            "errors": result.errors}
+        return {
+            "source": source,
+            "error": str(result) if isinstance(result, KilnError) else "internal error",
+            "status": status_of(result)[0],
+        }
+    return {
+        "source": result.source,
+        "output": result.output,
+        "rows": result.rows,
+        "skipped": result.skipped,
+        "errors": result.errors,
+    }
 
 
 def _task_result(task_id: str, result: Any) -> S3BatchOperationResponseRecord:
     if isinstance(result, BaseException):
-        code: Literal["TemporaryFailure", "PermanentFailure"] = \
+        code: Literal["TemporaryFailure", "PermanentFailure"] = (
             "TemporaryFailure" if retryable(result) else "PermanentFailure"
+        )
         message = str(result) if isinstance(result, KilnError) else f"internal error: {type(result).__name__}"
         return S3BatchOperationResponseRecord(task_id, code, message)
     if result.skipped and not result.output:

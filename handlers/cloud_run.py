@@ -97,22 +97,27 @@ class CloudRunApp(AsgiApp):
         return await super().respond(request)
 
     async def _event(self, request: Request) -> Response:
-        with self.app.exchange("event", "event", what=f"POST {EVENTS_PATH} event",
-                               request_id=request.headers.get("x-request-id")) as exchange:
+        with self.app.exchange(
+            "event", "event", what=f"POST {EVENTS_PATH} event", request_id=request.headers.get("x-request-id")
+        ) as exchange:
             try:
                 event = read_event(request.headers, request.body)
                 exchange.api, exchange.what = event.kind, f"POST {EVENTS_PATH} {event.kind}"
                 logs.request_id.set(logs.new_request_id(event.id))
-                response = await self._pubsub(event.body, exchange) if isinstance(event.body, PubsubDelivery) \
+                response = (
+                    await self._pubsub(event.body, exchange)
+                    if isinstance(event.body, PubsubDelivery)
                     else await self._storage(event.body)
+                )
             except KilnError as e:
                 response = error_response(e)
             except Exception as e:  # a bug: the sender gets a plain 500 (and retries), the log the traceback
                 log.exception("internal error serving an event")
                 response = error_response(e, "internal error")
             exchange.status = str(response.status)
-            return Response(response.status, response.body,
-                            {**response.headers, "X-Request-Id": logs.request_id.get() or ""})
+            return Response(
+                response.status, response.body, {**response.headers, "X-Request-Id": logs.request_id.get() or ""}
+            )
 
     # Pub/Sub ------------------------------------------------------------------------------------
 
@@ -128,12 +133,23 @@ class CloudRunApp(AsgiApp):
         except KilnError as e:
             if retryable(e):
                 raise
-            record = {"message_id": message.id, "subscription": delivery.subscription,
-                      "publish_time": message.publish_time, "attributes": message.attributes,
-                      "delivery_attempt": delivery.delivery_attempt, "status": status_of(e)[0], "error": str(e)}
+            record = {
+                "message_id": message.id,
+                "subscription": delivery.subscription,
+                "publish_time": message.publish_time,
+                "attributes": message.attributes,
+                "delivery_attempt": delivery.delivery_attempt,
+                "status": status_of(e)[0],
+                "error": str(e),
+            }
             await asyncio.to_thread(outputs.write_bytes, error_key, orjson.dumps(record))
-            log.warning("Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s/%s: %s",
-                        message.id, outputs.url, error_key, e)
+            log.warning(
+                "Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s/%s: %s",
+                message.id,
+                outputs.url,
+                error_key,
+                e,
+            )
             return _answer(message_id=message.id, status="failed", error=str(e), output=f"{outputs.url}/{error_key}")
         await asyncio.to_thread(outputs.write_bytes, result_key, body)
         return _answer(message_id=message.id, status="scored", output=f"{outputs.url}/{result_key}")
@@ -158,8 +174,13 @@ class CloudRunApp(AsgiApp):
                 raise
             log.warning("%s cannot be scored; the event is acknowledged: %s", event.url, e)
             return _answer(source=event.url, status="failed", error=str(e))
-        return _answer(source=result.source, status="skipped" if result.skipped else "scored", output=result.output,
-                       rows=result.rows, errors=result.errors)
+        return _answer(
+            source=result.source,
+            status="skipped" if result.skipped else "scored",
+            output=result.output,
+            rows=result.rows,
+            errors=result.errors,
+        )
 
 
 def _answer(**fields) -> Response:

@@ -37,11 +37,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         settings = Settings.from_env(environ)
         logs.configure(settings.log_level)
         index, count = _task(environ)
-        inputs = list(sys.argv[1:] if argv is None else argv) or \
-            [item.strip() for item in environ.get("KILN_SCORE_INPUTS", "").split(",") if item.strip()]
+        inputs = list(sys.argv[1:] if argv is None else argv) or [
+            item.strip() for item in environ.get("KILN_SCORE_INPUTS", "").split(",") if item.strip()
+        ]
         if not inputs:
-            raise ConfigError("no inputs: pass object URLs or prefixes as arguments, or set KILN_SCORE_INPUTS "
-                              "(comma-separated)")
+            raise ConfigError(
+                "no inputs: pass object URLs or prefixes as arguments, or set KILN_SCORE_INPUTS (comma-separated)"
+            )
         if not settings.output_prefix:
             raise ConfigError("KILN_OUTPUT_PREFIX is not set: it says where the results go")
     except ConfigError as e:
@@ -75,13 +77,27 @@ async def _score(settings, inputs: list[str], index: int, count: int) -> int:
                 failed.append(source)
     finally:
         app.repository.stop()
-    summary = {"task_index": index, "task_count": count, "objects": len(objects), "assigned": len(mine),
-               "scored": sum(not r.skipped for r in results), "skipped": sum(r.skipped for r in results),
-               "failed": len(failed), "rows": sum(r.rows for r in results),
-               "row_errors": sum(r.errors for r in results),
-               "failures": failed[:MAX_LISTED]}  # each is logged on its own as well
-    log.info("task %d of %d: %d object(s) scored, %d skipped, %d failed", index, count, summary["scored"],
-             summary["skipped"], len(failed), extra={"fields": {"summary": summary}})
+    summary = {
+        "task_index": index,
+        "task_count": count,
+        "objects": len(objects),
+        "assigned": len(mine),
+        "scored": sum(not r.skipped for r in results),
+        "skipped": sum(r.skipped for r in results),
+        "failed": len(failed),
+        "rows": sum(r.rows for r in results),
+        "row_errors": sum(r.errors for r in results),
+        "failures": failed[:MAX_LISTED],
+    }  # each is logged on its own as well
+    log.info(
+        "task %d of %d: %d object(s) scored, %d skipped, %d failed",
+        index,
+        count,
+        summary["scored"],
+        summary["skipped"],
+        len(failed),
+        extra={"fields": {"summary": summary}},
+    )
     return 1 if failed else 0
 
 

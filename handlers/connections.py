@@ -30,18 +30,22 @@ log = logging.getLogger(__name__)
 IDLE, HEADERS, BODY = 0, 1, 2  # what the connection is reading now: nothing, a request's headers, its body
 
 
-def json_error(status: int, message: str,
-               extra: Iterable[tuple[bytes, bytes]] = ()) -> tuple[list[tuple[bytes, bytes]], bytes]:
+def json_error(
+    status: int, message: str, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The headers and body of a {"error": ...} answer that closes its connection."""
     body = orjson.dumps({"error": message})
-    return [*extra, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close")], body
+    return [
+        *extra,
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ], body
 
 
 async def over_capacity(scope: dict, receive: Any, send: Any) -> None:
     """The ASGI answer to a request over the connection cap."""
-    headers, body = json_error(503, "the server has too many connections open; retry shortly",
-                               [(b"retry-after", b"1")])
+    headers, body = json_error(503, "the server has too many connections open; retry shortly", [(b"retry-after", b"1")])
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -51,8 +55,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     per connection, armed only while a request is being read and moved lazily (a body's pieces only
     note their time; the timer, when it fires, re-arms itself if the deadline moved)."""
 
-    def __init__(self, *args: Any, header_timeout: float, body_timeout: float, max_connections: int | None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, header_timeout: float, body_timeout: float, max_connections: int | None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -95,8 +100,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._stage = BODY
         over = self.max_connections is not None and len(self.connections) > self.max_connections
         if over:
-            log.warning("refused a request: %d connections are open, over the cap of %d (KILN_MAX_CONNECTIONS)",
-                        len(self.connections), self.max_connections)
+            log.warning(
+                "refused a request: %d connections are open, over the cap of %d (KILN_MAX_CONNECTIONS)",
+                len(self.connections),
+                self.max_connections,
+            )
         self.app = over_capacity if over else self.config.loaded_app  # the app super() starts for this request
         super().on_headers_complete()
 
@@ -145,8 +153,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.response_complete or not cycle.response_started:
             headers, body = json_error(status, message, self.server_state.default_headers)
-            self.transport.write(b"".join([STATUS_LINE[status], *(name + b": " + value + b"\r\n"
-                                                                  for name, value in headers), b"\r\n", body]))
+            self.transport.write(
+                b"".join(
+                    [STATUS_LINE[status], *(name + b": " + value + b"\r\n" for name, value in headers), b"\r\n", body]
+                )
+            )
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() says so, and what it sends is dropped
             cycle.message_event.set()

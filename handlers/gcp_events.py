@@ -31,9 +31,11 @@ from runtime.errors import InvalidInput
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
-EXPECTED = (f"a Pub/Sub push message ({{\"message\": {{\"data\": ..., \"messageId\": ...}}, \"subscription\": ...}}) "
-            f"or a CloudEvent (ce-* headers, or application/cloudevents+json) of type {PUBSUB_PUBLISHED} "
-            f"or {STORAGE_FINALIZED}")
+EXPECTED = (
+    f'a Pub/Sub push message ({{"message": {{"data": ..., "messageId": ...}}, "subscription": ...}}) '
+    f"or a CloudEvent (ce-* headers, or application/cloudevents+json) of type {PUBSUB_PUBLISHED} "
+    f"or {STORAGE_FINALIZED}"
+)
 BINARY_HEADERS = ("ce-id", "ce-source", "ce-specversion", "ce-type")
 # A message id names its result object, so it must be a plain file name (Pub/Sub's are digits).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -107,8 +109,10 @@ def _cloud_event(headers: Mapping[str, str], body: bytes) -> Event:
 
     missing = [name for name in BINARY_HEADERS if name not in headers]
     if "ce-specversion" in headers and missing:  # else the library reads the body as a structured event
-        raise InvalidInput(f"not a valid CloudEvent: binary content mode needs the headers "
-                           f"{', '.join(BINARY_HEADERS)}; missing: {', '.join(missing)}")
+        raise InvalidInput(
+            f"not a valid CloudEvent: binary content mode needs the headers "
+            f"{', '.join(BINARY_HEADERS)}; missing: {', '.join(missing)}"
+        )
     try:
         event = from_http(dict(headers), body)
     except (GenericException, ValueError, TypeError) as e:
@@ -119,8 +123,9 @@ def _cloud_event(headers: Mapping[str, str], body: bytes) -> Event:
         return Event("pubsub", delivery.message.id, delivery)
     if kind == STORAGE_FINALIZED:
         return Event("storage", event["id"], _validated(ObjectFinalized, event.data, f"the {kind} CloudEvent's data"))
-    raise InvalidInput(f"this service takes CloudEvents of type {PUBSUB_PUBLISHED} or {STORAGE_FINALIZED}, "
-                       f"not {kind!r}")
+    raise InvalidInput(
+        f"this service takes CloudEvents of type {PUBSUB_PUBLISHED} or {STORAGE_FINALIZED}, not {kind!r}"
+    )
 
 
 def _validated(model: type[_Wire], data, what: str):

@@ -137,8 +137,15 @@ async def _lifespan(receive, send) -> None:
             return
 
 
-def serve(app: App, *, host: str = "0.0.0.0", rest_port: int = 8501, grpc_port: int | None = None,
-          settings: Settings | None = None, worker: bool = False) -> None:
+def serve(
+    app: App,
+    *,
+    host: str = "0.0.0.0",
+    rest_port: int = 8501,
+    grpc_port: int | None = None,
+    settings: Settings | None = None,
+    worker: bool = False,
+) -> None:
     """Serve REST (and gRPC when grpc_port is given) until SIGINT or SIGTERM; in-flight requests
     finish before the process exits. `settings`: the connection timeouts and cap (default: the
     defaults of runtime.settings). `worker`: one of several processes on the same ports
@@ -168,8 +175,7 @@ def _fast_loop():
     return uvloop.new_event_loop
 
 
-async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, settings: Settings,
-                 worker: bool) -> None:
+async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, settings: Settings, worker: bool) -> None:
     """Both servers on one event loop; uvicorn owns the signals. The gRPC server (imported only when
     asked for) stops inside uvicorn's graceful shutdown: after it, uvicorn re-raises the signal."""
     import uvicorn
@@ -187,14 +193,24 @@ async def _serve(app: App, host: str, rest_port: int, grpc_port: int | None, set
             stopping = [grpc_server.stop(GRACE_SECONDS)] if grpc_server is not None else []
             await asyncio.gather(super().shutdown(sockets), *stopping)
 
-    protocol = partial(LimitedHttpToolsProtocol, header_timeout=settings.header_timeout_seconds,
-                       body_timeout=settings.body_timeout_seconds, max_connections=settings.max_connections or None)
-    config = uvicorn.Config(AsgiApp(app, settings.rest_timeout_seconds), host=host, port=rest_port,
-                            log_level="warning", access_log=False,
-                            # uvicorn takes a protocol factory and a float timeout, whatever its annotations say
-                            timeout_graceful_shutdown=GRACE_SECONDS, http=protocol,  # type: ignore[arg-type]
-                            timeout_keep_alive=settings.keepalive_timeout_seconds,  # type: ignore[arg-type]
-                            headers=[(WORKER_HEADER, str(os.getpid()))] if worker else None)
+    protocol = partial(
+        LimitedHttpToolsProtocol,
+        header_timeout=settings.header_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_connections=settings.max_connections or None,
+    )
+    config = uvicorn.Config(
+        AsgiApp(app, settings.rest_timeout_seconds),
+        host=host,
+        port=rest_port,
+        log_level="warning",
+        access_log=False,
+        # uvicorn takes a protocol factory and a float timeout, whatever its annotations say
+        timeout_graceful_shutdown=GRACE_SECONDS,
+        http=protocol,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keepalive_timeout_seconds,  # type: ignore[arg-type]
+        headers=[(WORKER_HEADER, str(os.getpid()))] if worker else None,
+    )
     try:
         await Server(config).serve(sockets=[_shared_socket(host, rest_port)] if worker else None)
     finally:  # uvicorn failed to start, or returned without a signal

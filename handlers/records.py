@@ -15,8 +15,9 @@ from runtime.scoring import default_model
 from runtime.storage import Storage, open_storage
 
 
-async def predict_message(app: App, body: bytes | str | dict, model: str | None,
-                          exchange: Exchange) -> tuple[dict, dict]:
+async def predict_message(
+    app: App, body: bytes | str | dict, model: str | None, exchange: Exchange
+) -> tuple[dict, dict]:
     """({"model", "version"} that answered, the predict response as strict-JSON values) for a
     predict body, on the model its "model" key names, else `model` (KILN_SCORE_MODEL), else the only one."""
     signature_name, request = read_predict(body)
@@ -46,8 +47,10 @@ class OutputStore:
     def open(self, what: str) -> Storage:
         """The store; `what`: the events that need it, named in the error when it is not configured."""
         if not self.prefix:
-            raise ConfigError(f"KILN_OUTPUT_PREFIX is not set: {what} write their results under it "
-                              f"(s3://bucket/prefix, gs://bucket/prefix or a path)")
+            raise ConfigError(
+                f"KILN_OUTPUT_PREFIX is not set: {what} write their results under it "
+                f"(s3://bucket/prefix, gs://bucket/prefix or a path)"
+            )
         if self._storage is None:
             self._storage = open_storage(self.prefix)
         return self._storage

@@ -105,8 +105,11 @@ class Supervisor:
         try:
             for index in range(self.count):
                 self.workers[index] = self._start(index)
-            log.info("kiln serve: %d workers started (pids %s)", self.count,
-                     ", ".join(str(w.process.pid) for w in self.workers.values()))
+            log.info(
+                "kiln serve: %d workers started (pids %s)",
+                self.count,
+                ", ".join(str(w.process.pid) for w in self.workers.values()),
+            )
             while not self._stopping:
                 self._reap()
                 time.sleep(0.2)
@@ -120,8 +123,12 @@ class Supervisor:
     def _start(self, index: int, quick_deaths: int = 0) -> _Worker:
         here = str(Path(__file__).resolve().parents[1])  # the workers import this very copy of Kiln
         path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-        process = subprocess.Popen(self.command, env={**os.environ, WORKER_ENV: str(index), "PYTHONPATH": path},
-                                   preexec_fn=_die_with_parent, process_group=0)  # Ctrl-C reaches us alone
+        process = subprocess.Popen(
+            self.command,
+            env={**os.environ, WORKER_ENV: str(index), "PYTHONPATH": path},
+            preexec_fn=_die_with_parent,
+            process_group=0,
+        )  # Ctrl-C reaches us alone
         return _Worker(index, process, time.monotonic(), quick_deaths, first=index not in self.workers)
 
     def _reap(self) -> None:
@@ -135,13 +142,22 @@ class Supervisor:
             multiprocess.mark_process_dead(worker.process.pid)
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK_DEATH_SECONDS else 0
             if worker.first and quick and status > 0:  # it failed to start (its log says why): so would others
-                log.error("kiln serve: worker %d (pid %d) failed to start (status %d); stopping", index,
-                          worker.process.pid, status)
+                log.error(
+                    "kiln serve: worker %d (pid %d) failed to start (status %d); stopping",
+                    index,
+                    worker.process.pid,
+                    status,
+                )
                 self._status, self._stopping = status, True
                 return
             delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (quick - 1)) if quick else 0.0
-            log.warning("kiln serve: worker %d (pid %d) exited with status %s; restarting it%s", index,
-                        worker.process.pid, status, f" in {delay:g} s" if delay else "")
+            log.warning(
+                "kiln serve: worker %d (pid %d) exited with status %s; restarting it%s",
+                index,
+                worker.process.pid,
+                status,
+                f" in {delay:g} s" if delay else "",
+            )
             self._restarts.inc()
             if delay:
                 self._sleep(delay)
@@ -168,8 +184,11 @@ class Supervisor:
             try:
                 worker.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("kiln serve: worker %d (pid %d) did not stop within the grace period; killed",
-                            worker.index, worker.process.pid)
+                log.warning(
+                    "kiln serve: worker %d (pid %d) did not stop within the grace period; killed",
+                    worker.index,
+                    worker.process.pid,
+                )
                 worker.process.kill()
                 worker.process.wait()
         log.info("kiln serve: every worker stopped")
@@ -232,8 +251,16 @@ def supervise(argv: list[str], workers: int, host: str, rest_port: int, grpc_por
     if grpc_port:
         held.append(reserve_port(host, grpc_port))
         grpc_port = held[1].getsockname()[1]
-    command = [sys.executable, "-m", "runtime.cli", *argv, "--rest-port", str(rest_port),
-               "--grpc-port", str(grpc_port or 0)]
+    command = [
+        sys.executable,
+        "-m",
+        "runtime.cli",
+        *argv,
+        "--rest-port",
+        str(rest_port),
+        "--grpc-port",
+        str(grpc_port or 0),
+    ]
     try:
         return Supervisor(command, workers).run()
     finally:

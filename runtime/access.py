@@ -76,8 +76,9 @@ class StoreLocation:
     def contains(self, other: StoreLocation) -> bool:
         """`other` is this location or under it, on whole segments (s3://b/models holds s3://b/models/x,
         not s3://b/models-evil)."""
-        return (other.scheme, other.bucket) == (self.scheme, self.bucket) and \
-            other.parts[:len(self.parts)] == self.parts
+        return (other.scheme, other.bucket) == (self.scheme, self.bucket) and other.parts[
+            : len(self.parts)
+        ] == self.parts
 
     def __str__(self) -> str:
         if self.scheme == "file":
@@ -119,8 +120,10 @@ class Reload:
             location = StoreLocation.parse(base_path)
             if not any(root.contains(location) for root in roots):
                 allowed = ", ".join(str(root) for root in roots) or "none"
-                raise PermissionDenied(f"base_path {base_path!r} is outside the roots a reload may name ({allowed}); "
-                                       f"KILN_RELOAD_BASE_PATHS sets them")
+                raise PermissionDenied(
+                    f"base_path {base_path!r} is outside the roots a reload may name ({allowed}); "
+                    f"KILN_RELOAD_BASE_PATHS sets them"
+                )
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,11 @@ class Auth:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Auth:
         """From KILN_API_KEYS, KILN_ADMIN_KEYS, KILN_RELOAD and KILN_RELOAD_BASE_PATHS; `check` says
         whether they fit together."""
-        return cls(_keys(environ, "KILN_API_KEYS", "TENANT", DEFAULT_TENANT),
-                   _keys(environ, "KILN_ADMIN_KEYS", "NAME", DEFAULT_ADMIN), Reload.from_env(environ))
+        return cls(
+            _keys(environ, "KILN_API_KEYS", "TENANT", DEFAULT_TENANT),
+            _keys(environ, "KILN_ADMIN_KEYS", "NAME", DEFAULT_ADMIN),
+            Reload.from_env(environ),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -148,15 +154,21 @@ class Auth:
         tenants = {key: tenant for tenant, key in self.keys}
         for admin, key in self.admin_keys:
             if key in tenants:
-                raise ConfigError(f"KILN_ADMIN_KEYS: the key of {admin!r} is also tenant {tenants[key]!r}'s key in "
-                                  f"KILN_API_KEYS; an administrator's key must be its own")
+                raise ConfigError(
+                    f"KILN_ADMIN_KEYS: the key of {admin!r} is also tenant {tenants[key]!r}'s key in "
+                    f"KILN_API_KEYS; an administrator's key must be its own"
+                )
         if self.reload.policy == "open" and self.keys:
-            raise ConfigError("KILN_RELOAD=open lets anyone reaching the port reload the model configuration, but "
-                              "KILN_API_KEYS is set, so callers are tenants: use KILN_RELOAD=admin (the default) "
-                              "with KILN_ADMIN_KEYS, or KILN_RELOAD=off")
+            raise ConfigError(
+                "KILN_RELOAD=open lets anyone reaching the port reload the model configuration, but "
+                "KILN_API_KEYS is set, so callers are tenants: use KILN_RELOAD=admin (the default) "
+                "with KILN_ADMIN_KEYS, or KILN_RELOAD=off"
+            )
         if self.reload.policy == "open" and self.admin_keys:
-            raise ConfigError("KILN_ADMIN_KEYS is set but KILN_RELOAD=open needs no key to reload: use "
-                              "KILN_RELOAD=admin (the default)")
+            raise ConfigError(
+                "KILN_ADMIN_KEYS is set but KILN_RELOAD=open needs no key to reload: use "
+                "KILN_RELOAD=admin (the default)"
+            )
 
     def tenant(self, headers: Mapping[str, str]) -> str | None:
         """The tenant whose key the request presents (lower-case header names); None when
@@ -167,8 +179,10 @@ class Auth:
         tenant = _owner(presented, self.keys)
         if tenant is None:
             if _owner(presented, self.admin_keys) is not None:
-                raise PermissionDenied("an administrator's key (KILN_ADMIN_KEYS) is for administration only; "
-                                       "requests for models need a tenant's key (KILN_API_KEYS)")
+                raise PermissionDenied(
+                    "an administrator's key (KILN_ADMIN_KEYS) is for administration only; "
+                    "requests for models need a tenant's key (KILN_API_KEYS)"
+                )
             raise PermissionDenied("the API key is not valid for this server")
         return tenant
 
@@ -181,15 +195,19 @@ class Auth:
         if self.reload.policy == "off":
             raise PermissionDenied("reloading the model configuration is off on this server (KILN_RELOAD=off)")
         if not self.admin_keys:
-            raise PermissionDenied("reloading the model configuration needs an administrator's key and this server "
-                                   "has none: set KILN_ADMIN_KEYS (NAME:KEY, comma-separated, not tenants' keys) "
-                                   "and present one as 'Authorization: Bearer KEY'; or, without KILN_API_KEYS, "
-                                   "KILN_RELOAD=open lets anyone reaching the port reload, as TF Serving does")
+            raise PermissionDenied(
+                "reloading the model configuration needs an administrator's key and this server "
+                "has none: set KILN_ADMIN_KEYS (NAME:KEY, comma-separated, not tenants' keys) "
+                "and present one as 'Authorization: Bearer KEY'; or, without KILN_API_KEYS, "
+                "KILN_RELOAD=open lets anyone reaching the port reload, as TF Serving does"
+            )
         presented = _required_key(headers, "reloading the model configuration needs an administrator's key")
         admin = _owner(presented, self.admin_keys)
         if admin is None:
-            raise PermissionDenied("reloading the model configuration needs an administrator's key (KILN_ADMIN_KEYS); "
-                                   "the key presented is not one")
+            raise PermissionDenied(
+                "reloading the model configuration needs an administrator's key (KILN_ADMIN_KEYS); "
+                "the key presented is not one"
+            )
         return admin
 
 
@@ -248,13 +266,19 @@ class Cors:
         """Headers for an answer to a request from `origin` (none when it is not allowed)."""
         if origin is None or not self.allowed(origin):
             return {}
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                "Access-Control-Expose-Headers": EXPOSED_HEADERS}
+        return {
+            "Access-Control-Allow-Origin": origin,
+            "Vary": "Origin",
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+        }
 
     def preflight_headers(self, origin: str | None, requested_headers: str | None) -> dict[str, str]:
         """Headers for an OPTIONS preflight: the methods, the headers asked for, how long to cache."""
         if not self.allowed(origin):
             raise PermissionDenied(f"origin {origin!r} is not allowed to call this server")
-        return {**self.headers(origin), "Access-Control-Allow-Methods": ALLOWED_METHODS,
-                "Access-Control-Allow-Headers": requested_headers or "Authorization, Content-Type, X-API-Key",
-                "Access-Control-Max-Age": PREFLIGHT_MAX_AGE}
+        return {
+            **self.headers(origin),
+            "Access-Control-Allow-Methods": ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": requested_headers or "Authorization, Content-Type, X-API-Key",
+            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
+        }

@@ -71,7 +71,8 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 TIMEOUT_HEADER = "x-kiln-timeout-ms"
 MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$")
+    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
+)
 OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
 
@@ -128,10 +129,18 @@ class Exchange:
 
 
 class App:
-    def __init__(self, repository: Repository, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics: Metrics | None = None, auth: Auth = Auth(), cors: Cors = Cors(),
-                 batching: Callable[[str], BatchingParameters] | None = None, access_log: bool = False,
-                 sessions=None):
+    def __init__(
+        self,
+        repository: Repository,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        metrics: Metrics | None = None,
+        auth: Auth = Auth(),
+        cors: Cors = Cors(),
+        batching: Callable[[str], BatchingParameters] | None = None,
+        access_log: bool = False,
+        sessions=None,
+    ):
         """`batching`: each model's batching parameters by name; None runs every request alone.
         `access_log`: a JSON line per request (off by default: Lambda and Cloud Run log requests
         themselves, and the line costs a tenth of a small request's time)."""
@@ -150,16 +159,25 @@ class App:
     def start(cls, settings: Settings) -> App:
         """The app an entry point serves: its repository started (the models loaded and warmed
         up) and batching per the settings. The caller stops app.repository when done."""
-        repository = Repository(settings.model_config(), poll_seconds=settings.poll_seconds,
-                                warmup_iterations=settings.warmup_iterations, warmup=settings.warmup)
+        repository = Repository(
+            settings.model_config(),
+            poll_seconds=settings.poll_seconds,
+            warmup_iterations=settings.warmup_iterations,
+            warmup=settings.warmup,
+        )
         repository.start()
         batching = BatchingPolicy(settings.batching, lambda name: repository.config_of(name).batching_parameters)
         from runtime.sessions.services import Sessions
 
-        app = cls(repository, max_body_bytes=settings.max_body_bytes, auth=settings.auth, cors=settings.cors,
-                  batching=batching, access_log=settings.access_log,
-                  sessions=Sessions(settings.redis_url, settings.session_ttl_seconds,
-                                    settings.prediction_cache_seconds))
+        app = cls(
+            repository,
+            max_body_bytes=settings.max_body_bytes,
+            auth=settings.auth,
+            cors=settings.cors,
+            batching=batching,
+            access_log=settings.access_log,
+            sessions=Sessions(settings.redis_url, settings.session_ttl_seconds, settings.prediction_cache_seconds),
+        )
         if settings.metrics_paths is not None:  # a TF Serving monitoring config's
             app.metrics_paths = settings.metrics_paths
         app.metrics.started()
@@ -172,8 +190,15 @@ class App:
     # Around every request ------------------------------------------------------------------------
 
     @contextmanager
-    def exchange(self, protocol: str, api: str = "unknown", *, what: str = "", request_id: str | None = None,
-                 deadline: float | None = None) -> Iterator[Exchange]:
+    def exchange(
+        self,
+        protocol: str,
+        api: str = "unknown",
+        *,
+        what: str = "",
+        request_id: str | None = None,
+        deadline: float | None = None,
+    ) -> Iterator[Exchange]:
         """What every entry point does around one request, written once: its request id (the one
         presented, if sensible; else the one already in force, such as a Lambda invocation's; else a
         new one), its Exchange, and at the end its status counted and logged (finished). The caller
@@ -201,20 +226,31 @@ class App:
         """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
         `refused`: why the handler could not take the request (a body over the limit while reading
         it), answered here so that it is counted, logged and marked like any other answer."""
-        with self.exchange("rest", what=f"{request.method} {request.path}",
-                           request_id=request.headers.get("x-request-id"), deadline=request.deadline) as exchange:
+        with self.exchange(
+            "rest",
+            what=f"{request.method} {request.path}",
+            request_id=request.headers.get("x-request-id"),
+            deadline=request.deadline,
+        ) as exchange:
             response = error_response(refused) if refused else await self._answer(request, exchange)
             origin = request.headers.get("origin")
             exchange.status = str(response.status)
-            return replace(response, headers={**response.headers, **self.cors.headers(origin),
-                                              "X-Request-Id": logs.request_id.get() or ""})
+            return replace(
+                response,
+                headers={**response.headers, **self.cors.headers(origin), "X-Request-Id": logs.request_id.get() or ""},
+            )
 
     async def _answer(self, request: Request, exchange: Exchange) -> Response:
         try:
             if request.method == "OPTIONS":
                 exchange.api = "preflight"
-                return Response(204, b"", self.cors.preflight_headers(
-                    request.headers.get("origin"), request.headers.get("access-control-request-headers")))
+                return Response(
+                    204,
+                    b"",
+                    self.cors.preflight_headers(
+                        request.headers.get("origin"), request.headers.get("access-control-request-headers")
+                    ),
+                )
             if request.path not in OPEN_PATHS:
                 exchange.tenant = self.auth.tenant(request.headers)
             exchange.deadline = _deadline(request)
@@ -230,12 +266,25 @@ class App:
         seconds = time.perf_counter() - exchange.started
         self.metrics.request(exchange.protocol, exchange.api, exchange.model, exchange.version, status, seconds)
         if self.access_log:
-            access_logger.info("%s %s", what, status, extra={"fields": {
-                "protocol": exchange.protocol, "api": exchange.api, "model": exchange.model,
-                "version": exchange.version, "status": status, "duration_ms": round(seconds * 1e3, 3)}})
+            access_logger.info(
+                "%s %s",
+                what,
+                status,
+                extra={
+                    "fields": {
+                        "protocol": exchange.protocol,
+                        "api": exchange.api,
+                        "model": exchange.model,
+                        "version": exchange.version,
+                        "status": status,
+                        "duration_ms": round(seconds * 1e3, 3),
+                    }
+                },
+            )
 
-    async def execute(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
-                      exchange: Exchange) -> dict[str, np.ndarray]:
+    async def execute(
+        self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange
+    ) -> dict[str, np.ndarray]:
         """Run a signature on decoded inputs: the one place model work starts. It runs in the event
         loop's thread pool (the loop stays free), merged with other requests by the batcher where the
         model's batching is on; a request whose deadline passes first answers DeadlineExceeded, and
@@ -256,19 +305,36 @@ class App:
         await cache.put(tenant, fingerprint, key, inputs, outputs)
         return outputs
 
-    async def _timed_run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
-                         remaining: float | None) -> dict[str, np.ndarray]:
+    async def _timed_run(
+        self,
+        handle: ServableHandle,
+        key: str,
+        inputs: dict[str, np.ndarray],
+        exchange: Exchange,
+        remaining: float | None,
+    ) -> dict[str, np.ndarray]:
         """_run, its time recorded as TF Serving's runtime latency (queue and batch included)."""
         started = time.perf_counter()
         outputs = await self._run(handle, key, inputs, exchange, remaining)
-        self.metrics.tfserving.runtime(handle.name, exchange.api, handle.engine.signature(key).engine,
-                                       time.perf_counter() - started)
+        self.metrics.tfserving.runtime(
+            handle.name, exchange.api, handle.engine.signature(key).engine, time.perf_counter() - started
+        )
         return outputs
 
-    async def _run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange,
-                   remaining: float | None) -> dict[str, np.ndarray]:
-        if self.batcher is not None and self.batching is not None and self.batching(handle.name).mode != "off" and \
-                handle.engine.signature(key).batched:
+    async def _run(
+        self,
+        handle: ServableHandle,
+        key: str,
+        inputs: dict[str, np.ndarray],
+        exchange: Exchange,
+        remaining: float | None,
+    ) -> dict[str, np.ndarray]:
+        if (
+            self.batcher is not None
+            and self.batching is not None
+            and self.batching(handle.name).mode != "off"
+            and handle.engine.signature(key).batched
+        ):
             return await self.batcher.run(handle, key, inputs, exchange.deadline)
         abandoned = False
         release = self.repository.retain(handle)
@@ -282,8 +348,13 @@ class App:
                 outputs = handle.engine.run(key, inputs)
                 signature = handle.engine.signatures.get(key)
                 first = next(iter(inputs.values()), None)
-                rows = None if signature is None or not signature.batched or first is None else \
-                    np.size(first) if signature.elementwise else len(first)
+                rows = (
+                    None
+                    if signature is None or not signature.batched or first is None
+                    else np.size(first)
+                    if signature.elementwise
+                    else len(first)
+                )
                 self.observe_execution(handle, key, rows, time.perf_counter() - started)
                 return outputs
             finally:
@@ -296,8 +367,9 @@ class App:
             return await asyncio.wait_for(asyncio.shield(future), remaining)
         except TimeoutError:
             abandoned = True
-            raise DeadlineExceeded(f"the request's deadline passed after {(remaining or 0) * 1e3:.0f} ms, before "
-                                   f"the model answered") from None
+            raise DeadlineExceeded(
+                f"the request's deadline passed after {(remaining or 0) * 1e3:.0f} ms, before the model answered"
+            ) from None
 
     def observe_execution(self, handle: ServableHandle, key: str, rows: int | None, seconds: float) -> None:
         """Count one execution of a signature: its rows (None: unbatched) and its seconds."""
@@ -340,8 +412,7 @@ class App:
             return await self._generate(target, request, exchange)
         if verb in examples.METHODS:
             return await self._classify_or_regress(target, request.body, examples.METHODS[verb], exchange)
-        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify, :regress and "
-                           f":generate")
+        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify, :regress and :generate")
 
     async def _route_oip(self, request: Request, exchange: Exchange) -> Response:
         if request.path == "/v2/repository/index":
@@ -394,24 +465,33 @@ class App:
                 from runtime.sessions.services import SESSION_HEADER, tenant_of
 
                 request = oip.infer_request(header, binary, visible(signature))
-                outputs, session = await infer_in_session(self, handle, key, signature, request.inputs, parameters,
-                                                          tenant_of(exchange.tenant, headers), exchange)
+                outputs, session = await infer_in_session(
+                    self,
+                    handle,
+                    key,
+                    signature,
+                    request.inputs,
+                    parameters,
+                    tenant_of(exchange.tenant, headers),
+                    exchange,
+                )
                 extra = {SESSION_HEADER: session}
             else:
                 request = oip.infer_request(header, binary, signature)
                 outputs = await self.execute(handle, key, request.inputs, exchange)
-            body, header_length = oip.write_infer(handle.name, handle.version, outputs, request,
-                                                  None if session is None else {"sequence_id": session})
+            body, header_length = oip.write_infer(
+                handle.name, handle.version, outputs, request, None if session is None else {"sequence_id": session}
+            )
         if header_length is None:
             return Response(200, body, {**JSON, **extra})
         # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).
-        return Response(200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length),
-                                    **extra})
+        return Response(
+            200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length), **extra}
+        )
 
     def _check_size(self, request: Request) -> None:
         if len(request.body) > self.max_body_bytes:
-            raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is "
-                               f"{self.max_body_bytes}")
+            raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is {self.max_body_bytes}")
 
     def _status(self, target: ModelSpec, exchange: Exchange) -> Response:
         version = target.version
@@ -429,21 +509,36 @@ class App:
             except NotFound:  # configured, nothing found in its store yet
                 versions = []
             labels = self.repository.config_of(name).version_labels
-            models.append({"name": name, "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]}
-                                                      for v in versions],
-                           "labels": {label: str(number) for label, number in labels.items()}})
+            models.append(
+                {
+                    "name": name,
+                    "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]} for v in versions],
+                    "labels": {label: str(number) for label, number in labels.items()},
+                }
+            )
         return models
 
     def _repository_index(self) -> list[dict]:
-        return [{"name": model["name"], "version": v["version"],
-                 "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE", "reason": ""}
-                for model in self._served_models() for v in model["versions"]]
+        return [
+            {
+                "name": model["name"],
+                "version": v["version"],
+                "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE",
+                "reason": "",
+            }
+            for model in self._served_models()
+            for v in model["versions"]
+        ]
 
     def _metadata(self, target: ModelSpec, exchange: Exchange) -> Response:
         with self._hold(target, exchange) as handle:
             signatures = {key: signature_def(sig) for key, sig in handle.engine.signatures.items()}
-            return _json({"model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
-                          "metadata": {"signature_def": {"signature_def": signatures}}})
+            return _json(
+                {
+                    "model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
+                    "metadata": {"signature_def": {"signature_def": signatures}},
+                }
+            )
 
     async def _predict(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
         body = request.body
@@ -464,16 +559,19 @@ class App:
             outputs = await self.execute(handle, decoded.signature_name, decoded.inputs, exchange)
         return Response(200, encode_predict(outputs, decoded.row_format))
 
-    async def _predict_in_session(self, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
-                                  request: Request, exchange: Exchange) -> Response:
+    async def _predict_in_session(
+        self, handle: ServableHandle, key: str, signature: Signature, parsed: dict, request: Request, exchange: Exchange
+    ) -> Response:
         from runtime.sessions.predict import predict_in_session
         from runtime.sessions.services import SESSION_HEADER, tenant_of
 
         outputs, row_format, session = await predict_in_session(
-            self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange)
+            self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange
+        )
         body = encode_predict(outputs, row_format)  # an object: the session joins it as its last key
-        return Response(200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}",
-                        {**JSON, SESSION_HEADER: session})
+        return Response(
+            200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}", {**JSON, SESSION_HEADER: session}
+        )
 
     async def _classify_or_regress(self, target: ModelSpec, body: bytes, method: str, exchange: Exchange) -> Response:
         signature_name, rows = examples.read_examples(body)
@@ -508,8 +606,12 @@ class App:
                 log.exception("internal error streaming %s", request.path)
                 yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
 
-        return Response(200, b"", {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                   SESSION_HEADER: session}, stream=stream())
+        return Response(
+            200,
+            b"",
+            {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", SESSION_HEADER: session},
+            stream=stream(),
+        )
 
     @property
     def sessions(self):
@@ -520,8 +622,9 @@ class App:
             self._sessions = Sessions()
         return self._sessions
 
-    async def run_examples(self, handle: ServableHandle, key: str, method: str, serialized: np.ndarray,
-                           exchange: Exchange) -> dict[str, np.ndarray]:
+    async def run_examples(
+        self, handle: ServableHandle, key: str, method: str, serialized: np.ndarray, exchange: Exchange
+    ) -> dict[str, np.ndarray]:
         """Run a classify or regress signature on serialized tf.Examples (REST and gRPC alike)."""
         input_name = examples.check_method(key, handle.engine.signature(key), method)
         return await self.execute(handle, key, {input_name: serialized}, exchange)
@@ -553,8 +656,11 @@ def _deadline(request: Request) -> float | None:
 
 def _model_spec(match: re.Match) -> ModelSpec:
     version, label = match["version"], match["label"]
-    return ModelSpec(unquote(match["name"]), int(version) if version is not None else None,
-                  unquote(label) if label is not None else None)
+    return ModelSpec(
+        unquote(match["name"]),
+        int(version) if version is not None else None,
+        unquote(label) if label is not None else None,
+    )
 
 
 def _json(body: dict, status: int = 200) -> Response:

@@ -66,8 +66,9 @@ class Batcher:
         self.metrics = metrics
         self._queues: dict[tuple[str, int, str], _Queue] = {}
 
-    async def run(self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray],
-                  deadline: float | None) -> dict[str, np.ndarray]:
+    async def run(
+        self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> dict[str, np.ndarray]:
         """The signature's outputs for these inputs, run in a batch with whatever else is queued."""
         signature = handle.engine.signature(key)
         arrays, rows = check_inputs(signature, inputs)
@@ -75,13 +76,21 @@ class Batcher:
             shape = next(iter(arrays.values())).shape
             if rows == 0:
                 return handle.engine.run(key, arrays)
-            runs = await self._run_checked(handle, key, {name: a.reshape(-1) for name, a in arrays.items()}, rows,
-                                           deadline, split=True)
+            runs = await self._run_checked(
+                handle, key, {name: a.reshape(-1) for name, a in arrays.items()}, rows, deadline, split=True
+            )
             return {name: run.reshape(shape) for name, run in runs.items()}
         return await self._run_checked(handle, key, arrays, rows, deadline, split=False)
 
-    async def _run_checked(self, handle: ServableHandle, key: str, arrays: dict[str, np.ndarray], rows: int,
-                           deadline: float | None, split: bool) -> dict[str, np.ndarray]:
+    async def _run_checked(
+        self,
+        handle: ServableHandle,
+        key: str,
+        arrays: dict[str, np.ndarray],
+        rows: int,
+        deadline: float | None,
+        split: bool,
+    ) -> dict[str, np.ndarray]:
         """Checked inputs of `rows` rows, queued whole or split into parts of at most the dispatch
         size; one larger than max_batch_size is refused unless splitting is allowed."""
         parameters = self.parameters(handle.name)
@@ -92,9 +101,16 @@ class Batcher:
             raise InvalidInput(f"Task size {rows} is larger than maximum batch size {parameters.max_batch_size}")
         queue.admit(rows)  # all of it or none
         step = queue.dispatch_size
-        parts = await asyncio.gather(*(
-            queue.submit({name: array[start:start + step] for name, array in arrays.items()},
-                         min(step, rows - start), deadline) for start in range(0, rows, step)))
+        parts = await asyncio.gather(
+            *(
+                queue.submit(
+                    {name: array[start : start + step] for name, array in arrays.items()},
+                    min(step, rows - start),
+                    deadline,
+                )
+                for start in range(0, rows, step)
+            )
+        )
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _queue(self, handle: ServableHandle, key: str, parameters: BatchingParameters) -> _Queue:
@@ -143,8 +159,10 @@ class _Queue:
 
     def admit(self, rows: int) -> None:
         if self.rows + rows > self.capacity:
-            raise ResourceExhausted(f"the batching queue of model {self.handle.name!r} is full "
-                                    f"({self.rows} rows waiting, room for {self.capacity}); retry later")
+            raise ResourceExhausted(
+                f"the batching queue of model {self.handle.name!r} is full "
+                f"({self.rows} rows waiting, room for {self.capacity}); retry later"
+            )
 
     async def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> dict[str, np.ndarray]:
         self.admit(rows)
@@ -152,8 +170,15 @@ class _Queue:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("the request's deadline passed before it could be queued")
         loop = asyncio.get_running_loop()
-        request = _Request(inputs, rows, loop.create_future(), deadline, self.batcher.repository.retain(self.handle),
-                           tuple(a.shape[1:] for a in inputs.values()), now)
+        request = _Request(
+            inputs,
+            rows,
+            loop.create_future(),
+            deadline,
+            self.batcher.repository.retain(self.handle),
+            tuple(a.shape[1:] for a in inputs.values()),
+            now,
+        )
         self._learn_arrival(now, rows)
         self.waiting.append(request)
         self.rows += rows
@@ -285,7 +310,7 @@ class _Queue:
         self.batcher.metrics.executed(self.labels, elapsed)
         results, start = [], 0
         for request in batch:
-            results.append({name: array[start:start + request.rows] for name, array in outputs.items()})
+            results.append({name: array[start : start + request.rows] for name, array in outputs.items()})
             start += request.rows
         return results, rows <= self.dispatch_size
 

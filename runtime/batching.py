@@ -48,8 +48,9 @@ class BatchingParameters(BaseModel):
             if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
                 raise ValueError(f"allowed_batch_sizes must be positive and increasing, got {list(sizes)}")
             if sizes[-1] != self.max_batch_size:
-                raise ValueError(f"the last of allowed_batch_sizes ({sizes[-1]}) must equal max_batch_size "
-                                 f"({self.max_batch_size})")
+                raise ValueError(
+                    f"the last of allowed_batch_sizes ({sizes[-1]}) must equal max_batch_size ({self.max_batch_size})"
+                )
         return self
 
     @property
@@ -74,8 +75,9 @@ def parse(fields: dict[str, Any], source: str) -> BatchingParameters:
     try:
         return BatchingParameters(**fields)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'batching parameters'}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'batching parameters'}: {err['msg']}" for err in e.errors()
+        )
         raise ConfigError(f"{source}: {problems}") from None
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -113,8 +115,13 @@ def _from_text(text: str, source: str) -> dict[str, Any]:
     except text_format.ParseError as e:
         raise ConfigError(f"{source}:{e}") from None
     fields: dict[str, Any] = {}
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-                 "enable_large_batch_splitting"):
+    for name in (
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "enable_large_batch_splitting",
+    ):
         if message.HasField(name):
             fields[name] = getattr(message, name).value
     if message.allowed_batch_sizes:

@@ -38,10 +38,10 @@ def check_target(triple: str, cpu: str, features: list[str]) -> None:
     """Raise ServableError naming what this machine lacks to run code compiled for the target."""
     wanted = ARCHITECTURE_OF_TRIPLE.get(triple.split("-")[0], triple.split("-")[0])
     if wanted != host_architecture():
-        raise ServableError(
-            f"servable was compiled for {triple} but this machine is {host_architecture()}")
+        raise ServableError(f"servable was compiled for {triple} but this machine is {host_architecture()}")
     missing = sorted(set(features) - host_features())
     if missing:
         raise ServableError(
             f"servable was compiled for CPU '{cpu}', which needs CPU features this machine lacks: "
-            f"{', '.join(missing)}; recompile with a lower --target-cpu (for example x86-64-v3)")
+            f"{', '.join(missing)}; recompile with a lower --target-cpu (for example x86-64-v3)"
+        )

@@ -140,4 +140,4 @@ def shown(value, limit: int = 60) -> str:
         text = repr(value)
     except ValueError:
         return f"a {type(value).__name__} too large to show"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

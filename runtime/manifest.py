@@ -76,8 +76,9 @@ class TensorSpec(Model):
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...] | None = Field(description="None where any size is accepted; "
-                                                             "null for a tensor of unknown rank")
+    shape: tuple[int | None, ...] | None = Field(
+        description="None where any size is accepted; null for a tensor of unknown rank"
+    )
 
 
 class Position(Model):
@@ -104,10 +105,14 @@ class Signature(Model):
     jit: bool = Field(False, description="saved-model: runs under XLA JIT from the prebuilt cache")
     state: dict[str, str] = Field(default_factory=dict, description="state input -> the output fed back into it")
     position: Position | None = Field(None, description="the state input counting tokens held, and its capacity")
-    appended: tuple[str, ...] = Field((), description="state inputs whose output is only the entries to write "
-                                                      "at the position")
-    elementwise: bool = Field(False, description="compiled over flat runs of elements; takes any shape its "
-                                                 "inputs allow (see the module's documentation)")
+    appended: tuple[str, ...] = Field(
+        (), description="state inputs whose output is only the entries to write at the position"
+    )
+    elementwise: bool = Field(
+        False,
+        description="compiled over flat runs of elements; takes any shape its "
+        "inputs allow (see the module's documentation)",
+    )
 
     @model_validator(mode="after")
     def _libraries_match_engine(self) -> Signature:
@@ -146,8 +151,9 @@ class Signature(Model):
         """The axis (batch included) along which an appended state input takes its entries: the one
         where the input's size is the position's capacity and its output's is not."""
         output = next(spec for spec in self.outputs if spec.name == self.state[name])
-        return next(axis for axis, (held, added) in enumerate(zip(self.input(name).shape, output.shape))
-                    if held != added)
+        return next(
+            axis for axis, (held, added) in enumerate(zip(self.input(name).shape, output.shape)) if held != added
+        )
 
 
 class Target(Model):
@@ -258,27 +264,38 @@ def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:
                 fed[output] = name
                 first = shared.setdefault(name, (key, inputs[name]))
                 if (first[1].dtype, first[1].shape) != (inputs[name].dtype, inputs[name].shape):
-                    problems.append(f"signature '{key}': state input '{name}' is {_describe(inputs[name])} but "
-                                    f"signature '{first[0]}' has it as {_describe(first[1])}; sessions keep state "
-                                    f"by input name, so signatures must agree on it")
+                    problems.append(
+                        f"signature '{key}': state input '{name}' is {_describe(inputs[name])} but "
+                        f"signature '{first[0]}' has it as {_describe(first[1])}; sessions keep state "
+                        f"by input name, so signatures must agree on it"
+                    )
         for name in signature.appended:
             if name not in signature.state:
-                problems.append(f"signature '{key}': appended state input '{name}' is not one of its state inputs "
-                                f"({', '.join(signature.state) or 'none'})")
+                problems.append(
+                    f"signature '{key}': appended state input '{name}' is not one of its state inputs "
+                    f"({', '.join(signature.state) or 'none'})"
+                )
         position = signature.position
         if position is not None:
             spec = inputs.get(position.input)
             if position.input not in signature.state:
-                problems.append(f"signature '{key}': position input '{position.input}' is not one of its state "
-                                f"inputs ({', '.join(signature.state) or 'none'})")
-            elif spec is not None and (spec.dtype not in ("int32", "int64") or spec.shape is None
-                                       or len(spec.shape) > 1):
-                problems.append(f"signature '{key}': position input '{position.input}' is {_describe(spec)}; a "
-                                f"position is an int32 or int64 count, one per row")
+                problems.append(
+                    f"signature '{key}': position input '{position.input}' is not one of its state "
+                    f"inputs ({', '.join(signature.state) or 'none'})"
+                )
+            elif spec is not None and (
+                spec.dtype not in ("int32", "int64") or spec.shape is None or len(spec.shape) > 1
+            ):
+                problems.append(
+                    f"signature '{key}': position input '{position.input}' is {_describe(spec)}; a "
+                    f"position is an int32 or int64 count, one per row"
+                )
             first_capacity = capacities.setdefault(position.input, (key, position.capacity))
             if first_capacity[1] != position.capacity:
-                problems.append(f"signature '{key}': position '{position.input}' has capacity {position.capacity} "
-                                f"but signature '{first_capacity[0]}' gives it {first_capacity[1]}")
+                problems.append(
+                    f"signature '{key}': position '{position.input}' has capacity {position.capacity} "
+                    f"but signature '{first_capacity[0]}' gives it {first_capacity[1]}"
+                )
     return problems
 
 
@@ -287,19 +304,28 @@ def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, 
     if not appended:
         if (held.dtype, held.shape) == (fed.dtype, fed.shape):
             return ""
-        return (f"the input is {_describe(held)} but the output is {_describe(fed)}; state must keep its dtype and "
-                f"shape, batch dimension included")
+        return (
+            f"the input is {_describe(held)} but the output is {_describe(fed)}; state must keep its dtype and "
+            f"shape, batch dimension included"
+        )
     if position is None:
         return "an appended state needs a position (--state-capacity) to say where its entries go"
     if held.shape is None or fed.shape is None:
         return f"the input is {_describe(held)} and the output {_describe(fed)}; appended state needs a known rank"
     differ = [axis for axis, (a, b) in enumerate(zip(held.shape, fed.shape)) if a != b]
-    if held.dtype == fed.dtype and len(held.shape) == len(fed.shape) and len(differ) == 1 and \
-            held.shape[differ[0]] == position.capacity and 1 <= (fed.shape[differ[0]] or 0) < position.capacity:
+    if (
+        held.dtype == fed.dtype
+        and len(held.shape) == len(fed.shape)
+        and len(differ) == 1
+        and held.shape[differ[0]] == position.capacity
+        and 1 <= (fed.shape[differ[0]] or 0) < position.capacity
+    ):
         return ""
-    return (f"the input is {_describe(held)} but the output is {_describe(fed)}; appended entries keep the state's "
-            f"dtype and shape except on the one axis of the capacity ({position.capacity}), where they number "
-            f"fewer")
+    return (
+        f"the input is {_describe(held)} but the output is {_describe(fed)}; appended entries keep the state's "
+        f"dtype and shape except on the one axis of the capacity ({position.capacity}), where they number "
+        f"fewer"
+    )
 
 
 def element_shape(inputs: tuple[TensorSpec, ...], elements: int) -> tuple[int, ...]:
@@ -348,7 +374,8 @@ def read_manifest(directory: Path) -> Manifest:
     if found not in READABLE_FORMATS:
         raise ServableError(
             f"{path} has format_version {found!r}; this Kiln reads format_version "
-            f"{', '.join(map(str, READABLE_FORMATS))}: recompile it with this Kiln (kiln compile)")
+            f"{', '.join(map(str, READABLE_FORMATS))}: recompile it with this Kiln (kiln compile)"
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
@@ -376,11 +403,13 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         check_file(directory, relative, entry, sha256=digests[relative])
 
 
-def check_file(directory: Path | str, relative: str, entry: FileEntry, *, size: int | None = None,
-               sha256: str | None = None) -> None:
+def check_file(
+    directory: Path | str, relative: str, entry: FileEntry, *, size: int | None = None, sha256: str | None = None
+) -> None:
     """Refuse a file whose size or sha256 (where given) is not the manifest's."""
     if size is not None and size != entry.size:
         raise ServableError(f"servable {directory}: file {relative} has {size} bytes, the manifest says {entry.size}")
     if sha256 is not None and sha256 != entry.sha256:
-        raise ServableError(f"servable {directory}: file {relative} has sha256 {sha256}, "
-                            f"the manifest says {entry.sha256}")
+        raise ServableError(
+            f"servable {directory}: file {relative} has sha256 {sha256}, the manifest says {entry.sha256}"
+        )

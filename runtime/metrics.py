@@ -35,19 +35,46 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: where every w
 class Metrics:
     def __init__(self, repository=None):
         self.registry = CollectorRegistry()
-        self.requests = Counter("kiln_requests", "Requests answered, by model, version, API, protocol and status",
-                                ["model", "version", "api", "protocol", "status"], registry=self.registry)
-        self.latency = Histogram("kiln_request_duration_seconds", "Time from request to response",
-                                 ["model", "api", "protocol"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("kiln_batch_size", "Rows per execution of a signature (before padding to a bucket)",
-                                    ["model", "version", "signature"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.execution = Histogram("kiln_execution_seconds", "Time the compiled code ran for one execution",
-                                   ["model", "version", "signature"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("kiln_queue_depth", "Requests waiting for or in model execution",
-                                 ["model"], registry=self.registry, multiprocess_mode="livesum")
-        self.cold_start = Gauge("kiln_cold_start_seconds",
-                                "From process start to every configured model loaded and warmed up",
-                                registry=self.registry, multiprocess_mode="livemax")
+        self.requests = Counter(
+            "kiln_requests",
+            "Requests answered, by model, version, API, protocol and status",
+            ["model", "version", "api", "protocol", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kiln_request_duration_seconds",
+            "Time from request to response",
+            ["model", "api", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            "Rows per execution of a signature (before padding to a bucket)",
+            ["model", "version", "signature"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.execution = Histogram(
+            "kiln_execution_seconds",
+            "Time the compiled code ran for one execution",
+            ["model", "version", "signature"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "kiln_queue_depth",
+            "Requests waiting for or in model execution",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.cold_start = Gauge(
+            "kiln_cold_start_seconds",
+            "From process start to every configured model loaded and warmed up",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
         self.shared = os.environ.get(MULTIPROC_ENV)
         if self.shared:  # what a scrape reports: the workers' sum, and this worker's view of its models
             self.scraped = CollectorRegistry()
@@ -86,12 +113,15 @@ class _RepositoryCollector:
         self.repository = repository
 
     def collect(self):
-        state = GaugeMetricFamily("kiln_model_version_state", "1 for each model version's current state",
-                                  labels=["model", "version", "state"])
-        load = GaugeMetricFamily("kiln_model_load_seconds", "Fetch, verification and opening of a version",
-                                 labels=["model", "version"])
-        warmup = GaugeMetricFamily("kiln_model_warmup_seconds", "Warm-up of every signature at every bucket",
-                                   labels=["model", "version"])
+        state = GaugeMetricFamily(
+            "kiln_model_version_state", "1 for each model version's current state", labels=["model", "version", "state"]
+        )
+        load = GaugeMetricFamily(
+            "kiln_model_load_seconds", "Fetch, verification and opening of a version", labels=["model", "version"]
+        )
+        warmup = GaugeMetricFamily(
+            "kiln_model_warmup_seconds", "Warm-up of every signature at every bucket", labels=["model", "version"]
+        )
         for name in self.repository.names():
             try:
                 versions = self.repository.status(name).versions

@@ -43,8 +43,14 @@ from runtime.errors import ConfigError, KilnError
 from runtime.version_policy import Latest, Specific, VersionPolicy
 
 Format = Literal["text", "yaml", "json"]
-FORMATS: dict[str, Format] = {".config": "text", ".pbtxt": "text", ".txt": "text",
-                              ".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+FORMATS: dict[str, Format] = {
+    ".config": "text",
+    ".pbtxt": "text",
+    ".txt": "text",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".json": "json",
+}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -78,20 +84,21 @@ class ModelConfig(_Model):
         if not base_path:
             raise ValueError("is missing")
         if not (_URL.match(base_path) or os.path.isabs(base_path)):
-            raise ValueError(f"must be an absolute path or a URL such as s3://bucket/models/NAME, "
-                             f"got {base_path!r}")
+            raise ValueError(f"must be an absolute path or a URL such as s3://bucket/models/NAME, got {base_path!r}")
         return base_path
 
     @model_validator(mode="after")
     def _labels_can_be_served(self) -> ModelConfig:
         for label, version in self.version_labels.items():
             if version < 0:
-                raise ValueError(f"version_labels: label {label!r} points to version {version}; "
-                                 f"versions are numbered from 0")
+                raise ValueError(
+                    f"version_labels: label {label!r} points to version {version}; versions are numbered from 0"
+                )
             if isinstance(self.version_policy, Specific) and version not in self.version_policy.versions:
                 raise ValueError(
                     f"version_labels: label {label!r} points to version {version}, which the specific "
-                    f"policy does not list (versions {list(self.version_policy.versions)})")
+                    f"policy does not list (versions {list(self.version_policy.versions)})"
+                )
         return self
 
 
@@ -131,8 +138,10 @@ def format_of(path: str | Path) -> Format:
     """The format a file name (or URL) implies: .config/.pbtxt/.txt, .yaml/.yml, .json."""
     suffix = PurePosixPath(str(path)).suffix.lower()
     if suffix not in FORMATS:
-        raise ConfigError(f"{path}: cannot tell the configuration format from the extension "
-                          f"{suffix or '(none)'!r}; expected one of {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"{path}: cannot tell the configuration format from the extension "
+            f"{suffix or '(none)'!r}; expected one of {', '.join(FORMATS)}"
+        )
     return FORMATS[suffix]
 
 
@@ -148,8 +157,14 @@ def parse_model_config(data: bytes | str, format: Format, source: str = "<config
         return from_proto(_parse_text(data, source), source)
     mapping, batching = _batching_parameters(_load_mapping(data, format, source), source)
     config = from_proto(_parse_mapping(mapping, source), source)
-    return config.model_copy(update={"models": tuple(
-        model.model_copy(update={"batching_parameters": batching.get(model.name, {})}) for model in config.models)})
+    return config.model_copy(
+        update={
+            "models": tuple(
+                model.model_copy(update={"batching_parameters": batching.get(model.name, {})})
+                for model in config.models
+            )
+        }
+    )
 
 
 def single_model(name: str, base_path: str) -> ModelConfigList:
@@ -166,8 +181,9 @@ def single_model(name: str, base_path: str) -> ModelConfigList:
 def from_proto(message: Any, source: str = "<ModelServerConfig>") -> ModelConfigList:
     """Convert a ModelServerConfig message (parsed here, or received by HandleReloadConfigRequest)."""
     if message.WhichOneof("config") == "custom_model_config":
-        raise ConfigError(f"{source}: custom_model_config is not supported; "
-                          f"Kiln serves the models of a model_config_list")
+        raise ConfigError(
+            f"{source}: custom_model_config is not supported; Kiln serves the models of a model_config_list"
+        )
     models = []
     for index, model in enumerate(message.model_config_list.config):
         where = f"{source}: model_config_list.config[{index}]"
@@ -178,8 +194,9 @@ def from_proto(message: Any, source: str = "<ModelServerConfig>") -> ModelConfig
         raise ConfigError(f"{source}: {_problems(e)}") from None
 
 
-def check_version_labels(model: ModelConfig, available: set[int], current: Mapping[str, int],
-                         allow_unavailable: bool = False) -> None:
+def check_version_labels(
+    model: ModelConfig, available: set[int], current: Mapping[str, int], allow_unavailable: bool = False
+) -> None:
     """TF Serving's rule for accepting a configuration's labels now: each must point to an
     AVAILABLE version; with `allow_unavailable` (--allow_version_labels_for_unavailable_models)
     a label that is new or keeps its version (`current`: the labels in force) may point elsewhere."""
@@ -188,7 +205,8 @@ def check_version_labels(model: ModelConfig, available: set[int], current: Mappi
             continue
         raise ConfigError(
             f"model {model.name!r}: label {label!r} cannot be assigned to version {version}, which is "
-            f"not available for inference (available: {sorted(available) or 'none'})")
+            f"not available for inference (available: {sorted(available) or 'none'})"
+        )
 
 
 def _messages() -> ModuleType:
@@ -254,8 +272,7 @@ def _parse_mapping(data: Any, source: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with model_config_list at the top, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"{source}: expected a mapping with model_config_list at the top, got {type(data).__name__}")
     if isinstance(data.get("model_config_list"), list):
         data = {**data, "model_config_list": {"config": data["model_config_list"]}}
     try:
@@ -271,15 +288,16 @@ def _model_from_proto(model: Any, where: str) -> ModelConfig:
     if model.model_type:
         type_name = _messages().ModelType.Name(model.model_type)
         if platform:
-            raise ConfigError(f"{where}: sets both model_platform and the deprecated model_type; "
-                              f"keep model_platform")
+            raise ConfigError(f"{where}: sets both model_platform and the deprecated model_type; keep model_platform")
         if type_name != "TENSORFLOW":
-            raise ConfigError(f"{where}: model_type {type_name} is not supported; "
-                              f"use model_platform: \"tensorflow\"")
+            raise ConfigError(f'{where}: model_type {type_name} is not supported; use model_platform: "tensorflow"')
         platform = "tensorflow"
-    fields: dict[str, Any] = {"name": model.name, "base_path": model.base_path,
-                              "version_policy": _policy_from_proto(model.model_version_policy),
-                              "version_labels": dict(model.version_labels)}
+    fields: dict[str, Any] = {
+        "name": model.name,
+        "base_path": model.base_path,
+        "version_policy": _policy_from_proto(model.model_version_policy),
+        "version_labels": dict(model.version_labels),
+    }
     if platform:
         fields["model_platform"] = platform
     try:

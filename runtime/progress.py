@@ -19,8 +19,9 @@ REDRAW_SECONDS = 0.1
 class ProgressBar:
     """`kiln score`'s bar: the share of input bytes read, inputs done, rows and rows per second."""
 
-    def __init__(self, total_bytes: int, total_items: int, *, stream: TextIO | None = None,
-                 enabled: bool | None = None):
+    def __init__(
+        self, total_bytes: int, total_items: int, *, stream: TextIO | None = None, enabled: bool | None = None
+    ):
         from tqdm import tqdm
 
         self.stream = stream or sys.stderr
@@ -28,8 +29,15 @@ class ProgressBar:
         self.total_bytes, self.total_items = max(total_bytes, 0), total_items
         self.bytes = self.rows = self.items = 0
         self.started = time.monotonic()
-        self._bar = tqdm(total=self.total_bytes or None, unit="B", unit_scale=True, file=self.stream,
-                         disable=not self.enabled, mininterval=REDRAW_SECONDS, dynamic_ncols=True)
+        self._bar = tqdm(
+            total=self.total_bytes or None,
+            unit="B",
+            unit_scale=True,
+            file=self.stream,
+            disable=not self.enabled,
+            mininterval=REDRAW_SECONDS,
+            dynamic_ncols=True,
+        )
         self._bar.set_postfix_str(self._postfix(), refresh=False)
 
     def advance(self, rows: int = 0, size: int = 0) -> None:
@@ -59,8 +67,15 @@ class ProgressBar:
         """The bar as text, at most width characters (tqdm's own format)."""
         from tqdm import tqdm
 
-        return tqdm.format_meter(self.bytes, self.total_bytes or None, time.monotonic() - self.started, ncols=width,
-                                 unit="B", unit_scale=True, postfix=self._postfix())
+        return tqdm.format_meter(
+            self.bytes,
+            self.total_bytes or None,
+            time.monotonic() - self.started,
+            ncols=width,
+            unit="B",
+            unit_scale=True,
+            postfix=self._postfix(),
+        )
 
     def _postfix(self) -> str:
         return f"{self.items}/{self.total_items} inputs {self.rows:,} rows {self.rate:,.0f} rows/s"
@@ -70,8 +85,16 @@ def steps(total: int, description: str, unit: str = "step") -> Any:
     """A bar over `total` steps on standard error (drawn on a terminal only); a tqdm to update()."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, file=sys.stderr, disable=not _is_terminal(sys.stderr),
-                mininterval=REDRAW_SECONDS, dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc=description,
+        unit=unit,
+        file=sys.stderr,
+        disable=not _is_terminal(sys.stderr),
+        mininterval=REDRAW_SECONDS,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def say(text: str, stream: TextIO | None = None) -> None:

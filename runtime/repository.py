@@ -98,9 +98,17 @@ class ServableHandle:
 class Repository:
     """Serves the models of a ModelConfigList; safe to use from many threads."""
 
-    def __init__(self, config: ModelConfigList, *, poll_seconds: float = DEFAULT_POLL_SECONDS,
-                 cache: ServableCache | None = None, threads: int | None = None, retry: Retry = Retry(),
-                 warmup_iterations: int = 1, warmup: WarmupDepth = "first"):
+    def __init__(
+        self,
+        config: ModelConfigList,
+        *,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+        cache: ServableCache | None = None,
+        threads: int | None = None,
+        retry: Retry = Retry(),
+        warmup_iterations: int = 1,
+        warmup: WarmupDepth = "first",
+    ):
         self.poll_seconds = poll_seconds
         self.warmup_iterations = warmup_iterations
         self.warmup = warmup
@@ -145,8 +153,9 @@ class Repository:
         with self._lock:
             for model_config in config.models:
                 current = self._models.get(model_config.name)
-                available = {v.number for v in current.versions.values()
-                             if v.state is State.AVAILABLE} if current else set()
+                available = (
+                    {v.number for v in current.versions.values() if v.state is State.AVAILABLE} if current else set()
+                )
                 labels = current.config.version_labels if current else {}
                 check_version_labels(model_config, available, labels)
             self._apply_config(config)
@@ -163,8 +172,9 @@ class Repository:
                     current.config = model_config
                 else:
                     parent, directory = split_location(model_config.base_path)
-                    self._models[model_config.name] = ServedModel(model_config, open_storage(parent, retry=self.retry),
-                                                            directory)
+                    self._models[model_config.name] = ServedModel(
+                        model_config, open_storage(parent, retry=self.retry), directory
+                    )
             self._configured = {m.name for m in config.models}
 
     # Polling and the policy --------------------------------------------------------------------
@@ -185,8 +195,9 @@ class Repository:
     def _discover(self, model: ServedModel) -> None:
         try:
             names = model.storage.list_children(model.directory)
-            published = {int(n) for n in names if n.isdigit()
-                         and model.storage.exists(f"{model.directory}/{n}/manifest.json")}
+            published = {
+                int(n) for n in names if n.isdigit() and model.storage.exists(f"{model.directory}/{n}/manifest.json")
+            }
         except KilnError as e:
             with self._lock:
                 model.error = f"cannot read versions of model {model.config.name}: {e}"
@@ -196,8 +207,11 @@ class Repository:
         aspired = aspired_versions(policy, published)
         missing = frozenset(missing_versions(policy, published))
         if missing and missing != model.missing:  # as TF Serving: warned, and the others served
-            log.warning("model %s: versions %s of its specific version policy are not in storage; serving the others",
-                        model.config.name, ", ".join(map(str, sorted(missing))))
+            log.warning(
+                "model %s: versions %s of its specific version policy are not in storage; serving the others",
+                model.config.name,
+                ", ".join(map(str, sorted(missing))),
+            )
         with self._lock:
             model.error, model.missing = "", missing
             for number in aspired - set(model.versions):
@@ -246,16 +260,26 @@ class Repository:
             message = str(e) if isinstance(e, KilnError) else f"unexpected {type(e).__name__}: {e}"
             with self._lock:
                 self._set(version, State.ERROR, message)
-            log.error("model %s version %d failed to load: %s", model.config.name, version.number,
-                      message, exc_info=not isinstance(e, KilnError))
+            log.error(
+                "model %s version %d failed to load: %s",
+                model.config.name,
+                version.number,
+                message,
+                exc_info=not isinstance(e, KilnError),
+            )
             return
         warmed = time.perf_counter()
         with self._lock:
             version.engine, version.fetched = engine, fetched
             version.load_seconds, version.warmup_seconds = opened - started, warmed - opened
             self._set(version, State.AVAILABLE)
-        log.info("model %s version %d AVAILABLE in %.2f s (warm-up %.2f s)", model.config.name, version.number,
-                 warmed - started, warmed - opened)
+        log.info(
+            "model %s version %d AVAILABLE in %.2f s (warm-up %.2f s)",
+            model.config.name,
+            version.number,
+            warmed - started,
+            warmed - opened,
+        )
 
     def _unload(self, version: Version) -> None:
         """Wait for the requests holding the version, then release it."""
@@ -316,14 +340,14 @@ class Repository:
         available = [v for v in model.versions.values() if v.state is State.AVAILABLE]
         if number is None:
             if not available:
-                raise NotFound(f"Servable not found for request: no version of model "
-                               f"{model.config.name!r} is available")
+                raise NotFound(
+                    f"Servable not found for request: no version of model {model.config.name!r} is available"
+                )
             return max(available, key=lambda v: v.number)
         for version in available:
             if version.number == number:
                 return version
-        raise NotFound(f"Servable not found for request: model {model.config.name!r} version "
-                       f"{number} is not available")
+        raise NotFound(f"Servable not found for request: model {model.config.name!r} version {number} is not available")
 
     def names(self) -> list[str]:
         """The models the configuration lists."""
@@ -350,12 +374,17 @@ class Repository:
             model = self._models.get(name)
             if model is None:
                 raise NotFound(f"model {name!r} is not configured")
-            versions = [VersionStatus(v.number, v.state, v.error, v.load_seconds, v.warmup_seconds)
-                        for v in model.versions.values()
-                        if version is None or v.number == version]
+            versions = [
+                VersionStatus(v.number, v.state, v.error, v.load_seconds, v.warmup_seconds)
+                for v in model.versions.values()
+                if version is None or v.number == version
+            ]
             if not versions:
-                reason = (f"version {version} of model {name!r} was not found" if version is not None
-                          else f"model {name!r} has no versions yet")
+                reason = (
+                    f"version {version} of model {name!r} was not found"
+                    if version is not None
+                    else f"model {name!r} has no versions yet"
+                )
                 raise NotFound(f"{reason}: {model.error}" if model.error else reason)
             return ModelStatus(name, sorted(versions, key=lambda s: -s.version), model.error)
 

@@ -173,18 +173,25 @@ class ServableCache:
             try:
                 targets[relative] = staging.joinpath(*key_parts(relative))
             except ValueError:
-                raise ServableError(f"{storage.url}/{prefix}: its manifest lists file {relative!r}, "
-                                    f"outside the servable's directory") from None
+                raise ServableError(
+                    f"{storage.url}/{prefix}: its manifest lists file {relative!r}, outside the servable's directory"
+                ) from None
             targets[relative].parent.mkdir(parents=True, exist_ok=True)
 
         def download(relative: str) -> None:
             try:
                 received = storage.download(f"{prefix}/{relative}", targets[relative])
             except KeyNotFound:
-                raise ServableError(f"{storage.url}/{prefix}: file {relative} is listed in its manifest "
-                                    f"but missing from the store") from None
-            check_file(f"{storage.url}/{prefix}", relative, manifest.files[relative], size=received.size,
-                       sha256=received.sha256)
+                raise ServableError(
+                    f"{storage.url}/{prefix}: file {relative} is listed in its manifest but missing from the store"
+                ) from None
+            check_file(
+                f"{storage.url}/{prefix}",
+                relative,
+                manifest.files[relative],
+                size=received.size,
+                sha256=received.sha256,
+            )
 
         order = sorted(manifest.files, key=lambda name: -manifest.files[name].size)
         pool = ThreadPoolExecutor(max_workers=FILES_AT_ONCE, thread_name_prefix="kiln-fetch")
@@ -234,8 +241,9 @@ class ServableCache:
                 used = directory.stat().st_mtime_ns
             except FileNotFoundError:
                 continue
-            size = sum(os.path.getsize(os.path.join(parent, name))
-                       for parent, _, names in os.walk(directory) for name in names)
+            size = sum(
+                os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(directory) for name in names
+            )
             entries.append((used, directory, size))
         return entries
 

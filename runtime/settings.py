@@ -72,8 +72,12 @@ if TYPE_CHECKING:
     from runtime.warmup import WarmupDepth
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
-_CONNECTION_LIMITS = {"header_timeout_seconds": float, "body_timeout_seconds": float,
-                      "keepalive_timeout_seconds": float, "max_connections": int}
+_CONNECTION_LIMITS = {
+    "header_timeout_seconds": float,
+    "body_timeout_seconds": float,
+    "keepalive_timeout_seconds": float,
+    "max_connections": int,
+}
 _INTEGERS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads")
 _BOOLEANS = ("pad_variable_length_inputs", "enable_large_batch_splitting")
 
@@ -107,8 +111,13 @@ class Settings:
     rest_timeout_seconds: float | None = None  # a REST request's deadline when it asks for none (TF Serving's flag)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, *, batching_mode: str = "adaptive",
-                 overrides: Mapping[str, Any] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        batching_mode: str = "adaptive",
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
         """Settings from `environ`, then `overrides` (flags given, None for those not given) on top.
         `batching_mode`: the entry point's default when KILN_BATCHING says nothing."""
         given = {key: value for key, value in (overrides or {}).items() if value is not None}
@@ -118,27 +127,38 @@ class Settings:
         batching_flags["allowed_batch_sizes"] = env.sizes("KILN_ALLOWED_BATCH_SIZES")
         batching_flags["mode"] = env.choice("KILN_BATCHING", ("adaptive", "fixed", "off")) or batching_mode
         batching_flags |= {name: given.pop(name) for name in [*batching_flags] if name in given}
-        batching = server_parameters(given.pop("batching_parameters_file", env.get("KILN_BATCHING_PARAMETERS_FILE")),
-                                     batching_flags)
+        batching = server_parameters(
+            given.pop("batching_parameters_file", env.get("KILN_BATCHING_PARAMETERS_FILE")), batching_flags
+        )
         poll = env.number("KILN_POLL_SECONDS")
         max_body = env.integer("KILN_MAX_BODY_BYTES")
         iterations = env.integer("KILN_WARMUP_ITERATIONS")
         workers = env.integer("KILN_WORKERS")
-        limits: dict[str, Any] = {name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
-                  for name, kind in _CONNECTION_LIMITS.items()}
-        settings = cls(model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
-                       model_repository=env.get("KILN_MODEL_REPOSITORY"), model_name=env.get("KILN_MODEL_NAME"),
-                       poll_seconds=1.0 if poll is None else poll, batching=batching, auth=Auth.from_env(environ),
-                       cors=Cors.parse(env.get("KILN_CORS_ORIGINS")),
-                       max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
-                       log_level=env.get("KILN_LOG_LEVEL") or "INFO", access_log=bool(env.boolean("KILN_ACCESS_LOG")),
-                       warmup_iterations=1 if iterations is None else iterations,
-                       warmup=cast("WarmupDepth", env.choice("KILN_WARMUP", ("first", "all")) or "first"),
-                       redis_url=env.get("KILN_REDIS_URL"), session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
-                       prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
-                       output_prefix=env.get("KILN_OUTPUT_PREFIX"), score_model=env.get("KILN_SCORE_MODEL"),
-                       workers=workers or 0,
-                       **{name: value for name, value in limits.items() if value is not None})
+        limits: dict[str, Any] = {
+            name: (env.integer if kind is int else env.number)(f"KILN_{name.upper()}")
+            for name, kind in _CONNECTION_LIMITS.items()
+        }
+        settings = cls(
+            model_config_file=env.get("KILN_MODEL_CONFIG_FILE"),
+            model_repository=env.get("KILN_MODEL_REPOSITORY"),
+            model_name=env.get("KILN_MODEL_NAME"),
+            poll_seconds=1.0 if poll is None else poll,
+            batching=batching,
+            auth=Auth.from_env(environ),
+            cors=Cors.parse(env.get("KILN_CORS_ORIGINS")),
+            max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body is None else max_body,
+            log_level=env.get("KILN_LOG_LEVEL") or "INFO",
+            access_log=bool(env.boolean("KILN_ACCESS_LOG")),
+            warmup_iterations=1 if iterations is None else iterations,
+            warmup=cast("WarmupDepth", env.choice("KILN_WARMUP", ("first", "all")) or "first"),
+            redis_url=env.get("KILN_REDIS_URL"),
+            session_ttl_seconds=env.number("KILN_SESSION_TTL_SECONDS"),
+            prediction_cache_seconds=env.number("KILN_PREDICTION_CACHE_SECONDS"),
+            output_prefix=env.get("KILN_OUTPUT_PREFIX"),
+            score_model=env.get("KILN_SCORE_MODEL"),
+            workers=workers or 0,
+            **{name: value for name, value in limits.items() if value is not None},
+        )
         if "cors_origins" in given:
             given["cors"] = Cors.parse(given.pop("cors_origins"))
         if "reload" in given:
@@ -157,12 +177,16 @@ class Settings:
                 raise ConfigError("give --model_base_path, a model config file or a model repository, not two")
             return self._check_limits()
         if self.model_config_file and self.model_repository:
-            raise ConfigError("give a model config file (KILN_MODEL_CONFIG_FILE, --model-config-file) or a model "
-                              "repository (KILN_MODEL_REPOSITORY, --model-repository), not both")
+            raise ConfigError(
+                "give a model config file (KILN_MODEL_CONFIG_FILE, --model-config-file) or a model "
+                "repository (KILN_MODEL_REPOSITORY, --model-repository), not both"
+            )
         if not self.model_config_file and not self.model_repository:
-            raise ConfigError("no models to serve: set KILN_MODEL_CONFIG_FILE (a models.config, local or s3://) "
-                              "or KILN_MODEL_REPOSITORY (with KILN_MODEL_NAME for one model), or pass "
-                              "--model-config-file or --model-repository")
+            raise ConfigError(
+                "no models to serve: set KILN_MODEL_CONFIG_FILE (a models.config, local or s3://) "
+                "or KILN_MODEL_REPOSITORY (with KILN_MODEL_NAME for one model), or pass "
+                "--model-config-file or --model-repository"
+            )
         if self.model_name and not self.model_repository:
             raise ConfigError("KILN_MODEL_NAME names a model in KILN_MODEL_REPOSITORY, which is not set")
         self._check_limits()

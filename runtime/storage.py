@@ -36,8 +36,15 @@ from runtime.errors import ConfigError, KeyNotFound, StorageError
 SCHEMES = "a local path, file://PATH, s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]"
 GCS_ENDPOINT = "https://storage.googleapis.com"
 # Failures that say nothing about the request itself: the next attempt may well succeed.
-TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
-                   "RequestTimeoutException", "InternalError", "ServiceUnavailable"}
+TRANSIENT_CODES = {
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+}
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 CHANGED_CODES = {"PreconditionFailed", "412"}
 
@@ -162,8 +169,13 @@ def open_storage(url: str, *, retry: Retry = Retry()) -> Storage:
         except ValueError as e:
             raise ConfigError(f"model store URL {url!r} has an invalid prefix: {e}") from None
         if parsed.scheme == "gs":
-            return S3Storage(parsed.netloc, prefix, retry, scheme="gs",
-                             endpoint_url=os.environ.get("KILN_GCS_ENDPOINT_URL") or GCS_ENDPOINT)
+            return S3Storage(
+                parsed.netloc,
+                prefix,
+                retry,
+                scheme="gs",
+                endpoint_url=os.environ.get("KILN_GCS_ENDPOINT_URL") or GCS_ENDPOINT,
+            )
         return S3Storage(parsed.netloc, prefix, retry)
     raise ConfigError(f"model store URL {url!r} is not supported; use {SCHEMES}")
 
@@ -288,14 +300,26 @@ class S3Storage:
     byte ranges of `chunk_bytes` in parallel (RANGES_AT_ONCE per file), retried whole if one fails.
     """
 
-    def __init__(self, bucket: str, prefix: str = "", retry: Retry = Retry(), *, scheme: str = "s3",
-                 endpoint_url: str | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        retry: Retry = Retry(),
+        *,
+        scheme: str = "s3",
+        endpoint_url: str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         from boto3.s3.transfer import TransferConfig
 
         self.bucket, self.prefix, self.retry, self.scheme = bucket, prefix, retry, scheme
         self._client = _s3_client(endpoint_url)
-        self._transfer = TransferConfig(multipart_threshold=chunk_bytes, multipart_chunksize=chunk_bytes,
-                                        max_concurrency=RANGES_AT_ONCE, io_chunksize=1 << 20)
+        self._transfer = TransferConfig(
+            multipart_threshold=chunk_bytes,
+            multipart_chunksize=chunk_bytes,
+            max_concurrency=RANGES_AT_ONCE,
+            io_chunksize=1 << 20,
+        )
 
     @property
     def url(self) -> str:
@@ -311,16 +335,22 @@ class S3Storage:
 
         def listing() -> list[str]:
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=start, Delimiter="/")
-            return sorted(common["Prefix"][len(start):].rstrip("/")
-                          for page in pages for common in page.get("CommonPrefixes", []))
+                Bucket=self.bucket, Prefix=start, Delimiter="/"
+            )
+            return sorted(
+                common["Prefix"][len(start) :].rstrip("/")
+                for page in pages
+                for common in page.get("CommonPrefixes", [])
+            )
 
         return self._call(f"listing {self._name(prefix)}", listing)
 
     def exists(self, key: str) -> bool:
         try:
-            self._call(f"looking up {self._name(key)}",
-                       lambda: self._client.head_object(Bucket=self.bucket, Key=self._object_key(key)))
+            self._call(
+                f"looking up {self._name(key)}",
+                lambda: self._client.head_object(Bucket=self.bucket, Key=self._object_key(key)),
+            )
         except KeyNotFound:
             return False
         return True
@@ -333,8 +363,12 @@ class S3Storage:
 
     def download(self, key: str, dest: Path) -> Received:
         def fetch() -> Received:
-            return _write_into_place(dest, lambda out: self._client.download_fileobj(
-                self.bucket, self._object_key(key), out, Config=self._transfer))
+            return _write_into_place(
+                dest,
+                lambda out: self._client.download_fileobj(
+                    self.bucket, self._object_key(key), out, Config=self._transfer
+                ),
+            )
 
         return self._call(f"downloading {self._name(key)}", fetch)
 
@@ -346,29 +380,40 @@ class S3Storage:
         def listing() -> list[str]:
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start)
             skip = len(root) + 1 if root else 0
-            return sorted(item["Key"][skip:] for page in pages for item in page.get("Contents", [])
-                          if not item["Key"].endswith("/"))  # "folder" placeholders hold nothing
+            return sorted(
+                item["Key"][skip:]
+                for page in pages
+                for item in page.get("Contents", [])
+                if not item["Key"].endswith("/")
+            )  # "folder" placeholders hold nothing
 
         return self._call(f"listing {self._name(prefix)}", listing)
 
     def stat(self, key: str) -> ObjectInfo:
-        head = self._call(f"looking up {self._name(key)}",
-                          lambda: self._client.head_object(Bucket=self.bucket, Key=self._object_key(key)))
+        head = self._call(
+            f"looking up {self._name(key)}",
+            lambda: self._client.head_object(Bucket=self.bucket, Key=self._object_key(key)),
+        )
         return _s3_info(head)
 
     def reader(self, key: str) -> tuple[ObjectInfo, BinaryIO]:
-        response = self._call(f"reading {self._name(key)}", lambda: self._client.get_object(
-            Bucket=self.bucket, Key=self._object_key(key)))
+        response = self._call(
+            f"reading {self._name(key)}", lambda: self._client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+        )
         info = _s3_info(response)
         return info, io.BufferedReader(_S3Stream(self, key, response, info), 1 << 20)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"writing {self._name(key)}", lambda: self._client.put_object(
-            Bucket=self.bucket, Key=self._object_key(key), Body=data))
+        self._call(
+            f"writing {self._name(key)}",
+            lambda: self._client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data),
+        )
 
     def delete(self, key: str) -> None:
-        self._call(f"deleting {self._name(key)}", lambda: self._client.delete_object(
-            Bucket=self.bucket, Key=self._object_key(key)))
+        self._call(
+            f"deleting {self._name(key)}",
+            lambda: self._client.delete_object(Bucket=self.bucket, Key=self._object_key(key)),
+        )
 
     def _name(self, key: str) -> str:
         return f"{self.url}/{key}" if key else self.url
@@ -386,8 +431,9 @@ class S3Storage:
             if attempt == self.retry.attempts or elapsed + wait > self.retry.deadline:
                 break
             time.sleep(wait)
-        raise StorageError(f"{what} failed after {attempt} attempt(s) in {time.monotonic() - started:.1f} s; "
-                           f"last error: {cause}")
+        raise StorageError(
+            f"{what} failed after {attempt} attempt(s) in {time.monotonic() - started:.1f} s; last error: {cause}"
+        )
 
     def _transient_cause(self, error: Exception, what: str) -> str:
         """The phrased cause of a failure worth retrying; raises at once for any other."""
@@ -415,8 +461,18 @@ class S3Storage:
             if status >= 500 or status == 429 or code in TRANSIENT_CODES:
                 return cause
             raise StorageError(f"{what} failed: the store refused it: {cause}") from None
-        if isinstance(error, (ConnectionError, HTTPClientError, IncompleteReadError, ReadTimeoutError,
-                              ResponseStreamingError, RetriesExceededError, TransferRetriesExceeded)):
+        if isinstance(
+            error,
+            (
+                ConnectionError,
+                HTTPClientError,
+                IncompleteReadError,
+                ReadTimeoutError,
+                ResponseStreamingError,
+                RetriesExceededError,
+                TransferRetriesExceeded,
+            ),
+        ):
             return str(error)
         if isinstance(error, BotoCoreError):  # no credentials, bad parameters: retrying cannot help
             raise StorageError(f"{what} failed: {error}") from None
@@ -426,9 +482,18 @@ class S3Storage:
 # Making a boto3 client reads its service description (tens of milliseconds): stores opened with the
 # same settings share one (boto3 clients are safe to share between threads). A store opened after
 # one of these variables changed gets a new client.
-CLIENT_ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                      "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE",
-                      "AWS_SHARED_CREDENTIALS_FILE")
+CLIENT_ENVIRONMENT = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 MAX_CLIENTS = 16
@@ -442,8 +507,12 @@ def _s3_client(endpoint_url: str | None):
             import boto3
             from botocore.config import Config
 
-            config = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=30,
-                            max_pool_connections=FILES_AT_ONCE * RANGES_AT_ONCE)
+            config = Config(
+                retries={"mode": "standard", "total_max_attempts": 1},
+                connect_timeout=5,
+                read_timeout=30,
+                max_pool_connections=FILES_AT_ONCE * RANGES_AT_ONCE,
+            )
             client = boto3.session.Session().client("s3", config=config, endpoint_url=endpoint_url)
             if len(_clients) >= MAX_CLIENTS:
                 del _clients[next(iter(_clients))]
@@ -469,7 +538,7 @@ class _S3Stream(io.RawIOBase):
         if self.offset >= self.info.size:
             return 0
         data = self.storage._call(f"reading {self.storage._name(self.key)}", lambda: self._read(len(buffer)))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.offset += len(data)
         return len(data)
 
@@ -480,8 +549,11 @@ class _S3Stream(io.RawIOBase):
         try:
             if self.body is None:
                 self.body = self.storage._client.get_object(
-                    Bucket=self.storage.bucket, Key=self.storage._object_key(self.key),
-                    Range=f"bytes={self.offset}-", **({"IfMatch": self.etag} if self.etag else {}))["Body"]
+                    Bucket=self.storage.bucket,
+                    Key=self.storage._object_key(self.key),
+                    Range=f"bytes={self.offset}-",
+                    **({"IfMatch": self.etag} if self.etag else {}),
+                )["Body"]
             data = self.body.read(size)
             if not data:
                 raise IncompleteReadError(actual_bytes=self.offset, expected_bytes=self.info.size)

@@ -11,8 +11,12 @@ from runtime.manifest import Manifest, TensorSpec, show_shape
 def table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Rows (the first a header) in columns two spaces apart; the columns in `right` right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    )
 
 
 def render(manifest: Manifest) -> str:
@@ -28,25 +32,41 @@ def render(manifest: Manifest) -> str:
         ("format", str(manifest.format_version)),
     ]
     if manifest.runtime is not None:
-        head += [("shared code", f"{manifest.runtime.key} ({manifest.runtime.file})"),
-                 ("bytes saved", f"{manifest.runtime.bytes_saved / 1e6:.1f} MB (against format 1: runtime and "
-                                 f"weights in every bucket library)")]
+        head += [
+            ("shared code", f"{manifest.runtime.key} ({manifest.runtime.file})"),
+            (
+                "bytes saved",
+                f"{manifest.runtime.bytes_saved / 1e6:.1f} MB (against format 1: runtime and "
+                f"weights in every bucket library)",
+            ),
+        ]
     width = max(len(key) for key, _ in head)
     lines = [f"{key:<{width}}  {value}" for key, value in head]
     rows = [("signature", "method", "engine", "inputs", "outputs")]
     for key, sig in manifest.signatures.items():
-        rows.append((key, sig.method.rsplit("/", 1)[-1], sig.engine + (" (jit)" if sig.jit else ""),
-                     _specs(sig.inputs), _specs(sig.outputs)))
+        rows.append(
+            (
+                key,
+                sig.method.rsplit("/", 1)[-1],
+                sig.engine + (" (jit)" if sig.jit else ""),
+                _specs(sig.inputs),
+                _specs(sig.outputs),
+            )
+        )
     lines += ["", table(rows)]
     for key, sig in manifest.signatures.items():
         if sig.reason:
             lines.append(f"  {key}: not ahead-of-time compiled: {sig.reason}")
         if sig.elementwise:
-            lines.append(f"  {key}: elementwise: takes inputs of any shape they allow, run as flat runs of "
-                         f"elements (buckets count elements)")
+            lines.append(
+                f"  {key}: elementwise: takes inputs of any shape they allow, run as flat runs of "
+                f"elements (buckets count elements)"
+            )
         if sig.state:
-            pairs = ", ".join(f"{name} <- {output}{' (appended at the position)' if name in sig.appended else ''}"
-                              for name, output in sig.state.items())
+            pairs = ", ".join(
+                f"{name} <- {output}{' (appended at the position)' if name in sig.appended else ''}"
+                for name, output in sig.state.items()
+            )
             held = f"; {sig.position.input} counts tokens, at most {sig.position.capacity}" if sig.position else ""
             lines.append(f"  {key}: state {pairs}{held}")
     return "\n".join(lines)

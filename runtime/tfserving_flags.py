@@ -27,7 +27,8 @@ IGNORED = {
     "tensorflow_intra_op_parallelism": "set KILN_INTRA_OP_THREADS instead",
     "tensorflow_inter_op_parallelism": "compiled code has no inter-op pool",
     "rest_api_num_threads": "REST runs on one event loop with a thread pool for model work",
-    "num_load_threads": "versions load one at a time", "num_unload_threads": "versions unload one at a time",
+    "num_load_threads": "versions load one at a time",
+    "num_unload_threads": "versions unload one at a time",
     "max_num_load_retries": "store errors are retried with backoff (README, 'The model repository')",
     "load_retry_interval_micros": "store errors are retried with backoff (README, 'The model repository')",
     "flush_filesystem_caches": "servables are mapped from the local cache",
@@ -45,7 +46,8 @@ REFUSED = {
     "ssl_config_file": "Kiln's gRPC port has no TLS: put it behind the platform's TLS or a proxy",
     "platform_config_file": "Kiln serves compiled servables, not platform configurations",
     "grpc_socket_path": "Kiln's gRPC listens on a TCP port only",
-    "use_tflite_model": "Kiln serves no TFLite models", "prefer_tflite_model": "Kiln serves no TFLite models",
+    "use_tflite_model": "Kiln serves no TFLite models",
+    "prefer_tflite_model": "Kiln serves no TFLite models",
     "model_config_file_poll_wait_seconds": None,  # refused only when positive: see screen()
     "enable_model_warmup": None,  # refused only when false
     "allow_version_labels_for_unavailable_models": "labels may only name available versions here",
@@ -56,22 +58,37 @@ _TRUE, _FALSE = ("", "1", "true", "yes"), ("0", "false", "no")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TensorFlow Serving's flags", "tensorflow_model_server's own, with its "
-                                      "meanings (runtime/tfserving_flags.py)")
+    group = parser.add_argument_group(
+        "TensorFlow Serving's flags", "tensorflow_model_server's own, with its meanings (runtime/tfserving_flags.py)"
+    )
     group.add_argument("--port", dest="tf_port", type=int, help="gRPC port (as --grpc-port)")
     group.add_argument("--rest_api_port", dest="tf_rest_api_port", type=int, help="REST port (as --rest-port)")
     group.add_argument("--model_name", dest="tf_model_name", help="the model's name (default: default)")
     group.add_argument("--model_base_path", dest="tf_model_base_path", help="BASE/NAME holding the versions")
     group.add_argument("--model_config_file", dest="tf_model_config_file", help="as --model-config-file")
     group.add_argument("--file_system_poll_wait_seconds", dest="tf_poll", type=float, help="as --poll-seconds")
-    group.add_argument("--enable_batching", dest="tf_enable_batching", type=_boolean, nargs="?", const=True,
-                       help="batch with TF Serving's timeout rule (default with these flags: off)")
-    group.add_argument("--batching_parameters_file", dest="tf_batching_parameters_file",
-                       help="as --batching-parameters-file")
-    group.add_argument("--monitoring_config_file", dest="tf_monitoring_config_file",
-                       help="MonitoringConfig text: prometheus_config { enable: true path: \"...\" }")
-    group.add_argument("--rest_api_timeout_in_ms", dest="tf_rest_api_timeout_in_ms", type=int,
-                       help="a REST request's deadline (default: none, or X-Kiln-Timeout-Ms)")
+    group.add_argument(
+        "--enable_batching",
+        dest="tf_enable_batching",
+        type=_boolean,
+        nargs="?",
+        const=True,
+        help="batch with TF Serving's timeout rule (default with these flags: off)",
+    )
+    group.add_argument(
+        "--batching_parameters_file", dest="tf_batching_parameters_file", help="as --batching-parameters-file"
+    )
+    group.add_argument(
+        "--monitoring_config_file",
+        dest="tf_monitoring_config_file",
+        help='MonitoringConfig text: prometheus_config { enable: true path: "..." }',
+    )
+    group.add_argument(
+        "--rest_api_timeout_in_ms",
+        dest="tf_rest_api_timeout_in_ms",
+        type=int,
+        help="a REST request's deadline (default: none, or X-Kiln-Timeout-Ms)",
+    )
 
 
 def screen(argv: Sequence[str]) -> list[str]:
@@ -89,8 +106,10 @@ def screen(argv: Sequence[str]) -> list[str]:
             value, skip = argv[index + 1], True
         if name == "model_config_file_poll_wait_seconds":
             if float(value or 0) > 0:
-                raise ConfigError(f"--{name}: Kiln reads the model config file once; reload it with gRPC "
-                                  f"HandleReloadConfigRequest (kiln serve --reload)")
+                raise ConfigError(
+                    f"--{name}: Kiln reads the model config file once; reload it with gRPC "
+                    f"HandleReloadConfigRequest (kiln serve --reload)"
+                )
         elif name == "enable_model_warmup":
             if value.lower() in _FALSE:
                 raise ConfigError(f"--{name}=false: Kiln warms every version up before it serves it")
@@ -161,9 +180,15 @@ def monitoring_paths(path: str) -> tuple[str, ...]:
 
 def _configured(args: argparse.Namespace, given: Mapping[str, Any], environ: Mapping[str, str]) -> bool:
     """Whether flags (TF Serving's or Kiln's) or Kiln's variables already name the models to serve."""
-    return bool(args.model_repository or args.model_config_file or environ.get("KILN_MODEL_REPOSITORY")
-                or environ.get("KILN_MODEL_CONFIG_FILE") or "tf_model_base_path" in given
-                or "tf_model_config_file" in given or "tf_model_name" in given)
+    return bool(
+        args.model_repository
+        or args.model_config_file
+        or environ.get("KILN_MODEL_REPOSITORY")
+        or environ.get("KILN_MODEL_CONFIG_FILE")
+        or "tf_model_base_path" in given
+        or "tf_model_config_file" in given
+        or "tf_model_name" in given
+    )
 
 
 def _boolean(text: str) -> bool:

@@ -26,18 +26,34 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-API_NAMES = {"predict": "Predict", "classify": "Classify", "regress": "Regress",
-             "multi_inference": "MultiInference", "infer": "Predict"}
+API_NAMES = {
+    "predict": "Predict",
+    "classify": "Classify",
+    "regress": "Regress",
+    "multi_inference": "MultiInference",
+    "infer": "Predict",
+}
 ENTRYPOINTS = {"rest": "REST", "grpc": "GRPC"}
-HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-              404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "ABORTED", 412: "FAILED_PRECONDITION",
-              413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
-              504: "DEADLINE_EXCEEDED"}
+HTTP_CODES = {
+    200: "OK",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    412: "FAILED_PRECONDITION",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 def exponential(scale: float, growth: float, count: int) -> tuple[float, ...]:
     """TensorFlow's monitoring::Buckets::Exponential: count limits from scale, then +Inf."""
-    return tuple(scale * growth ** i for i in range(count))
+    return tuple(scale * growth**i for i in range(count))
 
 
 LATENCY_BUCKETS = exponential(10, 1.8, 33)  # request_latency, runtime_latency
@@ -54,31 +70,48 @@ class TfServingMetrics:
         def histogram(name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]):
             return Histogram(name, documentation, labels, buckets=buckets, registry=registry)
 
-        self._requests = count(":tensorflow:serving:request_count", "The total number of requests.",
-                               ("model_name", "status"))
+        self._requests = count(
+            ":tensorflow:serving:request_count", "The total number of requests.", ("model_name", "status")
+        )
         self._request_latency = histogram(
-            ":tensorflow:serving:request_latency", "Distribution of wall time (in microseconds) for Tensorflow "
-            "Serving request.", ("model_name", "API", "entrypoint"), LATENCY_BUCKETS)
+            ":tensorflow:serving:request_latency",
+            "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+            ("model_name", "API", "entrypoint"),
+            LATENCY_BUCKETS,
+        )
         self._runtime_latency = histogram(
-            ":tensorflow:serving:runtime_latency", "Distribution of wall time (in microseconds) for Tensorflow "
-            "runtime.", ("model_name", "API", "runtime"), LATENCY_BUCKETS)
-        self._graph_runs = count(":tensorflow:core:graph_runs", "The number of graph executions used to collect "
-                                 "/tensorflow/core/graph_run_time_usecs")
-        self._graph_time = count(":tensorflow:core:graph_run_time_usecs",
-                                 "The total time spent on executing graphs in microseconds.")
-        self._graph_histogram = histogram(":tensorflow:core:graph_run_time_usecs_histogram",
-                                          "The wall-clock time spent on executing graphs in microseconds.", (),
-                                          GRAPH_RUN_BUCKETS)
+            ":tensorflow:serving:runtime_latency",
+            "Distribution of wall time (in microseconds) for Tensorflow runtime.",
+            ("model_name", "API", "runtime"),
+            LATENCY_BUCKETS,
+        )
+        self._graph_runs = count(
+            ":tensorflow:core:graph_runs",
+            "The number of graph executions used to collect /tensorflow/core/graph_run_time_usecs",
+        )
+        self._graph_time = count(
+            ":tensorflow:core:graph_run_time_usecs", "The total time spent on executing graphs in microseconds."
+        )
+        self._graph_histogram = histogram(
+            ":tensorflow:core:graph_run_time_usecs_histogram",
+            "The wall-clock time spent on executing graphs in microseconds.",
+            (),
+            GRAPH_RUN_BUCKETS,
+        )
 
     def request(self, protocol: str, api: str, model: str, status: str, seconds: float) -> None:
         """A request answered; `status` a gRPC code name or an HTTP status."""
         if api not in API_NAMES or not model:
             return
-        code = HTTP_CODES.get(int(status), "INTERNAL" if int(status) >= 500 else "INVALID_ARGUMENT") \
-            if status.isdigit() else status
+        code = (
+            HTTP_CODES.get(int(status), "INTERNAL" if int(status) >= 500 else "INVALID_ARGUMENT")
+            if status.isdigit()
+            else status
+        )
         self._requests.labels(model, code).inc()
-        self._request_latency.labels(model, API_NAMES[api], ENTRYPOINTS.get(protocol, protocol.upper())) \
-            .observe(seconds * 1e6)
+        self._request_latency.labels(model, API_NAMES[api], ENTRYPOINTS.get(protocol, protocol.upper())).observe(
+            seconds * 1e6
+        )
 
     def runtime(self, model: str, api: str, engine: str, seconds: float) -> None:
         """One request's model work done."""

@@ -59,7 +59,7 @@ VersionPolicy = Annotated[Latest | All | Specific, Field(discriminator="kind")]
 def aspired_versions(policy: VersionPolicy, available: set[int]) -> set[int]:
     """The versions to serve among those found in storage."""
     if isinstance(policy, Latest):
-        return set(sorted(available)[-policy.num_versions:])
+        return set(sorted(available)[-policy.num_versions :])
     if isinstance(policy, All):
         return set(available)
     return available.intersection(policy.versions)
@@ -100,8 +100,9 @@ class Unload:
     version: int
 
 
-def availability_preserving(versions: Iterable[VersionSnapshot],
-                            pinned: frozenset[int] = frozenset()) -> Load | Unload | None:
+def availability_preserving(
+    versions: Iterable[VersionSnapshot], pinned: frozenset[int] = frozenset()
+) -> Load | Unload | None:
     """The next action for one model, given every version it has; None when nothing is to be done.
 
     As TF Serving's AvailabilityPreservingPolicy::GetNextAction:
@@ -116,10 +117,10 @@ def availability_preserving(versions: Iterable[VersionSnapshot],
     """
     versions = list(versions)
     aspired = [v for v in versions if v.aspired]
-    unaspired_available = sorted(v.version for v in versions
-                                 if not v.aspired and v.state is State.AVAILABLE)
-    if unaspired_available and (not aspired or len(unaspired_available) > 1
-                                or any(v.state is State.AVAILABLE for v in aspired)):
+    unaspired_available = sorted(v.version for v in versions if not v.aspired and v.state is State.AVAILABLE)
+    if unaspired_available and (
+        not aspired or len(unaspired_available) > 1 or any(v.state is State.AVAILABLE for v in aspired)
+    ):
         if unaspired_available[0] not in pinned:
             return Unload(unaspired_available[0])
     new = [v.version for v in aspired if v.state is State.START]

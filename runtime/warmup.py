@@ -75,8 +75,10 @@ def _at_every_bucket(engine: Engine, key: str, inputs: dict[str, np.ndarray]) ->
         yield inputs
         return
     for bucket in engine.manifest.batch_sizes:
-        yield {name: np.resize(array, (bucket, *array.shape[1:])) if array.ndim else array
-               for name, array in inputs.items()}
+        yield {
+            name: np.resize(array, (bucket, *array.shape[1:])) if array.ndim else array
+            for name, array in inputs.items()
+        }
 
 
 def warmup_requests(directory: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -129,17 +131,21 @@ def _from_prediction_logs(path: Path, directory: Path) -> list[tuple[str, dict[s
             log = PredictionLog.FromString(record)
             kind = log.WhichOneof("log_type")
             if kind is None:
-                raise ServableError("it is not a classify, regress, predict or multi-inference log "
-                                    "(session-run and streamed logs cannot be replayed)")
+                raise ServableError(
+                    "it is not a classify, regress, predict or multi-inference log "
+                    "(session-run and streamed logs cannot be replayed)"
+                )
             request = getattr(log, kind).request
             if kind == "predict_log":
                 key = request.model_spec.signature_name or DEFAULT_SIGNATURE
                 requests.append((key, {name: to_ndarray(t) for name, t in request.inputs.items()}))
                 continue
             serialized = examples.from_input(request.input)
-            tasks = ([(t.model_spec.signature_name, t.method_name) for t in request.tasks]
-                     if kind == "multi_inference_log" else
-                     [(request.model_spec.signature_name, examples.METHODS[kind.split("_")[0]])])
+            tasks = (
+                [(t.model_spec.signature_name, t.method_name) for t in request.tasks]
+                if kind == "multi_inference_log"
+                else [(request.model_spec.signature_name, examples.METHODS[kind.split("_")[0]])]
+            )
             for key, method in tasks:
                 key = key or DEFAULT_SIGNATURE
                 if key not in signatures:

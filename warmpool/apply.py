@@ -50,8 +50,16 @@ class LambdaResult:
     deleted: list[str] = field(default_factory=list)  # stale kiln-warmpool-* actions removed
 
 
-def apply_lambda(plan: Plan, function: str, alias: str, *, at: datetime | None = None, schedule: bool = False,
-                 lambda_client=None, autoscaling_client=None) -> LambdaResult:
+def apply_lambda(
+    plan: Plan,
+    function: str,
+    alias: str,
+    *,
+    at: datetime | None = None,
+    schedule: bool = False,
+    lambda_client=None,
+    autoscaling_client=None,
+) -> LambdaResult:
     """Set the alias's provisioned concurrency to the plan's count now, and with `schedule` the whole
     timetable through Application Auto Scaling (see the module's docstring)."""
     import boto3
@@ -63,8 +71,9 @@ def apply_lambda(plan: Plan, function: str, alias: str, *, at: datetime | None =
         lambda_client = lambda_client or boto3.client("lambda")
         lambda_client.get_alias(FunctionName=function, Name=alias)  # fails early, naming what is missing
         if count:
-            lambda_client.put_provisioned_concurrency_config(FunctionName=function, Qualifier=alias,
-                                                             ProvisionedConcurrentExecutions=count)
+            lambda_client.put_provisioned_concurrency_config(
+                FunctionName=function, Qualifier=alias, ProvisionedConcurrentExecutions=count
+            )
         else:
             try:
                 lambda_client.delete_provisioned_concurrency_config(FunctionName=function, Qualifier=alias)
@@ -72,8 +81,13 @@ def apply_lambda(plan: Plan, function: str, alias: str, *, at: datetime | None =
                 if e.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
                     raise  # none configured is what 0 means
         if schedule:
-            _schedule_lambda(plan, f"function:{function}:{alias}", count,
-                             autoscaling_client or boto3.client("application-autoscaling"), result)
+            _schedule_lambda(
+                plan,
+                f"function:{function}:{alias}",
+                count,
+                autoscaling_client or boto3.client("application-autoscaling"),
+                result,
+            )
     except (ClientError, BotoCoreError) as e:
         raise KilnError(f"Lambda function {function} alias {alias}: {_message(e)}") from None
     return result
@@ -88,8 +102,9 @@ def _schedule_lambda(plan: Plan, resource: str, count: int, client, result: Lamb
         days = "daily" if change.days is None else (show_days(change.days) or "").replace(",", "_")
         name = f"{ACTION_PREFIX}{days}-{hour:02d}{minute:02d}"
         actions[name] = {  # cron(minutes hours day-of-month month day-of-week year); one of the days is ?
-            "Schedule": f"cron({minute} {hour} * * ? *)" if change.days is None else
-                        f"cron({minute} {hour} ? * {','.join(DAY_NAMES[d].upper() for d in change.days)} *)",
+            "Schedule": f"cron({minute} {hour} * * ? *)"
+            if change.days is None
+            else f"cron({minute} {hour} ? * {','.join(DAY_NAMES[d].upper() for d in change.days)} *)",
             "Timezone": plan.timezone,
             "ScalableTargetAction": {"MinCapacity": change.instances, "MaxCapacity": change.instances},
         }
@@ -120,8 +135,9 @@ class CloudRunResult:
     commands: list[str] = field(default_factory=list)  # what applies it, and the plan's later changes
 
 
-def apply_cloud_run(plan: Plan, path: Path, *, at: datetime | None = None, level: str = "auto",
-                    region: str | None = None) -> CloudRunResult:
+def apply_cloud_run(
+    plan: Plan, path: Path, *, at: datetime | None = None, level: str = "auto", region: str | None = None
+) -> CloudRunResult:
     """Write the plan's count now into the service YAML's minimum instances (see the docstring)."""
     try:
         text = path.read_text()
@@ -189,7 +205,7 @@ def _edit_in_place(text: str, root, keys: list[str], annotation: str, value: str
         return None
     for key_node, value_node in node.value:
         if key_node.value == annotation:
-            return text[:value_node.start_mark.index] + value + text[value_node.end_mark.index:]
+            return text[: value_node.start_mark.index] + value + text[value_node.end_mark.index :]
     first = node.value[0][0].start_mark
     line_start = first.index - first.column
     return text[:line_start] + " " * first.column + f"{annotation}: {value}\n" + text[line_start:]

@@ -59,16 +59,26 @@ def measure(target: str, *, runs: int = 1, cache_dir: Path | None = None, signat
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     phases = {name: statistics.median(s["phases"][name] for s in samples) for name in PHASES}
-    return {"target": target, "servable": samples[0]["servable"], "runs": runs, "phases": phases,
-            "total_seconds": statistics.median(s["total_seconds"] for s in samples),
-            "peak_rss_mb": max(s["peak_rss_mb"] for s in samples), "samples": samples}
+    return {
+        "target": target,
+        "servable": samples[0]["servable"],
+        "runs": runs,
+        "phases": phases,
+        "total_seconds": statistics.median(s["total_seconds"] for s in samples),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
+        "samples": samples,
+    }
 
 
 def _run_once(target: str, cache_dir: Path, signature: str | None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     spawned = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps([target, str(cache_dir), signature])],
-                           capture_output=True, text=True, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps([target, str(cache_dir), signature])],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if child.returncode != 0:
         reason = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else f"exit status {child.returncode}"
         raise KilnError(f"cold start of {target} failed: {reason.removeprefix('error: ')}")
@@ -83,8 +93,12 @@ def _run_once(target: str, cache_dir: Path, signature: str | None) -> dict:
         "warm_up": marks["warmed"] - marks["opened"],
         "first_request": marks["answered"] - marks["warmed"],
     }
-    return {"phases": phases, "total_seconds": marks["answered"] - spawned, "servable": report["servable"],
-            "peak_rss_mb": report["peak_rss_kib"] / 1024}
+    return {
+        "phases": phases,
+        "total_seconds": marks["answered"] - spawned,
+        "servable": report["servable"],
+        "peak_rss_mb": report["peak_rss_kib"] / 1024,
+    }
 
 
 def render(result: dict) -> str:
@@ -92,11 +106,22 @@ def render(result: dict) -> str:
     from runtime.table import table
 
     total = result["total_seconds"]
-    rows = [(name.replace("_", " "), f"{seconds * 1000:.1f}", f"{100 * seconds / total:.1f}%")
-            for name, seconds in result["phases"].items()]
+    rows = [
+        (name.replace("_", " "), f"{seconds * 1000:.1f}", f"{100 * seconds / total:.1f}%")
+        for name, seconds in result["phases"].items()
+    ]
     servable = result["servable"]
-    head = (f"{servable['name']} version {servable['version']} ({servable['engine']}, {servable['files']} files, "
-            f"{servable['bytes'] / 1e6:.1f} MB), signature {servable['signature']}; "
-            f"{'median of ' + str(result['runs']) + ' runs' if result['runs'] > 1 else 'one run'}")
-    return "\n".join([head, "", table([("phase", "ms", "share"), *rows, ("total", f"{total * 1000:.1f}", "100%")],
-                                      right=(1, 2)), "", f"peak RSS {result['peak_rss_mb']:.0f} MB"])
+    head = (
+        f"{servable['name']} version {servable['version']} ({servable['engine']}, {servable['files']} files, "
+        f"{servable['bytes'] / 1e6:.1f} MB), signature {servable['signature']}; "
+        f"{'median of ' + str(result['runs']) + ' runs' if result['runs'] > 1 else 'one run'}"
+    )
+    return "\n".join(
+        [
+            head,
+            "",
+            table([("phase", "ms", "share"), *rows, ("total", f"{total * 1000:.1f}", "100%")], right=(1, 2)),
+            "",
+            f"peak RSS {result['peak_rss_mb']:.0f} MB",
+        ]
+    )

@@ -47,6 +47,7 @@ def main(started: float) -> None:
                 return verify(*args, **kwargs)
             finally:
                 verified_for[phase[0]] += time.perf_counter() - begun
+
         return verify_files
 
     engine_module.verify_files = timed(engine_module.verify_files)
@@ -60,8 +61,11 @@ def main(started: float) -> None:
             parent, name = split_location(base_path if version is not None else target)
             storage = open_storage(parent)
             if version is None:  # BASE/NAME: its newest published version
-                published = [int(n) for n in storage.list_children(name)
-                             if n.isdigit() and storage.exists(f"{name}/{n}/manifest.json")]
+                published = [
+                    int(n)
+                    for n in storage.list_children(name)
+                    if n.isdigit() and storage.exists(f"{name}/{n}/manifest.json")
+                ]
                 if not published:
                     raise KilnError(f"{target} has no published version")
                 version = max(published)
@@ -82,12 +86,25 @@ def main(started: float) -> None:
     manifest = engine.manifest
     with open("/proc/self/status") as status:
         peak = next((int(line.split()[1]) for line in status if line.startswith("VmHWM")), 0)
-    print(json.dumps({
-        "marks": marks, "verification": verified_for, "peak_rss_kib": peak, "directory": str(fetched.directory),
-        "servable": {"name": manifest.name, "version": manifest.version, "engine": manifest.engine,
-                     "signature": key, "files": len(manifest.files),
-                     "bytes": sum(entry.size for entry in manifest.files.values())},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "marks": marks,
+                "verification": verified_for,
+                "peak_rss_kib": peak,
+                "directory": str(fetched.directory),
+                "servable": {
+                    "name": manifest.name,
+                    "version": manifest.version,
+                    "engine": manifest.engine,
+                    "signature": key,
+                    "files": len(manifest.files),
+                    "bytes": sum(entry.size for entry in manifest.files.values()),
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 class _TimedHashlib:

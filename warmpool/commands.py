@@ -21,8 +21,14 @@ def plan(args) -> int:
     schedule = read_model(Schedule, args.schedule) if args.schedule else None
     timezone_name = args.timezone or (schedule.timezone if schedule else "UTC")
     traffic = traffic_buckets(read_model(Traffic, args.traffic), timezone_name) if args.traffic else None
-    result = make_plan(schedule, traffic, concurrency=args.concurrency, memory_gb=args.memory_gb,
-                       headroom=Headroom.parse(args.headroom), timezone=timezone_name)
+    result = make_plan(
+        schedule,
+        traffic,
+        concurrency=args.concurrency,
+        memory_gb=args.memory_gb,
+        headroom=Headroom.parse(args.headroom),
+        timezone=timezone_name,
+    )
     if args.out:
         write_model(result, Path(args.out))
     print(result.model_dump_json(indent=2) if args.json else render_plan(result))
@@ -38,18 +44,34 @@ def render_plan(plan) -> str:
 
     rows = [("days", "window", "min", "λ req/s", "W s", "L", "warm", "GB-s", "cold start")]
     for w in plan.windows:
-        rows.append((show_days(w.days) or "every day", f"{show_time(w.start)}-{show_time(w.end)}",
-                     str(w.schedule_min), number(w.rate, ".4g"), number(w.latency, ".3g"), number(w.load, ".3g"),
-                     str(w.instances), f"{w.gb_seconds:,.0f}",
-                     "-" if w.cold_start_fraction is None else f"{100 * w.cold_start_fraction:.2f}%"))
+        rows.append(
+            (
+                show_days(w.days) or "every day",
+                f"{show_time(w.start)}-{show_time(w.end)}",
+                str(w.schedule_min),
+                number(w.rate, ".4g"),
+                number(w.latency, ".3g"),
+                number(w.load, ".3g"),
+                str(w.instances),
+                f"{w.gb_seconds:,.0f}",
+                "-" if w.cold_start_fraction is None else f"{100 * w.cold_start_fraction:.2f}%",
+            )
+        )
     totals = plan.totals
-    lines = [f"warm pool plan ({plan.timezone}; concurrency {plan.concurrency} per instance, {plan.memory_gb:g} GB "
-             f"each, headroom {plan.headroom})", "", table(rows, right=range(2, 9)), "",
-             f"warm pool: {totals.gb_seconds_per_day:,.0f} GB-s a day ({totals.gb_seconds_per_day * 30:,.0f} "
-             f"in 30 days), at most {totals.max_instances} instance{'' if totals.max_instances == 1 else 's'}"]
+    lines = [
+        f"warm pool plan ({plan.timezone}; concurrency {plan.concurrency} per instance, {plan.memory_gb:g} GB "
+        f"each, headroom {plan.headroom})",
+        "",
+        table(rows, right=range(2, 9)),
+        "",
+        f"warm pool: {totals.gb_seconds_per_day:,.0f} GB-s a day ({totals.gb_seconds_per_day * 30:,.0f} "
+        f"in 30 days), at most {totals.max_instances} instance{'' if totals.max_instances == 1 else 's'}",
+    ]
     if totals.requests_per_day is not None:
-        lines.append(f"traffic: {totals.requests_per_day:,.0f} requests a day, expected cold-start fraction "
-                     f"{100 * (totals.cold_start_fraction or 0):.3f}% (Erlang B: requests finding the pool busy)")
+        lines.append(
+            f"traffic: {totals.requests_per_day:,.0f} requests a day, expected cold-start fraction "
+            f"{100 * (totals.cold_start_fraction or 0):.3f}% (Erlang B: requests finding the pool busy)"
+        )
     return "\n".join(lines)
 
 
@@ -64,19 +86,25 @@ def apply(args) -> int:
         from warmpool.apply import apply_lambda
 
         done = apply_lambda(plan_, args.lambda_function, args.alias, at=at, schedule=args.scheduled_actions)
-        print(f"Lambda {done.function}:{done.alias}: provisioned concurrency "
-              f"{done.instances if done.instances else 'removed (0)'} for {at.isoformat(timespec='minutes')}")
+        print(
+            f"Lambda {done.function}:{done.alias}: provisioned concurrency "
+            f"{done.instances if done.instances else 'removed (0)'} for {at.isoformat(timespec='minutes')}"
+        )
         for action in done.scheduled:
-            print(f"  scheduled {action['name']}: {action['Schedule']} {action['Timezone']} -> "
-                  f"{action['ScalableTargetAction']['MinCapacity']}")
+            print(
+                f"  scheduled {action['name']}: {action['Schedule']} {action['Timezone']} -> "
+                f"{action['ScalableTargetAction']['MinCapacity']}"
+            )
         for name in done.deleted:
             print(f"  deleted stale scheduled action {name}")
         return 0
     from warmpool.apply import apply_cloud_run
 
     done = apply_cloud_run(plan_, Path(args.cloud_run_service), at=at, level=args.level, region=args.region)
-    print(f"{done.path}: {done.annotation} {done.previous or '(unset)'} -> {done.instances}"
-          f"{' (the file was written whole: its comments are lost)' if done.rewritten else ''}")
+    print(
+        f"{done.path}: {done.annotation} {done.previous or '(unset)'} -> {done.instances}"
+        f"{' (the file was written whole: its comments are lost)' if done.rewritten else ''}"
+    )
     print("apply it with:\n  " + "\n  ".join(done.commands))
     return 0
 
@@ -84,8 +112,12 @@ def apply(args) -> int:
 def coldstart(args) -> int:
     from warmpool.coldstart import measure, render
 
-    result = measure(args.servable, runs=args.runs, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                     signature=args.signature)
+    result = measure(
+        args.servable,
+        runs=args.runs,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        signature=args.signature,
+    )
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 
@@ -104,8 +136,9 @@ def read_model(model: type[BaseModel], path: str | Path):
         return model.model_validate(data if data is not None else {})
     except (ValueError, yaml.YAMLError) as e:
         if isinstance(e, ValidationError):
-            problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or '(top)'}: {error['msg']}"
-                                 for error in e.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, error['loc'])) or '(top)'}: {error['msg']}" for error in e.errors()
+            )
             raise ConfigError(f"{path}: {problems}") from None
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -116,8 +149,9 @@ def write_model(value: BaseModel, path: Path) -> None:
     import yaml
 
     data = value.model_dump(mode="json")
-    path.write_text(json.dumps(data, indent=2) + "\n" if path.suffix == ".json"
-                    else yaml.safe_dump(data, sort_keys=False))
+    path.write_text(
+        json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    )
 
 
 def _moment(text: str) -> datetime:

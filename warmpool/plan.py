@@ -91,6 +91,7 @@ FULL_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "satur
 
 # Times of day and days of the week as the files write them --------------------------------------
 
+
 def parse_time(value) -> int:
     """Minutes after midnight from "HH:MM" (or an int of minutes, as YAML 1.1 reads 18:00)."""
     if isinstance(value, bool):
@@ -182,6 +183,7 @@ def zone(name: str) -> ZoneInfo:
 
 
 # The files ------------------------------------------------------------------------------------
+
 
 class Window(BaseModel):
     """A recurring stretch of time: from `start` to `end` (minutes after midnight) on each of `days`
@@ -291,6 +293,7 @@ class Plan(BaseModel):
 
 # The model --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Headroom:
     """How far above the mean load L the pool is sized: see the module's docstring."""
@@ -307,8 +310,9 @@ class Headroom:
             value = math.nan
         valid = {"sqrt": value >= 0, "factor": value >= 1, "target": 0 < value < 1}
         if kind not in valid or not valid[kind]:
-            raise ConfigError(f"headroom must be sqrt:K (K >= 0), factor:F (F >= 1) or target:P (0 < P < 1), "
-                              f"got {text!r}")
+            raise ConfigError(
+                f"headroom must be sqrt:K (K >= 0), factor:F (F >= 1) or target:P (0 < P < 1), got {text!r}"
+            )
         return cls(kind, value)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
@@ -334,8 +338,9 @@ def overflow(slots: int, load: float, seen: Sequence[int] | None = None) -> floa
     return sum(seen[slots:]) / sum(seen) if sum(seen) else 0.0
 
 
-def warm_instances(rate: float, latency: float, concurrency: int, headroom: Headroom,
-                   seen: Sequence[int] | None = None) -> int:
+def warm_instances(
+    rate: float, latency: float, concurrency: int, headroom: Headroom, seen: Sequence[int] | None = None
+) -> int:
     """Instances for traffic (λ, W): ceil(slots / concurrency), slots from L = λ·W by the headroom rule."""
     load = rate * latency
     if load <= 0:
@@ -355,14 +360,23 @@ def traffic_buckets(traffic: Traffic, timezone: str = "UTC") -> list[TrafficBuck
         return list(traffic.buckets)
     if traffic.buckets:
         raise ConfigError("traffic gives both buckets and requests: give one of them")
-    return buckets_from_requests(traffic.requests, timezone, bucket_minutes=traffic.bucket_minutes,
-                                 weekly=traffic.profile == "weekly", observed=(traffic.observed_from,
-                                                                               traffic.observed_to))
+    return buckets_from_requests(
+        traffic.requests,
+        timezone,
+        bucket_minutes=traffic.bucket_minutes,
+        weekly=traffic.profile == "weekly",
+        observed=(traffic.observed_from, traffic.observed_to),
+    )
 
 
-def buckets_from_requests(requests: Sequence[tuple[float, float]], timezone: str = "UTC", *,
-                          bucket_minutes: int = 60, weekly: bool = False,
-                          observed: tuple[float | None, float | None] = (None, None)) -> list[TrafficBucket]:
+def buckets_from_requests(
+    requests: Sequence[tuple[float, float]],
+    timezone: str = "UTC",
+    *,
+    bucket_minutes: int = 60,
+    weekly: bool = False,
+    observed: tuple[float | None, float | None] = (None, None),
+) -> list[TrafficBucket]:
     """λ and W per bucket of the (local) day from (epoch seconds, duration) pairs: λ is the bucket's
     requests over the seconds of it the log covers, W their mean duration; and how many requests of
     the log each found in service (`seen`)."""
@@ -406,16 +420,28 @@ def buckets_from_requests(requests: Sequence[tuple[float, float]], timezone: str
     buckets = []
     for (day, index), seconds in sorted(exposure.items()):
         n = counts.get((day, index), 0)
-        buckets.append(TrafficBucket(days=(day,) if weekly else None, start=index * bucket_minutes,
-                                     end=(index + 1) * bucket_minutes, rate=n / seconds,
-                                     latency=durations[(day, index)] / n if n else mean,
-                                     seen=tuple(seen.get((day, index), ()))))
+        buckets.append(
+            TrafficBucket(
+                days=(day,) if weekly else None,
+                start=index * bucket_minutes,
+                end=(index + 1) * bucket_minutes,
+                rate=n / seconds,
+                latency=durations[(day, index)] / n if n else mean,
+                seen=tuple(seen.get((day, index), ())),
+            )
+        )
     return buckets
 
 
-def make_plan(schedule: Schedule | None = None, traffic: Sequence[TrafficBucket] | None = None, *,
-              concurrency: int = 1, memory_gb: float = 1.0, headroom: Headroom = Headroom(),
-              timezone: str | None = None) -> Plan:
+def make_plan(
+    schedule: Schedule | None = None,
+    traffic: Sequence[TrafficBucket] | None = None,
+    *,
+    concurrency: int = 1,
+    memory_gb: float = 1.0,
+    headroom: Headroom = Headroom(),
+    timezone: str | None = None,
+) -> Plan:
     """The warm instances for every stretch of the day (or week, where any window names days)."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -457,15 +483,25 @@ def make_plan(schedule: Schedule | None = None, traffic: Sequence[TrafficBucket]
     for day, start, end, values in rows:
         days_of[(start, end, values)].append(day)
     windows = []
-    for (start, end, (floor, rate, latency, seen)), days in sorted(days_of.items(),
-                                                                   key=lambda item: (item[1][0], item[0][0])):
+    for (start, end, (floor, rate, latency, seen)), days in sorted(
+        days_of.items(), key=lambda item: (item[1][0], item[0][0])
+    ):
         instances = floor if rate is None else max(floor, warm_instances(rate, latency, concurrency, headroom, seen))
         load = None if rate is None else rate * latency
-        windows.append(PlanWindow(
-            days=None if horizon == DAY or len(days) == 7 else tuple(days), start=start, end=end,
-            instances=instances, schedule_min=floor, rate=rate, latency=latency, load=load,
-            gb_seconds=instances * memory_gb * (end - start) * 60,
-            cold_start_fraction=None if load is None else overflow(instances * concurrency, load, seen)))
+        windows.append(
+            PlanWindow(
+                days=None if horizon == DAY or len(days) == 7 else tuple(days),
+                start=start,
+                end=end,
+                instances=instances,
+                schedule_min=floor,
+                rate=rate,
+                latency=latency,
+                load=load,
+                gb_seconds=instances * memory_gb * (end - start) * 60,
+                cold_start_fraction=None if load is None else overflow(instances * concurrency, load, seen),
+            )
+        )
     plan = Plan(timezone=tz, concurrency=concurrency, memory_gb=memory_gb, headroom=str(headroom), windows=windows)
     plan.totals = totals(plan)
     return plan
@@ -495,12 +531,16 @@ def totals(plan: Plan) -> Totals:
             arrivals = w.rate * (w.end - w.start) * 60 * times
             requests += arrivals
             cold += arrivals * (w.cold_start_fraction or 0.0)
-    return Totals(gb_seconds_per_day=gb_seconds / days, requests_per_day=requests / days if known else None,
-                  cold_start_fraction=cold / requests if requests else (0.0 if known else None),
-                  max_instances=max((w.instances for w in plan.windows), default=0))
+    return Totals(
+        gb_seconds_per_day=gb_seconds / days,
+        requests_per_day=requests / days if known else None,
+        cold_start_fraction=cold / requests if requests else (0.0 if known else None),
+        max_instances=max((w.instances for w in plan.windows), default=0),
+    )
 
 
 # Reading a plan back: the instances at a moment, and where they change -------------------------
+
 
 def instances_at(plan: Plan, when: datetime) -> int:
     """The plan's warm instances at a moment (0 where no window covers it)."""
@@ -539,5 +579,7 @@ def changes(plan: Plan) -> list[Change]:
     grouped: dict[tuple[int, int], list[int]] = defaultdict(list)
     for minute, n in points:
         grouped[(minute % DAY, n)].append(minute // DAY)
-    return [Change(None if horizon == DAY or len(days) == 7 else tuple(days), minute, n)
-            for (minute, n), days in sorted(grouped.items(), key=lambda item: (item[1][0], item[0][0]))]
+    return [
+        Change(None if horizon == DAY or len(days) == 7 else tuple(days), minute, n)
+        for (minute, n), days in sorted(grouped.items(), key=lambda item: (item[1][0], item[0][0]))
+    ]

@@ -36,16 +36,21 @@ def text(metadata: Any) -> dict[str, str]:
     return {key.lower(): value for key, value in metadata or () if isinstance(value, str)}
 
 
-async def serve_call(app: App, context: grpc.aio.ServicerContext, api: str,
-                     work: Callable[[Exchange], Awaitable[T]],
-                     authenticate: Callable[[Mapping[str, str]], str | None] | None = None) -> T:
+async def serve_call(
+    app: App,
+    context: grpc.aio.ServicerContext,
+    api: str,
+    work: Callable[[Exchange], Awaitable[T]],
+    authenticate: Callable[[Mapping[str, str]], str | None] | None = None,
+) -> T:
     """Serve one call: what every servicer method does around its own work. `authenticate`: who the
     metadata names (default: the tenant of its API key; reload asks for an administrator instead)."""
     metadata = text_metadata(context)
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
-    with app.exchange("grpc", api, what=f"gRPC {api}", request_id=metadata.get("x-request-id"),
-                      deadline=deadline) as exchange:
+    with app.exchange(
+        "grpc", api, what=f"gRPC {api}", request_id=metadata.get("x-request-id"), deadline=deadline
+    ) as exchange:
         context.set_trailing_metadata((("x-request-id", logs.request_id.get()),))
         try:
             if api not in OPEN_APIS:

@@ -50,6 +50,7 @@ def _request(message: Any) -> generation.GenerateRequest:
 
 def _event(event: dict) -> Any:
     if "token" in event:
-        return _messages.GenerateEvent(token=_messages.Token(id=event["token"], text=bytes([event["token"]]),
-                                                             logprob=event["logprob"]))
+        return _messages.GenerateEvent(
+            token=_messages.Token(id=event["token"], text=bytes([event["token"]]), logprob=event["logprob"])
+        )
     return _messages.GenerateEvent(done=_messages.Done(session=event["session"], tokens=event["tokens"]))

@@ -77,8 +77,9 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer, Service):  # 
 
     async def _model_metadata(self, request: Any, exchange: Exchange) -> Any:
         with self._hold(request.name, request.version, exchange) as handle:
-            versions = [v.version for v in self.app.repository.status(handle.name).versions
-                        if v.state is State.AVAILABLE]
+            versions = [
+                v.version for v in self.app.repository.status(handle.name).versions if v.state is State.AVAILABLE
+            ]
             return oip_grpc.model_metadata(handle.name, versions, default_signature(handle.engine)[1])
 
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext, exchange: Exchange) -> Any:
@@ -94,8 +95,16 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer, Service):  # 
             from runtime.sessions.services import tenant_of
 
             inputs, names = oip_grpc.decode_infer(request, visible(signature))
-            outputs, session = await infer_in_session(self.app, handle, key, signature, inputs, parameters,
-                                                      tenant_of(exchange.tenant, text_metadata(context)), exchange)
+            outputs, session = await infer_in_session(
+                self.app,
+                handle,
+                key,
+                signature,
+                inputs,
+                parameters,
+                tenant_of(exchange.tenant, text_metadata(context)),
+                exchange,
+            )
             response = oip_grpc.encode_infer(handle.name, handle.version, outputs, names, request.id)
             response.parameters["sequence_id"].string_param = session
             return response

@@ -37,19 +37,27 @@ def add_service(server: grpc.aio.Server, servicer: Any, module: Any, service: st
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
 
-        async def call(raw: bytes, context: grpc.aio.ServicerContext, behavior=getattr(servicer, method.name),  # noqa: B008 (bound per method)
-                       request_class=request_class) -> Any:
+        async def call(
+            raw: bytes,
+            context: grpc.aio.ServicerContext,
+            behavior=getattr(servicer, method.name),  # noqa: B008 (bound per method)
+            request_class=request_class,
+        ) -> Any:
             try:
                 request = request_class.FromString(raw)
             except DecodeError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the request is not a valid {request_class.DESCRIPTOR.full_name}: {e}")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid {request_class.DESCRIPTOR.full_name}: {e}",
+                )
             return await behavior(request, context)
 
-        handler = grpc.unary_stream_rpc_method_handler if method.server_streaming else \
-            grpc.unary_unary_rpc_method_handler  # a streaming servicer writes to its context
-        handlers[method.name] = handler(call, request_deserializer=None,
-                                        response_serializer=response_class.SerializeToString)
+        handler = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        )  # a streaming servicer writes to its context
+        handlers[method.name] = handler(
+            call, request_deserializer=None, response_serializer=response_class.SerializeToString
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
@@ -84,8 +92,12 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     return kinds[handler.request_streaming, handler.response_streaming](refuse)
 
 
@@ -97,21 +109,31 @@ async def serve_grpc(app: App, port: int, host: str = "0.0.0.0", settings: Setti
     options = [
         # A request is one message: the REST body limit bounds it, checked from its length prefix before
         # it is buffered. Answers are the server's own (a big batch's results): not capped, as TF Serving.
-        ("grpc.max_receive_message_length", app.max_body_bytes), ("grpc.max_send_message_length", -1),
+        ("grpc.max_receive_message_length", app.max_body_bytes),
+        ("grpc.max_send_message_length", -1),
         # A connection with no call open is closed after the keep-alive timeout, longer than a balancer's
         # idle timeout, so that the balancer closes first (GOAWAY: clients reconnect, no call is lost).
         ("grpc.max_connection_idle_ms", int(settings.keepalive_timeout_seconds * 1000)),
         # A new connection must finish HTTP/2's handshake within the header timeout (grpc's default: 120 s).
         ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_seconds * 1000)),
         # While calls are open, ping a silent client to find a dead one (grpc's default: after 2 hours).
-        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS)]
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
+    ]
     needs_key = app.auth.enabled or app.auth.reload.policy != "open"
-    server = grpc.aio.server(options=options, interceptors=[Authenticate(app)] if needs_key else None,
-                             maximum_concurrent_rpcs=settings.max_connections or None)
-    add_service(server, PredictionService(app), generated_module("tensorflow_serving.apis.prediction_service_pb2"),
-                "PredictionService")
-    add_service(server, ModelService(app), generated_module("tensorflow_serving.apis.model_service_pb2"),
-                "ModelService")
+    server = grpc.aio.server(
+        options=options,
+        interceptors=[Authenticate(app)] if needs_key else None,
+        maximum_concurrent_rpcs=settings.max_connections or None,
+    )
+    add_service(
+        server,
+        PredictionService(app),
+        generated_module("tensorflow_serving.apis.prediction_service_pb2"),
+        "PredictionService",
+    )
+    add_service(
+        server, ModelService(app), generated_module("tensorflow_serving.apis.model_service_pb2"), "ModelService"
+    )
     add_service(server, InferenceService(app), generated_module("grpc_service_pb2"), "GRPCInferenceService")
     add_service(server, GenerationService(app), generated_module("kiln.generation_pb2"), "Generation")
     health = Health(app)

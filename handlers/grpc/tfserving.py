@@ -44,9 +44,11 @@ _model_grpc = generated_module("tensorflow_serving.apis.model_service_pb2_grpc")
 def _version_keywords(spec: Any) -> dict[str, Any]:
     """ModelSpec -> the repository's (name, version, label) keywords."""
     choice = spec.WhichOneof("version_choice")
-    return {"name": spec.name,
-            "version": spec.version.value if choice == "version" else None,
-            "label": spec.version_label if choice == "version_label" else None}
+    return {
+        "name": spec.name,
+        "version": spec.version.value if choice == "version" else None,
+        "label": spec.version_label if choice == "version_label" else None,
+    }
 
 
 def _spec_of(response_spec: Any, name: str, version: int, signature_name: str | None) -> None:
@@ -61,16 +63,19 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         return await serve_call(self.app, context, "predict", lambda exchange: self._predict(request, exchange))
 
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await serve_call(self.app, context, "classify",
-                                lambda exchange: self._examples(request, CLASSIFY, exchange))
+        return await serve_call(
+            self.app, context, "classify", lambda exchange: self._examples(request, CLASSIFY, exchange)
+        )
 
     async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await serve_call(self.app, context, "regress",
-                                lambda exchange: self._examples(request, REGRESS, exchange))
+        return await serve_call(
+            self.app, context, "regress", lambda exchange: self._examples(request, REGRESS, exchange)
+        )
 
     async def MultiInference(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await serve_call(self.app, context, "multi_inference",
-                                lambda exchange: self._multi_inference(request, exchange))
+        return await serve_call(
+            self.app, context, "multi_inference", lambda exchange: self._multi_inference(request, exchange)
+        )
 
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work(exchange: Exchange) -> Any:
@@ -87,8 +92,9 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         wanted = list(request.output_filter) or list(outputs)
         unknown = sorted(set(wanted) - set(outputs))
         if unknown:
-            raise InvalidInput(f"output_filter names outputs the signature does not have: {unknown}; "
-                               f"it has: {sorted(outputs)}")
+            raise InvalidInput(
+                f"output_filter names outputs the signature does not have: {unknown}; it has: {sorted(outputs)}"
+            )
         response = _predict.PredictResponse()
         _spec_of(response.model_spec, request.model_spec.name, version, key)
         for name in wanted:
@@ -102,8 +108,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.run_examples(handle, key, method, serialized, exchange)
             version = handle.version
-        response = (_classification.ClassificationResponse() if method == CLASSIFY
-                    else _regression.RegressionResponse())
+        response = _classification.ClassificationResponse() if method == CLASSIFY else _regression.RegressionResponse()
         _spec_of(response.model_spec, request.model_spec.name, version, key)
         _fill_result(response.result, outputs, method)
         return response
@@ -124,8 +129,10 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         methods = {CLASSIFY: CLASSIFY, REGRESS: REGRESS}
         for task in request.tasks:
             if task.method_name not in methods:
-                raise InvalidInput(f"unsupported method {task.method_name!r} in a MultiInferenceRequest task; "
-                                   f"supported: {CLASSIFY}, {REGRESS}")
+                raise InvalidInput(
+                    f"unsupported method {task.method_name!r} in a MultiInferenceRequest task; "
+                    f"supported: {CLASSIFY}, {REGRESS}"
+                )
         serialized = examples.from_input(request.input)
         response = _inference.MultiInferenceResponse()
         with self.app.repository.handle(**_version_keywords(specs[0])) as handle:
@@ -133,8 +140,11 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
                 outputs = await self.app.run_examples(handle, key, task.method_name, serialized, exchange)
                 result = response.results.add()
                 _spec_of(result.model_spec, task.model_spec.name, handle.version, key)
-                _fill_result(result.classification_result if task.method_name == CLASSIFY
-                             else result.regression_result, outputs, task.method_name)
+                _fill_result(
+                    result.classification_result if task.method_name == CLASSIFY else result.regression_result,
+                    outputs,
+                    task.method_name,
+                )
         return response
 
     def _get_model_metadata(self, request: Any) -> Any:
@@ -151,7 +161,8 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         _spec_of(response.model_spec, request.model_spec.name, version, None)
         signature_map = json_format.ParseDict(
             {"signature_def": {key: signature_def(signature) for key, signature in signatures.items()}},
-            _metadata.SignatureDefMap())
+            _metadata.SignatureDefMap(),
+        )
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
@@ -191,8 +202,11 @@ class ModelService(_model_grpc.ModelServiceServicer):  # type: ignore[name-defin
             config = from_proto(request.config)
             self.app.auth.reload.check_base_paths((model.base_path for model in config.models), self.roots)
             await asyncio.get_running_loop().run_in_executor(None, self.app.repository.reload, config)
-            log.info("model configuration reloaded by %s: %s", exchange.tenant or "anyone (KILN_RELOAD=open)",
-                     ", ".join(model.name for model in config.models) or "no models")
+            log.info(
+                "model configuration reloaded by %s: %s",
+                exchange.tenant or "anyone (KILN_RELOAD=open)",
+                ", ".join(model.name for model in config.models) or "no models",
+            )
             return _management.ReloadConfigResponse()
 
         # Changing what every tenant is served is administration: an administrator's key, not a tenant's.

@@ -45,7 +45,7 @@ def serialize(examples: list[dict]) -> np.ndarray:
     return np.array(serialized, dtype=object)
 
 
-INT64 = (-2**63, 2**63 - 1)
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def _fill(feature, key: str, values: list) -> None:

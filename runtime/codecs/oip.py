@@ -25,9 +25,21 @@ from runtime.codecs.tfserving import DEFAULT_SIGNATURE, loads, string_array
 from runtime.errors import InvalidInput, Unsupported, shown
 from runtime.manifest import Signature, TensorSpec, show_shape
 
-DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-             "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64", "FP16": "float16",
-             "FP32": "float32", "FP64": "float64", "BYTES": "string"}
+DATATYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "string",
+}
 DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 EXTENSIONS = ("model_repository", "binary_tensor_data")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -96,8 +108,9 @@ def infer_request(request: dict, binary: _Binary, signature: Signature) -> Infer
     requested = request.get("outputs")
     names, binary_outputs = None, {}
     if requested is not None:
-        if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                      for o in requested):
+        if not isinstance(requested, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested
+        ):
             raise InvalidInput("'outputs' must be a list of {\"name\": ...} objects")
         names = [o["name"] for o in requested]
         check_outputs(names, signature)
@@ -107,8 +120,9 @@ def infer_request(request: dict, binary: _Binary, signature: Signature) -> Infer
                 binary_outputs[output["name"]] = flag
     binary_default = _parameter(request, "binary_data_output", bool, "the request") or False
     request_id = request.get("id")
-    return InferRequest(inputs, names, request_id if isinstance(request_id, str) else None, binary_outputs,
-                        binary_default)
+    return InferRequest(
+        inputs, names, request_id if isinstance(request_id, str) else None, binary_outputs, binary_default
+    )
 
 
 def check_input(name: str, kind: str, shape: Sequence[int], signature: Signature) -> str:
@@ -120,8 +134,9 @@ def check_input(name: str, kind: str, shape: Sequence[int], signature: Signature
         raise InvalidInput(f"unknown input '{name}'; the model takes {', '.join(s.name for s in signature.inputs)}")
     if spec.dtype != DATATYPES[kind]:
         raise InvalidInput(f"input '{name}' must have datatype {datatype(spec.dtype)}, got {kind}")
-    if spec.shape is not None and (len(shape) != len(spec.shape) or
-                                   any(want not in (None, got) for want, got in zip(spec.shape, shape))):
+    if spec.shape is not None and (
+        len(shape) != len(spec.shape) or any(want not in (None, got) for want, got in zip(spec.shape, shape))
+    ):
         raise InvalidInput(f"input '{name}' must have shape {show_shape(spec.shape)}, got {show_shape(shape)}")
     return DATATYPES[kind]
 
@@ -157,19 +172,24 @@ class _Binary:
 
     def take(self, name: str, size: int) -> memoryview:
         if self.data is None:
-            raise InvalidInput(f"input '{name}' has a binary_data_size parameter, but the request has no "
-                               f"{HEADER_LENGTH} header to say where the JSON ends and binary data starts")
+            raise InvalidInput(
+                f"input '{name}' has a binary_data_size parameter, but the request has no "
+                f"{HEADER_LENGTH} header to say where the JSON ends and binary data starts"
+            )
         left = len(self.data) - self.offset
         if size > left:
-            raise InvalidInput(f"input '{name}': binary_data_size is {size}, but only {left} bytes of binary "
-                               f"data are left in the body")
+            raise InvalidInput(
+                f"input '{name}': binary_data_size is {size}, but only {left} bytes of binary data are left in the body"
+            )
         self.offset += size
-        return self.data[self.offset - size:self.offset]
+        return self.data[self.offset - size : self.offset]
 
     def finished(self) -> None:
         if self.data is not None and self.offset != len(self.data):
-            raise InvalidInput(f"the body has {len(self.data) - self.offset} bytes of binary data after the JSON "
-                               f"that no input's binary_data_size accounts for")
+            raise InvalidInput(
+                f"the body has {len(self.data) - self.offset} bytes of binary data after the JSON "
+                f"that no input's binary_data_size accounts for"
+            )
 
 
 def _split(body: bytes, header_length: str | int | None) -> tuple[bytes, _Binary]:
@@ -232,15 +252,18 @@ def from_raw(name: str, kind: str, shape: Sequence[int], raw: bytes | memoryview
     if kind == "BYTES":
         elements = _bytes_elements(name, memoryview(raw))
         if len(elements) != count:
-            raise InvalidInput(f"input '{name}': shape {list(shape)} needs {count} BYTES elements, "
-                               f"the binary data has {len(elements)}")
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} needs {count} BYTES elements, the binary data has {len(elements)}"
+            )
         flat = np.empty(count, dtype=object)
         flat[:] = elements
     else:
         dtype = np.dtype(DATATYPES[kind]).newbyteorder("<")
         if len(raw) != count * dtype.itemsize:
-            raise InvalidInput(f"input '{name}': shape {list(shape)} of {kind} needs {count * dtype.itemsize} "
-                               f"bytes of binary data, got {len(raw)}")
+            raise InvalidInput(
+                f"input '{name}': shape {list(shape)} of {kind} needs {count * dtype.itemsize} "
+                f"bytes of binary data, got {len(raw)}"
+            )
         flat = np.frombuffer(raw, dtype).astype(DATATYPES[kind], copy=False)
         if kind == "BOOL" and flat.view(np.uint8).max(initial=0) > 1:
             raise InvalidInput(f"input '{name}': BOOL binary data must hold bytes 0 and 1 only")
@@ -255,9 +278,8 @@ def _bytes_elements(name: str, raw: memoryview) -> list[bytes]:
         (size,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if size > len(raw) - offset:
-            raise InvalidInput(f"input '{name}': a BYTES element of {size} bytes runs past the end of its "
-                               f"binary data")
-        elements.append(bytes(raw[offset:offset + size]))
+            raise InvalidInput(f"input '{name}': a BYTES element of {size} bytes runs past the end of its binary data")
+        elements.append(bytes(raw[offset : offset + size]))
         offset += size
     return elements
 
@@ -274,16 +296,23 @@ def to_raw(array: np.ndarray) -> tuple[str, bytes]:
     return kind, np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def write_infer(model: str, version: int, outputs: dict[str, np.ndarray], request: InferRequest,
-                parameters: dict | None = None) -> tuple[bytes, int | None]:
+def write_infer(
+    model: str, version: int, outputs: dict[str, np.ndarray], request: InferRequest, parameters: dict | None = None
+) -> tuple[bytes, int | None]:
     """The response body (with the response's `parameters`, if any), and the length of its JSON
     header when binary outputs follow it (None: all JSON)."""
     tensors, chunks = [], []
     for name in request.outputs if request.outputs is not None else list(outputs):
         if request.binary(name):
             kind, raw = to_raw(outputs[name])
-            tensors.append({"name": name, "shape": list(outputs[name].shape), "datatype": kind,
-                            "parameters": {"binary_data_size": len(raw)}})
+            tensors.append(
+                {
+                    "name": name,
+                    "shape": list(outputs[name].shape),
+                    "datatype": kind,
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            )
             chunks.append(raw)
         else:
             tensors.append(_output(name, outputs[name]))
@@ -303,8 +332,10 @@ def _response(model: str, version: int, tensors: list[dict], request_id: str | N
 
 def _output(name: str, array: np.ndarray) -> dict:
     if array.dtype == object or array.dtype.kind == "S":
-        kind, data = "BYTES", [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v
-                               for v in array.ravel().tolist()]
+        kind, data = (
+            "BYTES",
+            [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in array.ravel().tolist()],
+        )
     else:
         kind, data = datatype(array.dtype.name), array.ravel()
         if array.dtype.kind == "f" and not np.isfinite(data).all():
@@ -315,8 +346,13 @@ def _output(name: str, array: np.ndarray) -> dict:
 
 
 def metadata(name: str, versions: list[int], signature: Signature) -> dict:
-    return {"name": name, "versions": [str(v) for v in versions], "platform": "kiln_xla",
-            "inputs": [_spec(s) for s in signature.inputs], "outputs": [_spec(s) for s in signature.outputs]}
+    return {
+        "name": name,
+        "versions": [str(v) for v in versions],
+        "platform": "kiln_xla",
+        "inputs": [_spec(s) for s in signature.inputs],
+        "outputs": [_spec(s) for s in signature.outputs],
+    }
 
 
 def _spec(spec: TensorSpec) -> dict:
@@ -332,8 +368,10 @@ def default_signature(engine) -> tuple[str, Signature]:
         return DEFAULT_SIGNATURE, engine.signatures[DEFAULT_SIGNATURE]
     if len(engine.signatures) == 1:
         return next(iter(engine.signatures.items()))
-    raise InvalidInput(f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
-                       f"({', '.join(engine.signatures)}); name one with the request parameter signature_name")
+    raise InvalidInput(
+        f"the model has no {DEFAULT_SIGNATURE} signature, and several others "
+        f"({', '.join(engine.signatures)}); name one with the request parameter signature_name"
+    )
 
 
 def oip_signature(engine, parameters: Mapping) -> tuple[str, Signature]:

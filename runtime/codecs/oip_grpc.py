@@ -26,12 +26,20 @@ from runtime.protos import generated_module
 _service = generated_module("grpc_service_pb2")
 
 # The InferTensorContents field of each datatype, and the dtype it holds its values in.
-CONTENTS = {"BOOL": ("bool_contents", "bool"), "INT8": ("int_contents", "int32"),
-            "INT16": ("int_contents", "int32"), "INT32": ("int_contents", "int32"),
-            "INT64": ("int64_contents", "int64"), "UINT8": ("uint_contents", "uint32"),
-            "UINT16": ("uint_contents", "uint32"), "UINT32": ("uint_contents", "uint32"),
-            "UINT64": ("uint64_contents", "uint64"), "FP32": ("fp32_contents", "float32"),
-            "FP64": ("fp64_contents", "float64"), "BYTES": ("bytes_contents", None)}
+CONTENTS = {
+    "BOOL": ("bool_contents", "bool"),
+    "INT8": ("int_contents", "int32"),
+    "INT16": ("int_contents", "int32"),
+    "INT32": ("int_contents", "int32"),
+    "INT64": ("int64_contents", "int64"),
+    "UINT8": ("uint_contents", "uint32"),
+    "UINT16": ("uint_contents", "uint32"),
+    "UINT32": ("uint_contents", "uint32"),
+    "UINT64": ("uint64_contents", "uint64"),
+    "FP32": ("fp32_contents", "float32"),
+    "FP64": ("fp64_contents", "float64"),
+    "BYTES": ("bytes_contents", None),
+}
 
 
 def version(text: str) -> int | None:
@@ -49,8 +57,10 @@ def decode_infer(request: Any, signature: Signature) -> tuple[dict[str, np.ndarr
         raise InvalidInput("the ModelInferRequest has no inputs")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-                           f"give every input's data there, in input order, or none")
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            f"give every input's data there, in input order, or none"
+        )
     inputs = {}
     for index, tensor in enumerate(request.inputs):
         name, shape = tensor.name, list(tensor.shape)
@@ -59,8 +69,10 @@ def decode_infer(request: Any, signature: Signature) -> tuple[dict[str, np.ndarr
         dtype = oip.check_input(name, tensor.datatype, shape, signature)
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(f"input '{name}' has contents, but the request gives raw_input_contents; "
-                                   f"give every input's data one way")
+                raise InvalidInput(
+                    f"input '{name}' has contents, but the request gives raw_input_contents; "
+                    f"give every input's data one way"
+                )
             array = oip.from_raw(name, tensor.datatype, shape, raw[index])
         else:
             array = _from_contents(name, tensor, dtype, shape)
@@ -75,8 +87,10 @@ def decode_infer(request: Any, signature: Signature) -> tuple[dict[str, np.ndarr
 
 def request_parameters(request: Any) -> dict:
     """A ModelInferRequest's parameters as plain values (each InferParameter's one set field)."""
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) if value.WhichOneof("parameter_choice") else None
-            for key, value in request.parameters.items()}
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice")) if value.WhichOneof("parameter_choice") else None
+        for key, value in request.parameters.items()
+    }
 
 
 def _from_contents(name: str, tensor: Any, dtype: str, shape: list[int]) -> np.ndarray:
@@ -85,8 +99,9 @@ def _from_contents(name: str, tensor: Any, dtype: str, shape: list[int]) -> np.n
     field, held = CONTENTS[tensor.datatype]
     values = getattr(tensor.contents, field)
     if len(values) != math.prod(shape):
-        raise InvalidInput(f"input '{name}': shape {shape} needs {math.prod(shape)} values, "
-                           f"contents.{field} has {len(values)}")
+        raise InvalidInput(
+            f"input '{name}': shape {shape} needs {math.prod(shape)} values, contents.{field} has {len(values)}"
+        )
     if held is None:
         flat = np.empty(len(values), dtype=object)
         flat[:] = list(values)
@@ -98,8 +113,9 @@ def _from_contents(name: str, tensor: Any, dtype: str, shape: list[int]) -> np.n
     return flat.reshape(shape)
 
 
-def encode_infer(model: str, model_version: int, outputs: dict[str, np.ndarray], names: list[str] | None,
-                 request_id: str) -> Any:
+def encode_infer(
+    model: str, model_version: int, outputs: dict[str, np.ndarray], names: list[str] | None, request_id: str
+) -> Any:
     """A ModelInferResponse holding the outputs asked for (None: all) in raw_output_contents."""
     response = _service.ModelInferResponse(model_name=model, model_version=str(model_version), id=request_id)
     for name in names if names is not None else outputs:

@@ -19,18 +19,41 @@ from runtime.errors import InvalidInput, Unsupported
 DT_STRING = 7
 DT_HALF = 19
 DTYPES: dict[int, np.dtype] = {
-    1: np.dtype("<f4"), 2: np.dtype("<f8"), 3: np.dtype("<i4"), 4: np.dtype("u1"), 5: np.dtype("<i2"),
-    6: np.dtype("i1"), 8: np.dtype("<c8"), 9: np.dtype("<i8"), 10: np.dtype("?"), 17: np.dtype("<u2"),
-    18: np.dtype("<c16"), 19: np.dtype("<f2"), 22: np.dtype("<u4"), 23: np.dtype("<u8"),
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("u1"),
+    5: np.dtype("<i2"),
+    6: np.dtype("i1"),
+    8: np.dtype("<c8"),
+    9: np.dtype("<i8"),
+    10: np.dtype("?"),
+    17: np.dtype("<u2"),
+    18: np.dtype("<c16"),
+    19: np.dtype("<f2"),
+    22: np.dtype("<u4"),
+    23: np.dtype("<u8"),
 }
 MAX_ELEMENTS = 2**63 - 1  # TensorShape's limit on the number of elements
 WIDEST_ITEMSIZE = max(dtype.itemsize for dtype in DTYPES.values())
 ENUM_OF: dict[str, int] = {dtype.name: number for number, dtype in DTYPES.items()}
 # The typed field that holds each dtype's values when tensor_content is empty.
-VALUE_FIELD: dict[int, str] = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val",
-                               6: "int_val", 8: "scomplex_val", 9: "int64_val", 10: "bool_val",
-                               17: "int_val", 18: "dcomplex_val", 19: "half_val", 22: "uint32_val",
-                               23: "uint64_val"}
+VALUE_FIELD: dict[int, str] = {
+    1: "float_val",
+    2: "double_val",
+    3: "int_val",
+    4: "int_val",
+    5: "int_val",
+    6: "int_val",
+    8: "scomplex_val",
+    9: "int64_val",
+    10: "bool_val",
+    17: "int_val",
+    18: "dcomplex_val",
+    19: "half_val",
+    22: "uint32_val",
+    23: "uint64_val",
+}
 
 
 def to_ndarray(tensor) -> np.ndarray:
@@ -42,8 +65,9 @@ def to_ndarray(tensor) -> np.ndarray:
         raise InvalidInput(f"a request tensor must have a fully defined shape, got {list(shape)}")
     count = math.prod(shape)  # exact: numpy's int64 product wraps around
     if count > MAX_ELEMENTS:
-        raise InvalidInput(f"a tensor of shape {list(shape)} has {count} elements; TensorFlow counts at most "
-                           f"{MAX_ELEMENTS}")
+        raise InvalidInput(
+            f"a tensor of shape {list(shape)} has {count} elements; TensorFlow counts at most {MAX_ELEMENTS}"
+        )
     if tensor.dtype == DT_STRING:
         return _shaped(_fill(np.array(list(tensor.string_val), dtype=object), count, "string_val"), shape)
     dtype = DTYPES.get(tensor.dtype)
@@ -51,8 +75,10 @@ def to_ndarray(tensor) -> np.ndarray:
         raise Unsupported(f"tensor dtype enum {tensor.dtype} is not supported")
     if tensor.tensor_content:
         if len(tensor.tensor_content) != count * dtype.itemsize:
-            raise InvalidInput(f"tensor_content has {len(tensor.tensor_content)} bytes; shape {list(shape)} "
-                               f"of {dtype.name} needs {count * dtype.itemsize}")
+            raise InvalidInput(
+                f"tensor_content has {len(tensor.tensor_content)} bytes; shape {list(shape)} "
+                f"of {dtype.name} needs {count * dtype.itemsize}"
+            )
         return _shaped(np.frombuffer(tensor.tensor_content, dtype=dtype), shape).astype(dtype.newbyteorder("="))
     field = VALUE_FIELD[tensor.dtype]
     values = getattr(tensor, field)
@@ -63,8 +89,7 @@ def to_ndarray(tensor) -> np.ndarray:
     elif field in ("scomplex_val", "dcomplex_val"):  # real and imaginary parts, interleaved
         parts = np.array(values, dtype=np.float32 if field == "scomplex_val" else np.float64)
         if len(parts) % 2:
-            raise InvalidInput(f"{field} holds (real, imaginary) pairs; it has an odd number of values, "
-                               f"{len(parts)}")
+            raise InvalidInput(f"{field} holds (real, imaginary) pairs; it has an odd number of values, {len(parts)}")
         flat = parts.view(dtype)  # their memory layout: not arithmetic, which turns 1j * inf into nan
     else:
         flat = np.array(values, dtype=dtype)
@@ -90,8 +115,9 @@ def _shaped(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     when another dimension is 0. Counted at the widest element (complex128), not this tensor's: the
     engine converts it to the signature's dtype, and uint8 [0, 2**62] would fail there as float32."""
     if math.prod(size for size in shape if size) * WIDEST_ITEMSIZE > np.iinfo(np.intp).max:
-        raise InvalidInput(f"a tensor of shape {list(shape)} cannot be held: its nonzero dimensions multiply "
-                           f"past the address space")
+        raise InvalidInput(
+            f"a tensor of shape {list(shape)} cannot be held: its nonzero dimensions multiply past the address space"
+        )
     try:
         return flat.reshape(shape)
     except ValueError as e:

@@ -22,13 +22,32 @@ from runtime.version_policy import State
 
 DEFAULT_SIGNATURE = "serving_default"  # TF Serving's kDefaultServingSignatureDefKey
 # TF Serving's ModelVersionStatus states: a failed load is END with an error status.
-REPORTED_STATE = {State.START: "START", State.LOADING: "LOADING", State.AVAILABLE: "AVAILABLE",
-                  State.UNLOADING: "UNLOADING", State.END: "END", State.ERROR: "END"}
-DTYPE_ENUM = {"float16": "DT_HALF", "bfloat16": "DT_BFLOAT16", "float32": "DT_FLOAT", "float64": "DT_DOUBLE",
-              "int8": "DT_INT8", "int16": "DT_INT16", "int32": "DT_INT32", "int64": "DT_INT64",
-              "uint8": "DT_UINT8", "uint16": "DT_UINT16", "uint32": "DT_UINT32", "uint64": "DT_UINT64",
-              "bool": "DT_BOOL", "string": "DT_STRING", "complex64": "DT_COMPLEX64",
-              "complex128": "DT_COMPLEX128"}
+REPORTED_STATE = {
+    State.START: "START",
+    State.LOADING: "LOADING",
+    State.AVAILABLE: "AVAILABLE",
+    State.UNLOADING: "UNLOADING",
+    State.END: "END",
+    State.ERROR: "END",
+}
+DTYPE_ENUM = {
+    "float16": "DT_HALF",
+    "bfloat16": "DT_BFLOAT16",
+    "float32": "DT_FLOAT",
+    "float64": "DT_DOUBLE",
+    "int8": "DT_INT8",
+    "int16": "DT_INT16",
+    "int32": "DT_INT32",
+    "int64": "DT_INT64",
+    "uint8": "DT_UINT8",
+    "uint16": "DT_UINT16",
+    "uint32": "DT_UINT32",
+    "uint64": "DT_UINT64",
+    "bool": "DT_BOOL",
+    "string": "DT_STRING",
+    "complex64": "DT_COMPLEX64",
+    "complex128": "DT_COMPLEX128",
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +104,7 @@ def instances_text(body: bytes) -> bytes | None:
     text = text[1:-1].strip()
     if not text.startswith(b'"instances"'):
         return None
-    text = text[len(b'"instances"'):].lstrip()
+    text = text[len(b'"instances"') :].lstrip()
     return text[1:].strip() if text.startswith(b":") else None
 
 
@@ -112,8 +131,9 @@ def loads(body: bytes | str):
         except (ValueError, RecursionError):
             raise InvalidInput(f"malformed JSON: {first}") from None
         if (text is body or "\\u" in text) and _lone_surrogate(value):
-            raise InvalidInput("malformed JSON: a string holds a lone UTF-16 surrogate (such as \\ud800), "
-                               "which is not Unicode text") from None
+            raise InvalidInput(
+                "malformed JSON: a string holds a lone UTF-16 surrogate (such as \\ud800), which is not Unicode text"
+            ) from None
         return value
 
 
@@ -123,8 +143,10 @@ def _utf8(body: bytes) -> str:
     try:
         return bytes(body).decode()
     except UnicodeDecodeError as e:
-        raise InvalidInput(f"malformed JSON: the body must be UTF-8 text; bytes {e.start} to {e.end - 1} "
-                           f"({bytes(body[e.start:e.start + 3]).hex(' ')}) are not ({e.reason})") from None
+        raise InvalidInput(
+            f"malformed JSON: the body must be UTF-8 text; bytes {e.start} to {e.end - 1} "
+            f"({bytes(body[e.start : e.start + 3]).hex(' ')}) are not ({e.reason})"
+        ) from None
 
 
 def _lone_surrogate(value) -> bool:
@@ -157,8 +179,9 @@ def read_predict(body: bytes | str | dict) -> tuple[str, dict]:
     if not isinstance(name, str):
         raise InvalidInput("'signature_name' must be a string")
     if ("instances" in request) == ("inputs" in request):
-        raise InvalidInput("the request must have exactly one of 'instances' (row format) or "
-                           "'inputs' (columnar format)")
+        raise InvalidInput(
+            "the request must have exactly one of 'instances' (row format) or 'inputs' (columnar format)"
+        )
     return name, request
 
 
@@ -194,8 +217,10 @@ def _named(value) -> bool:
 
 def _only_input(names: list[str], key: str) -> str:
     if len(names) != 1:
-        raise InvalidInput(f"'{key}' must be an object keyed by input name: the signature takes "
-                           f"{len(names)} inputs ({', '.join(names)})")
+        raise InvalidInput(
+            f"'{key}' must be an object keyed by input name: the signature takes "
+            f"{len(names)} inputs ({', '.join(names)})"
+        )
     return names[0]
 
 
@@ -212,8 +237,7 @@ def _arrays(columns: dict, signature: Signature) -> dict[str, np.ndarray]:
             else:
                 arrays[key] = np.array(value, dtype=spec.dtype)
         except (ValueError, TypeError, OverflowError) as e:
-            raise InvalidInput(f"input '{key}' cannot be read as a {spec.dtype} tensor of one shape: "
-                               f"{e}") from None
+            raise InvalidInput(f"input '{key}' cannot be read as a {spec.dtype} tensor of one shape: {e}") from None
         except RecursionError:
             raise InvalidInput(f"input '{key}' is nested too deeply") from None
     return arrays
@@ -223,13 +247,15 @@ def string_array(name: str, value, leaf: Callable[[str, object], bytes]) -> np.n
     """A string input's tensor from a value or nested lists of them, each made bytes by `leaf`
     (which refuses what the protocol does not allow). Rows of different lengths are refused as
     numpy refuses them for numbers: in an object array they would stay lists, which no engine runs."""
+
     def walk(item):
         return [walk(v) for v in item] if isinstance(item, list) else leaf(name, item)
 
     array = np.array(walk(value), dtype=object)
     if any(isinstance(v, list) for v in array.flat):
-        raise InvalidInput(f"input '{name}' cannot be read as a string tensor of one shape: its rows have "
-                           f"different lengths")
+        raise InvalidInput(
+            f"input '{name}' cannot be read as a string tensor of one shape: its rows have different lengths"
+        )
     return array
 
 
@@ -238,8 +264,10 @@ def _binary(name: str, value) -> bytes:
     if isinstance(value, str):
         return value.encode()
     if not isinstance(value, dict):
-        raise InvalidInput(f'input \'{name}\' must hold strings or {{"b64": "..."}} objects, got '
-                           f"{shown(value)} ({type(value).__name__})")
+        raise InvalidInput(
+            f'input \'{name}\' must hold strings or {{"b64": "..."}} objects, got '
+            f"{shown(value)} ({type(value).__name__})"
+        )
     return b64_bytes(f"input '{name}'", value)
 
 
@@ -254,7 +282,7 @@ def b64_bytes(where: str, value) -> bytes:
 
 
 def encode_predict(outputs: dict[str, np.ndarray], row_format: bool) -> bytes:
-    """"predictions" (per row) or "outputs" (per tensor); one output is unnamed, several named."""
+    """ "predictions" (per row) or "outputs" (per tensor); one output is unnamed, several named."""
     body = _body({name: _jsonable(name, array) for name, array in outputs.items()}, row_format)
     if any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in outputs.values()):
         # orjson would write null; the standard encoder writes NaN and Infinity as TF Serving does.
@@ -323,21 +351,32 @@ def _map_strings(value, as_b64: bool):
 def model_status(versions) -> dict:
     """TF Serving's GetModelStatusResponse as JSON, from the repository's version statuses (REST answers
     it, gRPC parses it into its message)."""
-    return {"model_version_status": [
-        {"version": str(v.version), "state": REPORTED_STATE[v.state],
-         "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error}}
-        for v in versions]}
+    return {
+        "model_version_status": [
+            {
+                "version": str(v.version),
+                "state": REPORTED_STATE[v.state],
+                "status": {"error_code": "UNKNOWN" if v.error else "OK", "error_message": v.error},
+            }
+            for v in versions
+        ]
+    }
 
 
 def signature_def(signature: Signature) -> dict:
     """TF Serving's SignatureDef as JSON (the REST metadata; gRPC parses the same document)."""
-    return {"inputs": {s.name: tensor_info(s) for s in signature.inputs},
-            "outputs": {s.name: tensor_info(s) for s in signature.outputs},
-            "method_name": signature.method}
+    return {
+        "inputs": {s.name: tensor_info(s) for s in signature.inputs},
+        "outputs": {s.name: tensor_info(s) for s in signature.outputs},
+        "method_name": signature.method,
+    }
 
 
 def tensor_info(spec: TensorSpec) -> dict:
     """TF Serving's TensorInfo as JSON; a shape of unknown rank is no dims and unknown_rank true."""
     dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape or ()]
-    return {"dtype": DTYPE_ENUM.get(spec.dtype, "DT_INVALID"), "name": spec.name,
-            "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None}}
+    return {
+        "dtype": DTYPE_ENUM.get(spec.dtype, "DT_INVALID"),
+        "name": spec.name,
+        "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None},
+    }

@@ -8,8 +8,9 @@ from runtime.errors import CompileError
 from runtime.manifest import Target
 
 
-def tfcompile(static_model: Path, meta_graph, key: str, prefix: Path, cpp_class: str,
-              target: Target, multithreading: bool) -> tuple[Path, list[Path]]:
+def tfcompile(
+    static_model: Path, meta_graph, key: str, prefix: Path, cpp_class: str, target: Target, multithreading: bool
+) -> tuple[Path, list[Path]]:
     """Compile signature `key` of the static SavedModel; returns the header and the objects to link.
 
     The metadata object (a serialized compilation result) is left out: the generated class does

@@ -80,8 +80,12 @@ def compile_servable(
     import tensorflow as tf
 
     target = resolve_target(target_cpu)
-    infos = _declare_state(_select(read_signatures(saved_model, tags), signatures, saved_model),
-                           state or {}, positions or {}, appended or {})
+    infos = _declare_state(
+        _select(read_signatures(saved_model, tags), signatures, saved_model),
+        state or {},
+        positions or {},
+        appended or {},
+    )
     if engine == "saved-model":
         reasons = {key: "built with --engine saved-model" for key in infos}
     else:
@@ -93,23 +97,41 @@ def compile_servable(
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries, runtime, weights = _compile_aot(saved_model, tags, aot, batch_sizes, target,
-                                                       multithreading, Path(work), staging, reasons, log)
+            libraries, runtime, weights = _compile_aot(
+                saved_model, tags, aot, batch_sizes, target, multithreading, Path(work), staging, reasons, log
+            )
             _refuse_if_forced(engine, reasons)
         # The saved-model engine runs a signature as declared, not over flat runs of elements.
         infos = {key: replace(info, elementwise=False) if reasons[key] else info for key, info in infos.items()}
         fallback = [key for key in infos if reasons[key]]
         manifest = Manifest(
-            name=name, version=version, engine=_engine_of(infos, reasons),
-            signatures={key: Signature(
-                method=info.method, inputs=info.inputs, outputs=info.outputs, batched=info.batched,
-                engine="saved-model" if reasons[key] else "xla-aot",
-                libraries=libraries.get(key, {}), reason=reasons[key], state=dict(info.state),
-                position=info.position, appended=info.appended, elementwise=info.elementwise)
-                for key, info in infos.items()},
-            batch_sizes=batch_sizes, target=target, tensorflow_version=tf.__version__, runtime=runtime,
-            weights=weights, files={},
-            format_version=FORMAT_VERSION if runtime else 1)  # format 1 readers can load it then
+            name=name,
+            version=version,
+            engine=_engine_of(infos, reasons),
+            signatures={
+                key: Signature(
+                    method=info.method,
+                    inputs=info.inputs,
+                    outputs=info.outputs,
+                    batched=info.batched,
+                    engine="saved-model" if reasons[key] else "xla-aot",
+                    libraries=libraries.get(key, {}),
+                    reason=reasons[key],
+                    state=dict(info.state),
+                    position=info.position,
+                    appended=info.appended,
+                    elementwise=info.elementwise,
+                )
+                for key, info in infos.items()
+            },
+            batch_sizes=batch_sizes,
+            target=target,
+            tensorflow_version=tf.__version__,
+            runtime=runtime,
+            weights=weights,
+            files={},
+            format_version=FORMAT_VERSION if runtime else 1,
+        )  # format 1 readers can load it then
         if fallback:
             log(f"packaging {', '.join(fallback)} for the saved-model engine")
             shutil.copytree(saved_model, staging / SAVED_MODEL_DIR)
@@ -134,15 +156,19 @@ def _copy_warmup_requests(saved_model: Path, staging: Path, log) -> None:
             log(f"warm-up requests: {WARMUP_DIR}/{name}")
 
 
-def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
-                 log) -> tuple[dict[str, SignatureInfo], dict[str, str]]:
+def _elementwise(
+    saved_model: Path, tags: str, infos: dict[str, SignatureInfo], log
+) -> tuple[dict[str, SignatureInfo], dict[str, str]]:
     """The signatures, those kept from XLA AOT only by their inputs' unknown rank or dynamic inner
     dimensions marked elementwise where their graph is (runtime/compiler/elementwise.py), and why
     XLA AOT cannot take each of the others ("" where it can)."""
     from runtime.compiler.elementwise import elementwise_obstacles
 
-    candidates = [key for key, info in infos.items() if info.shape_obstacle() and not info.dtype_obstacle()
-                  and not info.state and info.flat_inputs()]
+    candidates = [
+        key
+        for key, info in infos.items()
+        if info.shape_obstacle() and not info.dtype_obstacle() and not info.state and info.flat_inputs()
+    ]
     obstacles = elementwise_obstacles(saved_model, tags, candidates)
     infos, reasons = dict(infos), {}
     for key, info in infos.items():
@@ -161,8 +187,10 @@ def _elementwise(saved_model: Path, tags: str, infos: dict[str, SignatureInfo],
 def _name_and_version(out: Path, name: str | None, version: int | None) -> tuple[str, int]:
     """Defaults from a repository layout BASE/NAME/VERSION, else the directory's own name, version 1."""
     numbered = out.name.isdigit()
-    return (name or (out.parent.name if numbered else out.name),
-            version if version is not None else (int(out.name) if numbered else 1))
+    return (
+        name or (out.parent.name if numbered else out.name),
+        version if version is not None else (int(out.name) if numbered else 1),
+    )
 
 
 def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_model: Path):
@@ -172,27 +200,37 @@ def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_mod
         return infos
     unknown = [key for key in wanted if key not in infos]
     if unknown:
-        raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has "
-                           f"{', '.join(infos)}")
+        raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has {', '.join(infos)}")
     return {key: infos[key] for key in wanted}
 
 
-def _declare_state(infos: dict[str, SignatureInfo], state: Mapping[str, Mapping[str, str]],
-                   positions: Mapping[str, tuple[str, int]],
-                   appended: Mapping[str, Sequence[str]]) -> dict[str, SignatureInfo]:
+def _declare_state(
+    infos: dict[str, SignatureInfo],
+    state: Mapping[str, Mapping[str, str]],
+    positions: Mapping[str, tuple[str, int]],
+    appended: Mapping[str, Sequence[str]],
+) -> dict[str, SignatureInfo]:
     for option, named in (("--state", state), ("--state-capacity", positions), ("--state-append", appended)):
         unknown = [key for key in named if key not in infos]
         if unknown:
-            raise CompileError(f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
-                               f"the signatures are {', '.join(infos)}")
+            raise CompileError(
+                f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
+                f"the signatures are {', '.join(infos)}"
+            )
     for key, (name, capacity) in positions.items():
         if type(capacity) is not int or capacity < 1:
-            raise CompileError(f"--state-capacity for {key}:{name} must be a positive number of tokens, "
-                               f"got {capacity!r}")
-    declared = {key: replace(info, state=dict(state.get(key, {})),
-                             position=Position(input=positions[key][0], capacity=positions[key][1])
-                             if key in positions else None, appended=tuple(appended.get(key, ())))
-                for key, info in infos.items()}
+            raise CompileError(
+                f"--state-capacity for {key}:{name} must be a positive number of tokens, got {capacity!r}"
+            )
+    declared = {
+        key: replace(
+            info,
+            state=dict(state.get(key, {})),
+            position=Position(input=positions[key][0], capacity=positions[key][1]) if key in positions else None,
+            appended=tuple(appended.get(key, ())),
+        )
+        for key, info in infos.items()
+    }
     problems = state_problems(declared)
     if problems:
         raise CompileError("the state declared does not fit the signatures: " + "; ".join(problems))
@@ -252,8 +290,9 @@ def _engine_of(infos, reasons) -> str:
     return engines.pop() if len(engines) == 1 else "mixed"
 
 
-def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, work, staging,
-                 reasons, log) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
+def _compile_aot(
+    saved_model, tags, infos, batch_sizes, target, multithreading, work, staging, reasons, log
+) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel.
 
     Signatures that are one function (same_functions) compile once and name the same libraries.
@@ -281,8 +320,9 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
                 log(f"compiling {key} for batch {batch or 'static'}")
                 bar.set_postfix_str(f"{key} batch {batch or 'static'}")
                 try:
-                    header, objects = tfcompile(static, meta_graph, bucket_key(key, batch),
-                                                work / cpp_class, cpp_class, target, multithreading)
+                    header, objects = tfcompile(
+                        static, meta_graph, bucket_key(key, batch), work / cpp_class, cpp_class, target, multithreading
+                    )
                 except CompileError as e:
                     reasons[key] = f"XLA could not compile it: {e}"
                     break
@@ -301,14 +341,25 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
             runtime = toolchain.link_runtime(kernels, staging / "lib")
-            weights = link_weights([o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
-                                   staging / "lib", work / "weights", toolchain.cxx)
+            weights = link_weights(
+                [o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
+                staging / "lib",
+                work / "weights",
+                toolchain.cxx,
+            )
             log(f"weights: {weights.stat().st_size / 1e6:.1f} MB, each distinct constant once ({weights.name})")
             log(f"linking {len(jobs)} librar{'y' if len(jobs) == 1 else 'ies'}")
             with steps(len(jobs), "linking", "library") as bar:
-                for _ in pool.map(lambda job, shim: toolchain.link_bucket(
-                        shim, [o for o in job[4] if not o.name.endswith(CONSTANTS)], [runtime, weights],
-                        staging / job[5]), jobs, shims):
+                for _ in pool.map(
+                    lambda job, shim: toolchain.link_bucket(
+                        shim,
+                        [o for o in job[4] if not o.name.endswith(CONSTANTS)],
+                        [runtime, weights],
+                        staging / job[5],
+                    ),
+                    jobs,
+                    shims,
+                ):
                     bar.update()
     for key, batch, _, _, _, library in jobs:
         libraries.setdefault(key, {})[batch] = library
@@ -317,9 +368,15 @@ def _compile_aot(saved_model, tags, infos, batch_sizes, target, multithreading, 
             reasons[alias] = reasons[key]
         else:
             libraries[alias] = libraries[key]
-    shared = None if runtime is None else SharedRuntime(
-        key=toolchain.runtime_key(kernels), file=str(runtime.relative_to(staging)),
-        bytes_saved=_bytes_saved(jobs, aliases, runtime, weights, staging))
+    shared = (
+        None
+        if runtime is None
+        else SharedRuntime(
+            key=toolchain.runtime_key(kernels),
+            file=str(runtime.relative_to(staging)),
+            bytes_saved=_bytes_saved(jobs, aliases, runtime, weights, staging),
+        )
+    )
     return libraries, shared, None if runtime is None else str(weights.relative_to(staging))
 
 
@@ -327,8 +384,15 @@ def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, st
     """How many bytes format 1 would have needed more: each bucket library with its own runtime and
     its own constants (tfcompile's objects, as big as their padded symbols), once per name."""
     names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job[0] for job in jobs}}
-    alone = sum(names[job[0]] * ((staging / job[5]).stat().st_size + runtime.stat().st_size +
-                                 sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))) for job in jobs)
+    alone = sum(
+        names[job[0]]
+        * (
+            (staging / job[5]).stat().st_size
+            + runtime.stat().st_size
+            + sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))
+        )
+        for job in jobs
+    )
     shared = sum((staging / job[5]).stat().st_size for job in jobs) + runtime.stat().st_size + weights.stat().st_size
     return max(alone - shared, 0)
 
@@ -348,14 +412,23 @@ def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
     """Run every saved-model signature at every bucket in a fresh process that writes the persistent
     XLA cache (its flags must be set before TensorFlow starts); learn which ones XLA can compile."""
     manifest.write(staging)
-    done = subprocess.run([sys.executable, "-m", "runtime.compiler.xla_cache", str(staging)],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.compiler.xla_cache", str(staging)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
     (staging / "manifest.json").unlink()
     if done.returncode != 0:
         raise CompileError(f"prebuilding the XLA cache failed:\n{done.stderr[-3000:]}")
     jit = json.loads(done.stdout.strip().splitlines()[-1])
-    return manifest.model_copy(update={"signatures": {
-        key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()}})
+    return manifest.model_copy(
+        update={
+            "signatures": {
+                key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()
+            }
+        }
+    )
 
 
 def _replace(staging: Path, out: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 # Ops computing each output element from the operands' elements at the same place, given operands
 # of one shape or scalars. (Select with a vector condition picks rows, but its condition is then
 # a non-scalar operand, so it must have the shape of the others.)
-ELEMENTWISE_OPS = frozenset("""
+ELEMENTWISE_OPS = frozenset(
+    """
     Identity Snapshot StopGradient PreventGradient Cast Bitcast
     Neg Abs Sign Square Sqrt Rsqrt Reciprocal Inv Exp Expm1 Log Log1p Sin Cos Tan Asin Acos Atan Sinh Cosh
     Tanh Asinh Acosh Atanh Sigmoid Relu Relu6 Elu Selu Softplus Softsign LeakyRelu Erf Erfc Erfinv Lgamma
@@ -24,7 +25,8 @@ ELEMENTWISE_OPS = frozenset("""
     Minimum Pow SquaredDifference Atan2 Xdivy Xlogy Xlog1py Less LessEqual Greater GreaterEqual Equal NotEqual
     LogicalAnd LogicalOr BitwiseAnd BitwiseOr BitwiseXor LeftShift RightShift Complex
     Select SelectV2 AddN ClipByValue
-""".split())
+""".split()
+)
 SCALAR, ELEMENTS = "scalar", "elements"
 
 
@@ -84,8 +86,10 @@ def _kind(name: str, nodes: dict, kinds: dict[str, str]) -> str:
         elif node.op == "Const":
             shape = node.attr["value"].tensor.tensor_shape
             if shape.unknown_rank or shape.dim:
-                return (f"constant '{current}' of shape {[d.size for d in shape.dim]} would broadcast; only "
-                        f"scalar (rank-0) constants keep the inputs' shape")
+                return (
+                    f"constant '{current}' of shape {[d.size for d in shape.dim]} would broadcast; only "
+                    f"scalar (rank-0) constants keep the inputs' shape"
+                )
             kinds[current] = SCALAR
         elif node.op not in ELEMENTWISE_OPS:
             return f"op {node.op} ('{current}') is not elementwise"

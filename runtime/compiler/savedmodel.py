@@ -15,8 +15,23 @@ from pathlib import Path
 from runtime.errors import CompileError
 from runtime.manifest import Position, TensorSpec, element_shape, show_shape
 
-AOT_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
-              "uint8", "uint16", "uint32", "uint64", "bool", "complex64", "complex128"}
+AOT_DTYPES = {
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "complex64",
+    "complex128",
+}
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,15 @@ class SignatureInfo:
         """What must agree for two signatures to share compiled code, or None if this one shares none."""
         if not self.function:
             return None
-        return (self.function, self.inputs, self.outputs, tuple(sorted(self.state.items())), self.position,
-                self.appended, self.elementwise)
+        return (
+            self.function,
+            self.inputs,
+            self.outputs,
+            tuple(sorted(self.state.items())),
+            self.position,
+            self.appended,
+            self.elementwise,
+        )
 
     @property
     def batched(self) -> bool:
@@ -62,20 +84,25 @@ class SignatureInfo:
         """Why the shapes alone keep XLA AOT from taking it as a batch of fixed-shape rows, or ""."""
         for role, spec in self._specs():
             if spec.shape is None:
-                return (f"{role} '{spec.name}' has unknown rank; XLA AOT needs every dimension but the batch "
-                        f"fixed")
+                return f"{role} '{spec.name}' has unknown rank; XLA AOT needs every dimension but the batch fixed"
             inner = spec.shape[1:] if self.batched else spec.shape
             if any(dim is None for dim in inner):
-                return (f"{role} '{spec.name}' has shape {show_shape(spec.shape)} with a dynamic inner "
-                        f"dimension; XLA AOT needs every dimension but the batch fixed")
+                return (
+                    f"{role} '{spec.name}' has shape {show_shape(spec.shape)} with a dynamic inner "
+                    f"dimension; XLA AOT needs every dimension but the batch fixed"
+                )
         return ""
 
     def flat_inputs(self) -> bool:
         """Whether every input could hold a run of elements of any length: unknown rank, or a known
         rank of 1 or more with every dimension dynamic, one rank for all (elementwise candidates)."""
         ranks = {len(spec.shape) for spec in self.inputs if spec.shape is not None}
-        return bool(self.inputs) and len(ranks) <= 1 and 0 not in ranks and all(
-            spec.shape is None or all(dim is None for dim in spec.shape) for spec in self.inputs)
+        return (
+            bool(self.inputs)
+            and len(ranks) <= 1
+            and 0 not in ranks
+            and all(spec.shape is None or all(dim is None for dim in spec.shape) for spec in self.inputs)
+        )
 
     def _specs(self):
         return [("input", spec) for spec in self.inputs] + [("output", spec) for spec in self.outputs]
@@ -100,8 +127,13 @@ def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, Sig
     except (OSError, RuntimeError, ValueError) as e:
         raise CompileError(f"cannot read a SavedModel with tags '{tags}' at {saved_model_dir}: {e}") from None
     return {
-        key: SignatureInfo(key, sig.method_name or "tensorflow/serving/predict",
-                           _specs(sig.inputs), _specs(sig.outputs), function=function_digest(meta_graph, sig))
+        key: SignatureInfo(
+            key,
+            sig.method_name or "tensorflow/serving/predict",
+            _specs(sig.inputs),
+            _specs(sig.outputs),
+            function=function_digest(meta_graph, sig),
+        )
         for key, sig in sorted(meta_graph.signature_def.items())
         if not key.startswith("__")
     }
@@ -156,8 +188,9 @@ def bucket_key(signature_key: str, batch: int) -> str:
     return f"kiln_{signature_key}__b{batch}"
 
 
-def export_static(saved_model_dir: Path, tags: str, infos: Mapping[str, SignatureInfo],
-                  plan: dict[str, list[int]], out: Path) -> None:
+def export_static(
+    saved_model_dir: Path, tags: str, infos: Mapping[str, SignatureInfo], plan: dict[str, list[int]], out: Path
+) -> None:
     """Save a SavedModel with signature bucket_key(key, b) for each key and bucket b in the plan.
 
     An unbatched signature is planned with the single bucket 0 and keeps its own static shapes.

@@ -48,8 +48,10 @@ KERNEL_SOURCES = {
 }
 # Never built: the first is replaced by kiln:conv_f32.cc (see there why); XLA's AOT emitter takes
 # no 3D convolutions, and the second does not build with the flags the others need.
-REPLACED_SOURCES = {"xla/backends/cpu/runtime/convolution_lib_f32_2d.cc",
-                    "xla/backends/cpu/runtime/convolution_lib_f32_3d.cc"}
+REPLACED_SOURCES = {
+    "xla/backends/cpu/runtime/convolution_lib_f32_2d.cc",
+    "xla/backends/cpu/runtime/convolution_lib_f32_3d.cc",
+}
 
 EXPORTS_MAP = "{ global: kiln_*; local: *; };\n"
 
@@ -74,8 +76,13 @@ class Toolchain:
         # One set of flags for every object: Eigen's templates must be compiled alike everywhere
         # they are instantiated.
         return [
-            "-O3", f"-march={self.target_cpu}", "-fPIC", "-std=c++17", "-w",
-            "-D_GLIBCXX_USE_CXX11_ABI=1", "-DEIGEN_USE_THREADS",
+            "-O3",
+            f"-march={self.target_cpu}",
+            "-fPIC",
+            "-std=c++17",
+            "-w",
+            "-D_GLIBCXX_USE_CXX11_ABI=1",
+            "-DEIGEN_USE_THREADS",
             f"-I{self.tensorflow_dir / 'include'}",
         ]
 
@@ -108,8 +115,10 @@ class Toolchain:
         cache = self.cache_dir()
         missing = sum(not self._object_path(source, cache)[1].exists() for source in wanted)
         # The first build takes minutes on 2 cores: a bar on a terminal shows it moving.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
-                steps(missing, "building the AOT runtime", "object") as bar:
+        with (
+            ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+            steps(missing, "building the AOT runtime", "object") as bar,
+        ):
             objects = []
             for target, built in pool.map(lambda s: self._cached_object(s, cache), wanted):
                 objects.append(target)
@@ -177,9 +186,21 @@ class Toolchain:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not cached.exists():
                     tmp = cached.with_name(f".{name}.{os.getpid()}.tmp")
-                    run([self.cxx, "-shared", "-o", str(tmp), *map(str, self.runtime_objects(kernels)),
-                         str(self.framework_library), f"-Wl,-soname,{name}", "-Wl,-Bsymbolic",
-                         "-Wl,--no-undefined", *self.strip], f"linking {name}")
+                    run(
+                        [
+                            self.cxx,
+                            "-shared",
+                            "-o",
+                            str(tmp),
+                            *map(str, self.runtime_objects(kernels)),
+                            str(self.framework_library),
+                            f"-Wl,-soname,{name}",
+                            "-Wl,-Bsymbolic",
+                            "-Wl,--no-undefined",
+                            *self.strip,
+                        ],
+                        f"linking {name}",
+                    )
                     os.replace(tmp, cached)
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(cached, out_dir / name)
@@ -189,8 +210,9 @@ class Toolchain:
         """The kiln_* C functions over one generated class (shim.cc)."""
         work.mkdir(parents=True, exist_ok=True)
         shim = work / f"{cpp_class}_shim.o"
-        self.compile_object(SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"',
-                                                f"-DKILN_CLASS={cpp_class}"])
+        self.compile_object(
+            SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"', f"-DKILN_CLASS={cpp_class}"]
+        )
         return shim
 
     def link_bucket(self, shim: Path, code: list[Path], shared: list[Path], out: Path) -> None:
@@ -204,9 +226,24 @@ class Toolchain:
         work.mkdir(parents=True, exist_ok=True)
         exports = work / "exports.map"
         exports.write_text(EXPORTS_MAP)
-        run([self.cxx, "-shared", "-o", str(out), str(shim), *map(str, code), *map(str, shared),
-             str(self.framework_library), "-Wl,-rpath,$ORIGIN", f"-Wl,--version-script={exports}",
-             "-Wl,--no-undefined", "-Wl,--as-needed", *self.strip], f"linking {out.name}")
+        run(
+            [
+                self.cxx,
+                "-shared",
+                "-o",
+                str(out),
+                str(shim),
+                *map(str, code),
+                *map(str, shared),
+                str(self.framework_library),
+                "-Wl,-rpath,$ORIGIN",
+                f"-Wl,--version-script={exports}",
+                "-Wl,--no-undefined",
+                "-Wl,--as-needed",
+                *self.strip,
+            ],
+            f"linking {out.name}",
+        )
         shutil.rmtree(work)
 
 

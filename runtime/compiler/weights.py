@@ -32,7 +32,7 @@ def read_constants(obj: Path) -> Iterator[tuple[str, bytes]]:
     raw = obj.read_bytes()
     if raw[:4] != b"\x7fELF" or raw[4] != 2 or raw[5] != 1:
         raise CompileError(f"{obj.name} is not a 64-bit little-endian ELF object")
-    shoff, = struct.unpack_from("<Q", raw, 40)
+    (shoff,) = struct.unpack_from("<Q", raw, 40)
     shentsize, shnum = struct.unpack_from("<HH", raw, 58)
     sections = [struct.unpack_from("<IIQQQQIIQQ", raw, shoff + i * shentsize) for i in range(shnum)]
     for _, kind, _, _, offset, size, link, _, _, entsize in sections:
@@ -41,14 +41,14 @@ def read_constants(obj: Path) -> Iterator[tuple[str, bytes]]:
         names = sections[link]
         for at in range(offset, offset + size, entsize):
             name_at, _, _, index, value, length = struct.unpack_from("<IBBHQQ", raw, at)
-            name = raw[names[4] + name_at:raw.index(b"\0", names[4] + name_at)].decode()
+            name = raw[names[4] + name_at : raw.index(b"\0", names[4] + name_at)].decode()
             if not name.endswith(CONSTANT_SUFFIX) or not 0 < index < len(sections):
                 continue
             start = sections[index][4] + value
-            data_size, = struct.unpack_from("<Q", raw, start)
+            (data_size,) = struct.unpack_from("<Q", raw, start)
             if HEADER + data_size > length:
                 raise CompileError(f"{obj.name}: constant {name} says {data_size} bytes in a {length}-byte symbol")
-            yield name, raw[start + HEADER:start + HEADER + data_size]
+            yield name, raw[start + HEADER : start + HEADER + data_size]
 
 
 def pack(constants: Sequence[tuple[str, bytes]]) -> tuple[bytes, dict[str, int]]:
@@ -92,6 +92,8 @@ def link_weights(constants_objects: Sequence[Path], out_dir: Path, work: Path, c
     (work / "weights.S").write_text(assembly(work / "weights.bin", offsets))
     run([cxx, "-c", str(work / "weights.S"), "-o", str(work / "weights.o")], "assembling the weights")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run([cxx, "-shared", "-o", str(out_dir / name), str(work / "weights.o"), f"-Wl,-soname,{name}", "-s"],
-        f"linking {name}")
+    run(
+        [cxx, "-shared", "-o", str(out_dir / name), str(work / "weights.o"), f"-Wl,-soname,{name}", "-s"],
+        f"linking {name}",
+    )
     return out_dir / name

@@ -56,9 +56,14 @@ class Engine:
                     from runtime.engines.xla_aot import AotRunner
 
                     # Signatures compiled once (Keras's serve and serving_default) share one runner.
-                    same = next((runners[other] for other, seen in manifest.signatures.items()
-                                 if other in runners and seen.engine == "xla-aot"
-                                 and seen.libraries == signature.libraries), None)
+                    same = next(
+                        (
+                            runners[other]
+                            for other, seen in manifest.signatures.items()
+                            if other in runners and seen.engine == "xla-aot" and seen.libraries == signature.libraries
+                        ),
+                        None,
+                    )
                     runners[key] = same or AotRunner(directory, signature, threads)
                 else:
                     from runtime.engines.saved_model import SavedModelRunner
@@ -79,8 +84,7 @@ class Engine:
             return self.manifest.signatures[key]
         except KeyError:
             known = ", ".join(sorted(self.manifest.signatures))
-            raise InvalidInput(f"signature '{key}' not found in model {self.manifest.name}; "
-                               f"it has: {known}") from None
+            raise InvalidInput(f"signature '{key}' not found in model {self.manifest.name}; it has: {known}") from None
 
     def run(self, key: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name for inputs by name; batched signatures take any number of rows, and
@@ -109,8 +113,7 @@ class Engine:
         chunks = plan_chunks(rows, self.manifest.batch_sizes)
         if len(chunks) == 1:
             return runner.run(arrays, chunks[0][2])
-        parts = [runner.run({n: a[start:stop] for n, a in arrays.items()}, bucket)
-                 for start, stop, bucket in chunks]
+        parts = [runner.run({n: a[start:stop] for n, a in arrays.items()}, bucket) for start, stop, bucket in chunks]
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def close(self) -> None:
@@ -125,22 +128,26 @@ def check_inputs(signature: Signature, inputs: Mapping[str, np.ndarray]) -> tupl
     expected = {spec.name for spec in signature.inputs}
     missing, unknown = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
     if missing or unknown:
-        parts = [f"missing input(s) {', '.join(missing)}" if missing else "",
-                 f"unknown input(s) {', '.join(unknown)}" if unknown else ""]
-        raise InvalidInput(f"{'; '.join(p for p in parts if p)}; the signature takes "
-                           f"{', '.join(sorted(expected))}")
+        parts = [
+            f"missing input(s) {', '.join(missing)}" if missing else "",
+            f"unknown input(s) {', '.join(unknown)}" if unknown else "",
+        ]
+        raise InvalidInput(f"{'; '.join(p for p in parts if p)}; the signature takes {', '.join(sorted(expected))}")
     arrays = {spec.name: _as_dtype(spec, inputs[spec.name]) for spec in signature.inputs}
     rows = 0
     for spec in signature.inputs:
         array = arrays[spec.name]
         if not _shape_fits(spec.shape, array.shape):
-            raise InvalidInput(f"input '{spec.name}' must have shape {show_shape(spec.shape)}, "
-                               f"got {show_shape(array.shape)}")
+            raise InvalidInput(
+                f"input '{spec.name}' must have shape {show_shape(spec.shape)}, got {show_shape(array.shape)}"
+            )
     if signature.elementwise:
         shapes = {name: array.shape for name, array in arrays.items()}
         if len(set(shapes.values())) > 1:
-            raise InvalidInput("the inputs of an elementwise signature must have one shape (they are not "
-                               "broadcast), got " + ", ".join(f"{n} {show_shape(s)}" for n, s in shapes.items()))
+            raise InvalidInput(
+                "the inputs of an elementwise signature must have one shape (they are not "
+                "broadcast), got " + ", ".join(f"{n} {show_shape(s)}" for n, s in shapes.items())
+            )
         rows = next(iter(arrays.values())).size
     elif signature.batched:
         sizes = {spec.name: arrays[spec.name].shape[0] for spec in signature.inputs}
@@ -181,13 +188,16 @@ def _strings(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         where = [int(i) for i in np.unravel_index(index, array.shape)] if array.ndim else []
         if not isinstance(item, str):
             kind = "a list (rows of different lengths?)" if isinstance(item, list) else type(item).__name__
-            raise InvalidInput(f"input '{spec.name}' must have dtype string (bytes or text in every element), "
-                               f"got {kind} at index {where}")
+            raise InvalidInput(
+                f"input '{spec.name}' must have dtype string (bytes or text in every element), "
+                f"got {kind} at index {where}"
+            )
         try:
             text = item.encode()
         except UnicodeEncodeError:
-            raise InvalidInput(f"input '{spec.name}': the text at index {where} is not valid Unicode "
-                               f"(it holds a lone surrogate)") from None
+            raise InvalidInput(
+                f"input '{spec.name}': the text at index {where} is not valid Unicode (it holds a lone surrogate)"
+            ) from None
         if encoded is None:
             encoded = flat.copy()
         encoded[index] = text
@@ -210,8 +220,11 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
     """Zero inputs (empty strings) of the signature's shapes at one bucket, for warm-up."""
     inputs = {}
     for spec in signature.inputs:
-        shape = signature.element_shape(bucket) if signature.elementwise else \
-            tuple(bucket if d is None else d for d in spec.shape)
+        shape = (
+            signature.element_shape(bucket)
+            if signature.elementwise
+            else tuple(bucket if d is None else d for d in spec.shape)
+        )
         if spec.dtype == "string":
             inputs[spec.name] = np.full(shape, b"", dtype=object)
         else:

@@ -37,16 +37,24 @@ def import_tensorflow(cache: Path, writable: bool = False):
     with _import_lock:
         if "tensorflow" not in sys.modules:
             # Ours replace any cache flags inherited from a parent process that served another one.
-            kept = [f for f in os.environ.get("TF_XLA_FLAGS", "").split()
-                    if not f.startswith("--tf_xla_persistent_cache_")]
-            os.environ["TF_XLA_FLAGS"] = " ".join([
-                *kept, f"--tf_xla_persistent_cache_directory={cache}",
-                f"--tf_xla_persistent_cache_read_only={'false' if writable else 'true'}"])
+            kept = [
+                f for f in os.environ.get("TF_XLA_FLAGS", "").split() if not f.startswith("--tf_xla_persistent_cache_")
+            ]
+            os.environ["TF_XLA_FLAGS"] = " ".join(
+                [
+                    *kept,
+                    f"--tf_xla_persistent_cache_directory={cache}",
+                    f"--tf_xla_persistent_cache_read_only={'false' if writable else 'true'}",
+                ]
+            )
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             _configured_cache = cache
         elif _configured_cache != cache:
-            log.warning("tensorflow started before this servable loaded: its prebuilt XLA cache at %s "
-                        "is not used, so first calls compile", cache)
+            log.warning(
+                "tensorflow started before this servable loaded: its prebuilt XLA cache at %s "
+                "is not used, so first calls compile",
+                cache,
+            )
         import tensorflow as tf
 
         return tf
@@ -74,8 +82,7 @@ class SavedModelRunner:
             function = loaded.signatures[key]
         except KeyError:
             raise ServableError(f"the packaged SavedModel has no signature '{key}'") from None
-        self.function = (self.tf.function(lambda **kw: function(**kw), jit_compile=True)
-                         if signature.jit else function)
+        self.function = self.tf.function(lambda **kw: function(**kw), jit_compile=True) if signature.jit else function
 
     def run(self, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
         rows = next(iter(inputs.values())).shape[0] if self.signature.batched else None

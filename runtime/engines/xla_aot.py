@@ -39,15 +39,19 @@ FRAMEWORK_LIBRARY = "libtensorflow_framework.so.2"
 BY_POINTER_MIN_BYTES = 256 * 1024
 P = ctypes.c_void_p
 PROTOTYPES = {
-    "kiln_new": (P, []), "kiln_delete": (None, [P]),
-    "kiln_num_args": (ctypes.c_int, [P]), "kiln_num_results": (ctypes.c_int, [P]),
+    "kiln_new": (P, []),
+    "kiln_delete": (None, [P]),
+    "kiln_num_args": (ctypes.c_int, [P]),
+    "kiln_num_results": (ctypes.c_int, [P]),
     "kiln_arg_index": (ctypes.c_int, [P, ctypes.c_char_p]),
     "kiln_result_index": (ctypes.c_int, [P, ctypes.c_char_p]),
     "kiln_arg_size": (ctypes.c_long, [P, ctypes.c_int]),
     "kiln_result_size": (ctypes.c_long, [P, ctypes.c_int]),
-    "kiln_arg_data": (P, [P, ctypes.c_int]), "kiln_result_data": (P, [P, ctypes.c_int]),
+    "kiln_arg_data": (P, [P, ctypes.c_int]),
+    "kiln_result_data": (P, [P, ctypes.c_int]),
     "kiln_run": (ctypes.c_char_p, [P]),
-    "kiln_thread_pool_new": (P, [ctypes.c_int]), "kiln_thread_pool_delete": (None, [P]),
+    "kiln_thread_pool_new": (P, [ctypes.c_int]),
+    "kiln_thread_pool_delete": (None, [P]),
     "kiln_set_thread_pool": (None, [P, P]),
 }
 # Not in libraries an older Kiln compiled, which still load: their inputs are always copied.
@@ -69,11 +73,12 @@ def _framework_library() -> ctypes.CDLL:
     if not path:
         spec = importlib.util.find_spec("tensorflow")
         locations = list(spec.submodule_search_locations or []) if spec else []
-        path = next((str(Path(d) / FRAMEWORK_LIBRARY) for d in locations
-                     if (Path(d) / FRAMEWORK_LIBRARY).exists()), "")
+        path = next((str(Path(d) / FRAMEWORK_LIBRARY) for d in locations if (Path(d) / FRAMEWORK_LIBRARY).exists()), "")
     if not path:
-        raise ServableError(f"xla-aot servables need {FRAMEWORK_LIBRARY}: install tensorflow-cpu or set "
-                            f"KILN_TF_FRAMEWORK_LIBRARY to the file's path")
+        raise ServableError(
+            f"xla-aot servables need {FRAMEWORK_LIBRARY}: install tensorflow-cpu or set "
+            f"KILN_TF_FRAMEWORK_LIBRARY to the file's path"
+        )
     if "tensorflow" not in sys.modules:  # else TensorFlow has read it already
         # Its static start-up announces oneDNN on stderr unless oneDNN is off; nothing here uses it.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -122,7 +127,7 @@ def check_elf(path: Path) -> None:
             size = os.fstat(f.fileno()).st_size
             if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
                 raise ServableError(f"{path.name} is not a 64-bit little-endian ELF library")
-            machine, = struct.unpack_from("<H", data, 18)
+            (machine,) = struct.unpack_from("<H", data, 18)
             if machine != ELF_MACHINES.get(host_architecture()):
                 raise ServableError(f"{path.name} is for another machine (ELF machine {machine})")
             phoff, shoff = struct.unpack_from("<QQ", data, 32)
@@ -136,8 +141,9 @@ def check_elf(path: Path) -> None:
     for i in range(phnum):
         kind, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", headers, i * phentsize)
         if kind == PT_LOAD and offset + filesz > size:
-            raise ServableError(f"{path.name} is truncated: a segment ends at byte {offset + filesz} "
-                                f"of a {size}-byte file")
+            raise ServableError(
+                f"{path.name} is truncated: a segment ends at byte {offset + filesz} of a {size}-byte file"
+            )
 
 
 class BucketLibrary:
@@ -202,14 +208,19 @@ class Instance:
             raise ServableError(f"{library.name}: the compiled function could not be created")
         lib.kiln_set_thread_pool(self.handle, library.thread_pool)
         signature, bucket = library.signature, library.bucket
-        self.args = {spec.name: self._view(library, spec, bucket, lib.kiln_arg_index,
-                                           lib.kiln_arg_size, lib.kiln_arg_data)
-                     for spec in signature.inputs}
-        self.results = {spec.name: self._view(library, spec, bucket, lib.kiln_result_index,
-                                              lib.kiln_result_size, lib.kiln_result_data)
-                        for spec in signature.outputs}
-        self._own = {name: (lib.kiln_arg_index(self.handle, name.encode()), view.ctypes.data)
-                     for name, view in self.args.items()}  # name: (index, own buffer address)
+        self.args = {
+            spec.name: self._view(library, spec, bucket, lib.kiln_arg_index, lib.kiln_arg_size, lib.kiln_arg_data)
+            for spec in signature.inputs
+        }
+        self.results = {
+            spec.name: self._view(
+                library, spec, bucket, lib.kiln_result_index, lib.kiln_result_size, lib.kiln_result_data
+            )
+            for spec in signature.outputs
+        }
+        self._own = {
+            name: (lib.kiln_arg_index(self.handle, name.encode()), view.ctypes.data) for name, view in self.args.items()
+        }  # name: (index, own buffer address)
         self._lent: list[str] = []
 
     def _view(self, library, spec: TensorSpec, bucket, index_of, size_of, data_of) -> np.ndarray:
@@ -219,8 +230,10 @@ class Instance:
         dtype = np.dtype(spec.dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if index < 0 or size_of(self.handle, index) != nbytes:
-            raise ServableError(f"{library.name} does not match the manifest: tensor '{spec.name}' "
-                                f"of shape {list(shape)} {spec.dtype} is not in the compiled code")
+            raise ServableError(
+                f"{library.name} does not match the manifest: tensor '{spec.name}' "
+                f"of shape {list(shape)} {spec.dtype} is not in the compiled code"
+            )
         buffer = (ctypes.c_char * nbytes).from_address(data_of(self.handle, index))
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
@@ -302,5 +315,10 @@ class AotRunner:
 def _lendable(array: np.ndarray, view: np.ndarray) -> bool:
     """Whether `array` can be passed by pointer in place of the argument `view` (see the module
     docstring): it is the argument's exact layout, aligned, and big enough to be worth it."""
-    return (array.nbytes >= BY_POINTER_MIN_BYTES and array.shape == view.shape and array.dtype == view.dtype
-            and array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0)
+    return (
+        array.nbytes >= BY_POINTER_MIN_BYTES
+        and array.shape == view.shape
+        and array.dtype == view.dtype
+        and array.flags.c_contiguous
+        and array.ctypes.data % ALIGNMENT == 0
+    )

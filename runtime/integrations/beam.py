@@ -42,8 +42,15 @@ class CheckedRow:
 class KilnModelHandler(ModelHandler[Any, Any, Scorer]):
     """RunInference's handler for one signature of a Kiln servable (local path, s3:// or gs://)."""
 
-    def __init__(self, servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *, keyed: bool = False,
-                 threads: int | None = None, **batching: Any):
+    def __init__(
+        self,
+        servable: str | os.PathLike,
+        signature: str = DEFAULT_SIGNATURE,
+        *,
+        keyed: bool = False,
+        threads: int | None = None,
+        **batching: Any,
+    ):
         super().__init__(**batching)
         self.servable = os.fspath(servable)
         self.signature = signature
@@ -64,16 +71,20 @@ class KilnModelHandler(ModelHandler[Any, Any, Scorer]):
         key, row = element
         return key, self.check(row)
 
-    def run_inference(self, batch: Sequence[Any], model: Scorer,
-                      inference_args: Mapping[str, Any] | None = None) -> Iterable[Any]:
+    def run_inference(
+        self, batch: Sequence[Any], model: Scorer, inference_args: Mapping[str, Any] | None = None
+    ) -> Iterable[Any]:
         keys, rows = zip(*batch) if self.keyed else (None, batch)
         checked = [row if isinstance(row, CheckedRow) else self.check(row) for row in rows]
         merged = {name: np.concatenate([row.inputs[name] for row in checked]) for name in model.input_names}
         outputs = model.engine.run(model.key, merged)
         single = next(iter(outputs.values())) if len(outputs) == 1 else None
-        results = [PredictionResult(row.example, single[i] if single is not None
-                                    else {name: array[i] for name, array in outputs.items()})
-                   for i, row in enumerate(checked)]
+        results = [
+            PredictionResult(
+                row.example, single[i] if single is not None else {name: array[i] for name, array in outputs.items()}
+            )
+            for i, row in enumerate(checked)
+        ]
         return list(zip(keys, results)) if self.keyed else results
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:

@@ -68,11 +68,13 @@ def locate(servable: str | os.PathLike) -> Located:
 
 
 def _newest(storage: Storage, name: str) -> int:
-    published = [int(n) for n in storage.list_children(name)
-                 if n.isdigit() and storage.exists(f"{name}/{n}/{MANIFEST_FILE}")]
+    published = [
+        int(n) for n in storage.list_children(name) if n.isdigit() and storage.exists(f"{name}/{n}/{MANIFEST_FILE}")
+    ]
     if not published:
-        raise NotFound(f"{storage.url}/{name} has no published version (a NAME/VERSION directory with "
-                       f"a {MANIFEST_FILE})")
+        raise NotFound(
+            f"{storage.url}/{name} has no published version (a NAME/VERSION directory with a {MANIFEST_FILE})"
+        )
     return max(published)
 
 
@@ -112,11 +114,14 @@ def batched_signature(manifest: Manifest, key: str) -> Signature:
     """The signature to score rows with: one that exists, is batched and keeps no session state."""
     signature = manifest.signatures.get(key)
     if signature is None:
-        raise ConfigError(f"model {manifest.name} has no signature {key!r}; it has "
-                          f"{', '.join(sorted(manifest.signatures))}")
+        raise ConfigError(
+            f"model {manifest.name} has no signature {key!r}; it has {', '.join(sorted(manifest.signatures))}"
+        )
     if not signature.batched or signature.stateful:
-        raise ConfigError(f"signature {key!r} of model {manifest.name} cannot score independent rows: "
-                          f"it {'has no batch dimension' if not signature.batched else 'keeps session state'}")
+        raise ConfigError(
+            f"signature {key!r} of model {manifest.name} cannot score independent rows: "
+            f"it {'has no batch dimension' if not signature.batched else 'keeps session state'}"
+        )
     return signature
 
 
@@ -138,8 +143,9 @@ class Scorer:
         self.signature = batched_signature(engine.manifest, signature)
 
     @classmethod
-    def open(cls, servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *,
-             threads: int | None = None) -> Scorer:
+    def open(
+        cls, servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *, threads: int | None = None
+    ) -> Scorer:
         return cls(open_engine(servable, threads=threads), signature)
 
     @property
@@ -160,8 +166,10 @@ class Scorer:
         """Every row's outputs, or its error; raises only for what is no row's fault."""
         missing = [name for name in self.input_names if name not in columns]
         if missing:
-            raise ConfigError(f"no column for input(s) {', '.join(missing)} of signature {self.key!r}; "
-                              f"columns given: {', '.join(map(str, columns)) or 'none'}")
+            raise ConfigError(
+                f"no column for input(s) {', '.join(missing)} of signature {self.key!r}; "
+                f"columns given: {', '.join(map(str, columns)) or 'none'}"
+            )
         values = {name: _indexable(columns[name]) for name in self.input_names}
         lengths = {len(column) for column in values.values()}
         if len(lengths) != 1:
@@ -195,12 +203,12 @@ class Scorer:
                 errors[row] = str(e)
         scored: dict[int, dict[str, np.ndarray]] = {}
         if checked:
-            merged = {name: np.concatenate([arrays[name] for arrays in checked.values()])
-                      for name in self.input_names}
+            merged = {name: np.concatenate([arrays[name] for arrays in checked.values()]) for name in self.input_names}
             try:
                 outputs = self.engine.run(self.key, merged)
-                scored = {row: {name: array[i:i + 1] for name, array in outputs.items()}
-                          for i, row in enumerate(checked)}
+                scored = {
+                    row: {name: array[i : i + 1] for name, array in outputs.items()} for i, row in enumerate(checked)
+                }
             except InvalidInput:  # what no row shows alone: each runs alone, as the batcher does
                 for row, arrays in checked.items():
                     try:
@@ -254,8 +262,11 @@ def _shaped(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
 def _null(spec: TensorSpec, item: Any) -> bool:
     """None, pandas' NA, or for a string input NaN (pandas' null in a column of text)."""
     pandas = sys.modules.get("pandas")  # only a caller holding pandas values has imported it
-    return (item is None or (pandas is not None and item is pandas.NA)
-            or (spec.dtype == "string" and isinstance(item, float) and item != item))
+    return (
+        item is None
+        or (pandas is not None and item is pandas.NA)
+        or (spec.dtype == "string" and isinstance(item, float) and item != item)
+    )
 
 
 def _indexable(column: Any) -> np.ndarray | list:

@@ -27,9 +27,16 @@ class KilnPredictor:
     where they differ; keep_columns says which of the batch's columns to pass on (True: all, as
     Ray's examples do; a list of names: those, such as an id where the inputs are large or ragged)."""
 
-    def __init__(self, servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *,
-                 threads: int | None = None, columns: Mapping[str, str] | None = None,
-                 error_column: str = "error", keep_columns: bool | Sequence[str] = True):
+    def __init__(
+        self,
+        servable: str | os.PathLike,
+        signature: str = DEFAULT_SIGNATURE,
+        *,
+        threads: int | None = None,
+        columns: Mapping[str, str] | None = None,
+        error_column: str = "error",
+        keep_columns: bool | Sequence[str] = True,
+    ):
         self.scorer = Scorer.open(servable, signature, threads=threads or _actor_cpus())
         self.columns = {name: (columns or {}).get(name, name) for name in self.scorer.input_names}
         self.error_column = error_column
@@ -39,8 +46,10 @@ class KilnPredictor:
         batch = _numpy_batch(batch)
         missing = [column for column in self.columns.values() if column not in batch]
         if missing:
-            raise ConfigError(f"the batch has no column {', '.join(missing)} for the servable's inputs; "
-                              f"it has {', '.join(batch)} (map inputs to columns with columns=...)")
+            raise ConfigError(
+                f"the batch has no column {', '.join(missing)} for the servable's inputs; "
+                f"it has {', '.join(batch)} (map inputs to columns with columns=...)"
+            )
         scored = self.scorer.score({name: batch[column] for name, column in self.columns.items()})
         keep = batch if self.keep_columns is True else (self.keep_columns or ())
         out = {column: batch[column] for column in keep}

@@ -33,15 +33,34 @@ from runtime.manifest import TensorSpec
 
 ERROR_FIELD = "error"
 # numpy dtype -> Spark SQL type name; predict_batch_udf takes no booleans, so they become bytes.
-SPARK_TYPES = {"float32": "FloatType", "float64": "DoubleType", "int8": "ByteType", "uint8": "ShortType",
-               "int16": "ShortType", "int32": "IntegerType", "int64": "LongType", "bool": "ByteType",
-               "string": "StringType"}
-NUMPY_TYPES = {"FloatType": np.float32, "DoubleType": np.float64, "ByteType": np.int8, "ShortType": np.int16,
-               "IntegerType": np.int32, "LongType": np.int64}
+SPARK_TYPES = {
+    "float32": "FloatType",
+    "float64": "DoubleType",
+    "int8": "ByteType",
+    "uint8": "ShortType",
+    "int16": "ShortType",
+    "int32": "IntegerType",
+    "int64": "LongType",
+    "bool": "ByteType",
+    "string": "StringType",
+}
+NUMPY_TYPES = {
+    "FloatType": np.float32,
+    "DoubleType": np.float64,
+    "ByteType": np.int8,
+    "ShortType": np.int16,
+    "IntegerType": np.int32,
+    "LongType": np.int64,
+}
 
 
-def make_predict_fn(servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *, threads: int | None = None,
-                    checked_by_kiln: bool = True) -> Callable[[], Callable[..., dict[str, np.ndarray]]]:
+def make_predict_fn(
+    servable: str | os.PathLike,
+    signature: str = DEFAULT_SIGNATURE,
+    *,
+    threads: int | None = None,
+    checked_by_kiln: bool = True,
+) -> Callable[[], Callable[..., dict[str, np.ndarray]]]:
     """predict_batch_udf's make_predict_fn: opens the servable in the worker, once per process.
     Its predict function takes one array per input in the signature's order (and, when
     checked_by_kiln, the constant column predict_udf adds) and returns the struct's fields."""
@@ -60,7 +79,8 @@ def make_predict_fn(servable: str | os.PathLike, signature: str = DEFAULT_SIGNAT
         # Spark counts the predict function's parameters to decide how to pass the columns.
         parameters = [*names, *(["_kiln_rows_as_given"] if checked_by_kiln else [])]
         predict.__signature__ = inspect.Signature(
-            [inspect.Parameter(f"p{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(parameters))])
+            [inspect.Parameter(f"p{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(parameters))]
+        )
         return predict
 
     return make
@@ -80,22 +100,28 @@ def return_type(servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE)
     return types.StructType([*fields, types.StructField(ERROR_FIELD, types.StringType())])
 
 
-def predict_udf(servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *, batch_size: int = 32,
-                threads: int | None = None) -> Callable[..., Any]:
+def predict_udf(
+    servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE, *, batch_size: int = 32, threads: int | None = None
+) -> Callable[..., Any]:
     """A function of the input columns (names or Columns, in the signature's input order) giving
     the struct column of outputs and error; bad rows, nulls included, are reported, not raised."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import functions
 
     inputs = batched_signature(read_servable_manifest(servable), signature).inputs
-    udf = predict_batch_udf(make_predict_fn(servable, signature, threads=threads),
-                            return_type=return_type(servable, signature), batch_size=batch_size,
-                            input_tensor_shapes=[None] * (len(inputs) + 1))
+    udf = predict_batch_udf(
+        make_predict_fn(servable, signature, threads=threads),
+        return_type=return_type(servable, signature),
+        batch_size=batch_size,
+        input_tensor_shapes=[None] * (len(inputs) + 1),
+    )
 
     def score(*columns: Any) -> Any:
         if len(columns) != len(inputs):
-            raise ConfigError(f"signature {signature!r} takes {len(inputs)} column(s) "
-                              f"({', '.join(spec.name for spec in inputs)}), got {len(columns)}")
+            raise ConfigError(
+                f"signature {signature!r} takes {len(inputs)} column(s) "
+                f"({', '.join(spec.name for spec in inputs)}), got {len(columns)}"
+            )
         return udf(*columns, functions.lit(0))
 
     return score
@@ -105,8 +131,9 @@ def _spark_type(spec: TensorSpec) -> str:
     try:
         return SPARK_TYPES[spec.dtype]
     except KeyError:
-        raise ConfigError(f"output {spec.name!r} has dtype {spec.dtype}, which predict_batch_udf cannot "
-                          f"return") from None
+        raise ConfigError(
+            f"output {spec.name!r} has dtype {spec.dtype}, which predict_batch_udf cannot return"
+        ) from None
 
 
 def _as_field(array: np.ndarray, spark_type: str) -> np.ndarray:

@@ -19,5 +19,6 @@ def generated_module(module: str) -> Any:  # its classes are made at import: no 
         if e.name is None or not e.name.startswith(_GENERATED):
             raise
         raise ModuleNotFoundError(
-            f"the protobuf module {module} has not been generated: "
-            f"run `python -m runtime.protos.build` (make setup)", name=e.name) from None
+            f"the protobuf module {module} has not been generated: run `python -m runtime.protos.build` (make setup)",
+            name=e.name,
+        ) from None

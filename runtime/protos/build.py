@@ -33,17 +33,28 @@ def build(root: Path = ROOT, out: Path = OUT, package: str = PACKAGE) -> bool:
     if _fresh(root, out, protos):
         return False
     if importlib.util.find_spec("grpc_tools") is None:
-        raise SystemExit("generating the protobuf modules needs grpcio-tools: "
-                         "pip install -e '.[dev]' (make setup) or pip install grpcio-tools")
+        raise SystemExit(
+            "generating the protobuf modules needs grpcio-tools: "
+            "pip install -e '.[dev]' (make setup) or pip install grpcio-tools"
+        )
     with tempfile.TemporaryDirectory(prefix=".generated-", dir=out.parent) as tmp:
         staged = Path(tmp) / "out"
         staged.mkdir()
         descriptors = Path(tmp) / "descriptors.pb"
         # A child process: protoc's C++ protobuf must not meet another in this one (TensorFlow's).
         # grpc_tools.protoc as __main__ adds the include path of the well-known types.
-        done = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{root}",
-                               f"--python_out={staged}", f"--grpc_python_out={staged}",
-                               f"--descriptor_set_out={descriptors}", *map(str, protos)])
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{root}",
+                f"--python_out={staged}",
+                f"--grpc_python_out={staged}",
+                f"--descriptor_set_out={descriptors}",
+                *map(str, protos),
+            ]
+        )
         if done.returncode != 0:
             raise SystemExit(f"protoc failed on the .proto files under {root} (its messages are above)")
         _drop_empty_stubs(staged, descriptors.read_bytes())

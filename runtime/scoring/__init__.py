@@ -16,5 +16,13 @@ from runtime.scoring.job import ScoreResult, default_model, score_many, score_ob
 from runtime.scoring.sharding import shard
 from runtime.scoring.sources import expand_inputs, input_size, plan_inputs
 
-__all__ = ["ScoreResult", "default_model", "expand_inputs", "input_size", "plan_inputs", "score_many",
-           "score_object", "shard"]
+__all__ = [
+    "ScoreResult",
+    "default_model",
+    "expand_inputs",
+    "input_size",
+    "plan_inputs",
+    "score_many",
+    "score_object",
+    "shard",
+]

@@ -85,16 +85,18 @@ def prediction_lines(outputs: dict[str, np.ndarray], rows: list[int]) -> list[by
         if finite_row:
             prediction = only[i] if only is not None else {name: value[i] for name, value in values.items()}
         else:
-            prediction = predict_values({name: array[i:i + 1] for name, array in outputs.items()}, True,
-                                        strict=True)["predictions"][0]
+            prediction = predict_values({name: array[i : i + 1] for name, array in outputs.items()}, True, strict=True)[
+                "predictions"
+            ][0]
         lines.append(orjson.dumps({"row": row, "predictions": prediction}, option=orjson.OPT_SERIALIZE_NUMPY))
     return lines
 
 
 def error_line(chunk: Chunk, offset: int, message: str) -> bytes:
     line = chunk.lines[offset]
-    return orjson.dumps({"row": chunk.first_row + offset, "line": line,
-                         "error": f"{chunk.source}, line {line}: {message}"})
+    return orjson.dumps(
+        {"row": chunk.first_row + offset, "line": line, "error": f"{chunk.source}, line {line}: {message}"}
+    )
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Counting(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.stream.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.count += len(data)
         return len(data)
 
@@ -174,8 +176,9 @@ class Rows:
         try:
             return read(count)
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise InvalidInput(f"{self.source}: the gzip stream is corrupt or truncated after line {self.line}: "
-                               f"{e}") from None
+            raise InvalidInput(
+                f"{self.source}: the gzip stream is corrupt or truncated after line {self.line}: {e}"
+            ) from None
 
     def _records(self, count: int) -> list[tuple[int, object]]:
         raise NotImplementedError
@@ -261,12 +264,12 @@ class JsonLines(Rows):
         # model need it to hand back a batch's results and to start the next one, and would otherwise
         # wait for the interpreter's forced switch (every 5 ms) while this thread decodes.
         for start in range(0, len(offsets), FAST_PARSE_ROWS):
-            some = offsets[start:start + FAST_PARSE_ROWS]
+            some = offsets[start : start + FAST_PARSE_ROWS]
             try:
                 numbers = orjson.loads(b"[%b]" % b",".join(records[offset].translate(None, b"[]") for offset in some))
                 if len(numbers) != len(some) * size:
                     return list(enumerate(records))
-                array[start:start + len(some)] = np.array(numbers, dtype=spec.dtype).reshape(len(some), size)
+                array[start : start + len(some)] = np.array(numbers, dtype=spec.dtype).reshape(len(some), size)
             except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):  # a bad number: row by row
                 return list(enumerate(records))
             time.sleep(0)  # lets a waiting thread take the lock now, not at the next forced switch (5 ms)
@@ -322,10 +325,14 @@ class CsvRows(Rows):
             return
         expected = f"columns named by the inputs ({', '.join(names)})"
         if size is not None:
-            expected += (f", or {size} columns: the values of input '{spec.name}' of shape "
-                         f"{list(spec.shape[1:])} in row-major order")
-        raise InvalidInput(f"{self.source}: the CSV header (line 1) has {len(self.columns)} columns "
-                           f"({_abbreviate(self.columns)}); expected {expected}")
+            expected += (
+                f", or {size} columns: the values of input '{spec.name}' of shape "
+                f"{list(spec.shape[1:])} in row-major order"
+            )
+        raise InvalidInput(
+            f"{self.source}: the CSV header (line 1) has {len(self.columns)} columns "
+            f"({_abbreviate(self.columns)}); expected {expected}"
+        )
 
     def _records(self, count: int) -> list[tuple[int, object]]:
         records: list[tuple[int, object]] = []
@@ -345,8 +352,9 @@ class CsvRows(Rows):
             if not all(cell.isascii() or _utf8(cell) for cell in fields):
                 records.append((start, _Bad("the record is not valid UTF-8 text")))
             elif self.columns and len(fields) != len(self.columns):
-                records.append((start, _Bad(f"the record has {len(fields)} fields; the header has "
-                                            f"{len(self.columns)}")))
+                records.append(
+                    (start, _Bad(f"the record has {len(fields)} fields; the header has {len(self.columns)}"))
+                )
             else:
                 records.append((start, fields))
         return records
@@ -361,8 +369,13 @@ class CsvRows(Rows):
                 raise InvalidInput(f"the cells must be {spec.dtype} values of input '{spec.name}': {e}") from None
             arrays, _ = check_inputs(self.signature, {spec.name: array})
             return arrays
-        return _instances([{column: _cell_value(cell, self.signature.input(column))
-                            for column, cell in zip(self.columns, row)} for row in values], self.signature)
+        return _instances(
+            [
+                {column: _cell_value(cell, self.signature.input(column)) for column, cell in zip(self.columns, row)}
+                for row in values
+            ],
+            self.signature,
+        )
 
 
 def _utf8(text: str) -> bool:
@@ -403,5 +416,7 @@ def _cell_value(cell: str, spec: TensorSpec | None):
     try:
         return orjson.loads(cell)
     except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"column '{spec.name}' must hold the row's value as JSON (its shape is "
-                           f"{'any' if spec.shape is None else list(spec.shape[1:])}): {e}") from None
+        raise InvalidInput(
+            f"column '{spec.name}' must hold the row's value as JSON (its shape is "
+            f"{'any' if spec.shape is None else list(spec.shape[1:])}): {e}"
+        ) from None

@@ -70,14 +70,24 @@ def default_model(app, name: str | None) -> str:
         return names[0]
     if not names:
         raise ConfigError("no model is served, so there is nothing to score with")
-    raise ConfigError(f"several models are served ({', '.join(names)}); name the one to score with "
-                      f"(KILN_SCORE_MODEL, or kiln score --model)")
+    raise ConfigError(
+        f"several models are served ({', '.join(names)}); name the one to score with "
+        f"(KILN_SCORE_MODEL, or kiln score --model)"
+    )
 
 
-async def score_object(app, source: str, output_prefix: str, *, model: str | None = None,
-                       signature: str = DEFAULT_SIGNATURE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                       part_rows: int = DEFAULT_PART_ROWS, name: str | None = None,
-                       progress: Progress | None = None) -> ScoreResult:
+async def score_object(
+    app,
+    source: str,
+    output_prefix: str,
+    *,
+    model: str | None = None,
+    signature: str = DEFAULT_SIGNATURE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    part_rows: int = DEFAULT_PART_ROWS,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> ScoreResult:
     """Score every row of `source` with the model's signature and write the results under
     output_prefix (see the module's docstring); idempotent and resumable. `name`: where under
     output_prefix the results go (default: BUCKET/KEY, or the absolute local path). `progress`
@@ -91,18 +101,24 @@ async def score_object(app, source: str, output_prefix: str, *, model: str | Non
         return ScoreResult(source, "", 0, True)
     kind = format_of(located.key)
     if kind is None:
-        raise InvalidInput(f"{source}: cannot score this object: expected a name ending in .jsonl, .ndjson or "
-                           f".csv (optionally followed by .gz)")
+        raise InvalidInput(
+            f"{source}: cannot score this object: expected a name ending in .jsonl, .ndjson or "
+            f".csv (optionally followed by .gz)"
+        )
     model_name = default_model(app, model)
     directory = "/".join(key_parts(f"{name or located.name}{RESULTS_SUFFIX}"))
-    with app.exchange("batch", "score", what=f"score {source}") as exchange, \
-            app.repository.handle(model_name) as handle:
+    with (
+        app.exchange("batch", "score", what=f"score {source}") as exchange,
+        app.repository.handle(model_name) as handle,
+    ):
         spec = handle.engine.signature(signature)
         if not spec.batched:
-            raise InvalidInput(f"signature '{signature}' of model {model_name} has no batch dimension: it "
-                               f"takes one request, not rows")
-        job = _Job(app, handle, signature, spec, located, kind, output, directory, exchange,
-                   chunk_rows, part_rows, progress)
+            raise InvalidInput(
+                f"signature '{signature}' of model {model_name} has no batch dimension: it takes one request, not rows"
+            )
+        job = _Job(
+            app, handle, signature, spec, located, kind, output, directory, exchange, chunk_rows, part_rows, progress
+        )
         return await job.run()
 
 
@@ -111,9 +127,21 @@ class _Job:
     flight), write each part as its chunks complete, then the manifest. Progress is reported on
     the event loop's thread."""
 
-    def __init__(self, app, handle, key: str, signature: Signature, source: Source, kind: tuple[str, bool],
-                 output: Storage, directory: str, exchange: Exchange, chunk_rows: int, part_rows: int,
-                 progress: Progress | None):
+    def __init__(
+        self,
+        app,
+        handle,
+        key: str,
+        signature: Signature,
+        source: Source,
+        kind: tuple[str, bool],
+        output: Storage,
+        directory: str,
+        exchange: Exchange,
+        chunk_rows: int,
+        part_rows: int,
+        progress: Progress | None,
+    ):
         self.app, self.handle, self.key, self.signature = app, handle, key, signature
         self.source, self.kind, self.output, self.directory = source, kind, output, directory
         self.exchange, self.part_rows, self.progress = exchange, part_rows, progress or (lambda rows, size: None)
@@ -146,16 +174,26 @@ class _Job:
             await asyncio.to_thread(stream.close)
         current = await asyncio.to_thread(self.source.storage.stat, self.source.key)
         if current.identity != info.identity:
-            raise ObjectChanged(f"{self.source.url} was replaced while it was being scored; its results are not "
-                                f"published (the new version's own event scores it)")
-        manifest = {"format": MANIFEST_FORMAT, "source": self.source.url, "identity": info.identity,
-                    "size": info.size, "model": self.handle.name, "version": self.handle.version,
-                    "signature": self.key, "part_rows": self.part_rows,
-                    "rows": sum(p.rows for p in parts), "errors": sum(p.errors for p in parts),
-                    "parts": [{"key": self._part_name(p.index, info), "rows": p.rows, "errors": p.errors}
-                              for p in parts]}
-        await asyncio.to_thread(self.output.write_bytes, self.manifest_key,
-                                orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n")
+            raise ObjectChanged(
+                f"{self.source.url} was replaced while it was being scored; its results are not "
+                f"published (the new version's own event scores it)"
+            )
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "source": self.source.url,
+            "identity": info.identity,
+            "size": info.size,
+            "model": self.handle.name,
+            "version": self.handle.version,
+            "signature": self.key,
+            "part_rows": self.part_rows,
+            "rows": sum(p.rows for p in parts),
+            "errors": sum(p.errors for p in parts),
+            "parts": [{"key": self._part_name(p.index, info), "rows": p.rows, "errors": p.errors} for p in parts],
+        }
+        await asyncio.to_thread(
+            self.output.write_bytes, self.manifest_key, orjson.dumps(manifest, option=orjson.OPT_INDENT_2) + b"\n"
+        )
         await asyncio.to_thread(self._remove_stale, {part["key"] for part in manifest["parts"]})
         return ScoreResult(self.source.url, self.manifest_url, manifest["rows"], False, manifest["errors"])
 
@@ -170,8 +208,12 @@ class _Job:
         return data if isinstance(data, dict) else None
 
     def _same_input(self, manifest: dict, info: ObjectInfo) -> bool:
-        return (manifest.get("format") == MANIFEST_FORMAT and manifest.get("identity") == info.identity
-                and manifest.get("model") == self.handle.name and manifest.get("signature") == self.key)
+        return (
+            manifest.get("format") == MANIFEST_FORMAT
+            and manifest.get("identity") == info.identity
+            and manifest.get("model") == self.handle.name
+            and manifest.get("signature") == self.key
+        )
 
     def _tag(self, info: ObjectInfo) -> str:
         what = [info.identity, self.handle.name, str(self.handle.version), self.key, str(self.part_rows), LINES]
@@ -217,8 +259,10 @@ class _Job:
         part.rows, part.errors = await asyncio.to_thread(self._finished_part, name, part.index)
         skipped = await asyncio.to_thread(rows.skip, part.rows)
         if skipped != part.rows or part.rows > self.part_rows:
-            raise InvalidInput(f"{self.output.url}/{name} holds {part.rows} rows where its input has {skipped}; "
-                               f"delete {self.output.url}/{self.directory} to score {self.source.url} anew")
+            raise InvalidInput(
+                f"{self.output.url}/{name} holds {part.rows} rows where its input has {skipped}; "
+                f"delete {self.output.url}/{self.directory} to score {self.source.url} anew"
+            )
         self.progress(part.rows, self.read.unreported())
 
     def _finished_part(self, name: str, index: int) -> tuple[int, int]:
@@ -230,9 +274,11 @@ class _Job:
             except orjson.JSONDecodeError:
                 record = None
             if not isinstance(record, dict) or record.get("row") != index * self.part_rows + number:
-                raise InvalidInput(f"{self.output.url}/{name}: line {number + 1} is not the result of row "
-                                   f"{index * self.part_rows + number}; delete {self.directory} to score "
-                                   f"{self.source.url} anew")
+                raise InvalidInput(
+                    f"{self.output.url}/{name}: line {number + 1} is not the result of row "
+                    f"{index * self.part_rows + number}; delete {self.directory} to score "
+                    f"{self.source.url} anew"
+                )
             rows += 1
             errors += "error" in record
         return rows, errors
@@ -240,8 +286,7 @@ class _Job:
     async def _write_part(self, part: Part, info: ObjectInfo) -> None:
         data = b"\n".join(part.lines) + b"\n"
         part.lines = []
-        await asyncio.to_thread(self.output.write_bytes,
-                                f"{self.directory}/{self._part_name(part.index, info)}", data)
+        await asyncio.to_thread(self.output.write_bytes, f"{self.directory}/{self._part_name(part.index, info)}", data)
 
     def _remove_stale(self, current: set[str]) -> None:
         """Parts of older inputs in the results' directory (best effort: the manifest is the truth)."""
@@ -255,8 +300,9 @@ class _Job:
 
     async def _run_chunk(self, chunk: Chunk) -> tuple[list[bytes], int]:
         """The chunk's result lines, in row order, and how many are errors."""
-        results: dict[int, bytes] = {offset: error_line(chunk, offset, message)
-                                     for offset, message in chunk.errors.items()}
+        results: dict[int, bytes] = {
+            offset: error_line(chunk, offset, message) for offset, message in chunk.errors.items()
+        }
         for offsets, inputs in chunk.groups:
             for offset, line in zip(offsets, await self._predict(chunk, offsets, inputs)):
                 results[offset] = line
@@ -272,9 +318,12 @@ class _Job:
             if len(offsets) == 1:
                 chunk.failed.add(offsets[0])
                 return [error_line(chunk, offsets[0], str(e))]
-            lines = await asyncio.gather(*(
-                self._predict(chunk, [offset], {name: array[i:i + 1] for name, array in inputs.items()})
-                for i, offset in enumerate(offsets)))
+            lines = await asyncio.gather(
+                *(
+                    self._predict(chunk, [offset], {name: array[i : i + 1] for name, array in inputs.items()})
+                    for i, offset in enumerate(offsets)
+                )
+            )
             return [line for group in lines for line in group]
         return prediction_lines(outputs, [chunk.first_row + offset for offset in offsets])
 
@@ -293,10 +342,17 @@ class _Job:
                 delay = min(delay * 2, 0.5)
 
 
-async def score_many(app, sources: list[str], output_prefix: str, *, names: dict[str, str] | None = None,
-                     at_once: int = 2, progress: Progress | None = None,
-                     done: Callable[[str, ScoreResult | KilnError], None] | None = None,
-                     **options) -> list[ScoreResult | KilnError]:
+async def score_many(
+    app,
+    sources: list[str],
+    output_prefix: str,
+    *,
+    names: dict[str, str] | None = None,
+    at_once: int = 2,
+    progress: Progress | None = None,
+    done: Callable[[str, ScoreResult | KilnError], None] | None = None,
+    **options,
+) -> list[ScoreResult | KilnError]:
     """score_object for every source, `at_once` objects at a time; an object that fails does not
     stop the others: its error takes its place in the list (and goes to `done` with each result).
     `options`: score_object's keyword arguments."""
@@ -307,7 +363,8 @@ async def score_many(app, sources: list[str], output_prefix: str, *, names: dict
         async with limit:
             try:
                 result: ScoreResult | KilnError = await score_object(
-                    app, source, output_prefix, name=names.get(source), progress=progress, **options)
+                    app, source, output_prefix, name=names.get(source), progress=progress, **options
+                )
             except KilnError as e:
                 result = e
             except Exception as e:  # a bug: reported with the source, the other objects go on

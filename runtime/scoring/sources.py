@@ -136,8 +136,10 @@ def plan_inputs(items: list[str], output_prefix: str) -> tuple[list[str], dict[s
     taken: dict[str, str] = {}
     for source, name in names.items():
         if name in taken:
-            raise InvalidInput(f"{taken[name]} and {source} would both write their results to "
-                               f"{output.url}/{name}{RESULTS_SUFFIX}/; score them into different outputs")
+            raise InvalidInput(
+                f"{taken[name]} and {source} would both write their results to "
+                f"{output.url}/{name}{RESULTS_SUFFIX}/; score them into different outputs"
+            )
         taken[name] = source
     return list(sources), names
 

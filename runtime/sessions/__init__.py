@@ -20,5 +20,12 @@ Redis-compatible storage between requests, so any stateless instance can resume 
 from runtime.sessions.ids import SessionIds
 from runtime.sessions.store import MemoryStore, RedisStore, SessionState, SessionStore, open_store, servable_fingerprint
 
-__all__ = ["MemoryStore", "RedisStore", "SessionIds", "SessionState", "SessionStore", "open_store",
-           "servable_fingerprint"]
+__all__ = [
+    "MemoryStore",
+    "RedisStore",
+    "SessionIds",
+    "SessionState",
+    "SessionStore",
+    "open_store",
+    "servable_fingerprint",
+]

@@ -30,9 +30,17 @@ class Backend(Protocol):
     async def delete(self, keys: Sequence[str]) -> int:
         """Remove the keys (all of one session, or one prediction); how many existed."""
 
-    async def commit(self, chunks: Sequence[tuple[str, Buffer]], ttl_ms: int, manifest_key: str, expected: int,
-                     manifest: bytes, history_key: str, history: bytes | None, history_ttl_ms: int
-                     ) -> tuple[bool, bytes | None]:
+    async def commit(
+        self,
+        chunks: Sequence[tuple[str, Buffer]],
+        ttl_ms: int,
+        manifest_key: str,
+        expected: int,
+        manifest: bytes,
+        history_key: str,
+        history: bytes | None,
+        history_ttl_ms: int,
+    ) -> tuple[bool, bytes | None]:
         """Write `chunks` (each expiring in `ttl_ms`), then, atomically: when the version of the
         manifest at `manifest_key` (manifest.version_of, 0 when there is none) is `expected` and every
         chunk is there, set `manifest` and the history (removed when None) and answer (True, the

@@ -75,13 +75,18 @@ class DecodeLoop:
         async with self._free:
             await self._free.wait_for(lambda: len(self.seats) < self.capacity)
             if not self.pool:
-                specs = {spec.name: spec for sig in self.signatures.values() for spec in sig.inputs
-                         if spec.name in sig.state}
-                self.pool = {name: aligned_zeros((self.capacity, *spec.shape[1:]), spec.dtype)
-                             for name, spec in specs.items()}
+                specs = {
+                    spec.name: spec for sig in self.signatures.values() for spec in sig.inputs if spec.name in sig.state
+                }
+                self.pool = {
+                    name: aligned_zeros((self.capacity, *spec.shape[1:]), spec.dtype) for name, spec in specs.items()
+                }
             seat = Seat(len(self.seats))
-            held = 0 if stored is None else max((stored[name].shape[axis] for name, axis in self.axes.items()
-                                                 if name in stored), default=0)
+            held = (
+                0
+                if stored is None
+                else max((stored[name].shape[axis] for name, axis in self.axes.items() if name in stored), default=0)
+            )
             row = self._row(seat.row, max(held, self.filled[seat.row]))  # zeros past that already
             if stored is None:
                 for array in row.values():
@@ -96,7 +101,7 @@ class DecodeLoop:
         """Views of one row of the pool, its appended states cut at `extent` along their axis."""
         views = {}
         for name, rows in self.pool.items():
-            view = rows[row:row + 1]
+            view = rows[row : row + 1]
             if name in self.axes:
                 view = view[(slice(None),) * self.axes[name] + (slice(0, extent),)]
             views[name] = view
@@ -209,15 +214,16 @@ class DecodeLoop:
             if name in signature.appended:
                 entries = outputs[output][rows]
                 write_appended(signature, name, self.pool[name], entries, position, rows)
-                self.filled[rows] = np.maximum(self.filled[rows],
-                                               np.minimum(position + entries.shape[self.axes[name]],
-                                                          self.pool[name].shape[self.axes[name]]))
+                self.filled[rows] = np.maximum(
+                    self.filled[rows],
+                    np.minimum(position + entries.shape[self.axes[name]], self.pool[name].shape[self.axes[name]]),
+                )
             else:
                 self.pool[name][rows] = outputs[output][rows]
         results: dict[int, dict | Exception] = {}
         for row in asking[over].tolist():
-            results[row] = overflowed(signature, {name: array[row:row + 1] for name, array in outputs.items()})
+            results[row] = overflowed(signature, {name: array[row : row + 1] for name, array in outputs.items()})
         visible = [name for name in outputs if name not in signature.state.values()]
         for row in rows.tolist():  # the engine's outputs are its own copies: views of them are safe
-            results[row] = {name: outputs[name][row:row + 1] for name in visible}
+            results[row] = {name: outputs[name][row : row + 1] for name in visible}
         return results

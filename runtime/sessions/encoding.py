@@ -84,12 +84,25 @@ def encode(name: str, array: np.ndarray, fingerprint: str = "", chunk_bytes: int
         raise InvalidInput(f"the chunk size must be positive, got {chunk_bytes}")
     array = _little_endian(name, array)
     raw = memoryview(array.reshape(-1).view(np.uint8).data)
-    chunks = [raw[start:start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
-    dtype, fingerprint_bytes, name_bytes = (_text(array.dtype.str, "dtype"), _text(fingerprint, "fingerprint"),
-                                            _text(name, "tensor name"))
+    chunks = [raw[start : start + chunk_bytes] for start in range(0, len(raw), chunk_bytes)]
+    dtype, fingerprint_bytes, name_bytes = (
+        _text(array.dtype.str, "dtype"),
+        _text(fingerprint, "fingerprint"),
+        _text(name, "tensor name"),
+    )
     variable = dtype + fingerprint_bytes + name_bytes + struct.pack(f"<{array.ndim}Q", *array.shape)
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, _FIXED.size + len(variable), len(raw), len(chunks), array.ndim,
-                        len(dtype), len(fingerprint_bytes), len(name_bytes), 0)
+    fixed = _FIXED.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        _FIXED.size + len(variable),
+        len(raw),
+        len(chunks),
+        array.ndim,
+        len(dtype),
+        len(fingerprint_bytes),
+        len(name_bytes),
+        0,
+    )
     checksum = _checksum(fixed, variable, chunks)
     return Encoded(fixed[:_CHECKED] + struct.pack("<I", checksum) + variable, chunks)
 
@@ -106,7 +119,7 @@ def decode(header: Buffer, chunks: Sequence[Buffer]) -> tuple[Header, np.ndarray
     if received != parsed.data_bytes:
         raise FormatError(f"{parsed.name!r} has {received} data bytes, its header says {parsed.data_bytes}")
     header = memoryview(header)
-    if _checksum(header[:_CHECKED], header[_FIXED.size:], chunks) != checksum:
+    if _checksum(header[:_CHECKED], header[_FIXED.size :], chunks) != checksum:
         raise FormatError(f"the checksum of {parsed.name!r} does not match its bytes: the stored value is corrupt")
     # One chunk is used in place (no copy: fresh memory is what a large load spends most on); several
     # are joined. Either way the array is read-only, so nobody changes what another holds.
@@ -133,8 +146,8 @@ def unpack(value: Buffer) -> list[tuple[Header, np.ndarray]]:
         end = offset + header.size + header.data_bytes
         if end > len(value):
             raise FormatError(f"{header.name!r} needs {end - offset} bytes, the value has {len(value) - offset} left")
-        data = [value[offset + header.size:end]] if header.chunks else []
-        tensors.append(decode(value[offset:offset + header.size], data))
+        data = [value[offset + header.size : end]] if header.chunks else []
+        tensors.append(decode(value[offset : offset + header.size], data))
         offset = end
     return tensors
 
@@ -143,8 +156,9 @@ def _parse_header(value: Buffer) -> tuple[Header, int]:
     value = memoryview(value)
     if len(value) < _FIXED.size:
         raise FormatError(f"a stored tensor header needs at least {_FIXED.size} bytes, got {len(value)}")
-    (magic, version, size, data_bytes, chunks, ndim, dtype_bytes, fingerprint_bytes, name_bytes,
-     checksum) = _FIXED.unpack_from(value)
+    (magic, version, size, data_bytes, chunks, ndim, dtype_bytes, fingerprint_bytes, name_bytes, checksum) = (
+        _FIXED.unpack_from(value)
+    )
     if magic != MAGIC:
         raise FormatError(f"not a stored tensor: it starts with {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -153,13 +167,14 @@ def _parse_header(value: Buffer) -> tuple[Header, int]:
         raise FormatError(f"a stored tensor claims {ndim} dimensions, at most {MAX_NDIM} are allowed")
     expected = _FIXED.size + dtype_bytes + fingerprint_bytes + name_bytes + 8 * ndim
     if size != expected or size > len(value):
-        raise FormatError(f"a stored tensor header says it is {size} bytes; its fields need {expected} "
-                          f"and {len(value)} are there")
+        raise FormatError(
+            f"a stored tensor header says it is {size} bytes; its fields need {expected} and {len(value)} are there"
+        )
     offset = _FIXED.size
     fields = []
     for length in (dtype_bytes, fingerprint_bytes, name_bytes):
         try:
-            fields.append(bytes(value[offset:offset + length]).decode())
+            fields.append(bytes(value[offset : offset + length]).decode())
         except UnicodeDecodeError:
             raise FormatError("a stored tensor header has text that is not UTF-8") from None
         offset += length
@@ -169,8 +184,10 @@ def _parse_header(value: Buffer) -> tuple[Header, int]:
     dtype = np.dtype(dtype_text)
     shape = struct.unpack_from(f"<{ndim}Q", value, offset)
     if _product(shape) * dtype.itemsize != data_bytes:
-        raise FormatError(f"stored tensor {name!r} of shape {list(shape)} and dtype {dtype_text} needs "
-                          f"{_product(shape) * dtype.itemsize} bytes, its header says {data_bytes}")
+        raise FormatError(
+            f"stored tensor {name!r} of shape {list(shape)} and dtype {dtype_text} needs "
+            f"{_product(shape) * dtype.itemsize} bytes, its header says {data_bytes}"
+        )
     if (chunks == 0) != (data_bytes == 0) or chunks > data_bytes:
         raise FormatError(f"stored tensor {name!r} claims {chunks} chunks for {data_bytes} bytes")
     return Header(name, fingerprint, dtype, shape, data_bytes, chunks, size), checksum
@@ -181,8 +198,10 @@ def _little_endian(name: str, array) -> np.ndarray:
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
         array = array.astype(array.dtype.newbyteorder("<"))
     if not _DTYPE.fullmatch(array.dtype.str):
-        raise InvalidInput(f"session tensor {name!r} has dtype {array.dtype}; only bool, integers of 8 to 64 "
-                           f"bits, float16/32/64 and complex64/128 can be stored")
+        raise InvalidInput(
+            f"session tensor {name!r} has dtype {array.dtype}; only bool, integers of 8 to 64 "
+            f"bits, float16/32/64 and complex64/128 can be stored"
+        )
     if array.ndim > MAX_NDIM:
         raise InvalidInput(f"session tensor {name!r} has {array.ndim} dimensions, at most {MAX_NDIM} are allowed")
     return array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)

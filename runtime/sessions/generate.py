@@ -69,8 +69,11 @@ def read_generate(body: bytes) -> GenerateRequest:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 <= max_tokens <= MAX_TOKENS:
         raise InvalidInput(f"'max_tokens' must be an integer from 0 to {MAX_TOKENS}, got {shown(max_tokens)}")
     try:  # float(): an int of 10**400 has no float, and math.isfinite would raise for it
-        number = float(temperature) if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) \
+        number = (
+            float(temperature)
+            if isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
             else math.nan
+        )
     except OverflowError:
         number = math.nan
     if not (math.isfinite(number) and number >= 0):
@@ -94,20 +97,25 @@ def session_of(app, tenant: str, request: GenerateRequest) -> str:
     return ids.new(tenant) if request.session is None else ids.check(tenant, request.session)
 
 
-async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str,
-                   exchange) -> dict:
+async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange) -> dict:
     """The whole answer to a generate request (see the module's documentation)."""
     tokens, logprobs = [], []
     async for event in events(app, handle, request, tenant, session, exchange):
         if "token" in event:
             tokens.append(event["token"])
             logprobs.append(event["logprob"])
-    return {"session": session, "tokens": tokens, "text": bytes(tokens).decode(errors="replace"),
-            "logprobs": logprobs, "model_version": str(handle.version)}
+    return {
+        "session": session,
+        "tokens": tokens,
+        "text": bytes(tokens).decode(errors="replace"),
+        "logprobs": logprobs,
+        "model_version": str(handle.version),
+    }
 
 
-async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str,
-                 exchange) -> AsyncIterator[dict]:
+async def events(
+    app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange
+) -> AsyncIterator[dict]:
     """Each generated token as it comes ({"token", "text", "logprob"}), then, once the session's new
     state is stored, {"done": true, "session", "tokens"}."""
     from runtime.errors import SessionLost
@@ -116,8 +124,9 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
     exchange.model, exchange.version = handle.name, str(handle.version)
     prefill, decode = engine.signature("prefill"), engine.signature("decode")
     if not (decode.state and prefill.state and decode.batched and prefill.batched):
-        raise InvalidInput(f"model {handle.name!r} has no batched stateful prefill and decode signatures to "
-                           f"generate with")
+        raise InvalidInput(
+            f"model {handle.name!r} has no batched stateful prefill and decode signatures to generate with"
+        )
     vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
     if any(not 0 <= t < vocabulary for t in request.tokens):
         raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
@@ -155,8 +164,9 @@ async def events(app, handle: ServableHandle, request: GenerateRequest, tenant: 
             logits = await seated.decode(token)
     finally:
         state = await decoder.leave(seat)
-    await store.save(tenant, session, version, state, history + request.tokens + generated if kept else None,
-                     fingerprint)
+    await store.save(
+        tenant, session, version, state, history + request.tokens + generated if kept else None, fingerprint
+    )
     yield {"done": True, "session": session, "tokens": generated}
 
 
@@ -172,11 +182,13 @@ class Seated:
         if self.deadline is None:
             return await self.decoder.run(self.seat, key, inputs)
         try:
-            return await asyncio.wait_for(self.decoder.run(self.seat, key, inputs),
-                                          max(0.0, self.deadline - time.monotonic()))
+            return await asyncio.wait_for(
+                self.decoder.run(self.seat, key, inputs), max(0.0, self.deadline - time.monotonic())
+            )
         except TimeoutError:
-            raise DeadlineExceeded("the request's deadline passed while it was generating; nothing of it "
-                                   "was stored") from None
+            raise DeadlineExceeded(
+                "the request's deadline passed while it was generating; nothing of it was stored"
+            ) from None
 
     async def decode(self, token: int) -> np.ndarray:
         """The logits after feeding one token."""
@@ -190,13 +202,13 @@ class Seated:
         width = signature.input("tokens").shape[1]
         logits = None
         for start in range(0, len(tokens), width):
-            chunk = tokens[start:start + width]
+            chunk = tokens[start : start + width]
             if len(chunk) < SHORT_CHUNK:
                 for token in chunk:
                     logits = await self.decode(token)
                 break
             padded = np.zeros((1, width), np.int32)
-            padded[0, :len(chunk)] = chunk
+            padded[0, : len(chunk)] = chunk
             outputs = await self.call("prefill", {"tokens": padded, "count": np.array([len(chunk)], np.int32)})
             logits = outputs["logits"][0]
         return logits

@@ -64,15 +64,20 @@ class SessionIds:
         ConfigError; otherwise a random per-process key, with a warning."""
         value = environ.get(KEY_VARIABLE, "").strip()
         if not value and shared:
-            raise ConfigError(f"{KEY_VARIABLE} is not set, but sessions are in a shared store (KILN_REDIS_URL): "
-                              f"every instance must sign session ids with the same key, or each refuses the "
-                              f"others' sessions. Make one (at least {MIN_KEY_BYTES} bytes, hex or base64), e.g. "
-                              f"`python -c \"import secrets; print(secrets.token_hex(32))\"`, keep it as a secret, "
-                              f"and set {KEY_VARIABLE} to it on every instance")
+            raise ConfigError(
+                f"{KEY_VARIABLE} is not set, but sessions are in a shared store (KILN_REDIS_URL): "
+                f"every instance must sign session ids with the same key, or each refuses the "
+                f"others' sessions. Make one (at least {MIN_KEY_BYTES} bytes, hex or base64), e.g. "
+                f'`python -c "import secrets; print(secrets.token_hex(32))"`, keep it as a secret, '
+                f"and set {KEY_VARIABLE} to it on every instance"
+            )
         if not value:
-            log.warning("%s is not set: session ids use a random key of this process, so sessions do not "
-                        "survive a restart or move to another instance; set it (64 hex digits, e.g. from "
-                        "`openssl rand -hex 32`) to the same value on every instance", KEY_VARIABLE)
+            log.warning(
+                "%s is not set: session ids use a random key of this process, so sessions do not "
+                "survive a restart or move to another instance; set it (64 hex digits, e.g. from "
+                "`openssl rand -hex 32`) to the same value on every instance",
+                KEY_VARIABLE,
+            )
             return cls([secrets.token_bytes(MIN_KEY_BYTES)])
         return cls([parse_key(part.strip()) for part in value.split(",") if part.strip()])
 
@@ -94,8 +99,10 @@ class SessionIds:
         for key in self.keys:  # every key, each compared in constant time
             valid |= hmac.compare_digest(self._tag(key, tenant, random), tag)
         if not valid:
-            raise PermissionDenied("this session id was not issued to this tenant by this server (or under a key "
-                                   "it no longer has); start a new session")
+            raise PermissionDenied(
+                "this session id was not issued to this tenant by this server (or under a key "
+                "it no longer has); start a new session"
+            )
         return session_id
 
     @staticmethod
@@ -107,12 +114,16 @@ class SessionIds:
 def parse_key(text: str) -> bytes:
     """A key written as hex or base64 (standard or URL-safe); ConfigError names the variable."""
     try:
-        key = bytes.fromhex(text) if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", text) else \
-            base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        key = (
+            bytes.fromhex(text)
+            if re.fullmatch(r"(?:[0-9a-fA-F]{2})+", text)
+            else base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        )
     except (ValueError, binascii.Error):
         raise ConfigError(f"{KEY_VARIABLE} must be hex or base64, comma-separated for several keys") from None
     if len(key) < MIN_KEY_BYTES:
-        raise ConfigError(f"{KEY_VARIABLE}: a key must be at least {MIN_KEY_BYTES} bytes, got {len(key)} "
-                          f"(e.g. `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"{KEY_VARIABLE}: a key must be at least {MIN_KEY_BYTES} bytes, got {len(key)} "
+            f"(e.g. `openssl rand -hex 32`)"
+        )
     return key
-

@@ -50,7 +50,7 @@ class SessionManifest(BaseModel):
         """The manifest in a stored value; FormatError when it is not one, or disagrees with its version."""
         version = version_of(value)
         try:
-            manifest = cls.model_validate_json(value[value.index(b"\n") + 1:])
+            manifest = cls.model_validate_json(value[value.index(b"\n") + 1 :])
         except (ValueError, ValidationError) as e:
             raise FormatError(f"the session manifest is unreadable: {_first_line(e)}") from None
         if manifest.version != version:
@@ -61,8 +61,10 @@ class SessionManifest(BaseModel):
 
     def chunk_keys(self, keys: SessionKeys) -> list[list[str]]:
         """Per tensor, in order: its header key, then its data chunk keys."""
-        return [[keys.chunk(self.write_id, index, part) for part in range(tensor.chunks + 1)]
-                for index, tensor in enumerate(self.tensors)]
+        return [
+            [keys.chunk(self.write_id, index, part) for part in range(tensor.chunks + 1)]
+            for index, tensor in enumerate(self.tensors)
+        ]
 
 
 def _first_line(error: Exception) -> str:

@@ -47,9 +47,17 @@ class MemoryBackend:
             self.values.pop(key, None)
         return removed
 
-    async def commit(self, chunks: Sequence[tuple[str, Buffer]], ttl_ms: int, manifest_key: str, expected: int,
-                     manifest: bytes, history_key: str, history: bytes | None, history_ttl_ms: int
-                     ) -> tuple[bool, bytes | None]:
+    async def commit(
+        self,
+        chunks: Sequence[tuple[str, Buffer]],
+        ttl_ms: int,
+        manifest_key: str,
+        expected: int,
+        manifest: bytes,
+        history_key: str,
+        history: bytes | None,
+        history_ttl_ms: int,
+    ) -> tuple[bool, bytes | None]:
         await self.put(chunks, ttl_ms)
         current = self._live(manifest_key)
         if version_of(current) != expected:

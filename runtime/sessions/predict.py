@@ -26,13 +26,25 @@ from runtime.sessions.state import initial_state, state_after, trim_state, untri
 def visible(signature: Signature) -> Signature:
     """The signature as a client sees it: without the state inputs and outputs the store supplies."""
     outputs = set(signature.state.values())
-    return signature.model_copy(update={"inputs": tuple(s for s in signature.inputs if s.name not in signature.state),
-                                        "outputs": tuple(s for s in signature.outputs if s.name not in outputs)})
+    return signature.model_copy(
+        update={
+            "inputs": tuple(s for s in signature.inputs if s.name not in signature.state),
+            "outputs": tuple(s for s in signature.outputs if s.name not in outputs),
+        }
+    )
 
 
-async def run_in_session(app, handle: ServableHandle, key: str, signature: Signature,
-                         inputs: dict[str, np.ndarray], session: object, tenant: str, exchange,
-                         end: bool = False) -> tuple[dict[str, np.ndarray], str]:
+async def run_in_session(
+    app,
+    handle: ServableHandle,
+    key: str,
+    signature: Signature,
+    inputs: dict[str, np.ndarray],
+    session: object,
+    tenant: str,
+    exchange,
+    end: bool = False,
+) -> tuple[dict[str, np.ndarray], str]:
     """(the outputs that are not state, the session id) for one row of inputs that are not state;
     with `end`, the session is deleted instead of saved."""
     if session is not None and not isinstance(session, str):
@@ -55,28 +67,44 @@ async def run_in_session(app, handle: ServableHandle, key: str, signature: Signa
     if end:
         await store.delete(tenant, session_id)
     else:
-        await store.save(tenant, session_id, version, trim_state(signatures, state_after(signature, outputs, inputs)),
-                         None, fingerprint)
+        await store.save(
+            tenant,
+            session_id,
+            version,
+            trim_state(signatures, state_after(signature, outputs, inputs)),
+            None,
+            fingerprint,
+        )
     state_outputs = set(signature.state.values())
     return {name: array for name, array in outputs.items() if name not in state_outputs}, session_id
 
 
-async def predict_in_session(app, handle: ServableHandle, key: str, signature: Signature, parsed: dict,
-                             tenant: str, exchange) -> tuple[dict[str, np.ndarray], bool, str]:
+async def predict_in_session(
+    app, handle: ServableHandle, key: str, signature: Signature, parsed: dict, tenant: str, exchange
+) -> tuple[dict[str, np.ndarray], bool, str]:
     """A TF Serving predict request in a session: (outputs, whether it was in row format, session id)."""
     decoded = decode_predict(key, parsed, visible(signature))
-    outputs, session = await run_in_session(app, handle, key, signature, decoded.inputs, parsed.get("session"),
-                                            tenant, exchange)
+    outputs, session = await run_in_session(
+        app, handle, key, signature, decoded.inputs, parsed.get("session"), tenant, exchange
+    )
     return outputs, decoded.row_format, session
 
 
-async def infer_in_session(app, handle: ServableHandle, key: str, signature: Signature,
-                           inputs: dict[str, np.ndarray], parameters: Mapping, tenant: str,
-                           exchange) -> tuple[dict[str, np.ndarray], str]:
+async def infer_in_session(
+    app,
+    handle: ServableHandle,
+    key: str,
+    signature: Signature,
+    inputs: dict[str, np.ndarray],
+    parameters: Mapping,
+    tenant: str,
+    exchange,
+) -> tuple[dict[str, np.ndarray], str]:
     """An Open Inference Protocol infer (REST or gRPC) in the session its sequence_id parameter
     names; sequence_end: true deletes the session once answered."""
     end = parameters.get("sequence_end", False)
     if not isinstance(end, bool):
         raise InvalidInput(f"the request: parameter sequence_end must be true or false, got {end!r}")
-    return await run_in_session(app, handle, key, signature, inputs, parameters.get("sequence_id"), tenant,
-                                exchange, end)
+    return await run_in_session(
+        app, handle, key, signature, inputs, parameters.get("sequence_id"), tenant, exchange, end
+    )

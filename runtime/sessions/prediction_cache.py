@@ -48,8 +48,9 @@ class PredictionCache:
                 digest.update(chunk)
         return prediction_key(tenant, digest.hexdigest())
 
-    async def get(self, tenant: str, fingerprint: str, signature: str,
-                  inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    async def get(
+        self, tenant: str, fingerprint: str, signature: str, inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
         """The cached outputs for exactly these inputs, or None (also for inputs it cannot hold, such as strings)."""
         try:
             key = self.key(tenant, fingerprint, signature, inputs)
@@ -71,8 +72,14 @@ class PredictionCache:
             return None
         return {header.name: array for header, array in outputs}
 
-    async def put(self, tenant: str, fingerprint: str, signature: str, inputs: Mapping[str, np.ndarray],
-                  outputs: Mapping[str, np.ndarray]) -> bool:
+    async def put(
+        self,
+        tenant: str,
+        fingerprint: str,
+        signature: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> bool:
         """Cache `outputs` for these inputs; False when they are over the entry limit, not numeric
         tensors (strings are not cached), or the store fails."""
         if not outputs or sum(np.asarray(array).nbytes for array in outputs.values()) > self.max_entry_bytes:

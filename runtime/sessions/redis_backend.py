@@ -59,22 +59,25 @@ class RedisBackend:
     def __init__(self, url: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS):
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES:
-            raise ConfigError(f"the session store URL must start with {', '.join(s + '://' for s in SCHEMES)}; "
-                              f"got {redact(url)!r}")
+            raise ConfigError(
+                f"the session store URL must start with {', '.join(s + '://' for s in SCHEMES)}; got {redact(url)!r}"
+            )
         if not timeout_seconds > 0:
             raise ConfigError(f"the session store timeout must be positive, got {timeout_seconds}")
         self.description = f"the session store at {redact(url)}"
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_seconds,
-                                              socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 1))
+        self.client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 1)
+        )
         self.script = self.client.register_script(COMMIT)
 
     async def get(self, keys: Sequence[str], expire: Mapping[str, int] | None = None) -> list[bytes | None]:
         # Expiries first, then a GET per key: measured faster than one MGET, than GETEX, and than
         # small replies queued behind large ones (load/session_store.py).
         expire = expire or {}
-        replies = await self._pipeline("read", [("PEXPIRE", key, ttl) for key, ttl in expire.items()],
-                                       [("GET", key) for key in keys])
-        return replies[len(expire):]
+        replies = await self._pipeline(
+            "read", [("PEXPIRE", key, ttl) for key, ttl in expire.items()], [("GET", key) for key in keys]
+        )
+        return replies[len(expire) :]
 
     async def put(self, items: Sequence[tuple[str, Buffer]], ttl_ms: int) -> None:
         await self._pipeline("write", [("SET", key, value, "PX", ttl_ms) for key, value in items])
@@ -85,9 +88,17 @@ class RedisBackend:
     async def delete(self, keys: Sequence[str]) -> int:
         return await self._call("delete", self.client.execute_command("UNLINK", *keys)) if keys else 0
 
-    async def commit(self, chunks: Sequence[tuple[str, Buffer]], ttl_ms: int, manifest_key: str, expected: int,
-                     manifest: bytes, history_key: str, history: bytes | None, history_ttl_ms: int
-                     ) -> tuple[bool, bytes | None]:
+    async def commit(
+        self,
+        chunks: Sequence[tuple[str, Buffer]],
+        ttl_ms: int,
+        manifest_key: str,
+        expected: int,
+        manifest: bytes,
+        history_key: str,
+        history: bytes | None,
+        history_ttl_ms: int,
+    ) -> tuple[bool, bytes | None]:
         keys = [manifest_key, history_key, *(key for key, _ in chunks)]
         args = [expected, manifest, ttl_ms, b"" if history is None else history, history_ttl_ms]
 
@@ -106,8 +117,10 @@ class RedisBackend:
         replies = await self._call("write", run())
         if isinstance(replies[-1], Exception) or replies[-1][0] == -1:  # no manifest was changed
             failure = next(reply for reply in [*replies, None] if reply is None or isinstance(reply, Exception))
-            raise StoreUnavailable(f"{self.description} did not store a session's state: "
-                                   f"{f'{type(failure).__name__}: {failure}' if failure else 'a chunk is missing'}")
+            raise StoreUnavailable(
+                f"{self.description} did not store a session's state: "
+                f"{f'{type(failure).__name__}: {failure}' if failure else 'a chunk is missing'}"
+            )
         won, current = replies[-1]
         return won == 1, current
 

@@ -22,8 +22,12 @@ class Sessions:
     """Where sessions live: the ids (KILN_SESSION_KEY) and the store (KILN_REDIS_URL, or in process),
     opened on first use, inside the event loop its client belongs to."""
 
-    def __init__(self, redis_url: str | None = None, ttl_seconds: float | None = None,
-                 prediction_cache_seconds: float | None = None):
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        ttl_seconds: float | None = None,
+        prediction_cache_seconds: float | None = None,
+    ):
         self.redis_url, self.ttl_seconds = redis_url, ttl_seconds
         self.prediction_cache_seconds = prediction_cache_seconds
         self._store: SessionStore | None = None
@@ -58,8 +62,10 @@ class Sessions:
         engine = handle.engine
         known = self._fingerprints.get(id(engine))
         if known is None or known[0] is not engine:
-            known = engine, servable_fingerprint(handle.name, handle.version,
-                                                 (engine.directory / "manifest.json").read_bytes())
+            known = (
+                engine,
+                servable_fingerprint(handle.name, handle.version, (engine.directory / "manifest.json").read_bytes()),
+            )
             self._fingerprints[id(engine)] = known
         return known[1]
 

@@ -23,8 +23,9 @@ def initial_state(signature: Signature, rows: int) -> dict[str, np.ndarray]:
     return synthetic_inputs(signature.model_copy(update={"inputs": state}), rows)
 
 
-def state_after(signature: Signature, outputs: Mapping[str, np.ndarray],
-                inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def state_after(
+    signature: Signature, outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The sessions' state to save after a call, by state input: each one's paired output, or for an
     appended state its input with the output's entries written at each row's position.
 
@@ -58,12 +59,20 @@ def overflowed(signature: Signature, outputs: Mapping[str, np.ndarray]) -> Inval
     if not over.size:
         return None
     held = np.asarray(outputs[signature.state[_position(signature).input]]).reshape(-1)
-    return InvalidInput(f"the session state holds at most {_position(signature).capacity} tokens; this call would "
-                        f"take row(s) {', '.join(map(str, over[:10]))} to {held[over[0]]}")
+    return InvalidInput(
+        f"the session state holds at most {_position(signature).capacity} tokens; this call would "
+        f"take row(s) {', '.join(map(str, over[:10]))} to {held[over[0]]}"
+    )
 
 
-def write_appended(signature: Signature, name: str, held: np.ndarray, entries: np.ndarray,
-                   position: np.ndarray, rows: np.ndarray | None = None) -> None:
+def write_appended(
+    signature: Signature,
+    name: str,
+    held: np.ndarray,
+    entries: np.ndarray,
+    position: np.ndarray,
+    rows: np.ndarray | None = None,
+) -> None:
     """Write an appended state's new entries into `held`, in place: the entries of each of `rows`
     (default: all, in order) at its position, those past the capacity dropped (state_after refuses
     such a call). One scatter for all rows."""
@@ -88,22 +97,32 @@ def trim_state(signatures: Mapping[str, Signature], state: Mapping[str, np.ndarr
     return trimmed
 
 
-def untrim_state(signatures: Mapping[str, Signature], stored: Mapping[str, np.ndarray],
-                 into: Mapping[str, np.ndarray]) -> None:
+def untrim_state(
+    signatures: Mapping[str, Signature], stored: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray]
+) -> None:
     """Write a stored state into arrays of the full shape (`into`, by state input), zeros past what
     was stored; SessionCorrupt (never used) when what is stored does not fit them."""
     appended = appended_states(signatures)
     if set(stored) != set(into):
-        raise SessionCorrupt(f"the stored state holds {', '.join(sorted(stored)) or 'nothing'}, but the model's "
-                             f"state is {', '.join(sorted(into))}")
+        raise SessionCorrupt(
+            f"the stored state holds {', '.join(sorted(stored)) or 'nothing'}, but the model's "
+            f"state is {', '.join(sorted(into))}"
+        )
     for name, target in into.items():
         array, axis = np.asarray(stored[name]), appended.get(name, (None, None))[1]
-        fits = array.dtype == target.dtype and array.ndim == target.ndim and all(
-            got == want or (dimension == axis and got <= want)
-            for dimension, (got, want) in enumerate(zip(array.shape, target.shape)))
+        fits = (
+            array.dtype == target.dtype
+            and array.ndim == target.ndim
+            and all(
+                got == want or (dimension == axis and got <= want)
+                for dimension, (got, want) in enumerate(zip(array.shape, target.shape))
+            )
+        )
         if not fits:
-            raise SessionCorrupt(f"the stored state '{name}' is {array.dtype}{list(array.shape)}, which does not fit "
-                                 f"the model's {target.dtype}{list(target.shape)}")
+            raise SessionCorrupt(
+                f"the stored state '{name}' is {array.dtype}{list(array.shape)}, which does not fit "
+                f"the model's {target.dtype}{list(target.shape)}"
+            )
         if axis is None:
             target[...] = array
             continue
@@ -116,8 +135,10 @@ def untrim_state(signatures: Mapping[str, Signature], stored: Mapping[str, np.nd
     for name, (signature, axis) in appended.items():
         position = _position(signature).input
         if name in into and position in into and np.max(into[position], initial=0) > stored[name].shape[axis]:
-            raise SessionCorrupt(f"the stored state '{name}' holds {stored[name].shape[axis]} entries, fewer than "
-                                 f"its position {int(np.max(into[position]))}")
+            raise SessionCorrupt(
+                f"the stored state '{name}' holds {stored[name].shape[axis]} entries, fewer than "
+                f"its position {int(np.max(into[position]))}"
+            )
 
 
 def appended_states(signatures: Mapping[str, Signature]) -> dict[str, tuple[Signature, int]]:

@@ -81,14 +81,21 @@ def servable_fingerprint(name: str, version: int, manifest: bytes) -> str:
 class SessionStore:
     """Sessions in a backend (in-process or Redis); see the module's documentation."""
 
-    def __init__(self, backend: Backend, *, ttl_seconds: float = DEFAULT_TTL_SECONDS,
-                 history_ttl_seconds: float | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        history_ttl_seconds: float | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ConfigError(f"the session chunk size must be a positive number of bytes, got {chunk_bytes!r}")
         self.backend = backend
         self.ttl_ms = _milliseconds(ttl_seconds, "time to live", ConfigError)
-        self.history_ttl_ms = max(self.ttl_ms, _milliseconds(history_ttl_seconds or ttl_seconds,
-                                                             "history time to live", ConfigError))
+        self.history_ttl_ms = max(
+            self.ttl_ms, _milliseconds(history_ttl_seconds or ttl_seconds, "history time to live", ConfigError)
+        )
         self.chunk_bytes = chunk_bytes
         self.removals: set[asyncio.Task] = set()  # of replaced versions' chunks, after the save answered
 
@@ -102,8 +109,9 @@ class SessionStore:
             history, history_problem = _history(history_value)
             named = f"session {session_id}"
             if manifest_value is None:
-                raise SessionNotFound(f"{named} has no stored state: it expired, was deleted, or was never saved",
-                                      history=history)
+                raise SessionNotFound(
+                    f"{named} has no stored state: it expired, was deleted, or was never saved", history=history
+                )
             try:
                 manifest = SessionManifest.parse(manifest_value)
             except FormatError as e:
@@ -111,27 +119,38 @@ class SessionStore:
             if history_problem or (manifest.history and history is None):
                 raise SessionCorrupt(f"{named}: its token history is {history_problem or 'missing'}", version=version)
             if manifest.fingerprint != fingerprint:
-                raise SessionStale(f"{named} holds the state of servable {manifest.fingerprint}, not of "
-                                   f"{fingerprint}", version=version, history=history)
+                raise SessionStale(
+                    f"{named} holds the state of servable {manifest.fingerprint}, not of {fingerprint}",
+                    version=version,
+                    history=history,
+                )
             chunk_keys = _chunk_keys(manifest, keys)
             values = await self.backend.get(chunk_keys, _ttls(manifest, keys, chunk_keys))
             if any(value is None for value in values):
                 if (await self.backend.get([keys.manifest]))[0] != manifest_value:
                     continue  # replaced by a newer version while this load read it: read that one
-                raise SessionCorrupt(f"{named}: part of its state is missing from the store (evicted?)",
-                                     version=version, history=history)
+                raise SessionCorrupt(
+                    f"{named}: part of its state is missing from the store (evicted?)", version=version, history=history
+                )
             present = [value for value in values if value is not None]  # all of them, as checked
             try:
                 tensors = await _off_loop(sum(map(len, present)), _decode, manifest, present)
             except FormatError as e:
                 raise SessionCorrupt(f"{named}: {e}", version=version, history=history) from None
             return SessionState(version, tensors, history, fingerprint)
-        raise SessionConflict(f"session {session_id} changed {READ_ATTEMPTS} times while it was being read; "
-                              f"try again")
+        raise SessionConflict(f"session {session_id} changed {READ_ATTEMPTS} times while it was being read; try again")
 
-    async def save(self, tenant: str, session_id: str, expected_version: int, tensors: Mapping[str, np.ndarray],
-                   history: Sequence[int] | np.ndarray | None, fingerprint: str, *,
-                   ttl_seconds: float | None = None) -> int:
+    async def save(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_version: int,
+        tensors: Mapping[str, np.ndarray],
+        history: Sequence[int] | np.ndarray | None,
+        fingerprint: str,
+        *,
+        ttl_seconds: float | None = None,
+    ) -> int:
         """Store `tensors` (and the token `history`, None for none) as the version after
         `expected_version` (0 for a new session, else what load() or a SessionLost said), and answer
         the new version. Raises SessionConflict when the session is no longer at `expected_version`:
@@ -146,24 +165,37 @@ class SessionStore:
             if not isinstance(name, str) or not name:
                 raise InvalidInput(f"session tensor names must be non-empty strings, got {name!r}")
         size = sum(np.asarray(array).nbytes for array in tensors.values())
-        encoded: list[Encoded] = await _off_loop(size, lambda: [
-            encode(name, tensors[name], fingerprint, self.chunk_bytes) for name in names])
+        encoded: list[Encoded] = await _off_loop(
+            size, lambda: [encode(name, tensors[name], fingerprint, self.chunk_bytes) for name in names]
+        )
         history_value = None if history is None else pack(HISTORY, _history_array(history))
         write_id = secrets.token_hex(8)
         entries = tuple(TensorEntry(name=name, chunks=len(e.chunks)) for name, e in zip(names, encoded))
-        manifest = SessionManifest(version=expected_version + 1, write_id=write_id, fingerprint=fingerprint,
-                                   ttl_ms=ttl_ms, history_ttl_ms=history_ttl_ms, history=history is not None,
-                                   tensors=entries)
-        items = [(key, value) for tensor_keys, e in zip(manifest.chunk_keys(keys), encoded)
-                 for key, value in zip(tensor_keys, _values(e))]
+        manifest = SessionManifest(
+            version=expected_version + 1,
+            write_id=write_id,
+            fingerprint=fingerprint,
+            ttl_ms=ttl_ms,
+            history_ttl_ms=history_ttl_ms,
+            history=history is not None,
+            tensors=entries,
+        )
+        items = [
+            (key, value)
+            for tensor_keys, e in zip(manifest.chunk_keys(keys), encoded)
+            for key, value in zip(tensor_keys, _values(e))
+        ]
         value = manifest.value()
-        won, replaced = await self.backend.commit(items, ttl_ms, keys.manifest, expected_version, value, keys.history,
-                                                  history_value, history_ttl_ms)
+        won, replaced = await self.backend.commit(
+            items, ttl_ms, keys.manifest, expected_version, value, keys.history, history_value, history_ttl_ms
+        )
         if not won and replaced != value:  # (equal: this very save, applied before a lost answer)
             await self._discard([key for key, _ in items])
-            raise SessionConflict(f"session {session_id} is at version {version_of(replaced)}, but this request "
-                                  f"worked from version {expected_version}: another request advanced it first; "
-                                  f"nothing of this one was stored")
+            raise SessionConflict(
+                f"session {session_id} is at version {version_of(replaced)}, but this request "
+                f"worked from version {expected_version}: another request advanced it first; "
+                f"nothing of this one was stored"
+            )
         if won and replaced is not None:
             try:
                 old = _chunk_keys(SessionManifest.parse(replaced), keys)
@@ -261,11 +293,13 @@ def _values(encoded: Encoded) -> list[Buffer]:
 def _decode(manifest: SessionManifest, values: list[bytes]) -> dict[str, np.ndarray]:
     tensors, offset = {}, 0
     for entry in manifest.tensors:
-        header, array = decode(values[offset], values[offset + 1:offset + 1 + entry.chunks])
+        header, array = decode(values[offset], values[offset + 1 : offset + 1 + entry.chunks])
         offset += 1 + entry.chunks
         if header.name != entry.name or header.fingerprint != manifest.fingerprint:
-            raise FormatError(f"the stored tensor {header.name!r} of {header.fingerprint!r} is not the manifest's "
-                              f"{entry.name!r} of {manifest.fingerprint!r}")
+            raise FormatError(
+                f"the stored tensor {header.name!r} of {header.fingerprint!r} is not the manifest's "
+                f"{entry.name!r} of {manifest.fingerprint!r}"
+            )
         tensors[entry.name] = array
     return tensors
 
