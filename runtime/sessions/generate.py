@@ -36,6 +36,7 @@ from runtime.codecs.tfserving import loads
 from runtime.errors import DeadlineExceeded, InvalidInput, shown
 from runtime.repository import ServableHandle
 from runtime.sessions.decode_loop import DecodeLoop, Seat
+from runtime.sessions.state import row_shape
 
 MAX_TOKENS = 4096
 SHORT_CHUNK = 8  # prompt tokens fed through decode rather than as a prefill chunk: fewer than this
@@ -127,7 +128,7 @@ async def events(
         raise InvalidInput(
             f"model {handle.name!r} has no batched stateful prefill and decode signatures to generate with"
         )
-    vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
+    vocabulary = row_shape(decode.outputs[[o.name for o in decode.outputs].index("logits")])[-1]
     if any(not 0 <= t < vocabulary for t in request.tokens):
         raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
     store = app.sessions.store()
@@ -158,6 +159,7 @@ async def events(
             await seated.prefill(prefill, history)
         logits = await seated.prefill(prefill, request.tokens)
         for _ in range(request.max_tokens):
+            assert logits is not None  # read_generate refuses an empty prompt with tokens to generate
             token, logprob = _sample(logits, request.temperature, rng)
             generated.append(token)
             yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
