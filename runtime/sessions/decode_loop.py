@@ -31,13 +31,13 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from runtime.aligned import aligned_zeros
+from runtime.codecs.tfserving import row_shape
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
 from runtime.sessions.state import (
     appended_states,
     overflowed,
     past_capacity,
-    row_shape,
     trim_state,
     untrim_state,
     write_appended,

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.codecs.tfserving import loads
+from runtime.codecs.tfserving import loads, row_shape
 from runtime.errors import DeadlineExceeded, InvalidInput, shown
 from runtime.repository import ServableHandle
 from runtime.sessions.decode_loop import DecodeLoop, Seat
-from runtime.sessions.state import row_shape
 
 MAX_TOKENS = 4096
 SHORT_CHUNK = 8  # prompt tokens fed through decode rather than as a prefill chunk: fewer than this

@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.engines.base import synthetic_inputs
 from runtime.errors import InvalidInput, SessionCorrupt
-from runtime.manifest import Position, Signature, TensorSpec
+from runtime.manifest import Position, Signature
 
 
 def initial_state(signature: Signature, rows: int) -> dict[str, np.ndarray]:
@@ -154,10 +154,3 @@ def _position(signature: Signature) -> Position:
     """The position of a signature with an appended state (runtime.manifest refuses one without)."""
     assert signature.position is not None, "an appended state always has a position"
     return signature.position
-
-
-def row_shape(spec: TensorSpec) -> tuple[int, ...]:
-    """The shape of one row of a tensor whose shape beyond the batch is fixed, as a state's and a
-    generative servable's tokens and logits are (runtime.manifest and the signature checks see to it)."""
-    assert spec.shape is not None and None not in spec.shape[1:], f"{spec.name} has a fixed shape"
-    return tuple(size for size in spec.shape[1:] if size is not None)
