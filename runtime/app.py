@@ -309,27 +309,22 @@ class App:
             raise DeadlineExceeded("the request's deadline passed before its model work could start")
         cache = self._sessions.prediction_cache() if self._sessions is not None else None
         if cache is None or handle.engine.signature(key).state:
-            return await self._timed_run(handle, key, inputs, exchange, remaining)
+            return await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
         tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
         cached = await cache.get(tenant, fingerprint, key, inputs)
         if cached is not None:
             return cached
-        outputs = await self._timed_run(handle, key, inputs, exchange, remaining)
+        outputs = await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
         await cache.put(tenant, fingerprint, key, inputs, outputs)
         return outputs
 
-    async def _timed_run(
-        self,
-        handle: ServableHandle,
-        key: str,
-        inputs: dict[str, np.ndarray],
-        exchange: Exchange,
-        remaining: float | None,
+    async def _timed(
+        self, handle: ServableHandle, key: str, exchange: Exchange, run: Awaitable[dict[str, np.ndarray]]
     ) -> dict[str, np.ndarray]:
-        """_run, its time recorded as TF Serving's runtime latency (queue and batch included)."""
+        """`run` (a _run), its time recorded as TF Serving's runtime latency (queue and batch included)."""
         started = time.perf_counter()
         with tracing.model_span(handle.name, handle.version, key):
-            outputs = await self._run(handle, key, inputs, exchange, remaining)
+            outputs = await run
         self.metrics.tfserving.runtime(
             handle.name, exchange.api, handle.engine.signature(key).engine, time.perf_counter() - started
         )

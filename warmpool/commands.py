@@ -100,12 +100,12 @@ def apply(args) -> int:
         return 0
     from warmpool.apply import apply_cloud_run
 
-    done = apply_cloud_run(plan_, Path(args.cloud_run_service), at=at, level=args.level, region=args.region)
+    written = apply_cloud_run(plan_, Path(args.cloud_run_service), at=at, level=args.level, region=args.region)
     print(
-        f"{done.path}: {done.annotation} {done.previous or '(unset)'} -> {done.instances}"
-        f"{' (the file was written whole: its comments are lost)' if done.rewritten else ''}"
+        f"{written.path}: {written.annotation} {written.previous or '(unset)'} -> {written.instances}"
+        f"{' (the file was written whole: its comments are lost)' if written.rewritten else ''}"
     )
-    print("apply it with:\n  " + "\n  ".join(done.commands))
+    print("apply it with:\n  " + "\n  ".join(written.commands))
     return 0
 
 

@@ -17,6 +17,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import orjson
@@ -217,7 +218,7 @@ def _tensor(tensor, signature: Signature, binary: _Binary) -> tuple[str, np.ndar
     if size is not None:
         if "data" in tensor:
             raise InvalidInput(f"input '{name}' has both 'data' and a binary_data_size parameter; give one")
-        return name, from_raw(name, kind, shape, binary.take(name, size))
+        return name, from_raw(name, str(kind), shape, binary.take(name, size))
     if "data" not in tensor:
         raise InvalidInput(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
     try:
@@ -287,7 +288,7 @@ def _bytes_elements(name: str, raw: memoryview) -> list[bytes]:
 def to_raw(array: np.ndarray) -> tuple[str, bytes]:
     """An output's datatype and binary form."""
     if array.dtype == object or array.dtype.kind in "SU":
-        parts = []
+        parts: list[bytes] = []
         for value in array.ravel().tolist():
             value = value if isinstance(value, bytes) else str(value).encode()
             parts += (struct.pack("<I", len(value)), value)
@@ -331,6 +332,7 @@ def _response(model: str, version: int, tensors: list[dict], request_id: str | N
 
 
 def _output(name: str, array: np.ndarray) -> dict:
+    data: Any
     if array.dtype == object or array.dtype.kind == "S":
         kind, data = (
             "BYTES",

@@ -75,6 +75,13 @@ def fixed_size(shape: tuple | None) -> int | None:
     return None if any(d is None for d in inner) else int(np.prod(inner, dtype=np.int64))
 
 
+def row_shape(spec: TensorSpec) -> tuple[int, ...]:
+    """The shape of one row of a tensor whose shape beyond the batch is fixed (fixed_size is not None
+    for it; a state's, and a generative servable's tokens and logits, are so by the manifest's checks)."""
+    assert spec.shape is not None and None not in spec.shape[1:], f"{spec.name} has a fixed shape"
+    return tuple(size for size in spec.shape[1:] if size is not None)
+
+
 def numeric_rows(text: bytes, shape: tuple | None, dtype: str) -> np.ndarray | None:
     """Rows of a fixed-shape numeric input written as nested JSON lists, parsed as one flat list
     once their brackets are checked to nest exactly as the shape says (orjson building the nested

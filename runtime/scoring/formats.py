@@ -45,11 +45,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 import orjson
@@ -61,6 +62,7 @@ from runtime.codecs.tfserving import (
     fixed_size,
     loads,
     predict_values,
+    row_shape,
     skeleton,
 )
 from runtime.engines.base import check_inputs
@@ -142,7 +144,7 @@ def open_rows(stream: io.RawIOBase, kind: tuple[str, bool], source: str, signatu
     form, compressed = kind
     binary: BinaryIO = io.BufferedReader(stream, 1 << 20)
     if compressed:
-        binary = gzip.GzipFile(fileobj=binary, mode="rb")
+        binary = cast(BinaryIO, gzip.GzipFile(fileobj=binary, mode="rb"))
     if form == "jsonl":
         return JsonLines(binary, source, signature)
     return CsvRows(binary, source, signature)
@@ -225,9 +227,11 @@ class JsonLines(Rows):
         super().__init__(source, signature)
         self.stream = stream
         spec = signature.inputs[0] if len(signature.inputs) == 1 else None
+        self.flat: TensorSpec | None = None
+        self.skeleton = b""
         # Floats only: integer inputs take the general path, which refuses fractions (np.array would cut them).
-        flat = spec is not None and spec.dtype.startswith("float") and fixed_size(spec.shape) is not None
-        self.flat, self.skeleton = (spec, skeleton(spec.shape[1:])) if flat else (None, b"")
+        if spec is not None and spec.dtype.startswith("float") and fixed_size(spec.shape) is not None:
+            self.flat, self.skeleton = spec, skeleton(row_shape(spec))
 
     def _records(self, count: int) -> list[tuple[int, object]]:
         records: list[tuple[int, object]] = []
@@ -258,7 +262,8 @@ class JsonLines(Rows):
                 rest.append((offset, record))
         if not offsets:
             return rest
-        spec, size = self.flat, fixed_size(self.flat.shape)
+        spec = self.flat
+        size = math.prod(row_shape(spec))
         array = np.empty((len(offsets), size), dtype=spec.dtype)
         # A few rows per parse, letting go of the interpreter lock after each: the threads that run the
         # model need it to hand back a batch's results and to start the next one, and would otherwise
@@ -273,7 +278,7 @@ class JsonLines(Rows):
             except (orjson.JSONDecodeError, ValueError, TypeError, OverflowError):  # a bad number: row by row
                 return list(enumerate(records))
             time.sleep(0)  # lets a waiting thread take the lock now, not at the next forced switch (5 ms)
-        chunk.groups.append((offsets, {spec.name: array.reshape((len(offsets), *spec.shape[1:]))}))
+        chunk.groups.append((offsets, {spec.name: array.reshape((len(offsets), *row_shape(spec)))}))
         return rest
 
     def _parse(self, record: bytes | _Bad):
@@ -324,10 +329,10 @@ class CsvRows(Rows):
             self.flat = spec
             return
         expected = f"columns named by the inputs ({', '.join(names)})"
-        if size is not None:
+        if spec is not None and size is not None:
             expected += (
                 f", or {size} columns: the values of input '{spec.name}' of shape "
-                f"{list(spec.shape[1:])} in row-major order"
+                f"{list(row_shape(spec))} in row-major order"
             )
         raise InvalidInput(
             f"{self.source}: the CSV header (line 1) has {len(self.columns)} columns "
@@ -364,7 +369,7 @@ class CsvRows(Rows):
             spec = self.flat
             try:
                 flat = np.array(values, dtype=np.str_)
-                array = _cells(flat, spec).reshape((len(values), *spec.shape[1:]))
+                array = _cells(flat, spec).reshape((len(values), *row_shape(spec)))
             except (ValueError, TypeError) as e:
                 raise InvalidInput(f"the cells must be {spec.dtype} values of input '{spec.name}': {e}") from None
             arrays, _ = check_inputs(self.signature, {spec.name: array})

@@ -31,9 +31,17 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from runtime.aligned import aligned_zeros
+from runtime.codecs.tfserving import row_shape
 from runtime.errors import InvalidInput
 from runtime.repository import ServableHandle
-from runtime.sessions.state import appended_states, overflowed, past_capacity, trim_state, untrim_state, write_appended
+from runtime.sessions.state import (
+    appended_states,
+    overflowed,
+    past_capacity,
+    trim_state,
+    untrim_state,
+    write_appended,
+)
 
 GATHER_SECONDS = 0.002
 
@@ -79,7 +87,7 @@ class DecodeLoop:
                     spec.name: spec for sig in self.signatures.values() for spec in sig.inputs if spec.name in sig.state
                 }
                 self.pool = {
-                    name: aligned_zeros((self.capacity, *spec.shape[1:]), spec.dtype) for name, spec in specs.items()
+                    name: aligned_zeros((self.capacity, *row_shape(spec)), spec.dtype) for name, spec in specs.items()
                 }
             seat = Seat(len(self.seats))
             held = (
@@ -199,7 +207,7 @@ class DecodeLoop:
         inputs = {name: rows[:bucket] for name, rows in self.pool.items() if name in signature.state}
         for spec in signature.inputs:
             if spec.name not in signature.state:
-                inputs[spec.name] = np.zeros((bucket, *spec.shape[1:]), spec.dtype)
+                inputs[spec.name] = np.zeros((bucket, *row_shape(spec)), spec.dtype)
                 for row, given in asks.items():
                     inputs[spec.name][row] = given[spec.name][0]
         started = time.perf_counter()
@@ -222,7 +230,8 @@ class DecodeLoop:
                 self.pool[name][rows] = outputs[output][rows]
         results: dict[int, dict | Exception] = {}
         for row in asking[over].tolist():
-            results[row] = overflowed(signature, {name: array[row : row + 1] for name, array in outputs.items()})
+            error = overflowed(signature, {name: array[row : row + 1] for name, array in outputs.items()})
+            results[row] = error or InvalidInput("the session's state overflowed")  # error: the row is over
         visible = [name for name in outputs if name not in signature.state.values()]
         for row in rows.tolist():  # the engine's outputs are its own copies: views of them are safe
             results[row] = {name: outputs[name][row : row + 1] for name in visible}

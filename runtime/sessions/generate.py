@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.codecs.tfserving import loads
+from runtime.codecs.tfserving import loads, row_shape
 from runtime.errors import DeadlineExceeded, InvalidInput, shown
 from runtime.repository import ServableHandle
 from runtime.sessions.decode_loop import DecodeLoop, Seat
@@ -127,7 +127,7 @@ async def events(
         raise InvalidInput(
             f"model {handle.name!r} has no batched stateful prefill and decode signatures to generate with"
         )
-    vocabulary = decode.outputs[[o.name for o in decode.outputs].index("logits")].shape[-1]
+    vocabulary = row_shape(decode.outputs[[o.name for o in decode.outputs].index("logits")])[-1]
     if any(not 0 <= t < vocabulary for t in request.tokens):
         raise InvalidInput(f"token ids must be from 0 to {vocabulary - 1}")
     store = app.sessions.store()
@@ -158,6 +158,7 @@ async def events(
             await seated.prefill(prefill, history)
         logits = await seated.prefill(prefill, request.tokens)
         for _ in range(request.max_tokens):
+            assert logits is not None  # read_generate refuses an empty prompt with tokens to generate
             token, logprob = _sample(logits, request.temperature, rng)
             generated.append(token)
             yield {"token": token, "text": bytes([token]).decode(errors="replace"), "logprob": logprob}
