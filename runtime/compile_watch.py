@@ -88,7 +88,7 @@ class Watcher:
     def pending(self, only: tuple[str, int] | None = None) -> list[tuple[str, int]]:
         """Published SavedModel versions without a servable (of `only`, that one), newest first
         within each model."""
-        found = []
+        found: list[tuple[str, int]] = []
         for name in [only[0]] if only else self.source.list_children():
             versions = (
                 [only[1]]

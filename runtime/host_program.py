@@ -29,6 +29,7 @@ STRING_KEYS = ("key_bytes", "key_offsets")
 
 def save_table(path: Path, keys: np.ndarray, values: np.ndarray) -> None:
     """Write a table's keys (bytes objects or integers) and values as a .npz without pickles."""
+    arrays: dict[str, np.ndarray]
     if keys.dtype == object:
         lengths = np.array([len(k) for k in keys], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -36,7 +37,7 @@ def save_table(path: Path, keys: np.ndarray, values: np.ndarray) -> None:
     else:
         arrays = {"keys": keys}
     with open(path, "wb") as f:
-        np.savez(f, values=values, **arrays)
+        np.savez(f, values=values, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
 
 
 def load_table(path: Path) -> dict:

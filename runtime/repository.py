@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from runtime.engines.base import Engine
-from runtime.errors import InvalidInput, KilnError, NotFound
+from runtime.errors import ConfigError, InvalidInput, KilnError, NotFound
 from runtime.model_config import ModelConfig, ModelConfigList, check_version_labels
 from runtime.servable_cache import FetchedServable, NotPublished, ServableCache
 from runtime.storage import Retry, Storage, open_storage, split_location

@@ -41,7 +41,8 @@ def render(manifest: Manifest) -> str:
         where = (
             manifest.runtime.file
             if manifest.runtime.embedded
-            else f"not in the servable: installed or in its store's .kiln/runtime/, {manifest.runtime.size / 1e6:.1f} MB"
+            else "not in the servable: installed or in its store's .kiln/runtime/, "
+            f"{manifest.runtime.size / 1e6:.1f} MB"
         )
         head += [
             ("shared code", f"{manifest.runtime.key} ({where})"),

@@ -45,7 +45,7 @@ def default_values(feature: DenseFeature) -> np.ndarray | None:
     """The feature's default as an array of its per-example shape, or None when it is required."""
     if feature.default is None:
         return None
-    values = [base64.b64decode(v) for v in feature.default] if feature.dtype == "string" else feature.default
+    values = [base64.b64decode(str(v)) for v in feature.default] if feature.dtype == "string" else feature.default
     return np.array(values, dtype=object if feature.dtype == "string" else feature.dtype).reshape(feature.shape)
 
 

@@ -119,15 +119,16 @@ def _exporter(name: str, environ: Mapping[str, str]) -> Any:
     )
     protocol = environ[variable].strip() if variable else "http/protobuf"
     try:
+        exporter: Any
         if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as exporter
         elif protocol == "http/protobuf":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as exporter
         else:
             raise ValueError(f"{variable}={protocol!r}: Kiln's OTLP exporters speak grpc and http/protobuf")
     except ImportError as e:
         raise ValueError(f"OTLP over {protocol} needs its exporter (pip install 'kiln[otel]'): {e}") from None
-    return OTLPSpanExporter()
+    return exporter()
 
 
 def _on_cloud_run(environ: Mapping[str, str]) -> bool:
@@ -167,7 +168,7 @@ class RequestTrace:
         self._span, self._context_token = span, context_token
         self._ids_token = current.set(ids) if ids is not None else None
         self._span_token = _server_span.set(span) if span is not None else None
-        self.headers: dict[str, str] = {"traceparent": _traceparent(ids)} if span is not None else {}
+        self.headers: dict[str, str] = {"traceparent": _traceparent(ids)} if span is not None and ids else {}
 
     def end(self, exchange: Any) -> None:
         """End the request's span, with what runtime.app's Exchange says it was and how it ended."""
@@ -189,7 +190,8 @@ class RequestTrace:
 
                 span.set_status(Status(StatusCode.ERROR, status))
             span.end()
-            _server_span.reset(self._span_token)
+            if self._span_token is not None:
+                _server_span.reset(self._span_token)
             from opentelemetry import context
 
             context.detach(self._context_token)

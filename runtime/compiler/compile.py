@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Literal
 
 from runtime.compiler.aot import tfcompile
+from runtime.compiler.cross import toolchain_for
 from runtime.compiler.partition import Partition, partition_signatures, remainder, write_tables
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
 from runtime.compiler.target import resolve_target
-from runtime.compiler.cross import toolchain_for
 from runtime.compiler.weights import CONSTANTS, link_weights
-from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.cpu import architecture_of, host_architecture
+from runtime.engines.saved_model import SAVED_MODEL_DIR
 from runtime.errors import CompileError
 from runtime.manifest import (
     EMBEDDED_RUNTIME_FORMAT,

@@ -72,11 +72,16 @@ def run_emulated(
             command.append(str(servable / signature.libraries[bucket]))
             for name, array in inputs.items():
                 path = Path(scratch) / f"{n}-in-{len(command)}"
-                np.ascontiguousarray(array, dtype=signature.input(name).dtype).tofile(path)
+                spec = signature.input(name)
+                if spec is None:
+                    raise CompileError(f"signature {key} has no input {name}")
+                np.ascontiguousarray(array, dtype=spec.dtype).tofile(path)
                 command.append(f"in:{name}={path}")
             outputs = {}
             for spec in signature.outputs:
-                shape = (bucket,) if signature.elementwise else tuple(bucket if d is None else d for d in spec.shape)
+                shape = (
+                    (bucket,) if signature.elementwise else tuple(bucket if d is None else d for d in spec.shape or ())
+                )
                 outputs[spec.name] = (Path(scratch) / f"{n}-out-{len(command)}", np.dtype(spec.dtype), shape)
                 command.append(f"out:{spec.name}={outputs[spec.name][0]}")
             command.append("--")

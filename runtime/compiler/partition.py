@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,8 @@ def _frozen(function):
     try:
         return convert_variables_to_constants_v2(function)
     except Exception as e:  # TensorFlow raises assorted errors for graphs it cannot freeze
-        raise Unsupported(f"its graph could not be read: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        raise Unsupported(f"its graph could not be read: {first}") from None
 
 
 def _partition(function, table_prefix: str) -> Partition:
@@ -89,7 +91,8 @@ def _partition(function, table_prefix: str) -> Partition:
             consumers.setdefault(tensor.name, []).append(op)
     strings = [t for t in frozen.inputs if t.dtype == tf.string]
     host_ops, alias = _front(strings, consumers)
-    steps, tables = [], {}
+    steps: list[ParseExampleStep | HashBucketStep | LookupStep] = []
+    tables: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     # The signature's inputs, by the names requests use (a TF1 placeholder "tf_example:0" is "inputs").
     names: dict[str, str] = {
         t.name: key for t, key in zip(frozen.inputs, sorted(function.structured_input_signature[1]))
@@ -97,7 +100,7 @@ def _partition(function, table_prefix: str) -> Partition:
     for op in host_ops:  # already in an order where each op follows what it reads
         if op.type == "Identity":
             continue
-        for i, out in enumerate(op.outputs):
+        for out in op.outputs:
             names[out.name] = f"front_{len(names)}"
         source = names[alias(op.inputs[1 if op.type == "LookupTableFindV2" else 0]).name]
         if op.type in ("ParseExample", "ParseExampleV2"):
@@ -112,7 +115,7 @@ def _partition(function, table_prefix: str) -> Partition:
             default = _constant(op.inputs[2], "the lookup's default value")
             steps.append(LookupStep(input=source, output=names[op.outputs[0].name], table=file, default=default.item()))
     host = {op.name for op in host_ops}
-    cut: dict[str, object] = {}
+    cut: dict[str, Any] = {}  # tf.Tensor
     for op in host_ops:
         for out in op.outputs:
             readers = [reader for reader in consumers.get(out.name, []) if reader.name not in host]

@@ -7,8 +7,8 @@ model calls it. Objects are cached under the kiln cache, keyed by TensorFlow ver
 flags, and written atomically so concurrent builds can share them.
 
 The core and the kernels a servable calls are linked once into a shared runtime library, found by its
-key (link_runtime; runtime/runtime_library.py), its constants into one weights library (runtime/compiler/weights.py); each
-bucket library holds only its shim and generated code and links both.
+key (link_runtime; runtime/runtime_library.py), its constants into one weights library
+(runtime/compiler/weights.py); each bucket library holds only its shim and generated code and links both.
 """
 
 from __future__ import annotations

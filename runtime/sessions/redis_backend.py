@@ -14,6 +14,7 @@ call), and any failure becomes StoreUnavailable naming the store (never its pass
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
