@@ -237,13 +237,14 @@ def test_malformed_examples_get_400_with_tensorflows_meaning(served, body, meani
 
 def test_grpc_classify_regress_and_malformed_examples(served):
     import grpc
-    from tensorflow_serving.apis import classification_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2
+    from tensorflow_serving.apis import (classification_pb2, input_pb2, predict_pb2, prediction_service_pb2_grpc,
+                                         regression_pb2)
 
     _, channel = served
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
     def examples(*features):
-        request_input = classification_pb2.Input()
+        request_input = input_pb2.Input()
         for feature in features:
             request_input.example_list.examples.add().features.feature["x"].CopyFrom(feature)
         return request_input
