@@ -300,7 +300,11 @@ def _host_fronts(
             spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string" else spec
             for spec in infos[key].inputs
         )
-        split = replace(infos[key], host=found.program, inputs=inputs)
+        outputs = tuple(
+            spec.model_copy(update={"shape": found.output_shapes.get(spec.name)}) if spec.shape is None else spec
+            for spec in infos[key].outputs
+        )
+        split = replace(infos[key], host=found.program, inputs=inputs, outputs=outputs)
         if split.aot_obstacle():
             reasons[key] = f"{reasons[key]}; its numeric remainder cannot be compiled: {split.aot_obstacle()}"
             continue

@@ -44,6 +44,8 @@ class Partition:
     outputs: list[str] = field(default_factory=list)
     # LookupTableSizeV2 nodes (StaticVocabularyTable's OOV ids start at the size): node -> the size.
     sizes: dict[str, int] = field(default_factory=dict)
+    # The signature's outputs' shapes as the remainder computes them from the cut tensors.
+    output_shapes: dict[str, tuple[int | None, ...] | None] = field(default_factory=dict)
 
 
 def partition_signatures(saved_model: Path, tags: str, keys: list[str]) -> dict[str, Partition | str]:
@@ -138,6 +140,9 @@ def _partition(function, table_prefix: str) -> Partition:
         shape = tensor.shape
         if tensor.op.type == "LookupTableFindV2" and shape.rank is None:  # shaped as its keys
             shape = alias(tensor.op.inputs[1]).shape
+        if tensor.op.type in ("ParseExample", "ParseExampleV2") and shape.rank is None:  # of a vector of protos
+            dense_shape = tf.TensorShape(tensor.op.get_attr("dense_shapes")[tensor.value_index])
+            shape = tf.TensorShape([None]).concatenate(dense_shape)
         dims = None if shape.rank is None else tuple(shape.as_list())
         specs.append(TensorSpec(name=name, dtype=tensor.dtype.name, shape=dims))
         feeds[name] = tensor_name
@@ -157,7 +162,27 @@ def _partition(function, table_prefix: str) -> Partition:
         if op.type == "LookupTableSizeV2"
     }
     program = HostProgram(steps=tuple(steps), outputs=tuple(specs))
-    return Partition(program=program, tables=tables, feeds=feeds, outputs=[t.name for t in frozen.outputs], sizes=sizes)
+    partition = Partition(
+        program=program, tables=tables, feeds=feeds, outputs=[t.name for t in frozen.outputs], sizes=sizes
+    )
+    partition.output_shapes = _output_shapes(function, partition)
+    return partition
+
+
+def _output_shapes(function, partition: Partition) -> dict[str, tuple[int | None, ...] | None]:
+    """The remainder's output shapes, traced from the cut tensors' (a TF1 signature may declare
+    outputs of unknown rank that are known once its inputs are vectors)."""
+    import tensorflow as tf
+
+    run = remainder(function, partition)
+    specs = {
+        spec.name: tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name)
+        for spec in partition.program.outputs
+    }
+    traced = tf.function(lambda **kwargs: run(**kwargs)).get_concrete_function(**specs).structured_outputs
+    return {
+        name: None if tensor.shape.rank is None else tuple(tensor.shape.as_list()) for name, tensor in traced.items()
+    }
 
 
 def _front(strings, consumers):
