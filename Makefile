@@ -34,6 +34,7 @@ demo: $(STAMP)
 # Lint and types first (configured in pyproject.toml), then the tests.
 test: $(STAMP)
 	$(PYTHON) -m ruff check runtime handlers warmpool
+	$(PYTHON) -m ruff format --check runtime handlers warmpool
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
