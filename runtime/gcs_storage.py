@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from runtime.errors import StorageError
-from runtime.storage import KeyNotFound, ObjectChanged, ObjectInfo, Received, Retry, key_parts, write_into_place
+from runtime.errors import KeyNotFound, StorageError
+from runtime.objects import ObjectChanged, ObjectInfo, Received, Retry, key_parts, write_into_place
 
 T = TypeVar("T")
 _client: Any = None

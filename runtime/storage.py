@@ -18,21 +18,19 @@ through its S3-interoperable XML API instead, with boto3 and an HMAC key in boto
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 from runtime.errors import ConfigError, KeyNotFound, StorageError
+from runtime.objects import ObjectChanged, ObjectInfo, Received, Retry, key_parts, write_into_place
 
 SCHEMES = "a local path, file://PATH, s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]"
 # Failures that say nothing about the request itself: the next attempt may well succeed.
@@ -56,68 +54,6 @@ T = TypeVar("T")
 CHUNK_BYTES = 8 << 20
 RANGES_AT_ONCE = 4
 FILES_AT_ONCE = 4
-
-
-class ObjectChanged(StorageError):
-    """An object was replaced while it was being read: what was read is not one version of it."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """A stored object's size and identity: a string that changes whenever its contents may have
-    (S3: its ETag and version id; local: modification time in nanoseconds and size)."""
-
-    size: int
-    identity: str
-
-
-@dataclass(frozen=True)
-class Retry:
-    """How long to keep trying a store that fails transiently (unreachable, timing out, 5xx,
-    throttling): at most `attempts` tries, waiting `delay` seconds doubled after each failure
-    (with jitter, at most `max_delay`), and never starting a wait that would end past `deadline`
-    seconds since the first try. A function's start-up cannot wait for a store forever."""
-
-    attempts: int = 5
-    delay: float = 0.2
-    max_delay: float = 5.0
-    deadline: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"Retry.attempts must be at least 1, got {self.attempts}")
-
-
-@dataclass(frozen=True)
-class Received:
-    """What a download wrote: its size and sha256, computed as the bytes arrived."""
-
-    size: int
-    sha256: str
-
-
-class _Hashing(io.RawIOBase):
-    """A write-only file that hashes what passes into it. Being unseekable, boto3's transfer manager
-    writes the byte ranges it fetches concurrently in order, so a file is hashed as it arrives
-    rather than read back in a second pass."""
-
-    def __init__(self, out: BinaryIO):
-        self.out, self.digest, self.size = out, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.out.write(data)
-        self.size += len(data)
-        return len(data)
-
-    def received(self) -> Received:
-        return Received(self.size, self.digest.hexdigest())
 
 
 class Storage(Protocol):
@@ -190,14 +126,6 @@ def split_location(location: str) -> tuple[str, str]:
     if not name or not parent or parent.endswith(":/"):
         raise ConfigError(f"{location!r} must name a directory or file inside a store")
     return parent, name
-
-
-def key_parts(key: str) -> list[str]:
-    """The path components of a key, refusing any that would leave the store's root."""
-    parts = key.strip("/").split("/") if key.strip("/") else []
-    if key.startswith("/") or any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"invalid storage key {key!r}: it must be a relative path without '.' or '..'")
-    return parts
 
 
 class LocalStorage:
@@ -583,18 +511,3 @@ def _local_info(status: os.stat_result, path: Path) -> ObjectInfo:
     if not stat.S_ISREG(status.st_mode):
         raise KeyNotFound(f"{path} is not a file")
     return ObjectInfo(status.st_size, f"mtime_ns={status.st_mtime_ns};size={status.st_size}")
-
-
-def write_into_place(dest: Path, write: Callable[[io.RawIOBase], object]) -> Received:
-    """Write dest through a temporary file beside it, renamed over dest only once complete; returns
-    the size and sha256 of what was written."""
-    temporary = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(temporary, "xb") as out:
-            hashing = _Hashing(out)
-            write(hashing)
-        temporary.replace(dest)
-        return hashing.received()
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

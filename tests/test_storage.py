@@ -460,7 +460,7 @@ def test_a_fetch_survives_a_store_that_stops_mid_way_and_leaves_no_partial_files
     """moto's server is killed while a version's files are coming in, byte ranges at a time and
     several files at once, and started again (with the same objects): the failed downloads are
     retried, the version arrives whole and verified, and nothing partial is left behind."""
-    import runtime.storage as storage_module
+    import runtime.objects as objects_module
     from tests.conftest import free_port
 
     port = free_port()
@@ -472,7 +472,7 @@ def test_a_fetch_survives_a_store_that_stops_mid_way_and_leaves_no_partial_files
 
     servers = [serve()]
     received, failures, restarted = [0], [], threading.Event()
-    write, transient = storage_module._Hashing.write, S3Storage._transient_cause
+    write, transient = objects_module._Hashing.write, S3Storage._transient_cause
 
     def write_then_stop(self, data) -> int:
         received[0] += len(data)
@@ -487,7 +487,7 @@ def test_a_fetch_survives_a_store_that_stops_mid_way_and_leaves_no_partial_files
         failures.append(what)
         return transient(self, error, what)
 
-    monkeypatch.setattr(storage_module._Hashing, "write", write_then_stop)
+    monkeypatch.setattr(objects_module._Hashing, "write", write_then_stop)
     monkeypatch.setattr(S3Storage, "_transient_cause", counted)
     storage = S3Storage("stopping", "models", Retry(attempts=50, delay=0.1, max_delay=0.5, deadline=120),
                         chunk_bytes=1 << 20)

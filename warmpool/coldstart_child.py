@@ -29,7 +29,7 @@ def main(started: float) -> None:
     import numpy  # noqa: F401  (the thin runtime's one heavy dependency, imported as serving imports it)
 
     import runtime.engines.base as engine_module
-    import runtime.storage as storage_module
+    import runtime.objects as objects_module  # its downloads hash as they arrive
     from runtime.engines.base import Engine, synthetic_inputs
     from runtime.errors import KilnError
     from runtime.repository import warm_up
@@ -51,7 +51,7 @@ def main(started: float) -> None:
         return verify_files
 
     engine_module.verify_files = timed(engine_module.verify_files)
-    storage_module.hashlib = _TimedHashlib(verified_for)  # type: ignore[assignment]  # timed stand-in
+    objects_module.hashlib = _TimedHashlib(verified_for)  # type: ignore[assignment]  # timed stand-in
     try:
         base_path, _, last = target.rstrip("/").rpartition("/")
         version = int(last) if last.isdigit() else None

@@ -83,7 +83,8 @@ def compile_servable(
     machine and, when `out` is BASE/NAME/VERSION, written once beside the servables in BASE/.kiln/runtime/
     (runtime/runtime_library.py).
     Several `target_cpu`s, one per architecture, build one servable for each: the first in lib/, each
-    other in lib/TRIPLE/ with its runtime in the servable (runtime/manifest.py's Build).
+    other in lib/TRIPLE/. A build for another architecture than this machine's always carries its
+    runtime (what is installed here is this machine's) (runtime/manifest.py's Build).
     """
     saved_model, out = Path(saved_model), Path(out)
     name, version = _name_and_version(out, name, version)
@@ -102,6 +103,7 @@ def compile_servable(
         appended or {},
     )
     fronts: dict = {}
+    embed_runtime = embed_runtime or architecture_of(target.triple) != host_architecture()
     if engine == "saved-model":
         reasons = {key: "built with --engine saved-model" for key in infos}
     else:

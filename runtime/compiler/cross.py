@@ -20,23 +20,15 @@ import zipfile
 from pathlib import Path
 
 from runtime.cache import cache_root
+from runtime.compiler.target import cross_compiler
 from runtime.compiler.toolchain import Toolchain
 from runtime.cpu import architecture_of, host_architecture
 from runtime.errors import CompileError
 from runtime.manifest import Target
 
-# Architecture -> (Debian's cross compiler, the wheel platform TensorFlow publishes for it).
-CROSS = {"aarch64": ("aarch64-linux-gnu-g++", "manylinux_2_27_aarch64")}
+# Architecture -> the wheel platform TensorFlow publishes for it.
+WHEEL_PLATFORMS = {"aarch64": "manylinux_2_27_aarch64"}
 UNPACKED = ("tensorflow/include/", "tensorflow/xla_aot_runtime_src/", "tensorflow/libtensorflow_framework.so.2")
-
-
-def cross_compiler(architecture: str) -> str:
-    """The C++ compiler that builds for `architecture` on this machine."""
-    if architecture == host_architecture():
-        return os.environ.get("CXX", "g++")
-    if architecture not in CROSS:
-        raise CompileError(f"Kiln cannot build for {architecture} on {host_architecture()}")
-    return CROSS[architecture][0]
 
 
 def toolchain_for(target: Target) -> Toolchain:
@@ -81,7 +73,7 @@ def _unpack(architecture: str, version: str, entry: Path) -> None:
                 "--no-deps",
                 "--only-binary=:all:",
                 "--platform",
-                CROSS[architecture][1],
+                WHEEL_PLATFORMS[architecture],
                 f"tensorflow=={version}",
                 "-d",
                 scratch,

@@ -32,7 +32,7 @@ EMULATORS = {"aarch64": ("qemu-aarch64", Path("/usr/aarch64-linux-gnu"))}
 
 def harness(architecture: str) -> Path:
     """harness.cc built for `architecture` (cached, keyed by its source)."""
-    from runtime.compiler.cross import cross_compiler
+    from runtime.compiler.target import cross_compiler
 
     digest = hashlib.sha256(HARNESS_SOURCE.read_bytes()).hexdigest()[:16]
     built = cache_root() / "harness" / f"kiln_harness-{architecture}-{digest}"

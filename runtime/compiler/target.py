@@ -8,6 +8,7 @@ names (AARCH64_CPUS: Graviton 2, 3 and 4, or any Armv8-A) select triple aarch64-
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from runtime.cpu import host_architecture, host_features
@@ -94,8 +95,6 @@ def resolve_target(cpu: str = "native", cxx: str = "g++") -> Target:
         have = host_features()
         cpu = next((level for level, needs in LEVELS.items() if needs <= have), "x86-64")
     if cpu in AARCH64_CPUS:
-        from runtime.compiler.cross import cross_compiler
-
         return Target(triple=AARCH64_TRIPLE, cpu=cpu, features=tuple(features_of(cpu, cross_compiler("aarch64"))))
     return Target(triple=TRIPLE, cpu=cpu, features=tuple(features_of(cpu, cxx)))
 
@@ -123,3 +122,16 @@ def features_of(cpu: str, cxx: str = "g++") -> list[str]:
     macros = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("#define ")}
     table = AARCH64_MACRO_TO_CPUINFO if cpu in AARCH64_CPUS else MACRO_TO_CPUINFO
     return sorted(name for macro, name in table.items() if macro in macros)
+
+
+# Architecture -> Debian's cross compiler for it.
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
+
+
+def cross_compiler(architecture: str) -> str:
+    """The C++ compiler that builds for `architecture` on this machine."""
+    if architecture == host_architecture():
+        return os.environ.get("CXX", "g++")
+    if architecture not in CROSS_COMPILERS:
+        raise CompileError(f"Kiln cannot build for {architecture} on {host_architecture()}")
+    return CROSS_COMPILERS[architecture]
