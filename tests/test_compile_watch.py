@@ -149,3 +149,73 @@ def test_serving_a_base_of_savedmodels_says_what_to_run(examples, tmp_path):
     message = str(raised.value)
     assert f"{sources.as_uri()}/hpt/3 holds a SavedModel" in message
     assert f"kiln compile --watch {sources.as_uri()} SERVABLE_BASE" in message
+
+
+def test_the_compile_function_on_an_eventbridge_event(monkeypatch):
+    """handler() with EventBridge's Object Created (what the SAM template wires; tests/events) hands
+    the uploaded version to the same compile as S3's notifications (the test above runs that one for
+    real): kiln's command line is recorded here instead of compiling a second time. A key that is
+    not a saved_model.pb is ignored. The Lambda service itself is not run here."""
+    import json
+
+    from handlers import compile_event
+
+    ran = []
+    monkeypatch.setattr(compile_event, "kiln", lambda argv: ran.append(argv) or 0)
+    monkeypatch.setenv("KILN_SERVABLE_BASE", "s3://models/servables")
+    monkeypatch.setenv("KILN_COMPILE_FLAGS", "--batch-sizes 1,8")
+    event = json.loads((ROOT / "tests" / "events" / "s3_eventbridge_object_created.json").read_text())
+    event["detail"]["object"]["key"] = "uploads/my model/7/saved_model.pb"  # EventBridge's keys are not form-encoded
+    assert compile_event.handler(event, None) == {"compiled": ["s3://models/servables/my model/7"], "ignored": []}
+    assert ran == [["compile", "--watch", "s3://amzn-s3-demo-bucket1/uploads", "s3://models/servables", "--once",
+                    "--only", "my model/7", "--batch-sizes", "1,8"]]
+    event["detail"]["object"]["key"] = "uploads/my model/7/variables/variables.index"
+    assert compile_event.handler(event, None) == {"compiled": [], "ignored": ["uploads/my model/7/variables/variables.index"]}
+    assert len(ran) == 1
+
+
+def test_the_compile_service_on_an_eventarc_event(examples, gcs_bucket, gcs_endpoint, tmp_path):
+    """infra/cloud_run/compile.yaml's command, functions-framework serving handlers/compile_event.py's
+    cloud_event on loopback, given Eventarc's object-finalized CloudEvent (binary mode, as Eventarc
+    delivers) for a saved_model.pb uploaded to a GCS emulator read with Application Default
+    Credentials: the version is compiled and published; an object of another name is acknowledged
+    and ignored. Eventarc itself is not run here."""
+    import json
+
+    client, name = gcs_bucket
+    bucket = client.bucket(name)
+    saved_model = examples["half_plus_two"].saved_model
+    for path in sorted(saved_model.rglob("*"), key=lambda p: p.name == "saved_model.pb"):  # the .pb last
+        if path.is_file():
+            bucket.blob(f"saved_models/hpt/3/{path.relative_to(saved_model).as_posix()}").upload_from_filename(path)
+    servables = tmp_path / "servables"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "GOOGLE_"))}
+    env.update(STORAGE_EMULATOR_HOST=gcs_endpoint, KILN_SERVABLE_BASE=str(servables),
+               KILN_COMPILE_FLAGS=" ".join(COMPILE), PYTHONPATH=str(ROOT))
+    script = os.path.join(os.path.dirname(sys.executable), "functions-framework")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "functions_framework"]
+    port, log = free_port(), tmp_path / "compile.log"
+    process = subprocess.Popen([*command, "--source", "handlers/compile_event.py", "--target", "cloud_event",
+                                "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process.log_path = log
+    url = f"http://127.0.0.1:{port}/"
+    event = json.loads((ROOT / "tests" / "events" / "gcp_storage_object_finalized.json").read_text())
+
+    def deliver(key: str):
+        data = {**event["data"], "bucket": name, "name": key}
+        headers = {"ce-specversion": "1.0", "ce-type": event["type"], "ce-id": key,
+                   "ce-source": f"//storage.googleapis.com/projects/_/buckets/{name}", "ce-subject": f"objects/{key}",
+                   "content-type": "application/json"}
+        return httpx.post(url, content=json.dumps(data), headers=headers, timeout=900)
+
+    try:
+        wait_until_up(process, lambda: httpx.get(url, timeout=5).status_code > 0, log, "functions-framework")
+        assert deliver("saved_models/hpt/3/variables/variables.index").status_code == 200
+        assert not servables.exists()
+        answer = deliver("saved_models/hpt/3/saved_model.pb")
+        assert answer.status_code == 200, log.read_text()[-3000:]
+        manifest = json.loads((servables / "hpt" / "3" / "manifest.json").read_text())
+        assert manifest["name"] == "hpt" and manifest["version"] == 3
+    finally:
+        stop(process)

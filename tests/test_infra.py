@@ -52,6 +52,7 @@ DOCKERFILE = INFRA / "Dockerfile"
 TEMPLATE = INFRA / "lambda" / "template.yaml"
 SERVICE = INFRA / "cloud_run" / "service.yaml"
 JOB = INFRA / "cloud_run" / "job.yaml"
+COMPILE = INFRA / "cloud_run" / "compile.yaml"
 SCHEMA = Path(__file__).with_name("cloud_run_schema.yaml")
 # What a user replaces in the Cloud Run files before deploying them, and sample values for it.
 PLACEHOLDERS = {"PROJECT_ID": "my-project", "REGION": "europe-west1", "BUCKET": "my-bucket"}
@@ -166,7 +167,7 @@ def cloud_run_errors(document: dict) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("path", [SERVICE, JOB], ids=["service", "job"])
+@pytest.mark.parametrize("path", [SERVICE, JOB, COMPILE], ids=["service", "job", "compile"])
 def test_cloud_run_yaml_has_only_fields_cloud_run_accepts(path):
     assert cloud_run_errors(cloud_run_document(path)) == []
 
@@ -245,11 +246,48 @@ def test_cloud_run_service_and_job_fit_the_image():
         assert _container(service)[probe]["httpGet"]["path"] == path and path in routes
 
 
+def test_compile_on_upload_is_wired():
+    """The SAM template's compile function (only with SavedModelPrefix) and the Cloud Run compile
+    service run handlers/compile_event.py's entry points, from the compile image, on the uploads of
+    saved_model.pb, publishing where the serving side reads."""
+    from cfnlint.decode import decode
+
+    template, errors = decode(str(TEMPLATE))
+    assert not errors
+    function = template["Resources"]["CompileFunction"]
+    assert function["Condition"] == "CompilesOnUpload"
+    assert template["Conditions"]["CompilesOnUpload"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "SavedModelPrefix"}, ""]}]}
+    assert function["Metadata"]["DockerBuildTarget"] == "compile"
+    properties = function["Properties"]
+    assert properties["ImageUri"] == {"Ref": "CompileImageUri"}
+    variables = properties["Environment"]["Variables"]
+    assert variables["KILN_SERVABLE_BASE"] == {"Fn::Sub": "s3://${ModelBucket}/${ModelPrefix}"}
+    assert template["Resources"]["Function"]["Properties"]["Environment"]["Variables"]["KILN_MODEL_REPOSITORY"] == \
+        {"Fn::Sub": "s3://${ModelBucket}/${ModelPrefix}"}
+    event = properties["Events"]["SavedModelUploaded"]
+    assert event["Type"] == "EventBridgeRule"
+    pattern = event["Properties"]["Pattern"]
+    assert pattern["source"] == ["aws.s3"] and pattern["detail-type"] == ["Object Created"]
+    assert pattern["detail"]["object"]["key"] == [{"wildcard": {"Fn::Sub": "${SavedModelPrefix}/*/saved_model.pb"}}]
+    dockerfile = DOCKERFILE.read_text()
+    assert 'CMD ["handlers.compile_event.handler"]' in dockerfile.split("AS compile", 1)[1]
+
+    container = _container(cloud_run_document(COMPILE))
+    assert container["image"].endswith("/kiln-compile:latest")
+    command = container["command"]
+    assert command[command.index("--source") + 1] == "handlers/compile_event.py"
+    assert command[command.index("--target") + 1] == "cloud_event"
+    assert command[command.index("--signature-type") + 1] == "cloudevent"
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    serving = {variable["name"]: variable.get("value") for variable in _container(cloud_run_document(SERVICE))["env"]}
+    assert env["KILN_SERVABLE_BASE"] == serving["KILN_MODEL_REPOSITORY"]  # published where the service reads
+
+
 def test_kiln_variables_in_infra_are_read():
     """Every KILN_ variable the deployment files set is one Kiln reads (a typo would be ignored)."""
     sources = "".join(path.read_text() for folder in ("runtime", "handlers") for path in (ROOT / folder).rglob("*.py"))
     names = set()
-    for path in (DOCKERFILE, TEMPLATE, SERVICE, JOB):
+    for path in (DOCKERFILE, TEMPLATE, SERVICE, JOB, COMPILE):
         names |= set(re.findall(r"\bKILN_[A-Z0-9_]+", path.read_text()))
     unread = sorted(name for name in names if f'"{name}"' not in sources and f"{name} " not in sources
                     and name not in NOT_YET_READ)
