@@ -320,7 +320,8 @@ def _name_and_version(text: str) -> tuple[str, int]:
 
 
 def _compile(args) -> int:
-    from runtime.compiler.compile import compile_servable, parse_appended, parse_capacities, parse_state
+    from runtime.compiler.compile import compile_servable
+    from runtime.compiler.state_declarations import parse_appended, parse_capacities, parse_state
     from runtime.progress import say
 
     options = dict(

@@ -381,11 +381,16 @@ class Manifest(Model):
 class Stateful(Protocol):
     """What the state checks read of a signature (a manifest's, or the compiler's before it has one)."""
 
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    state: Mapping[str, str]
-    position: Position | None
-    appended: tuple[str, ...]
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]: ...
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]: ...
+    @property
+    def state(self) -> Mapping[str, str]: ...
+    @property
+    def position(self) -> Position | None: ...
+    @property
+    def appended(self) -> tuple[str, ...]: ...
 
 
 def state_problems(signatures: Mapping[str, Stateful]) -> list[str]:

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -28,6 +28,7 @@ from runtime.compiler.aot import tfcompile
 from runtime.compiler.cross import toolchain_for
 from runtime.compiler.partition import Partition, partition_signatures, remainder, write_tables
 from runtime.compiler.savedmodel import SignatureInfo, bucket_key, export_static, read_signatures
+from runtime.compiler.state_declarations import declare_state
 from runtime.compiler.target import resolve_target
 from runtime.compiler.weights import CONSTANTS, link_weights
 from runtime.cpu import architecture_of, host_architecture
@@ -38,13 +39,11 @@ from runtime.manifest import (
     FORMAT_VERSION,
     Build,
     Manifest,
-    Position,
     SharedRuntime,
     Signature,
     Target,
     describe_files,
     sha256_of,
-    state_problems,
 )
 from runtime.progress import steps
 from runtime.warmup import WARMUP_DIR, WARMUP_FILES
@@ -66,7 +65,7 @@ def compile_servable(
     tags: str = "serve",
     multithreading: bool = True,
     state: Mapping[str, Mapping[str, str]] | None = None,
-    positions: Mapping[str, tuple[str, int]] | None = None,
+    positions: Mapping[str, tuple[str, int | str]] | None = None,
     appended: Mapping[str, Sequence[str]] | None = None,
     embed_runtime: bool = False,
     log: Callable[[str], None] = lambda message: None,
@@ -96,7 +95,7 @@ def compile_servable(
 
     targets = _resolve_targets([target_cpu] if isinstance(target_cpu, str) else list(target_cpu))
     target = targets[0]
-    infos = _declare_state(
+    infos = declare_state(
         _select(read_signatures(saved_model, tags), signatures, saved_model),
         state or {},
         positions or {},
@@ -334,80 +333,6 @@ def _select(infos: dict[str, SignatureInfo], wanted: list[str] | None, saved_mod
     if unknown:
         raise CompileError(f"signature(s) {', '.join(unknown)} not in the SavedModel; it has {', '.join(infos)}")
     return {key: infos[key] for key in wanted}
-
-
-def _declare_state(
-    infos: dict[str, SignatureInfo],
-    state: Mapping[str, Mapping[str, str]],
-    positions: Mapping[str, tuple[str, int]],
-    appended: Mapping[str, Sequence[str]],
-) -> dict[str, SignatureInfo]:
-    for option, named in (("--state", state), ("--state-capacity", positions), ("--state-append", appended)):
-        unknown = [key for key in named if key not in infos]
-        if unknown:
-            raise CompileError(
-                f"{option} names signature(s) {', '.join(unknown)}, which are not compiled; "
-                f"the signatures are {', '.join(infos)}"
-            )
-    for key, (name, capacity) in positions.items():
-        if type(capacity) is not int or capacity < 1:
-            raise CompileError(
-                f"--state-capacity for {key}:{name} must be a positive number of tokens, got {capacity!r}"
-            )
-    declared = {
-        key: replace(
-            info,
-            state=dict(state.get(key, {})),
-            position=Position(input=positions[key][0], capacity=positions[key][1]) if key in positions else None,
-            appended=tuple(appended.get(key, ())),
-        )
-        for key, info in infos.items()
-    }
-    problems = state_problems(declared)
-    if problems:
-        raise CompileError("the state declared does not fit the signatures: " + "; ".join(problems))
-    return declared
-
-
-def parse_state(text: str) -> dict[str, dict[str, str]]:
-    """`kiln compile --state SIGNATURE:INPUT=OUTPUT[,...]` as {signature: {input: output}}."""
-    state: dict[str, dict[str, str]] = {}
-    for key, name, output in _declarations(text, "--state", "SIGNATURE:INPUT=OUTPUT"):
-        if name in state.setdefault(key, {}):
-            raise CompileError(f"--state pairs input '{name}' of signature '{key}' twice")
-        state[key][name] = output
-    return state
-
-
-def parse_capacities(text: str) -> dict[str, tuple[str, int]]:
-    """`kiln compile --state-capacity SIGNATURE:INPUT=TOKENS[,...]` as {signature: (input, tokens)}."""
-    positions: dict[str, tuple[str, int]] = {}
-    for key, name, tokens in _declarations(text, "--state-capacity", "SIGNATURE:INPUT=TOKENS"):
-        if key in positions:
-            raise CompileError(f"--state-capacity names two positions for signature '{key}'")
-        positions[key] = (name, int(tokens) if tokens.isdigit() else tokens)  # compile_servable checks it
-    return positions
-
-
-def parse_appended(text: str) -> dict[str, list[str]]:
-    """`kiln compile --state-append SIGNATURE:INPUT[,...]` as {signature: [input]}."""
-    appended: dict[str, list[str]] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, colon, name = item.rpartition(":")
-        if not (colon and key.strip() and name.strip()):
-            raise CompileError(f"--state-append takes SIGNATURE:INPUT[,...]; '{item}' is not of that form")
-        appended.setdefault(key.strip(), []).append(name.strip())
-    return appended
-
-
-def _declarations(text: str, option: str, form: str) -> Iterator[tuple[str, str, str]]:
-    """(signature, input, value) for each comma-separated SIGNATURE:INPUT=VALUE."""
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        head, equals, value = item.partition("=")
-        key, colon, name = head.rpartition(":")
-        if not (equals and colon and key.strip() and name.strip() and value.strip()):
-            raise CompileError(f"{option} takes {form}[,...]; '{item}' is not of that form")
-        yield key.strip(), name.strip(), value.strip()
 
 
 def _refuse_if_forced(engine: EngineChoice, reasons: dict[str, str]) -> None:
