@@ -100,12 +100,14 @@ def metric(url: str, name: str) -> float | None:
 
 class Load:
     """Clients, each on its own keep-alive connection, predicting in a loop; every answer or failure is
-    recorded with the worker that last answered on that client's connection. A client stops at its
+    recorded with the worker that last answered on that client's connection. Client n first reconnects
+    until its connection is held by workers[n % len(workers)], so every worker holds some (the kernel's
+    SO_REUSEPORT hash alone put all six on one worker in about 3% of runs). A client stops at its
     first failure: a new connection made at once could land in the accept queue of a worker that is
     dying, which the kernel resets (README, "Workers": net.ipv4.tcp_migrate_req)."""
 
-    def __init__(self, url: str, clients: int = 6):
-        self.url, self.stop = url, threading.Event()
+    def __init__(self, url: str, workers: set[int], clients: int = 6):
+        self.url, self.stop, self.workers = url, threading.Event(), sorted(workers)
         self.answers: list[tuple[int, int]] = []  # (client, worker pid)
         self.failures: list[tuple[int, int | None, str]] = []  # (client, worker of its connection, error)
         self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(clients)]
@@ -120,9 +122,22 @@ class Load:
         for thread in self.threads:
             thread.join()
 
+    def wait(self, settled, what: str, seconds: float = 120) -> None:
+        """Until settled() holds; fails, naming what was awaited, on a client's failure or after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not settled():
+            assert not self.failures, f"{what}: {self.failures}"
+            assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+            time.sleep(0.05)
+
     def _run(self, n: int) -> None:
         last = None
-        with httpx.Client(timeout=30) as client:
+        try:
+            client = self._connect(self.workers[n % len(self.workers)])
+        except Exception as e:  # noqa: BLE001 - recorded, so that a wait fails at once
+            self.failures.append((n, None, repr(e)))
+            return
+        try:
             while not self.stop.is_set():
                 try:
                     response = client.post(f"{self.url}/v1/models/digits:predict", content=PREDICT)
@@ -132,6 +147,17 @@ class Load:
                 except Exception as e:  # noqa: BLE001 - what failed, and on which worker, is what the tests check
                     self.failures.append((n, last, repr(e)))
                     return
+        finally:
+            client.close()
+
+    def _connect(self, worker: int) -> httpx.Client:
+        """A client whose keep-alive connection `worker` holds (each fresh connection lands at random)."""
+        for _ in range(100):
+            client = httpx.Client(timeout=30)
+            if worker_of(client.get(f"{self.url}/v1/models/digits")) == worker:
+                return client
+            client.close()
+        raise AssertionError(f"no connection reached worker {worker} in 100 tries")
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +227,9 @@ def test_a_session_started_on_one_worker_continues_on_another(served):
 def test_a_killed_worker_loses_only_its_in_flight_requests_and_is_replaced(served):
     process, url, _ = served
     victim = min(children(process))
-    with Load(url) as load:
-        while len({pid for _, pid in load.answers}) < 2 or len({n for n, _ in load.answers}) < len(load.threads):
-            time.sleep(0.05)  # every client's connection is known to be on one worker or the other
+    with Load(url, children(process)) as load:
+        load.wait(lambda: len({n for n, _ in load.answers}) == len(load.threads), "every client answered")
+        assert {pid for _, pid in load.answers} == children(process)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 120
         while victim in children(process) or len(children(process)) < 2:
@@ -276,17 +302,15 @@ def test_hot_swap_from_s3_under_load_with_two_workers_fails_no_request(models, b
     cache = tmp_path / "cache"
     with serve_workers(f"s3://{name}/models", tmp_path, "--poll-seconds", "0.5",
                        env={"KILN_SERVABLE_CACHE": str(cache)}) as (process, url, _):
-        with Load(url) as load:
-            while len(load.answers) < 20:
-                time.sleep(0.05)
+        with Load(url, children(process)) as load:
+            load.wait(lambda: len(load.answers) >= 20, "20 answers before the publish")
             publish(2)
             deadline = time.monotonic() + 120
             while not all(_serves_only(url, 2, pid) for pid in children(process)):
                 assert time.monotonic() < deadline, "the workers did not swap to version 2"
                 time.sleep(0.2)
             seen = len(load.answers)
-            while len(load.answers) < seen + 20:
-                time.sleep(0.05)
+            load.wait(lambda: len(load.answers) >= seen + 20, "20 answers after the swap")
         assert load.failures == []
         assert {pid for _, pid in load.answers} == children(process)
     placed = [p for p in cache.glob("*/digits/*")]
