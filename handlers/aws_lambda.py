@@ -81,7 +81,6 @@ from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, unquote_plus
 
-import orjson
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
@@ -98,7 +97,7 @@ from aws_lambda_powertools.utilities.data_classes import (
     S3EventBridgeNotificationEvent,
 )
 
-from handlers.records import OutputStore, predict_message
+from handlers.records import OutputStore, Written, predict_message, write_outcome
 from runtime import logs
 from runtime.app import App, Request, Response, whole
 from runtime.errors import InvalidInput, KilnError, retryable, status_of
@@ -285,8 +284,8 @@ class LambdaFunction:
 
     def _queue(self, event: dict, invocation: Invocation) -> Mapping[str, Any]:
         """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
-        after another), its predictions written to the output prefix, the failed ones reported for
-        Lambda to retry."""
+        after another), its outcome written to the output prefix (handlers.records.write_outcome),
+        the records whose failure may pass reported for Lambda to retry."""
         outputs = self.outputs.open(f"{invocation.kind} events")
         records = event["Records"]
         processor = _processor(invocation.kind, records)
@@ -301,25 +300,29 @@ class LambdaFunction:
         )
         outcomes = {record_id: outcome for chain in done for record_id, outcome in chain.items()}
         for record_id, outcome in outcomes.items():
-            if isinstance(outcome, KilnError):
-                self.logger.warning("record failed", extra={"record": record_id, "error": str(outcome)})
-            elif isinstance(outcome, BaseException):
-                self.logger.error("record failed", extra={"record": record_id}, exc_info=outcome)
-        succeeded = sum(not isinstance(outcome, BaseException) for outcome in outcomes.values())
+            error = outcome.error if isinstance(outcome, Written) else outcome
+            if isinstance(error, KilnError):  # retried unless written: then it cannot succeed
+                retried = not isinstance(outcome, Written)
+                self.logger.warning(
+                    "record failed", extra={"record": record_id, "error": str(error), "retried": retried}
+                )
+            elif isinstance(error, BaseException):
+                self.logger.error("record failed", extra={"record": record_id}, exc_info=error)
+        succeeded = sum(isinstance(outcome, Written) and outcome.error is None for outcome in outcomes.values())
         self._count(requests=len(records), predictions=succeeded, errors=len(records) - succeeded)
 
         def record_handler(record) -> Any:  # Powertools' record: its outcome, computed above
             outcome = outcomes[_record_id(record.raw_event)]  # never asked for one not run: its group failed
             if isinstance(outcome, BaseException):
                 raise outcome
-            return outcome
+            return outcome.url
 
         return process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=invocation.context
         )
 
     async def _in_order(self, records: list[dict], invocation: Invocation, outputs: Storage) -> dict[str, Any]:
-        """Each record's output URL or exception, one after another up to the first that fails: the
+        """Each record's Written or exception, one after another up to the first that raises: the
         rest of a FIFO message group is not run, and Powertools reports it failed with that one."""
         outcomes: dict[str, Any] = {}
         for record in records:
@@ -330,17 +333,20 @@ class LambdaFunction:
                 break
         return outcomes
 
-    async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> str:
+    async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> Written:
         if invocation.kind == "sqs":
             body = record["body"]
-            key = f"sqs/{_source_name(record['eventSourceARN'])}/{record['messageId']}.json"
+            key = f"sqs/{_source_name(record['eventSourceARN'])}/{record['messageId']}"
         else:
             body = base64.b64decode(record["kinesis"]["data"])
             shard, _, sequence = record["eventID"].partition(":")
-            key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}.json"
-        response = await self.predict(body, invocation.deadline)  # strict JSON: orjson writes it as it is
-        await asyncio.to_thread(outputs.write_bytes, key, orjson.dumps({"id": _record_id(record), **response}))
-        return f"{outputs.url}/{key}"
+            key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}"
+        record_id = {"id": _record_id(record)}
+
+        async def result() -> dict:
+            return {**record_id, **await self.predict(body, invocation.deadline)}
+
+        return await write_outcome(outputs, key, result(), record_id)
 
     # S3 objects ---------------------------------------------------------------------------------
 

@@ -69,11 +69,11 @@ from handlers.supervisor import MULTIPROC_ENV, forget_dead_workers, prepare_fork
 
 WORKERS = prepare_forked_workers()  # before runtime.metrics imports prometheus_client
 
-from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event  # noqa: E402
+from handlers.gcp_events import ObjectFinalized, PubsubDelivery, PubsubMessage, read_event  # noqa: E402
 from handlers.local import AsgiApp  # noqa: E402
 from runtime import logs  # noqa: E402
 from runtime.app import App, Exchange, Request, Response, error_response  # noqa: E402
-from runtime.errors import KilnError, retryable, status_of  # noqa: E402
+from runtime.errors import KilnError, retryable  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"
@@ -122,44 +122,37 @@ class CloudRunApp(AsgiApp):
     # Pub/Sub ------------------------------------------------------------------------------------
 
     async def _pubsub(self, delivery: PubsubDelivery, exchange: Exchange) -> Response:
+        from handlers.records import write_outcome
+
         message = delivery.message
         outputs = self.outputs.open("Pub/Sub messages")
-        result_key, error_key = f"{message.id}.json", f"{message.id}.error.json"
-        for key in (result_key, error_key):
+        for key in (f"{message.id}.json", f"{message.id}.error.json"):
             if await asyncio.to_thread(outputs.exists, key):
                 return _answer(message_id=message.id, status="duplicate", output=f"{outputs.url}/{key}")
-        try:
-            body = await self._predict(message.payload(), exchange)
-        except KilnError as e:
-            if retryable(e):
-                raise
-            record = {
-                "message_id": message.id,
-                "subscription": delivery.subscription,
-                "publish_time": message.publish_time,
-                "attributes": message.attributes,
-                "delivery_attempt": delivery.delivery_attempt,
-                "status": status_of(e)[0],
-                "error": str(e),
-            }
-            await asyncio.to_thread(outputs.write_bytes, error_key, orjson.dumps(record))
+        about = {
+            "message_id": message.id,
+            "subscription": delivery.subscription,
+            "publish_time": message.publish_time,
+            "attributes": message.attributes,
+            "delivery_attempt": delivery.delivery_attempt,
+        }
+        written = await write_outcome(outputs, message.id, self._predict(message, exchange), about)
+        if written.error is not None:
             log.warning(
-                "Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s/%s: %s",
+                "Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s: %s",
                 message.id,
-                outputs.url,
-                error_key,
-                e,
+                written.url,
+                written.error,
             )
-            return _answer(message_id=message.id, status="failed", error=str(e), output=f"{outputs.url}/{error_key}")
-        await asyncio.to_thread(outputs.write_bytes, result_key, body)
-        return _answer(message_id=message.id, status="scored", output=f"{outputs.url}/{result_key}")
+            return _answer(message_id=message.id, status="failed", error=str(written.error), output=written.url)
+        return _answer(message_id=message.id, status="scored", output=written.url)
 
-    async def _predict(self, payload: bytes, exchange: Exchange) -> bytes:
+    async def _predict(self, message: PubsubMessage, exchange: Exchange) -> dict:
         """The TF Serving predict response to a message's predict body, as strict JSON (handlers.records)."""
         from handlers.records import predict_message
 
-        _, response = await predict_message(self.app, payload, self.settings.score_model, exchange)
-        return orjson.dumps(response)
+        _, response = await predict_message(self.app, message.payload(), self.settings.score_model, exchange)
+        return response
 
     # Cloud Storage ------------------------------------------------------------------------------
 
