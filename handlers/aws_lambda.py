@@ -2,70 +2,14 @@
 
     Handler: handlers.aws_lambda.handler
 
-Init phase. Lambda's runtime imports this module and looks `handler` up during the init phase;
-that look-up builds the function (build()): the settings from the same KILN_* environment as
-`kiln serve` (runtime.settings), validated there, so a wrong setting fails init with a ConfigError
-naming the variable; App.start, which loads and warms the models; Powertools' Logger, Metrics and
-Tracer; and one asyncio event loop that every invocation reuses. Importing the module alone builds
-nothing. Batching defaults to `fixed` with no timeout (KILN_BATCHING and the KILN_ batching variables
-override it): one invocation runs at a time, so what is batched is what one event carries, merged
-without waiting (the records of a queue batch, the items of a Step Functions batch, the rows of a
-request or of an object).
-
-Events, told apart by their shape:
-
-- HTTP: API Gateway REST APIs and HTTP APIs (payload format 1.0 and 2.0), Lambda function URLs and
-  Application Load Balancers serve the same REST APIs as `kiln serve` (TF Serving's REST API, the
-  Open Inference Protocol, metrics, with API keys and CORS): the event becomes a runtime.app.Request
-  (base64 bodies decoded, multi-value headers joined, the path percent-decoded as an ASGI server
-  does, an HTTP API's named stage taken off the path) and the Response that event type's answer;
-  bodies that are not text (the OIP binary tensor extension) go base64-encoded. The Lambda request id
-  is the X-Request-Id unless the caller sent one, and the deadline is Lambda's, less DEADLINE_MARGIN.
-- SQS and Kinesis batches: each record's body (Kinesis: its data) is a TF Serving predict body with a
-  "model" key naming the model (optional where KILN_SCORE_MODEL names one or only one is served).
-  The records run at once, so that the batcher merges them into compiled batches; an SQS FIFO
-  queue's message group runs one record after another and stops at its first failure (the rest of
-  the group is not run), so that its side effects keep the group's order. A record's predictions go
-  to KILN_OUTPUT_PREFIX as JSON, at sqs/QUEUE/MESSAGE_ID.json or kinesis/STREAM/SHARD/SEQUENCE.json
-  ({"id", "model", "version", and "predictions" or "outputs"}); a redelivered record rewrites its
-  key. The answer is Lambda's partial batch response (Powertools' BatchProcessor, or for FIFO queues
-  SqsFifoPartialProcessor with skip_group_on_error): only failed records, and the unrun rest of their
-  groups, are retried. Without KILN_OUTPUT_PREFIX a queue batch fails whole with a ConfigError.
-- S3 "object created" notifications, directly or through EventBridge ("Object Created"): each object
-  (JSON Lines or CSV rows) is scored by runtime.scoring into KILN_OUTPUT_PREFIX, idempotently (a
-  retried event finds its output and skips the object). Objects under the output prefix itself are
-  never scored (outputs written beside the inputs do not trigger themselves). The answer lists each
-  object's result; when any object failed for a reason that may pass (storage, deadline, a bug) the
-  invocation fails after the others are done, so that Lambda's retry scores just that one again;
-  bad data is reported in the answer and the logs, not retried.
-- S3 Batch Operations (invocation schema 1.0 and 2.0): each task's object is scored the same way,
-  answered with S3's documented response: Succeeded, TemporaryFailure (may pass: S3 retries it) or
-  PermanentFailure (bad data, no such object or model). The object's version id is not used.
-- Step Functions Distributed Map with an ItemBatcher ({"Items": [...], "BatchInput": {...}}): each
-  item is one TF Serving instance, or a whole predict body (with "instances" or "inputs"); BatchInput
-  may give "model" and "signature_name" for all. The answer is {"predictions": [...]} in item order:
-  an instance's prediction, or a predict body's whole response (with "model" and "version"). All the
-  items run at once, merged into compiled batches. A batch with a failed item fails with the item's
-  error type (InvalidInput, NotFound, ...), its message naming the items, for the state machine's
-  Retry and Catch.
-- Direct invocation with a TF Serving predict body (instances or inputs; optional "model" and
-  "signature_name"): answered with the predict response and the "model" and "version" that answered;
-  an error is answered, not raised, as TF Serving's error body with the HTTP status it would have:
-  {"error": ..., "status": 400}.
-- Keep-warm pings, an EventBridge scheduled event or {"kiln": "warm"}: {"warm": true, "ready": ...},
-  with no model work.
-- Anything else raises InvalidInput naming the events this handler takes.
-
-NaN and ±Infinity: HTTP bodies carry TF Serving's bare tokens, as `kiln serve` does; every other
-result (direct and Step Functions answers, objects written for records and S3 objects) is strict
-JSON, as Lambda and Step Functions require, with the strings "NaN", "Infinity" and "-Infinity"
-(handlers.records). Whether a failure is retried is runtime.errors.retryable's rule, as on Cloud Run.
-
-Observability: Powertools Logger (service "kiln"; runtime's own loggers write through it, and the
-Lambda request id is runtime.logs.request_id too), Metrics in CloudWatch's embedded metric format
-(namespace "Kiln", dimension "event_source": Requests, Predictions and Errors counting requests,
-records, items and objects; ScoredRows, WarmPings, FailedInvocations, and Powertools' ColdStart), and
-Tracer (X-Ray; off outside Lambda or with POWERTOOLS_TRACE_DISABLED; the `aws` extra installs its SDK).
+README's "AWS Lambda" says which events are taken and how each is answered. Design: Lambda's
+runtime looks `handler` up in the init phase, and that look-up builds the function (importing the
+module builds nothing), so a wrong setting fails init and the models are warm before the first event.
+One invocation runs at a time, so batching is `fixed` with no timeout: what one event carries (queue
+records, Step Functions items, an object's rows) starts in one event-loop step and is merged into
+compiled batches without waiting. An event's kind is told by its shape (event_kind), one method a
+kind. What Lambda does as Cloud Run does (a predict body's strict-JSON answer, the results store,
+which failures are retried) is written once, in handlers.records and runtime.errors.retryable.
 """
 
 from __future__ import annotations
