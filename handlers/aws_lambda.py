@@ -2,70 +2,14 @@
 
     Handler: handlers.aws_lambda.handler
 
-Init phase. Lambda's runtime imports this module and looks `handler` up during the init phase;
-that look-up builds the function (build()): the settings from the same KILN_* environment as
-`kiln serve` (runtime.settings), validated there, so a wrong setting fails init with a ConfigError
-naming the variable; App.start, which loads and warms the models; Powertools' Logger, Metrics and
-Tracer; and one asyncio event loop that every invocation reuses. Importing the module alone builds
-nothing. Batching defaults to `fixed` with no timeout (KILN_BATCHING and the KILN_ batching variables
-override it): one invocation runs at a time, so what is batched is what one event carries, merged
-without waiting (the records of a queue batch, the items of a Step Functions batch, the rows of a
-request or of an object).
-
-Events, told apart by their shape:
-
-- HTTP: API Gateway REST APIs and HTTP APIs (payload format 1.0 and 2.0), Lambda function URLs and
-  Application Load Balancers serve the same REST APIs as `kiln serve` (TF Serving's REST API, the
-  Open Inference Protocol, metrics, with API keys and CORS): the event becomes a runtime.app.Request
-  (base64 bodies decoded, multi-value headers joined, the path percent-decoded as an ASGI server
-  does, an HTTP API's named stage taken off the path) and the Response that event type's answer;
-  bodies that are not text (the OIP binary tensor extension) go base64-encoded. The Lambda request id
-  is the X-Request-Id unless the caller sent one, and the deadline is Lambda's, less DEADLINE_MARGIN.
-- SQS and Kinesis batches: each record's body (Kinesis: its data) is a TF Serving predict body with a
-  "model" key naming the model (optional where KILN_SCORE_MODEL names one or only one is served).
-  The records run at once, so that the batcher merges them into compiled batches; an SQS FIFO
-  queue's message group runs one record after another and stops at its first failure (the rest of
-  the group is not run), so that its side effects keep the group's order. A record's predictions go
-  to KILN_OUTPUT_PREFIX as JSON, at sqs/QUEUE/MESSAGE_ID.json or kinesis/STREAM/SHARD/SEQUENCE.json
-  ({"id", "model", "version", and "predictions" or "outputs"}); a redelivered record rewrites its
-  key. The answer is Lambda's partial batch response (Powertools' BatchProcessor, or for FIFO queues
-  SqsFifoPartialProcessor with skip_group_on_error): only failed records, and the unrun rest of their
-  groups, are retried. Without KILN_OUTPUT_PREFIX a queue batch fails whole with a ConfigError.
-- S3 "object created" notifications, directly or through EventBridge ("Object Created"): each object
-  (JSON Lines or CSV rows) is scored by runtime.scoring into KILN_OUTPUT_PREFIX, idempotently (a
-  retried event finds its output and skips the object). Objects under the output prefix itself are
-  never scored (outputs written beside the inputs do not trigger themselves). The answer lists each
-  object's result; when any object failed for a reason that may pass (storage, deadline, a bug) the
-  invocation fails after the others are done, so that Lambda's retry scores just that one again;
-  bad data is reported in the answer and the logs, not retried.
-- S3 Batch Operations (invocation schema 1.0 and 2.0): each task's object is scored the same way,
-  answered with S3's documented response: Succeeded, TemporaryFailure (may pass: S3 retries it) or
-  PermanentFailure (bad data, no such object or model). The object's version id is not used.
-- Step Functions Distributed Map with an ItemBatcher ({"Items": [...], "BatchInput": {...}}): each
-  item is one TF Serving instance, or a whole predict body (with "instances" or "inputs"); BatchInput
-  may give "model" and "signature_name" for all. The answer is {"predictions": [...]} in item order:
-  an instance's prediction, or a predict body's whole response (with "model" and "version"). All the
-  items run at once, merged into compiled batches. A batch with a failed item fails with the item's
-  error type (InvalidInput, NotFound, ...), its message naming the items, for the state machine's
-  Retry and Catch.
-- Direct invocation with a TF Serving predict body (instances or inputs; optional "model" and
-  "signature_name"): answered with the predict response and the "model" and "version" that answered;
-  an error is answered, not raised, as TF Serving's error body with the HTTP status it would have:
-  {"error": ..., "status": 400}.
-- Keep-warm pings, an EventBridge scheduled event or {"kiln": "warm"}: {"warm": true, "ready": ...},
-  with no model work.
-- Anything else raises InvalidInput naming the events this handler takes.
-
-NaN and ±Infinity: HTTP bodies carry TF Serving's bare tokens, as `kiln serve` does; every other
-result (direct and Step Functions answers, objects written for records and S3 objects) is strict
-JSON, as Lambda and Step Functions require, with the strings "NaN", "Infinity" and "-Infinity"
-(handlers.records). Whether a failure is retried is runtime.errors.retryable's rule, as on Cloud Run.
-
-Observability: Powertools Logger (service "kiln"; runtime's own loggers write through it, and the
-Lambda request id is runtime.logs.request_id too), Metrics in CloudWatch's embedded metric format
-(namespace "Kiln", dimension "event_source": Requests, Predictions and Errors counting requests,
-records, items and objects; ScoredRows, WarmPings, FailedInvocations, and Powertools' ColdStart), and
-Tracer (X-Ray; off outside Lambda or with POWERTOOLS_TRACE_DISABLED; the `aws` extra installs its SDK).
+README's "AWS Lambda" says which events are taken and how each is answered. Design: Lambda's
+runtime looks `handler` up in the init phase, and that look-up builds the function (importing the
+module builds nothing), so a wrong setting fails init and the models are warm before the first event.
+One invocation runs at a time, so batching is `fixed` with no timeout: what one event carries (queue
+records, Step Functions items, an object's rows) starts in one event-loop step and is merged into
+compiled batches without waiting. An event's kind is told by its shape (event_kind), one method a
+kind. What Lambda does as Cloud Run does (a predict body's strict-JSON answer, the results store,
+which failures are retried) is written once, in handlers.records and runtime.errors.retryable.
 """
 
 from __future__ import annotations
@@ -81,7 +25,6 @@ from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote, unquote_plus
 
-import orjson
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
@@ -98,7 +41,7 @@ from aws_lambda_powertools.utilities.data_classes import (
     S3EventBridgeNotificationEvent,
 )
 
-from handlers.records import OutputStore, predict_message
+from handlers.records import OutputStore, Written, predict_message, write_outcome
 from runtime import logs
 from runtime.app import App, Request, Response, whole
 from runtime.errors import InvalidInput, KilnError, retryable, status_of
@@ -285,8 +228,8 @@ class LambdaFunction:
 
     def _queue(self, event: dict, invocation: Invocation) -> Mapping[str, Any]:
         """An SQS or Kinesis batch: every record predicted at once (an SQS FIFO message group's one
-        after another), its predictions written to the output prefix, the failed ones reported for
-        Lambda to retry."""
+        after another), its outcome written to the output prefix (handlers.records.write_outcome),
+        the records whose failure may pass reported for Lambda to retry."""
         outputs = self.outputs.open(f"{invocation.kind} events")
         records = event["Records"]
         processor = _processor(invocation.kind, records)
@@ -301,25 +244,29 @@ class LambdaFunction:
         )
         outcomes = {record_id: outcome for chain in done for record_id, outcome in chain.items()}
         for record_id, outcome in outcomes.items():
-            if isinstance(outcome, KilnError):
-                self.logger.warning("record failed", extra={"record": record_id, "error": str(outcome)})
-            elif isinstance(outcome, BaseException):
-                self.logger.error("record failed", extra={"record": record_id}, exc_info=outcome)
-        succeeded = sum(not isinstance(outcome, BaseException) for outcome in outcomes.values())
+            error = outcome.error if isinstance(outcome, Written) else outcome
+            if isinstance(error, KilnError):  # retried unless written: then it cannot succeed
+                retried = not isinstance(outcome, Written)
+                self.logger.warning(
+                    "record failed", extra={"record": record_id, "error": str(error), "retried": retried}
+                )
+            elif isinstance(error, BaseException):
+                self.logger.error("record failed", extra={"record": record_id}, exc_info=error)
+        succeeded = sum(isinstance(outcome, Written) and outcome.error is None for outcome in outcomes.values())
         self._count(requests=len(records), predictions=succeeded, errors=len(records) - succeeded)
 
         def record_handler(record) -> Any:  # Powertools' record: its outcome, computed above
             outcome = outcomes[_record_id(record.raw_event)]  # never asked for one not run: its group failed
             if isinstance(outcome, BaseException):
                 raise outcome
-            return outcome
+            return outcome.url
 
         return process_partial_response(
             event=event, record_handler=record_handler, processor=processor, context=invocation.context
         )
 
     async def _in_order(self, records: list[dict], invocation: Invocation, outputs: Storage) -> dict[str, Any]:
-        """Each record's output URL or exception, one after another up to the first that fails: the
+        """Each record's Written or exception, one after another up to the first that raises: the
         rest of a FIFO message group is not run, and Powertools reports it failed with that one."""
         outcomes: dict[str, Any] = {}
         for record in records:
@@ -330,17 +277,20 @@ class LambdaFunction:
                 break
         return outcomes
 
-    async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> str:
+    async def _record(self, record: dict, invocation: Invocation, outputs: Storage) -> Written:
         if invocation.kind == "sqs":
             body = record["body"]
-            key = f"sqs/{_source_name(record['eventSourceARN'])}/{record['messageId']}.json"
+            key = f"sqs/{_source_name(record['eventSourceARN'])}/{record['messageId']}"
         else:
             body = base64.b64decode(record["kinesis"]["data"])
             shard, _, sequence = record["eventID"].partition(":")
-            key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}.json"
-        response = await self.predict(body, invocation.deadline)  # strict JSON: orjson writes it as it is
-        await asyncio.to_thread(outputs.write_bytes, key, orjson.dumps({"id": _record_id(record), **response}))
-        return f"{outputs.url}/{key}"
+            key = f"kinesis/{_source_name(record['eventSourceARN'])}/{shard}/{sequence}"
+        record_id = {"id": _record_id(record)}
+
+        async def result() -> dict:
+            return {**record_id, **await self.predict(body, invocation.deadline)}
+
+        return await write_outcome(outputs, key, result(), record_id)
 
     # S3 objects ---------------------------------------------------------------------------------
 

@@ -2,56 +2,14 @@
 
     functions-framework --asgi --source handlers/cloud_run.py --target serve [--port 8080]
 
-functions-framework's ASGI mode (3.9+; `--asgi`, or the @functions_framework.aio.http decorator,
-which selects it by itself): the target must be a plain function, which gets a Starlette Request for
-every method at every path and may return any ASGI application; Starlette then calls it with the
-request's scope, receive and send. `serve` returns the core's ASGI adapter (handlers.local.AsgiApp),
-so the body is read once, under the core's limit, and every REST route of the core (TF Serving's
-REST API, the Open Inference Protocol, metrics, health) is served as by `kiln serve`, with the
-micro-batcher on the worker's event loop (adaptive batching unless KILN_BATCHING says otherwise).
-Settings come from the KILN_* environment (runtime.settings) and are checked at import: a wrong one
-fails the container's start, naming the variable.
-
-Workers. One event loop thread per process cannot use an instance's vCPUs, so the service runs
-gunicorn's workers (functions-framework's WORKERS), which are what Kiln's own supervisor
-(handlers.supervisor, `kiln serve --workers`) would be here: gunicorn already holds the port (one
-inherited socket), restarts a worker that dies, and drains them all on SIGTERM. This module sets
-WORKERS, unless it is set, to KILN_WORKERS or else the CPUs this process may run on (which follow
-Cloud Run's --cpu), and, with more than one, a fresh PROMETHEUS_MULTIPROC_DIR: /metrics is the sum
-over the workers (runtime.metrics); each new worker clears the live gauges of dead ones.
-
-Start-up. functions-framework imports this module in gunicorn's master process, then forks the
-uvicorn workers that serve. Threads do not survive a fork (the repository's poller, the engines' thread
-pools), so the models load in the worker: as soon as it is forked, in a thread, while the worker
-starts; requests that arrive before the models are loaded wait for them (a process that was not
-forked loads on its first request). A start that fails exits the process with status 3, on which
-gunicorn stops: the container fails to start, with the reason in its log. A Cloud Run startup probe
-on /v2/health/ready holds traffic until the models are loaded.
-
-Events, at the service root (`POST /`: where Eventarc delivers, and the push endpoint to give a Pub/Sub
-subscription; the core has no route there). Cloud Run's IAM authenticates them (the invoker role of
-the subscription's or trigger's service account); Kiln's API keys do not apply. Results go to
-KILN_OUTPUT_PREFIX (gs://, s3:// or a path).
-
-- Pub/Sub (push, or Eventarc's messagePublished): the message's data is a TensorFlow Serving predict
-  body with a "model" key (default: KILN_SCORE_MODEL, or the only model served). The predict response
-  is written to PREFIX/MESSAGE_ID.json as strict JSON (NaN and ±Infinity as strings: handlers.records);
-  a message already answered (a redelivery: Pub/Sub delivers at least once) is acknowledged without
-  running again. Pub/Sub redelivers anything not answered 2xx, so a message that can never succeed
-  (not base64 or JSON, an unknown model, inputs the signature refuses: runtime.errors.retryable, the
-  Lambda handler's rule too) is acknowledged all the same: the error is logged and recorded at
-  PREFIX/MESSAGE_ID.error.json, where it can be inspected, instead of the message coming back until
-  its retention runs out. Failures that may pass (a full queue, a store that is down, a session
-  conflict) answer 5xx, and Pub/Sub redelivers with its backoff (to a dead-letter topic after its
-  maximum attempts, if set).
-- Cloud Storage (Eventarc's object finalized): the object is batch-scored as for S3
-  (runtime.scoring.score_object into KILN_OUTPUT_PREFIX, with KILN_SCORE_MODEL); a redelivered event
-  finds the results in place and is skipped, and so is an object that is itself a result (a trigger
-  on the bucket the results go to would otherwise score its own results). An object that can never
-  be scored (gone, a name scoring does not take, a header that fits no input) is acknowledged and
-  logged; transient failures answer 5xx, and Eventarc redelivers. Bad rows do not fail the object:
-  scoring records them in the results.
-- Anything else posted there gets 400 with an error naming what was expected.
+README's "Cloud Run" says what is served and how events are answered. Design: `serve` returns the
+core's ASGI adapter (handlers.local.AsgiApp), so a body is read once under the core's limit and every
+REST route is served as by `kiln serve`. gunicorn's workers (WORKERS, set here) stand in for Kiln's
+supervisor: gunicorn already holds the port, restarts a worker that dies and drains them on SIGTERM.
+Threads do not survive gunicorn's fork, so each worker loads the models in a thread as soon as it is
+forked (requests wait for them), and a start that fails exits with gunicorn's "worker failed to
+boot", so that the container fails to start instead of serving nothing. Events arrive at `POST /`,
+where the core has no route; what they share with Lambda's is in handlers.records.
 """
 
 from __future__ import annotations
@@ -69,11 +27,11 @@ from handlers.supervisor import MULTIPROC_ENV, forget_dead_workers, prepare_fork
 
 WORKERS = prepare_forked_workers()  # before runtime.metrics imports prometheus_client
 
-from handlers.gcp_events import ObjectFinalized, PubsubDelivery, read_event  # noqa: E402
+from handlers.gcp_events import ObjectFinalized, PubsubDelivery, PubsubMessage, read_event  # noqa: E402
 from handlers.local import AsgiApp  # noqa: E402
 from runtime import logs  # noqa: E402
 from runtime.app import App, Exchange, Request, Response, error_response  # noqa: E402
-from runtime.errors import KilnError, retryable, status_of  # noqa: E402
+from runtime.errors import KilnError, retryable  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"
@@ -122,44 +80,37 @@ class CloudRunApp(AsgiApp):
     # Pub/Sub ------------------------------------------------------------------------------------
 
     async def _pubsub(self, delivery: PubsubDelivery, exchange: Exchange) -> Response:
+        from handlers.records import write_outcome
+
         message = delivery.message
         outputs = self.outputs.open("Pub/Sub messages")
-        result_key, error_key = f"{message.id}.json", f"{message.id}.error.json"
-        for key in (result_key, error_key):
+        for key in (f"{message.id}.json", f"{message.id}.error.json"):
             if await asyncio.to_thread(outputs.exists, key):
                 return _answer(message_id=message.id, status="duplicate", output=f"{outputs.url}/{key}")
-        try:
-            body = await self._predict(message.payload(), exchange)
-        except KilnError as e:
-            if retryable(e):
-                raise
-            record = {
-                "message_id": message.id,
-                "subscription": delivery.subscription,
-                "publish_time": message.publish_time,
-                "attributes": message.attributes,
-                "delivery_attempt": delivery.delivery_attempt,
-                "status": status_of(e)[0],
-                "error": str(e),
-            }
-            await asyncio.to_thread(outputs.write_bytes, error_key, orjson.dumps(record))
+        about = {
+            "message_id": message.id,
+            "subscription": delivery.subscription,
+            "publish_time": message.publish_time,
+            "attributes": message.attributes,
+            "delivery_attempt": delivery.delivery_attempt,
+        }
+        written = await write_outcome(outputs, message.id, self._predict(message, exchange), about)
+        if written.error is not None:
             log.warning(
-                "Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s/%s: %s",
+                "Pub/Sub message %s cannot succeed; acknowledged, its error recorded at %s: %s",
                 message.id,
-                outputs.url,
-                error_key,
-                e,
+                written.url,
+                written.error,
             )
-            return _answer(message_id=message.id, status="failed", error=str(e), output=f"{outputs.url}/{error_key}")
-        await asyncio.to_thread(outputs.write_bytes, result_key, body)
-        return _answer(message_id=message.id, status="scored", output=f"{outputs.url}/{result_key}")
+            return _answer(message_id=message.id, status="failed", error=str(written.error), output=written.url)
+        return _answer(message_id=message.id, status="scored", output=written.url)
 
-    async def _predict(self, payload: bytes, exchange: Exchange) -> bytes:
+    async def _predict(self, message: PubsubMessage, exchange: Exchange) -> dict:
         """The TF Serving predict response to a message's predict body, as strict JSON (handlers.records)."""
         from handlers.records import predict_message
 
-        _, response = await predict_message(self.app, payload, self.settings.score_model, exchange)
-        return orjson.dumps(response)
+        _, response = await predict_message(self.app, message.payload(), self.settings.score_model, exchange)
+        return response
 
     # Cloud Storage ------------------------------------------------------------------------------
 

@@ -4,13 +4,20 @@ it as strict JSON. Lambda and Step Functions take no bare NaN or Infinity, and r
 JSON objects are read by strict parsers too, so there NaN and ±Infinity are the strings "NaN",
 "Infinity" and "-Infinity" (runtime.codecs.tfserving.NON_FINITE_STRINGS), as in every result that
 `kiln score` writes; only HTTP bodies carry TF Serving's bare tokens. Both write results to the same
-kind of store (OutputStore)."""
+kind of store (OutputStore), under one rule for failures (write_outcome)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
 from runtime.app import App, Exchange
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
-from runtime.errors import ConfigError, InvalidInput, shown
+from runtime.errors import ConfigError, InvalidInput, KilnError, retryable, shown, status_of
 from runtime.storage import Storage, open_storage
 
 
@@ -53,3 +60,30 @@ class OutputStore:
         if self._storage is None:
             self._storage = open_storage(self.prefix)
         return self._storage
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where a message's outcome was written: its result, or its error when it can never succeed."""
+
+    url: str
+    error: KilnError | None = None
+
+
+async def write_outcome(outputs: Storage, key: str, result: Awaitable[dict], about: Mapping[str, Any]) -> Written:
+    """A message's result written at KEY.json; or, when it failed in a way that cannot pass
+    (runtime.errors.retryable), its error and `about` at KEY.error.json, for the caller to log and
+    acknowledge: redelivered, it would only fail again until its retention or the dead-letter queue
+    (or, on a Kinesis shard, hold up every record behind it). Any other failure is raised, for the
+    queue to redeliver."""
+    try:
+        value = await result
+    except KilnError as e:
+        if retryable(e):
+            raise
+        error_key = f"{key}.error.json"
+        record = {**about, "status": status_of(e)[0], "error": str(e)}
+        await asyncio.to_thread(outputs.write_bytes, error_key, orjson.dumps(record))
+        return Written(f"{outputs.url}/{error_key}", e)
+    await asyncio.to_thread(outputs.write_bytes, f"{key}.json", orjson.dumps(value))
+    return Written(f"{outputs.url}/{key}.json")

@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Every option defaults to its KILN_ "
         "environment variable (runtime/settings.py), then to the value shown.",
     )
-    serve.add_argument(
-        "--model-repository",
-        help="BASE holding NAME/VERSION: a path or s3://bucket/prefix; "
-        "every NAME in it is served (latest version) unless --model-name picks one",
-    )
-    serve.add_argument("--model-name", help="serve only BASE/NAME of --model-repository")
-    serve.add_argument("--model-config-file", help="models.config (text format), YAML or JSON; local or s3://")
+    _model_options(serve, "every NAME in it, latest version")
     serve.add_argument("--rest-port", type=int, default=8501)
     serve.add_argument("--grpc-port", type=int, default=8500, help="gRPC port (0: no gRPC)")
     serve.add_argument("--host", default="0.0.0.0")
@@ -198,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     score.add_argument("--model", help="the model to score with (default: KILN_SCORE_MODEL, else the only one)")
     score.add_argument("--signature", default="serving_default", help="signature key (default: serving_default)")
-    score.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix")
-    score.add_argument("--model-name", help="load only BASE/NAME of --model-repository")
-    score.add_argument("--model-config-file", help="models.config (text format), YAML or JSON; local or s3://")
+    _model_options(score, "--model's, else every NAME")
     score.add_argument("--chunk-rows", type=int, default=256, help="rows decoded and run together (default 256)")
     score.add_argument(
         "--part-rows",
@@ -310,6 +302,14 @@ def _sizes(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in _names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _model_options(parser: argparse.ArgumentParser, loaded: str) -> None:
+    """Which models `kiln serve` and `kiln score` load (runtime/settings.py reads them alike);
+    `loaded`: what --model-repository loads without --model-name."""
+    parser.add_argument("--model-repository", help="BASE holding NAME/VERSION: a path or s3://bucket/prefix")
+    parser.add_argument("--model-name", help=f"load only BASE/NAME of --model-repository (default: {loaded})")
+    parser.add_argument("--model-config-file", help="models.config (text format), YAML or JSON; local or s3://")
 
 
 def _name_and_version(text: str) -> tuple[str, int]:

@@ -21,7 +21,7 @@ import pytest
 
 from handlers import aws_lambda
 from runtime import logs
-from runtime.errors import ConfigError, InvalidInput, StorageError
+from runtime.errors import ConfigError, InvalidInput, ResourceExhausted, StorageError
 from runtime.storage import KeyNotFound
 from tests.conftest import install_examples, run_python
 
@@ -213,8 +213,8 @@ def test_alb_multi_value_headers(function):
 # Queues: SQS and Kinesis -----------------------------------------------------------------------
 
 def sqs_batch(queue: str) -> dict:
-    """The documented batch (two good records), and two poison records: a body that is not JSON,
-    and one naming a model that is not served."""
+    """The documented batch (two good records), and two poison records that can never succeed: a body
+    that is not JSON, and one naming a model that is not served."""
     batch = event("sqs")
     poison = copy.deepcopy(batch["Records"][:2])
     poison[0] |= {"messageId": "6f1e1d6e-0b1c-4a55-9f0a-1c2b3d4e5f60", "body": "not json"}
@@ -227,7 +227,25 @@ def sqs_batch(queue: str) -> dict:
     return batch
 
 
-def test_sqs_partial_batch_failure(function, outputs, monkeypatch):
+def failing(function, monkeypatch, rows: list, error: type = ResourceExhausted) -> list:
+    """The app's execute, failing with `error` (one that may pass, by default) for the requests
+    whose first input is `rows`; the rows of every request it was asked to run, in order."""
+    ran = []
+    execute = function.app.execute
+
+    async def spy(handle, signature, inputs, exchange):
+        ran.append(next(iter(inputs.values())).tolist())
+        if ran[-1] == rows:
+            raise error(f"failed on purpose: {rows}")
+        return await execute(handle, signature, inputs, exchange)
+
+    monkeypatch.setattr(function.app, "execute", spy)
+    return ran
+
+
+def test_sqs_records_that_cannot_succeed_are_recorded_not_retried(function, outputs, monkeypatch):
+    """As Cloud Run's Pub/Sub messages (runtime.errors.retryable, handlers.records.write_outcome): a
+    record that would fail again is answered with its error, at MESSAGE_ID.error.json."""
     client, _ = outputs
     queue = f"queue-{uuid.uuid4().hex[:8]}"
     batch = sqs_batch(queue)
@@ -242,13 +260,13 @@ def test_sqs_partial_batch_failure(function, outputs, monkeypatch):
     before = executions(function, "half_plus_two")
     context = LambdaContext()
     answer = function.handler(copy.deepcopy(batch), context)
-    assert answer == {"batchItemFailures": [{"itemIdentifier": "6f1e1d6e-0b1c-4a55-9f0a-1c2b3d4e5f60"},
-                                            {"itemIdentifier": "8c3f0a4d-3e4b-4f6a-8b7c-9d0e1f2a3b4c"}]}
+    assert answer == {"batchItemFailures": []}
     # The good records ran as one compiled batch of their 3 rows, under the Lambda request id.
     after = executions(function, "half_plus_two")
     assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
     assert seen_ids == [context.aws_request_id] * 2
     results = stored(client, f"results/sqs/{queue}/")
+    errors = {key: orjson.loads(results.pop(key)) for key in list(results) if key.endswith(".error.json")}
     assert {key: orjson.loads(value) for key, value in results.items()} == {
         f"results/sqs/{queue}/059f36b4-87a3-44ab-83d2-661975830a7d.json": {
             "id": "059f36b4-87a3-44ab-83d2-661975830a7d", "model": "half_plus_two", "version": "1",
@@ -256,30 +274,54 @@ def test_sqs_partial_batch_failure(function, outputs, monkeypatch):
         f"results/sqs/{queue}/2e1424d4-f796-459a-8184-9c92662be6da.json": {
             "id": "2e1424d4-f796-459a-8184-9c92662be6da", "model": "half_plus_two", "version": "1",
             "predictions": [4.5]}}
-    # Redelivered (the failed ones, or all after a crash): the same keys, the same contents.
+    poison = {"6f1e1d6e-0b1c-4a55-9f0a-1c2b3d4e5f60": (400, "malformed JSON"),
+              "8c3f0a4d-3e4b-4f6a-8b7c-9d0e1f2a3b4c": (404, "'nope' is not served")}
+    assert sorted(errors) == sorted(f"results/sqs/{queue}/{message}.error.json" for message in poison)
+    for message, (status, expected) in poison.items():
+        error = errors[f"results/sqs/{queue}/{message}.error.json"]
+        assert (error["id"], error["status"]) == (message, status) and expected in error["error"]
+    # Redelivered all the same (after a crash): the same keys, the same contents.
+    written = stored(client, f"results/sqs/{queue}/")
     assert invoke(function, batch) == answer
-    assert stored(client, f"results/sqs/{queue}/") == results
+    assert stored(client, f"results/sqs/{queue}/") == written
 
 
-def test_sqs_batch_that_fails_whole_reports_every_record(function, outputs):
+def test_sqs_partial_batch_failure(function, outputs, monkeypatch):
+    """Only the record whose failure may pass is reported, for SQS to deliver again; nothing of it is written."""
+    client, _ = outputs
+    queue = f"queue-{uuid.uuid4().hex[:8]}"
+    batch = sqs_batch(queue)
+    failing(function, monkeypatch, [5.0])
+    answer = invoke(function, batch)
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "2e1424d4-f796-459a-8184-9c92662be6da"}]}
+    assert not any("2e1424d4" in key for key in stored(client, f"results/sqs/{queue}/"))
+
+
+def test_sqs_batch_that_fails_whole_reports_every_record(function, outputs, monkeypatch):
     batch = sqs_batch(f"queue-{uuid.uuid4().hex[:8]}")
     for record in batch["Records"]:
-        record["body"] = '{"model": "half_plus_two", "instances": [[1.0, 2.0]]}'  # wrong shape
+        record["body"] = '{"model": "half_plus_two", "instances": [7.0]}'
+    failing(function, monkeypatch, [7.0])
     answer = invoke(function, batch)
     assert answer == {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in batch["Records"]]}
 
 
-def test_sqs_fifo_fails_the_rest_of_a_failed_message_group(function, outputs):
-    batch = sqs_batch(f"queue-{uuid.uuid4().hex[:8]}.fifo")
+def test_sqs_fifo_records_that_cannot_succeed_do_not_stop_their_group(function, outputs):
+    """Answered with their error, they are done with: their group goes on in order."""
+    client, _ = outputs
+    queue = f"queue-{uuid.uuid4().hex[:8]}.fifo"
+    batch = sqs_batch(queue)
     for index, record in enumerate(batch["Records"]):
         record["attributes"]["MessageGroupId"] = "a" if index < 3 else "b"
-    answer = invoke(function, batch)
-    # Group a: record 1 failed, so record 2 (after it) is retried too, keeping the group's order.
-    records = batch["Records"]
-    assert answer == {"batchItemFailures": [{"itemIdentifier": records[i]["messageId"]} for i in (1, 2, 3)]}
+    assert invoke(function, batch) == {"batchItemFailures": []}
+    written = sorted(key.rpartition("/")[2] for key in stored(client, f"results/sqs/{queue}/"))
+    assert written == sorted(f"{record['messageId']}{'.error' if index % 2 else ''}.json"
+                             for index, record in enumerate(batch["Records"]))
 
 
-def test_kinesis_partial_batch_failure(function, outputs):
+def test_kinesis_partial_batch_failure(function, outputs, monkeypatch):
+    """A record that cannot succeed is written with its error (retried, it would hold up the shard);
+    one whose failure may pass is reported for retry."""
     client, _ = outputs
     stream = f"stream-{uuid.uuid4().hex[:8]}"
     batch = event("kinesis")
@@ -290,14 +332,32 @@ def test_kinesis_partial_batch_failure(function, outputs):
     batch["Records"].insert(1, poison)
     for record in batch["Records"]:
         record["eventSourceARN"] = f"arn:aws:kinesis:us-east-2:123456789012:stream/{stream}"
+    failing(function, monkeypatch, [5.0])  # the last record's
     answer = invoke(function, batch)
-    assert answer == {"batchItemFailures": [{"itemIdentifier": poison["kinesis"]["sequenceNumber"]}]}
+    assert answer == {"batchItemFailures": [{"itemIdentifier": batch["Records"][2]["kinesis"]["sequenceNumber"]}]}
     results = stored(client, f"results/kinesis/{stream}/")
-    assert sorted(results) == [f"results/kinesis/{stream}/shardId-000000000006/{r['kinesis']['sequenceNumber']}.json"
-                               for r in (batch["Records"][0], batch["Records"][2])]
-    assert orjson.loads(results[sorted(results)[1]])["predictions"] == [4.5]
+    shard = f"results/kinesis/{stream}/shardId-000000000006"
+    assert sorted(results) == sorted([f"{shard}/{batch['Records'][0]['kinesis']['sequenceNumber']}.json",
+                                      f"{shard}/{poison['kinesis']['sequenceNumber']}.error.json"])
+    assert orjson.loads(results[f"{shard}/{batch['Records'][0]['kinesis']['sequenceNumber']}.json"])["predictions"] \
+        == [2.5, 3.0]
+    assert orjson.loads(results[f"{shard}/{poison['kinesis']['sequenceNumber']}.error.json"])["status"] == 400
     assert invoke(function, batch) == answer
     assert stored(client, f"results/kinesis/{stream}/") == results
+
+
+def test_queue_records_are_retried_as_cloud_run_redelivers(function, outputs, monkeypatch):
+    """One rule for both clouds (runtime.errors.retryable): the same failures as test_cloud_run's Pub/Sub messages."""
+    from runtime import errors
+    from tests.test_cloud_run import RETRIED
+
+    batch = sqs_batch(f"queue-{uuid.uuid4().hex[:8]}")
+    batch["Records"] = batch["Records"][2:3]  # [5.0]
+    retried = {}
+    for name in RETRIED:
+        failing(function, monkeypatch, [5.0], getattr(errors, name))
+        retried[name] = invoke(function, batch)["batchItemFailures"] != []
+    assert retried == RETRIED
 
 
 def test_queue_records_need_an_output_prefix(single):
@@ -464,7 +524,7 @@ def test_logs_are_json_with_the_lambda_request_id(function, outputs, monkeypatch
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     (failed,) = [line for line in lines if line.get("message") == "record failed"]
     assert failed["function_request_id"] == context.aws_request_id and failed["service"] == "kiln"
-    assert failed["event_source"] == "sqs" and "malformed JSON" in failed["error"]
+    assert failed["event_source"] == "sqs" and "malformed JSON" in failed["error"] and failed["retried"] is False
 
 
 # NaN and Infinity: TF Serving's bare tokens in HTTP bodies, strings in every JSON result -----------
@@ -537,14 +597,14 @@ def test_non_finite_predictions_in_s3_object_results(function, outputs):
 # SQS FIFO: a message group's side effects in its order ----------------------------------------
 
 def test_sqs_fifo_stops_a_message_group_at_its_first_failure(function, outputs, monkeypatch):
-    """Group a's second record fails: its third is neither run nor written, and both are reported
-    for retry, so that they come back in order; group b goes on."""
+    """Group a's second record fails in a way that may pass: its third is neither run nor written,
+    and both are reported for retry, so that they come back in order; group b goes on."""
     client, _ = outputs
     queue = f"queue-{uuid.uuid4().hex[:8]}.fifo"
     batch = sqs_batch(queue)
     template = batch["Records"][0]
     records = []
-    for index, (group, body) in enumerate([("a", "[1.0]"), ("b", "[10.0]"), ("a", "[[1.0]]"), ("a", "[3.0]"),
+    for index, (group, body) in enumerate([("a", "[1.0]"), ("b", "[10.0]"), ("a", "[2.0]"), ("a", "[3.0]"),
                                            ("b", "[12.0]")]):
         record = copy.deepcopy(template)
         record["messageId"] = f"message-{index}"
@@ -552,17 +612,10 @@ def test_sqs_fifo_stops_a_message_group_at_its_first_failure(function, outputs, 
         record["attributes"]["MessageGroupId"] = group
         records.append(record)
     batch["Records"] = records
-    ran = []
-    execute = function.app.execute
-
-    async def spy(handle, signature, inputs, exchange):
-        ran.append(next(iter(inputs.values())).tolist())
-        return await execute(handle, signature, inputs, exchange)
-
-    monkeypatch.setattr(function.app, "execute", spy)
+    ran = failing(function, monkeypatch, [2.0])
     answer = invoke(function, batch)
     assert answer == {"batchItemFailures": [{"itemIdentifier": "message-2"}, {"itemIdentifier": "message-3"}]}
-    assert [3.0] not in ran  # message-3 came after message-2's failure: never run
+    assert [2.0] in ran and [3.0] not in ran  # message-3 came after message-2's failure: never run
     written = {key.rpartition("/")[2]: orjson.loads(value)["predictions"]
                for key, value in stored(client, f"results/sqs/{queue}/").items()}
     assert written == {"message-0.json": [2.5], "message-1.json": [7.0], "message-4.json": [8.0]}

@@ -1,43 +1,14 @@
-"""Reading rows and writing result lines.
+"""Reading rows and writing result lines; README's "Batch scoring" has the formats.
 
-Inputs, by the object's name (a further .gz: gzip-compressed, decompressed as it is read):
-  .jsonl, .ndjson  one TF Serving row-format instance per line: a value for a signature with one
-                   input, or an object keyed by input name ({"b64": ...} for binary strings; bare
-                   NaN and Infinity accepted). Blank lines are not rows.
-  .csv             UTF-8 (a byte-order mark is ignored), RFC 4180 quoting, a header row, then one
-                   row per record; empty records are not rows. The header either
-                   - names every input of the signature, each once, in any order: a cell holds its
-                     input's value for the row, a number or text for an input of one value per row
-                     (shape [-1]), the value as JSON otherwise (such as [0.5, 1.5] for shape [-1, 2]);
-                   - or, for a signature of one numeric input with a fixed shape of K values per row
-                     (28x28x1 images: K = 784), has K columns of any names: a row's cells are its
-                     values in row-major (C) order.
-                   Bools are true/false or 1/0.
-Rows are numbered from 0 in input order; messages name the line (1-based) the row starts on. A
+Speed: rows are read and decoded in chunks (chunk_rows) in a worker thread while earlier chunks run
+(scoring.job.IN_FLIGHT_CHUNKS at once), so decoding overlaps the model. Rows of one numeric input of
+a fixed shape written as nested JSON lists (images) take a fast path: their brackets are checked to
+nest exactly as the shape does, and their numbers parsed as one flat list (the nested lists cost
+several times more); any other row, and a chunk with a bad number, goes through the TF Serving codec.
 
-
-Speed. Rows are read and decoded in chunks (chunk_rows) in a worker thread while earlier chunks run
-(IN_FLIGHT_CHUNKS at once), so decoding overlaps the model. Rows of one numeric input of a fixed
-shape written as nested JSON lists (images) take a fast path: their brackets are checked to nest
-exactly as the shape does, and their numbers parsed as one flat list (the nested lists cost
-several times more); any other row (and a chunk with a bad number) goes through the TF Serving
-
-
-Results: JSON Lines, one line per input row in input order, in parts of `part_rows` rows:
-  OUTPUT_PREFIX/NAME.predictions/part-00000-TAG.jsonl    rows 0 .. part_rows-1
-  OUTPUT_PREFIX/NAME.predictions/part-00001-TAG.jsonl    ...
-  OUTPUT_PREFIX/NAME.predictions/manifest.json           written last: the results are complete
-NAME is BUCKET/KEY for s3:// and gs:// sources, and the absolute path without its leading '/' for
-local ones (callers may give their own). A row's line is {"row": N, "predictions": P}, P as TF
-Serving's row-format answer has it for that row (one output: its value; several: an object by
-output name; *_bytes outputs as {"b64": ...}; NaN and ±Infinity as the strings "NaN", "Infinity" and
-"-Infinity", so that every line is strict JSON, as all results of the Lambda handler are), or
-{"row": N, "line": L, "error": "..."} for a row that could not be scored (malformed JSON, a
-wrong shape or dtype, a CSV record that does not parse): one bad row never blocks the others, and
-ScoreResult.errors and the manifest count them. What fails the object as a whole (an exception,
-so that the event is retried or reported) is what no row can get past: an unsupported name, a
-missing or unreadable object, a corrupt or truncated gzip stream, a CSV header that fits no
-input, an unknown model or signature, a store that cannot be written.
+Failures: a row that cannot be scored becomes its error line, so that one bad row never blocks the
+others; what no row can get past (an unsupported name, a missing or unreadable object, a corrupt
+gzip stream, a CSV header that fits no input) fails the object, so that its event is retried or reported.
 """
 
 from __future__ import annotations

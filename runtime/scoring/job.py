@@ -1,18 +1,13 @@
 """Scoring one object (score_object), with its resume, and many at once (score_many).
 
-Idempotency and resume. Each part and the manifest is written whole and atomically (an S3 PUT; a
-local file renamed into place), so no reader ever sees part of one. TAG is a hash of the source's
-identity (S3: its ETag and version id; local: modification time and size), the model, its version,
-the signature, part_rows and the lines' form: a rerun after an interruption skips the parts already
-written for the same input and model version (an interruption loses at most the parts in progress), and a changed
-source never mixes with results of the old one. The manifest records the source's identity, the
-model and signature, the rows and errors, and the parts; a rerun for a source whose identity,
-model and signature match it does nothing (ScoreResult.skipped), and a changed source is scored
-again. After a new manifest, parts of other TAGs in the directory (an older source) are deleted.
-Before the manifest is written the source's identity is looked up once more: results of a source
-replaced meanwhile are never published (ObjectChanged; the new version's own event scores it).
-Objects inside a *.predictions/ directory or under the output prefix are results, never scored
-again (skipped), so that an output prefix in the triggering bucket cannot start a loop.
+Idempotency and resume: each part and the manifest is written whole and atomically, so no reader
+sees part of one. TAG hashes the source's identity (S3: ETag and version id; local: mtime and size),
+the model, its version, the signature, part_rows and the lines' form, so a rerun keeps the parts an
+interruption left and a changed source never mixes with the old one's results; a manifest that
+matches makes the rerun a no-op (ScoreResult.skipped). The identity is looked up once more before
+the manifest is written, so results of a source replaced meanwhile are never published
+(ObjectChanged: the new version's own event scores it). Results are never scored themselves, so an
+output prefix in the triggering bucket cannot start a loop.
 """
 
 from __future__ import annotations

@@ -9,9 +9,26 @@ that, when the storage cannot answer or did not store what it was given.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One save: `chunks` written (each expiring in `ttl_ms`), then, atomically when the manifest at
+    `manifest_key` is still at version `expected` (manifest.version_of, 0 when there is none) and every
+    chunk is there, `manifest` set and the history set (removed when None)."""
+
+    chunks: Sequence[tuple[str, Buffer]]
+    ttl_ms: int
+    manifest_key: str
+    expected: int
+    manifest: bytes
+    history_key: str
+    history: bytes | None
+    history_ttl_ms: int
 
 
 class Backend(Protocol):
@@ -30,22 +47,9 @@ class Backend(Protocol):
     async def delete(self, keys: Sequence[str]) -> int:
         """Remove the keys (all of one session, or one prediction); how many existed."""
 
-    async def commit(
-        self,
-        chunks: Sequence[tuple[str, Buffer]],
-        ttl_ms: int,
-        manifest_key: str,
-        expected: int,
-        manifest: bytes,
-        history_key: str,
-        history: bytes | None,
-        history_ttl_ms: int,
-    ) -> tuple[bool, bytes | None]:
-        """Write `chunks` (each expiring in `ttl_ms`), then, atomically: when the version of the
-        manifest at `manifest_key` (manifest.version_of, 0 when there is none) is `expected` and every
-        chunk is there, set `manifest` and the history (removed when None) and answer (True, the
-        manifest it replaced); else change no manifest or history and answer (False, the current
-        manifest). One round trip where the storage allows it."""
+    async def commit(self, commit: Commit) -> tuple[bool, bytes | None]:
+        """Apply `commit`: (True, the manifest it replaced) when it won; else, with no manifest or
+        history changed, (False, the current manifest). One round trip where the storage allows it."""
 
     async def close(self) -> None:
         """Let go of connections."""

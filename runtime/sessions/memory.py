@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from runtime.sessions.backend import Buffer
+from runtime.sessions.backend import Buffer, Commit
 from runtime.sessions.manifest import version_of
 
 SWEEP_SECONDS = 1.0
@@ -47,27 +47,17 @@ class MemoryBackend:
             self.values.pop(key, None)
         return removed
 
-    async def commit(
-        self,
-        chunks: Sequence[tuple[str, Buffer]],
-        ttl_ms: int,
-        manifest_key: str,
-        expected: int,
-        manifest: bytes,
-        history_key: str,
-        history: bytes | None,
-        history_ttl_ms: int,
-    ) -> tuple[bool, bytes | None]:
-        await self.put(chunks, ttl_ms)
-        current = self._live(manifest_key)
-        if version_of(current) != expected:
+    async def commit(self, commit: Commit) -> tuple[bool, bytes | None]:
+        await self.put(commit.chunks, commit.ttl_ms)
+        current = self._live(commit.manifest_key)
+        if version_of(current) != commit.expected:
             return False, current
         now = self.clock()
-        self.values[manifest_key] = (bytes(manifest), now + ttl_ms / 1000)
-        if history is None:
-            self.values.pop(history_key, None)
+        self.values[commit.manifest_key] = (bytes(commit.manifest), now + commit.ttl_ms / 1000)
+        if commit.history is None:
+            self.values.pop(commit.history_key, None)
         else:
-            self.values[history_key] = (bytes(history), now + history_ttl_ms / 1000)
+            self.values[commit.history_key] = (bytes(commit.history), now + commit.history_ttl_ms / 1000)
         return True, current
 
     async def close(self) -> None:

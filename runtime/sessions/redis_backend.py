@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from runtime.errors import ConfigError, StoreUnavailable
 from runtime.sessions import redis_client
-from runtime.sessions.backend import Buffer
+from runtime.sessions.backend import Buffer, Commit
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 SCHEMES = ("redis", "rediss", "unix", *redis_client.CLUSTER_SCHEMES)
@@ -107,26 +107,17 @@ class RedisBackend:
 
         return await self._call("delete", run()) if keys else 0
 
-    async def commit(
-        self,
-        chunks: Sequence[tuple[str, Buffer]],
-        ttl_ms: int,
-        manifest_key: str,
-        expected: int,
-        manifest: bytes,
-        history_key: str,
-        history: bytes | None,
-        history_ttl_ms: int,
-    ) -> tuple[bool, bytes | None]:
-        keys = [manifest_key, history_key, *(key for key, _ in chunks)]
-        args = [expected, manifest, ttl_ms, b"" if history is None else history, history_ttl_ms]
+    async def commit(self, commit: Commit) -> tuple[bool, bytes | None]:
+        keys = [commit.manifest_key, commit.history_key, *(key for key, _ in commit.chunks)]
+        history = b"" if commit.history is None else commit.history
+        args = [commit.expected, commit.manifest, commit.ttl_ms, history, commit.history_ttl_ms]
 
         async def run():
             # One pipeline: the server runs a connection's commands in order, so every chunk is
             # written before the script looks for them and sets the manifest.
             async with (await self.connected()).pipeline(transaction=False) as pipe:
-                for key, value in chunks:
-                    pipe.execute_command("SET", key, value, "PX", ttl_ms)
+                for key, value in commit.chunks:
+                    pipe.execute_command("SET", key, value, "PX", commit.ttl_ms)
                 pipe.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
             if isinstance(replies[-1], NoScriptError):  # a server new to the script, or restarted

@@ -50,7 +50,7 @@ from runtime.errors import (
     SessionStale,
     StoreUnavailable,
 )
-from runtime.sessions.backend import Backend, Buffer
+from runtime.sessions.backend import Backend, Buffer, Commit
 from runtime.sessions.encoding import Encoded, FormatError, decode, encode, pack, unpack
 from runtime.sessions.keys import SessionKeys
 from runtime.sessions.manifest import SessionManifest, TensorEntry, version_of
@@ -187,7 +187,7 @@ class SessionStore:
         ]
         value = manifest.value()
         won, replaced = await self.backend.commit(
-            items, ttl_ms, keys.manifest, expected_version, value, keys.history, history_value, history_ttl_ms
+            Commit(items, ttl_ms, keys.manifest, expected_version, value, keys.history, history_value, history_ttl_ms)
         )
         if not won and replaced != value:  # (equal: this very save, applied before a lost answer)
             await self._discard([key for key, _ in items])
