@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import gc
 import logging
 import re
@@ -69,11 +70,8 @@ access_logger = logging.getLogger("kiln.access")
 JSON = {"Content-Type": "application/json"}
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 TIMEOUT_HEADER = "x-kiln-timeout-ms"
-MODEL_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
-)
-OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
+MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+OIP_MODEL_PATH = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?"
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
 
 
@@ -391,70 +389,25 @@ class App:
     # Routing ------------------------------------------------------------------------------------
 
     async def _route(self, request: Request, exchange: Exchange) -> Response:
-        if request.path in self.metrics_paths:
-            exchange.api = "metrics"
-            _only(request, "GET")
-            return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})
-        if request.path == "/v2" or request.path.startswith("/v2/"):
-            return await self._route_oip(request, exchange)
-        if request.path in ("/v1/models", "/v1/models/"):
-            exchange.api = "list"
-            _only(request, "GET")
-            return _json({"models": self._served_models()})
-        match = MODEL_PATH.match(request.path)
-        if match is None:  # as TF Serving: malformed under /v1/, unknown elsewhere
-            if request.path.startswith("/v1/"):
-                raise InvalidInput(f"Malformed request: {request.method} {request.path}")
-            raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = _model_spec(match)
-        verb, metadata = match["verb"], match["metadata"]
-        if verb is None:
-            exchange.api = "metadata" if metadata else "status"
-            _only(request, "GET")
-            return self._metadata(target, exchange) if metadata else self._status(target, exchange)
-        exchange.api = verb if verb in ("predict", "generate", *examples.METHODS) else "unknown"
-        if request.method != "POST":
-            raise InvalidInput(f":{verb} takes POST, not {request.method}")
-        self._check_size(request)
-        if verb == "predict":
-            return await self._predict(target, request, exchange)
-        if verb == "generate":
-            return await self._generate(target, request, exchange)
-        if verb in examples.METHODS:
-            return await self._classify_or_regress(target, request.body, examples.METHODS[verb], exchange)
-        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify, :regress and :generate")
-
-    async def _route_oip(self, request: Request, exchange: Exchange) -> Response:
-        if request.path == "/v2/repository/index":
-            exchange.api = "repository_index"
-            _only(request, "POST")
-            return Response(200, orjson.dumps(self._repository_index()))
-        if request.path in ("/v2", "/v2/health/live", "/v2/health/ready"):
-            exchange.api = "health" if "health" in request.path else "server_metadata"
-            _only(request, "GET")
-            if request.path == "/v2":
-                return _json(oip.server_metadata(__version__))
-            if request.path == "/v2/health/live":
-                return _json({"live": True})
-            ready = self.ready()
-            return _json({"ready": ready}, 200 if ready else 503)
-        match = OIP_MODEL_PATH.match(request.path)
-        if match is None:
-            raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = ModelSpec(unquote(match["name"]), int(match["version"]) if match["version"] else None)
-        action = match["action"]
-        if action == "/infer":
-            exchange.api = "infer"
-            _only(request, "POST")
-            self._check_size(request)
-            return await self._infer(target, request.body, exchange, request.headers)
-        exchange.api = "ready" if action == "/ready" else "metadata"
-        _only(request, "GET")
-        with self._hold(target, exchange) as handle:
-            if action == "/ready":
-                return _json({"name": handle.name, "ready": True})
-            versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
-            return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
+        """The request's route answers it; as TF Serving, a path no route has is malformed under
+        /v1/ and unknown elsewhere, and a route asked with another method names the one it takes."""
+        for route in _routes(self.metrics_paths):
+            match = route.path.fullmatch(request.path)
+            if match is None:
+                continue
+            exchange.api = route.api
+            if request.method != route.method:
+                raise InvalidInput(
+                    route.refusal.format(
+                        method=request.method, path=request.path, allowed=route.method, **match.groupdict()
+                    )
+                )
+            if route.body:
+                self._check_size(request)
+            return await route.answer(self, request, exchange, match.groupdict())
+        if request.path.startswith("/v1/"):
+            raise InvalidInput(f"Malformed request: {request.method} {request.path}")
+        raise NotFound(f"no such endpoint: {request.method} {request.path}")
 
     def ready(self) -> bool:
         """Every configured model has a version that can take requests, and there is one at least: a
@@ -464,8 +417,31 @@ class App:
 
     # Endpoints ----------------------------------------------------------------------------------
 
-    async def _infer(self, target: ModelSpec, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
-        header, binary = oip.infer_header(body, headers.get(oip.HEADER_LENGTH.lower()))
+    async def _metrics(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _server_metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        return _json(oip.server_metadata(__version__))
+
+    async def _live(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        return _json({"live": True})
+
+    async def _ready(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        ready = self.ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def _model_ready(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        with self._hold(_model_spec(parts), exchange) as handle:
+            return _json({"name": handle.name, "ready": True})
+
+    async def _model_metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        with self._hold(_model_spec(parts), exchange) as handle:
+            versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
+            return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
+
+    async def _infer(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        target, headers = _model_spec(parts), request.headers
+        header, binary = oip.infer_header(request.body, headers.get(oip.HEADER_LENGTH.lower()))
         parameters = header.get("parameters") or {}
         session, extra = None, {}
         with self._hold(target, exchange) as handle:
@@ -474,23 +450,23 @@ class App:
                 from runtime.sessions.predict import infer_in_session, visible
                 from runtime.sessions.services import SESSION_HEADER, tenant_of
 
-                request = oip.infer_request(header, binary, visible(signature))
+                infer = oip.infer_request(header, binary, visible(signature))
                 outputs, session = await infer_in_session(
                     self,
                     handle,
                     key,
                     signature,
-                    request.inputs,
+                    infer.inputs,
                     parameters,
                     tenant_of(exchange.tenant, headers),
                     exchange,
                 )
                 extra = {SESSION_HEADER: session}
             else:
-                request = oip.infer_request(header, binary, signature)
-                outputs = await self.execute(handle, key, request.inputs, exchange)
+                infer = oip.infer_request(header, binary, signature)
+                outputs = await self.execute(handle, key, infer.inputs, exchange)
             body, header_length = oip.write_infer(
-                handle.name, handle.version, outputs, request, None if session is None else {"sequence_id": session}
+                handle.name, handle.version, outputs, infer, None if session is None else {"sequence_id": session}
             )
         if header_length is None:
             return Response(200, body, {**JSON, **extra})
@@ -503,7 +479,8 @@ class App:
         if len(request.body) > self.max_body_bytes:
             raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is {self.max_body_bytes}")
 
-    def _status(self, target: ModelSpec, exchange: Exchange) -> Response:
+    async def _status(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        target = _model_spec(parts)
         version = target.version
         if target.label is not None:
             with self._hold(target, exchange) as handle:
@@ -528,8 +505,11 @@ class App:
             )
         return models
 
-    def _repository_index(self) -> list[dict]:
-        return [
+    async def _list(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        return _json({"models": self._served_models()})
+
+    async def _repository_index(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        index = [
             {
                 "name": model["name"],
                 "version": v["version"],
@@ -539,9 +519,10 @@ class App:
             for model in self._served_models()
             for v in model["versions"]
         ]
+        return Response(200, orjson.dumps(index))
 
-    def _metadata(self, target: ModelSpec, exchange: Exchange) -> Response:
-        with self._hold(target, exchange) as handle:
+    async def _metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        with self._hold(_model_spec(parts), exchange) as handle:
             signatures = {key: signature_def(sig) for key, sig in handle.engine.signatures.items()}
             return _json(
                 {
@@ -550,8 +531,8 @@ class App:
                 }
             )
 
-    async def _predict(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
-        body = request.body
+    async def _predict(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        target, body = _model_spec(parts), request.body
         instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
         if instances is None:
             signature_name, parsed = read_predict(body)
@@ -583,14 +564,21 @@ class App:
             200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}", {**JSON, SESSION_HEADER: session}
         )
 
-    async def _classify_or_regress(self, target: ModelSpec, body: bytes, method: str, exchange: Exchange) -> Response:
-        signature_name, rows = examples.read_examples(body)
+    async def _classify_or_regress(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        method = examples.METHODS[str(parts["verb"])]
+        signature_name, rows = examples.read_examples(request.body)
         serialized = examples.serialize(rows)
-        with self._hold(target, exchange) as handle:
+        with self._hold(_model_spec(parts), exchange) as handle:
             outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
         return _json(examples.encode_results(outputs, method))
 
-    async def _generate(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
+    async def _unknown_verb(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        raise InvalidInput(
+            f"unknown method ':{parts['verb']}'; this server answers :predict, :classify, :regress and :generate"
+        )
+
+    async def _generate(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
+        target = _model_spec(parts)
         from runtime.sessions import generate as generation
         from runtime.sessions.services import SESSION_HEADER, tenant_of
 
@@ -644,9 +632,51 @@ class App:
         return self.repository.handle(target.name, version=target.version, label=target.label)
 
 
-def _only(request: Request, method: str) -> None:
-    if request.method != method:
-        raise InvalidInput(f"{request.method} is not supported on {request.path}; use {method}")
+Parts = Mapping[str, str | None]  # a route's named parts of the path: name, version, label, verb
+ONLY = "{method} is not supported on {path}; use {allowed}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One REST endpoint: the method it takes, its path (a whole match), the api its metrics and
+    access log name, and its answer. `body`: the answer reads the body, whose size is checked first.
+    `refusal`: the message for another method (with the path's parts, method, path and allowed)."""
+
+    method: str
+    path: re.Pattern[str]
+    api: str
+    answer: Callable[[App, Request, Exchange, Parts], Awaitable[Response]]
+    body: bool = False
+    refusal: str = ONLY
+
+
+VERB = ":{verb} takes {allowed}, not {method}"
+
+
+@functools.cache
+def _routes(metrics_paths: tuple[str, ...]) -> tuple[Route, ...]:
+    """The route table: the metrics paths (configurable), TF Serving's REST API, the OIP's. No path
+    has two routes but a verb: a known one's comes first, then any other's (answered 400)."""
+    table: list[tuple] = [  # method, path, api, answer, whether it reads the body, refusal of another method
+        ("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", App._predict, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", App._classify_or_regress, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", App._classify_or_regress, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", App._generate, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", App._unknown_verb, True, VERB),
+        ("GET", MODEL_PATH, "status", App._status),
+        ("GET", MODEL_PATH + "/metadata", "metadata", App._metadata),
+        ("GET", "/v1/models/?", "list", App._list),
+        ("POST", OIP_MODEL_PATH + "/infer", "infer", App._infer, True),
+        ("GET", OIP_MODEL_PATH, "metadata", App._model_metadata),
+        ("GET", OIP_MODEL_PATH + "/ready", "ready", App._model_ready),
+        ("GET", "/v2", "server_metadata", App._server_metadata),
+        ("GET", "/v2/health/live", "health", App._live),
+        ("GET", "/v2/health/ready", "health", App._ready),
+        ("POST", "/v2/repository/index", "repository_index", App._repository_index),
+    ]
+    if metrics_paths:  # first: a configured path wins over an API's
+        table.insert(0, ("GET", "|".join(map(re.escape, metrics_paths)), "metrics", App._metrics))
+    return tuple(Route(method, re.compile(path), *rest) for method, path, *rest in table)
 
 
 def _deadline(request: Request) -> float | None:
@@ -664,10 +694,11 @@ def _deadline(request: Request) -> float | None:
     return deadline if request.deadline is None else min(deadline, request.deadline)
 
 
-def _model_spec(match: re.Match) -> ModelSpec:
-    version, label = match["version"], match["label"]
+def _model_spec(parts: Parts) -> ModelSpec:
+    version, label, name = parts["version"], parts.get("label"), parts["name"]
+    assert name is not None  # every model route's path names it
     return ModelSpec(
-        unquote(match["name"]),
+        unquote(name),
         int(version) if version is not None else None,
         unquote(label) if label is not None else None,
     )
