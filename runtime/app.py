@@ -26,7 +26,6 @@ and a JSON access log line.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import gc
 import logging
@@ -42,7 +41,6 @@ import orjson
 
 from runtime import __version__, logs, tracing
 from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
-from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
 from runtime.codecs import examples, oip
 from runtime.codecs.oip import default_signature, oip_signature
@@ -57,11 +55,12 @@ from runtime.codecs.tfserving import (
     read_predict,
     signature_def,
 )
-from runtime.errors import BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated, status_of
+from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, Unauthenticated, status_of
 from runtime.manifest import Signature
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import Metrics
 from runtime.repository import Repository, ServableHandle
+from runtime.runner import Runner, time_left
 from runtime.settings import Settings
 from runtime.version_policy import State
 
@@ -151,7 +150,7 @@ class App:
         self.batching = batching
         self.access_log = access_log
         self._sessions = sessions  # runtime.sessions.services.Sessions; see the property
-        self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
+        self.runner = Runner(repository, self.metrics, batching)
         self.metrics_paths: tuple[str, ...] = METRICS_PATHS
 
     @classmethod
@@ -296,95 +295,21 @@ class App:
     async def execute(
         self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange
     ) -> dict[str, np.ndarray]:
-        """Run a signature on decoded inputs: the one place model work starts. It runs in the event
-        loop's thread pool (the loop stays free), merged with other requests by the batcher where the
-        model's batching is on; a request whose deadline passes first answers DeadlineExceeded, and
-        its work is skipped if it has not started yet. With the prediction cache on, a stateless
-        signature's answer for the same tenant, version and inputs comes from the cache instead."""
+        """Run a signature on decoded inputs for a request: its work goes to the runner
+        (runtime.runner: the deadline, alone or batched, the metrics). With the prediction cache on, a
+        stateless signature's answer for the same tenant, version and inputs comes from the cache instead."""
         exchange.model, exchange.version = handle.name, str(handle.version)
-        remaining = None if exchange.deadline is None else exchange.deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's deadline passed before its model work could start")
+        time_left(exchange.deadline)  # a request already late is not answered from the cache either
         cache = self._sessions.prediction_cache() if self._sessions is not None else None
         if cache is None or handle.engine.signature(key).state:
-            return await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
+            return await self.runner.run(handle, key, inputs, exchange.deadline, exchange.api)
         tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
         cached = await cache.get(tenant, fingerprint, key, inputs)
         if cached is not None:
             return cached
-        outputs = await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
+        outputs = await self.runner.run(handle, key, inputs, exchange.deadline, exchange.api)
         await cache.put(tenant, fingerprint, key, inputs, outputs)
         return outputs
-
-    async def _timed(
-        self, handle: ServableHandle, key: str, exchange: Exchange, run: Awaitable[dict[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """`run` (a _run), its time recorded as TF Serving's runtime latency (queue and batch included)."""
-        started = time.perf_counter()
-        with tracing.model_span(handle.name, handle.version, key):
-            outputs = await run
-        self.metrics.tfserving.runtime(
-            handle.name, exchange.api, handle.engine.signature(key).engine, time.perf_counter() - started
-        )
-        return outputs
-
-    async def _run(
-        self,
-        handle: ServableHandle,
-        key: str,
-        inputs: dict[str, np.ndarray],
-        exchange: Exchange,
-        remaining: float | None,
-    ) -> dict[str, np.ndarray]:
-        if (
-            self.batcher is not None
-            and self.batching is not None
-            and self.batching(handle.name).mode != "off"
-            and handle.engine.signature(key).batched
-        ):
-            return await self.batcher.run(handle, key, inputs, exchange.deadline)
-        abandoned = False
-        release = self.repository.retain(handle)
-        queue = self.metrics.queue_depth.labels(handle.name)
-
-        def work() -> dict[str, np.ndarray]:
-            try:
-                if abandoned:
-                    raise DeadlineExceeded("abandoned")
-                started = time.perf_counter()
-                with tracing.span("kiln.engine"):
-                    outputs = handle.engine.run(key, inputs)
-                signature = handle.engine.signatures.get(key)
-                first = next(iter(inputs.values()), None)
-                rows = (
-                    None
-                    if signature is None or not signature.batched or first is None
-                    else np.size(first)
-                    if signature.elementwise
-                    else len(first)
-                )
-                self.observe_execution(handle, key, rows, time.perf_counter() - started)
-                return outputs
-            finally:
-                queue.dec()
-                release()
-
-        queue.inc()
-        future = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, work)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError:
-            abandoned = True
-            raise DeadlineExceeded(
-                f"the request's deadline passed after {(remaining or 0) * 1e3:.0f} ms, before the model answered"
-            ) from None
-
-    def observe_execution(self, handle: ServableHandle, key: str, rows: int | None, seconds: float) -> None:
-        """Count one execution of a signature: its rows (None: unbatched) and its seconds."""
-        labels = (handle.name, str(handle.version), key)
-        if rows is not None:
-            self.metrics.batch_size.labels(*labels).observe(rows)
-        self.metrics.executed(labels, seconds)
 
     # Routing ------------------------------------------------------------------------------------
 

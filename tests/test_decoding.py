@@ -21,6 +21,7 @@ from runtime.sessions.generate import SHORT_CHUNK
 from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
+from runtime.runner import Runner
 from runtime.servable_cache import ServableCache
 
 PROMPTS = ["Kiln ", "fires a SavedModel ", "into machine code, ", "once: ", "ünïcödé ✓ ", "a", "serving " * 15]
@@ -152,7 +153,7 @@ def test_more_sessions_than_seats_wait_for_one(app, run, monkeypatch):
         original(self, *args)
         self.buckets = (1, 2)
 
-    observe = App.observe_execution
+    observe = Runner.observe
 
     def watch(self, handle, key, rows, seconds):
         if key == "decode":
@@ -164,7 +165,7 @@ def test_more_sessions_than_seats_wait_for_one(app, run, monkeypatch):
     gc.collect()  # a loop left in a reference cycle (a cancelled session's traceback) goes now
     assert not app.sessions._decoders, "a decode loop outlived its sessions"
     monkeypatch.setattr(decoding.DecodeLoop, "__init__", two_seats)
-    monkeypatch.setattr(App, "observe_execution", watch)
+    monkeypatch.setattr(Runner, "observe", watch)
 
     async def together():
         return await asyncio.gather(*(generate(app, body) for body in bodies))

@@ -135,7 +135,7 @@ class _Job:
     def _chunking(self, chunk_rows: int) -> tuple[int, int]:
         """Chunk size and chunks in flight that a batching queue takes without refusing them:
         no chunk over max_batch_size, at most half the queue's room."""
-        if self.app.batcher is None or self.app.batching is None:
+        if self.app.batching is None:
             return chunk_rows, IN_FLIGHT_CHUNKS
         parameters = self.app.batching(self.handle.name)
         if parameters.mode == "off":

@@ -74,7 +74,7 @@ class Sessions:
         (with its pool, and its hold on the engine) when the last of them lets go of it."""
         loop = self._decoders.get(id(handle.engine))
         if loop is None or loop.handle.engine is not handle.engine:
-            loop = self._decoders[id(handle.engine)] = DecodeLoop(handle, app.observe_execution)
+            loop = self._decoders[id(handle.engine)] = DecodeLoop(handle, app.runner.observe)
         return loop
 
     async def close(self) -> None:
