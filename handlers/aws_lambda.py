@@ -100,8 +100,9 @@ from aws_lambda_powertools.utilities.data_classes import (
 
 from handlers.records import OutputStore, predict_message
 from runtime import logs
-from runtime.app import App, Request, Response, whole
+from runtime.app import App
 from runtime.errors import InvalidInput, KilnError, retryable, status_of
+from runtime.exchange import Request, Response, whole
 from runtime.settings import Settings
 from runtime.storage import Storage
 

@@ -8,9 +8,10 @@ kind of store (OutputStore)."""
 
 from __future__ import annotations
 
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
 from runtime.errors import ConfigError, InvalidInput, shown
+from runtime.exchange import Exchange
 from runtime.storage import Storage, open_storage
 
 

@@ -68,7 +68,7 @@ def open_app(models: Path, redis_url: str):
 async def generate(app, body: dict) -> dict:
     import orjson
 
-    from runtime.app import Request
+    from runtime.exchange import Request
 
     response = await app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(body)))
     if response.status != 200:
@@ -86,7 +86,7 @@ async def streamed(app, body: dict) -> tuple[float, float]:
     """Seconds to a streamed generate request's first token, and to its end (its session stored)."""
     import orjson
 
-    from runtime.app import Request
+    from runtime.exchange import Request
 
     started = time.perf_counter()
     response = await app.handle(Request("POST", "/v1/models/tiny_lm:generate", {},

@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
 import numpy as np
@@ -55,7 +55,8 @@ from runtime.codecs.tfserving import (
     read_predict,
     signature_def,
 )
-from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, Unauthenticated, status_of
+from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
+from runtime.exchange import JSON, Exchange, Request, Response, error_body, error_response
 from runtime.manifest import Signature
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import Metrics
@@ -66,38 +67,11 @@ from runtime.version_policy import State
 
 log = logging.getLogger(__name__)
 access_logger = logging.getLogger("kiln.access")
-JSON = {"Content-Type": "application/json"}
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 TIMEOUT_HEADER = "x-kiln-timeout-ms"
 MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
 OIP_MODEL_PATH = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?"
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-case
-    body: bytes = b""
-    deadline: float | None = None  # time.monotonic() by which the answer is due, from the platform
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    headers: Mapping[str, str] = field(default_factory=lambda: dict(JSON))
-    stream: AsyncGenerator[bytes, None] | None = None  # a body sent as it is made (server-sent events), after `body`
-
-
-async def whole(pending: Awaitable[Response]) -> Response:
-    """The response with a streamed body read into `body`, for platforms that cannot stream (Lambda)."""
-    response = await pending
-    if response.stream is None:
-        return response
-    chunks = [chunk async for chunk in response.stream]
-    return replace(response, body=response.body + b"".join(chunks), stream=None)
 
 
 @dataclass(frozen=True)
@@ -107,23 +81,6 @@ class ModelSpec:
     name: str
     version: int | None = None
     label: str | None = None
-
-
-@dataclass
-class Exchange:
-    """What one request is and did, filled in as it is served: the labels of its metrics and
-    its access log line, and the tenant its credentials name."""
-
-    protocol: str
-    api: str = "unknown"
-    model: str = ""
-    version: str = ""
-    tenant: str | None = None
-    deadline: float | None = None
-    started: float = field(default_factory=time.perf_counter)
-    status: str = "OK"  # as the protocol says it: an HTTP status, or a gRPC code's name
-    what: str = ""  # the access log line's description of the request
-    trace: tracing.RequestTrace = tracing.NO_TRACE  # its span (OpenTelemetry) or its caller's trace ids
 
 
 class App:
@@ -631,25 +588,3 @@ def _model_spec(parts: Parts) -> ModelSpec:
 
 def _json(body: dict, status: int = 200) -> Response:
     return Response(status, orjson.dumps(body))
-
-
-def error_response(error: BaseException, message: str | None = None) -> Response:
-    """TF Serving's {"error": ...} with the error's status; `message` in place of the error's own."""
-    http, _ = status_of(error)
-    headers = {**JSON, "WWW-Authenticate": "Bearer"} if isinstance(error, Unauthenticated) else JSON
-    return Response(http, error_body(message if message is not None else error), headers)
-
-
-def error_body(error: BaseException | str, **fields) -> bytes:
-    """{"error": message, **fields} as JSON. It cannot fail, since it runs where every other failure
-    has been caught: a message JSON cannot hold (a lone surrogate quoted from a request) is written
-    with escapes, and an error whose str() fails or is empty is named by its type."""
-    try:
-        text = str(error)
-    except Exception:
-        text = ""
-    text = text or f"{type(error).__name__} (no message)"
-    try:
-        return orjson.dumps({"error": text, **fields})
-    except TypeError:  # orjson refuses text that is not Unicode
-        return orjson.dumps({"error": text.encode("utf-8", "backslashreplace").decode(), **fields})

@@ -10,7 +10,8 @@ import threading
 import orjson
 import pytest
 
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
 from runtime.servable_cache import ServableCache

@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from runtime.sessions import decode_loop as decoding
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.batching import BatchingParameters
 from runtime.sessions.generate import SHORT_CHUNK
 from runtime.sessions.services import Sessions

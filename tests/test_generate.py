@@ -11,7 +11,8 @@ import shutil
 import orjson
 import pytest
 
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.batching import BatchingParameters
 from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList

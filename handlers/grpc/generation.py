@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from handlers.grpc.call import Service, serve_call, text_metadata
-from runtime.app import Exchange
+from runtime.exchange import Exchange
 from runtime.protos import generated_module
 from runtime.sessions import generate as generation
 from runtime.sessions.services import tenant_of

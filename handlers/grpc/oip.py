@@ -26,10 +26,10 @@ import grpc
 
 from handlers.grpc.call import Service, serve_call, text_metadata
 from runtime import __version__
-from runtime.app import Exchange
 from runtime.codecs import oip_grpc
 from runtime.codecs.oip import default_signature, oip_signature
 from runtime.errors import NotFound
+from runtime.exchange import Exchange
 from runtime.protos import generated_module
 from runtime.repository import ServableHandle
 from runtime.version_policy import State

@@ -19,11 +19,12 @@ import grpc
 from google.protobuf import json_format
 
 from handlers.grpc.call import Service, serve_call
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
 from runtime.codecs.tfserving import DEFAULT_SIGNATURE, model_status, signature_def
 from runtime.errors import InvalidInput
+from runtime.exchange import Exchange
 from runtime.manifest import CLASSIFY, REGRESS
 from runtime.protos import generated_module
 

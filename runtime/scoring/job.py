@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from runtime.app import Exchange
 from runtime.codecs.tfserving import DEFAULT_SIGNATURE
 from runtime.errors import ConfigError, InvalidInput, KilnError, ResourceExhausted
+from runtime.exchange import Exchange
 from runtime.manifest import Signature
 from runtime.scoring.formats import Chunk, Counting, Rows, error_line, open_rows, prediction_lines
 from runtime.scoring.pipeline import Part, Pipeline
