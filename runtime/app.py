@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import numpy as np
@@ -65,6 +66,9 @@ from runtime.runner import Runner, time_left
 from runtime.settings import Settings
 from runtime.version_policy import State
 
+if TYPE_CHECKING:
+    from runtime.sessions.services import Sessions
+
 log = logging.getLogger(__name__)
 access_logger = logging.getLogger("kiln.access")
 DEFAULT_MAX_BODY_BYTES = 64 << 20
@@ -94,7 +98,7 @@ class App:
         cors: Cors = Cors(),
         batching: Callable[[str], BatchingParameters] | None = None,
         access_log: bool = False,
-        sessions=None,
+        sessions: Sessions | None = None,
     ):
         """`batching`: each model's batching parameters by name; None runs every request alone.
         `access_log`: a JSON line per request (off by default: Lambda and Cloud Run log requests
@@ -106,7 +110,7 @@ class App:
         self.cors = cors
         self.batching = batching
         self.access_log = access_log
-        self._sessions = sessions  # runtime.sessions.services.Sessions; see the property
+        self._sessions = sessions  # see the property
         self.runner = Runner(repository, self.metrics, batching)
         self.metrics_paths: tuple[str, ...] = METRICS_PATHS
 
@@ -257,10 +261,11 @@ class App:
         stateless signature's answer for the same tenant, version and inputs comes from the cache instead."""
         exchange.model, exchange.version = handle.name, str(handle.version)
         time_left(exchange.deadline)  # a request already late is not answered from the cache either
-        cache = self._sessions.prediction_cache() if self._sessions is not None else None
-        if cache is None or handle.engine.signature(key).state:
+        sessions = self._sessions
+        cache = sessions.prediction_cache() if sessions is not None else None
+        if sessions is None or cache is None or handle.engine.signature(key).state:
             return await self.runner.run(handle, key, inputs, exchange.deadline, exchange.api)
-        tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
+        tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, sessions.fingerprint(handle)
         cached = await cache.get(tenant, fingerprint, key, inputs)
         if cached is not None:
             return cached
@@ -494,8 +499,8 @@ class App:
         )
 
     @property
-    def sessions(self):
-        """Where agent sessions live (runtime.sessions.services.Sessions), made on first use."""
+    def sessions(self) -> Sessions:
+        """Where agent sessions live, made on first use."""
         if self._sessions is None:
             from runtime.sessions.services import Sessions
 
