@@ -1,5 +1,6 @@
-"""The protocol-neutral core: a request is (method, path, headers, body); the core routes it,
-decodes it with a codec, runs it on the version the repository hands out, and encodes the answer.
+"""The protocol-neutral core: a request is (method, path, headers, body: runtime.exchange); the core
+routes it by the route table below to its endpoint (runtime.endpoints), which decodes it with a codec,
+runs it on the version the repository hands out (model work: runtime.runner) and encodes the answer.
 Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.handle`, or for
 calls it decodes itself (gRPC) to `App.execute`; none routes, runs models or maps errors itself.
 
@@ -31,40 +32,25 @@ import gc
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
 
 import numpy as np
-import orjson
 
-from runtime import __version__, logs, tracing
+from runtime import endpoints, logs, tracing
 from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
 from runtime.batching import BatchingParameters, BatchingPolicy
-from runtime.codecs import examples, oip
-from runtime.codecs.oip import default_signature, oip_signature
-from runtime.codecs.tfserving import (
-    DEFAULT_SIGNATURE,
-    REPORTED_STATE,
-    decode_predict,
-    encode_predict,
-    fast_predict,
-    instances_text,
-    model_status,
-    read_predict,
-    signature_def,
-)
+from runtime.codecs import examples
+from runtime.core import Core
+from runtime.endpoints import Parts
 from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
-from runtime.exchange import JSON, Exchange, Request, Response, error_body, error_response
-from runtime.manifest import Signature
-from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.exchange import Exchange, Request, Response, error_response
 from runtime.metrics import Metrics
 from runtime.repository import Repository, ServableHandle
 from runtime.runner import Runner, time_left
 from runtime.settings import Settings
-from runtime.version_policy import State
 
 if TYPE_CHECKING:
     from runtime.sessions.services import Sessions
@@ -76,15 +62,6 @@ TIMEOUT_HEADER = "x-kiln-timeout-ms"
 MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
 OIP_MODEL_PATH = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?"
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model version a request addresses."""
-
-    name: str
-    version: int | None = None
-    label: str | None = None
 
 
 class App:
@@ -302,201 +279,9 @@ class App:
         names = self.repository.names()
         return bool(names) and all(self.repository.is_available(name) for name in names)
 
-    # Endpoints ----------------------------------------------------------------------------------
-
-    async def _metrics(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})
-
-    async def _server_metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        return _json(oip.server_metadata(__version__))
-
-    async def _live(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        return _json({"live": True})
-
-    async def _ready(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        ready = self.ready()
-        return _json({"ready": ready}, 200 if ready else 503)
-
-    async def _model_ready(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        with self._hold(_model_spec(parts), exchange) as handle:
-            return _json({"name": handle.name, "ready": True})
-
-    async def _model_metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        with self._hold(_model_spec(parts), exchange) as handle:
-            versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
-            return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
-
-    async def _infer(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        target, headers = _model_spec(parts), request.headers
-        header, binary = oip.infer_header(request.body, headers.get(oip.HEADER_LENGTH.lower()))
-        parameters = header.get("parameters") or {}
-        session, extra = None, {}
-        with self._hold(target, exchange) as handle:
-            key, signature = oip_signature(handle.engine, parameters)
-            if signature.state:
-                from runtime.sessions.predict import infer_in_session, visible
-                from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-                infer = oip.infer_request(header, binary, visible(signature))
-                outputs, session = await infer_in_session(
-                    self,
-                    handle,
-                    key,
-                    signature,
-                    infer.inputs,
-                    parameters,
-                    tenant_of(exchange.tenant, headers),
-                    exchange,
-                )
-                extra = {SESSION_HEADER: session}
-            else:
-                infer = oip.infer_request(header, binary, signature)
-                outputs = await self.execute(handle, key, infer.inputs, exchange)
-            body, header_length = oip.write_infer(
-                handle.name, handle.version, outputs, infer, None if session is None else {"sequence_id": session}
-            )
-        if header_length is None:
-            return Response(200, body, {**JSON, **extra})
-        # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).
-        return Response(
-            200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length), **extra}
-        )
-
     def _check_size(self, request: Request) -> None:
         if len(request.body) > self.max_body_bytes:
             raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is {self.max_body_bytes}")
-
-    async def _status(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        target = _model_spec(parts)
-        version = target.version
-        if target.label is not None:
-            with self._hold(target, exchange) as handle:
-                version = handle.version
-        exchange.model = target.name
-        return _json(model_status(self.repository.status(target.name, version).versions))
-
-    def _served_models(self) -> list[dict]:
-        models = []
-        for name in self.repository.names():
-            try:
-                versions = self.repository.status(name).versions
-            except NotFound:  # configured, nothing found in its store yet
-                versions = []
-            labels = self.repository.config_of(name).version_labels
-            models.append(
-                {
-                    "name": name,
-                    "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]} for v in versions],
-                    "labels": {label: str(number) for label, number in labels.items()},
-                }
-            )
-        return models
-
-    async def _list(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        return _json({"models": self._served_models()})
-
-    async def _repository_index(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        index = [
-            {
-                "name": model["name"],
-                "version": v["version"],
-                "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE",
-                "reason": "",
-            }
-            for model in self._served_models()
-            for v in model["versions"]
-        ]
-        return Response(200, orjson.dumps(index))
-
-    async def _metadata(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        with self._hold(_model_spec(parts), exchange) as handle:
-            signatures = {key: signature_def(sig) for key, sig in handle.engine.signatures.items()}
-            return _json(
-                {
-                    "model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
-                    "metadata": {"signature_def": {"signature_def": signatures}},
-                }
-            )
-
-    async def _predict(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        target, body = _model_spec(parts), request.body
-        instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
-        if instances is None:
-            signature_name, parsed = read_predict(body)
-        with self._hold(target, exchange) as handle:
-            signature = handle.engine.signatures.get(DEFAULT_SIGNATURE)
-            stateless = signature is not None and not signature.state
-            decoded = fast_predict(instances, signature) if instances is not None and stateless else None
-            if decoded is None:
-                if instances is not None:
-                    signature_name, parsed = read_predict(body)
-                signature = handle.engine.signature(signature_name)
-                if signature.state:
-                    return await self._predict_in_session(handle, signature_name, signature, parsed, request, exchange)
-                decoded = decode_predict(signature_name, parsed, signature)
-            outputs = await self.execute(handle, decoded.signature_name, decoded.inputs, exchange)
-        return Response(200, encode_predict(outputs, decoded.row_format))
-
-    async def _predict_in_session(
-        self, handle: ServableHandle, key: str, signature: Signature, parsed: dict, request: Request, exchange: Exchange
-    ) -> Response:
-        from runtime.sessions.predict import predict_in_session
-        from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-        outputs, row_format, session = await predict_in_session(
-            self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange
-        )
-        body = encode_predict(outputs, row_format)  # an object: the session joins it as its last key
-        return Response(
-            200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}", {**JSON, SESSION_HEADER: session}
-        )
-
-    async def _classify_or_regress(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        method = examples.METHODS[str(parts["verb"])]
-        signature_name, rows = examples.read_examples(request.body)
-        serialized = examples.serialize(rows)
-        with self._hold(_model_spec(parts), exchange) as handle:
-            outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
-        return _json(examples.encode_results(outputs, method))
-
-    async def _unknown_verb(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        raise InvalidInput(
-            f"unknown method ':{parts['verb']}'; this server answers :predict, :classify, :regress and :generate"
-        )
-
-    async def _generate(self, request: Request, exchange: Exchange, parts: Parts) -> Response:
-        target = _model_spec(parts)
-        from runtime.sessions import generate as generation
-        from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-        generate_request = generation.read_generate(request.body)
-        tenant = tenant_of(exchange.tenant, request.headers)
-        session = generation.session_of(self, tenant, generate_request)
-        if not generate_request.stream:
-            with self._hold(target, exchange) as handle:
-                answer = await generation.generate(self, handle, generate_request, tenant, session, exchange)
-            return Response(200, orjson.dumps(answer), {**JSON, SESSION_HEADER: session})
-        with self._hold(target, exchange):  # an unknown model or version answers 404 before the stream
-            pass
-
-        async def stream() -> AsyncGenerator[bytes, None]:
-            """Server-sent events; an error once the stream has begun is its last event."""
-            try:
-                with self._hold(target, exchange) as handle:
-                    async for event in generation.events(self, handle, generate_request, tenant, session, exchange):
-                        yield b"data: " + orjson.dumps(event) + b"\n\n"
-            except KilnError as e:
-                yield b"event: error\ndata: " + error_body(e, status=status_of(e)[0]) + b"\n\n"
-            except Exception:
-                log.exception("internal error streaming %s", request.path)
-                yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
-
-        return Response(
-            200,
-            b"",
-            {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", SESSION_HEADER: session},
-            stream=stream(),
-        )
 
     @property
     def sessions(self) -> Sessions:
@@ -514,12 +299,7 @@ class App:
         input_name = examples.check_method(key, handle.engine.signature(key), method)
         return await self.execute(handle, key, {input_name: serialized}, exchange)
 
-    def _hold(self, target: ModelSpec, exchange: Exchange):
-        exchange.model = target.name if target.name in self.repository.names() else ""
-        return self.repository.handle(target.name, version=target.version, label=target.label)
 
-
-Parts = Mapping[str, str | None]  # a route's named parts of the path: name, version, label, verb
 ONLY = "{method} is not supported on {path}; use {allowed}"
 
 
@@ -532,7 +312,7 @@ class Route:
     method: str
     path: re.Pattern[str]
     api: str
-    answer: Callable[[App, Request, Exchange, Parts], Awaitable[Response]]
+    answer: Callable[[Core, Request, Exchange, Parts], Awaitable[Response]]
     body: bool = False
     refusal: str = ONLY
 
@@ -545,24 +325,24 @@ def _routes(metrics_paths: tuple[str, ...]) -> tuple[Route, ...]:
     """The route table: the metrics paths (configurable), TF Serving's REST API, the OIP's. No path
     has two routes but a verb: a known one's comes first, then any other's (answered 400)."""
     table: list[tuple] = [  # method, path, api, answer, whether it reads the body, refusal of another method
-        ("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", App._predict, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", App._classify_or_regress, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", App._classify_or_regress, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", App._generate, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", App._unknown_verb, True, VERB),
-        ("GET", MODEL_PATH, "status", App._status),
-        ("GET", MODEL_PATH + "/metadata", "metadata", App._metadata),
-        ("GET", "/v1/models/?", "list", App._list),
-        ("POST", OIP_MODEL_PATH + "/infer", "infer", App._infer, True),
-        ("GET", OIP_MODEL_PATH, "metadata", App._model_metadata),
-        ("GET", OIP_MODEL_PATH + "/ready", "ready", App._model_ready),
-        ("GET", "/v2", "server_metadata", App._server_metadata),
-        ("GET", "/v2/health/live", "health", App._live),
-        ("GET", "/v2/health/ready", "health", App._ready),
-        ("POST", "/v2/repository/index", "repository_index", App._repository_index),
+        ("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", endpoints.predict, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", endpoints.classify_or_regress, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", endpoints.classify_or_regress, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", endpoints.generate, True, VERB),
+        ("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", endpoints.unknown_verb, True, VERB),
+        ("GET", MODEL_PATH, "status", endpoints.status),
+        ("GET", MODEL_PATH + "/metadata", "metadata", endpoints.metadata),
+        ("GET", "/v1/models/?", "list", endpoints.models),
+        ("POST", OIP_MODEL_PATH + "/infer", "infer", endpoints.infer, True),
+        ("GET", OIP_MODEL_PATH, "metadata", endpoints.model_metadata),
+        ("GET", OIP_MODEL_PATH + "/ready", "ready", endpoints.model_ready),
+        ("GET", "/v2", "server_metadata", endpoints.server_metadata),
+        ("GET", "/v2/health/live", "health", endpoints.live),
+        ("GET", "/v2/health/ready", "health", endpoints.ready),
+        ("POST", "/v2/repository/index", "repository_index", endpoints.repository_index),
     ]
     if metrics_paths:  # first: a configured path wins over an API's
-        table.insert(0, ("GET", "|".join(map(re.escape, metrics_paths)), "metrics", App._metrics))
+        table.insert(0, ("GET", "|".join(map(re.escape, metrics_paths)), "metrics", endpoints.metrics))
     return tuple(Route(method, re.compile(path), *rest) for method, path, *rest in table)
 
 
@@ -579,17 +359,3 @@ def _deadline(request: Request) -> float | None:
         raise InvalidInput(f"X-Kiln-Timeout-Ms must be a positive number of milliseconds, got {value!r}")
     deadline = time.monotonic() + milliseconds / 1e3
     return deadline if request.deadline is None else min(deadline, request.deadline)
-
-
-def _model_spec(parts: Parts) -> ModelSpec:
-    version, label, name = parts["version"], parts.get("label"), parts["name"]
-    assert name is not None  # every model route's path names it
-    return ModelSpec(
-        unquote(name),
-        int(version) if version is not None else None,
-        unquote(label) if label is not None else None,
-    )
-
-
-def _json(body: dict, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(body))
