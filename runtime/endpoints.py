@@ -33,7 +33,7 @@ from runtime.errors import InvalidInput, KilnError, NotFound, status_of
 from runtime.exchange import JSON, Exchange, Request, Response, error_body
 from runtime.manifest import Signature
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from runtime.repository import ServableHandle
+from runtime.repository import Repository, ServableHandle
 from runtime.version_policy import State
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,17 @@ async def infer(core: Core, request: Request, exchange: Exchange, parts: Parts) 
 
 async def status(core: Core, request: Request, exchange: Exchange, parts: Parts) -> Response:
     target = _model_spec(parts)
-    version = target.version
-    if target.label is not None:
-        with hold(core, target, exchange) as handle:
+    exchange.model = target.name if target.label is None or target.name in core.repository.names() else ""
+    return _json(model_status_of(core.repository, target.name, target.version, target.label))
+
+
+def model_status_of(repository: Repository, name: str, version: int | None, label: str | None) -> dict:
+    """TF Serving's model status document (GetModelStatusResponse as JSON) for a model, one version
+    or a label's: REST answers it, gRPC's GetModelStatus parses it into its message."""
+    if label is not None:
+        with repository.handle(name, version=version, label=label) as handle:
             version = handle.version
-    exchange.model = target.name
-    return _json(model_status(core.repository.status(target.name, version).versions))
+    return model_status(repository.status(name, version).versions)
 
 
 def _served_models(core: Core) -> list[dict]:

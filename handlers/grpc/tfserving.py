@@ -22,7 +22,8 @@ from handlers.grpc.call import Service, serve_call
 from runtime.app import App
 from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
-from runtime.codecs.tfserving import DEFAULT_SIGNATURE, model_status, signature_def
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE, signature_def
+from runtime.endpoints import model_status_of
 from runtime.errors import InvalidInput
 from runtime.exchange import Exchange
 from runtime.manifest import CLASSIFY, REGRESS
@@ -214,10 +215,5 @@ class ModelService(_model_grpc.ModelServiceServicer):  # type: ignore[name-defin
         return await serve_call(self.app, context, "reload_config", work, authenticate=self.app.auth.admin)
 
     def _get_model_status(self, request: Any) -> Any:
-        target = _version_keywords(request.model_spec)
-        version = target["version"]
-        if target["label"] is not None:
-            with self.app.repository.handle(**target) as handle:
-                version = handle.version
-        status = self.app.repository.status(target["name"], version)
-        return json_format.ParseDict(model_status(status.versions), _status.GetModelStatusResponse())
+        status = model_status_of(self.app.repository, **_version_keywords(request.model_spec))
+        return json_format.ParseDict(status, _status.GetModelStatusResponse())
