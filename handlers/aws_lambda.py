@@ -232,7 +232,7 @@ class LambdaFunction:
         request, refused = http_request(
             event, invocation.kind, invocation.deadline, getattr(invocation.context, "aws_request_id", None)
         )
-        response = self.run(whole(self.app.handle(request, refused)))  # Lambda answers whole bodies
+        response = self.run(whole(self.app.respond(request, refused)))  # Lambda answers whole bodies
         self._count(
             requests=1,
             predictions=int(request.method == "POST" and response.status < 400),

@@ -69,13 +69,13 @@ class AsgiApp:
         try:
             request = replace(request, body=await _read_body(receive, self.app.max_body_bytes))
         except BodyTooLarge as e:
-            return await self.app.handle(request, refused=e)
+            return await self.app.respond(request, refused=e)
         return await self.respond(request)
 
     async def respond(self, request: Request) -> Response:
         """The answer to a request read whole: the core's. A platform's adapter overrides it to
         answer some requests itself (the Cloud Run service: the events Google posts to it)."""
-        return await self.app.handle(request)
+        return await self.app.respond(request)
 
 
 async def _read_body(receive, limit: int) -> bytes:

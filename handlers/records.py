@@ -24,7 +24,7 @@ async def predict_message(
     name = request.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
-    with app.repository.handle(app.repository.named_or_only(name or model)) as handle:
+    with app.repository.hold(app.repository.named_or_only(name or model)) as handle:
         decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
         served = {"model": handle.name, "version": str(handle.version)}

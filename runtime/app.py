@@ -1,7 +1,7 @@
 """The protocol-neutral core: a request is (method, path, headers, body: runtime.exchange); the core
 routes it by the route table below to its endpoint (runtime.endpoints), which decodes it with a codec,
 runs it on the version the repository hands out (model work: runtime.runner) and encodes the answer.
-Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.handle`, or for
+Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.respond`, or for
 calls it decodes itself (gRPC) to `App.execute`; none routes, runs models or maps errors itself.
 
 Routes. TensorFlow Serving's REST API v1:
@@ -163,7 +163,7 @@ class App:
             if token is not None:
                 logs.request_id.reset(token)
 
-    async def handle(self, request: Request, refused: KilnError | None = None) -> Response:
+    async def respond(self, request: Request, refused: KilnError | None = None) -> Response:
         """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
         `refused`: why the handler could not take the request (a body over the limit while reading
         it), answered here so that it is counted, logged and marked like any other answer."""

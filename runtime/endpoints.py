@@ -124,7 +124,7 @@ def model_status_of(repository: Repository, name: str, version: int | None, labe
     """TF Serving's model status document (GetModelStatusResponse as JSON) for a model, one version
     or a label's: REST answers it, gRPC's GetModelStatus parses it into its message."""
     if label is not None:
-        with repository.handle(name, version=version, label=label) as handle:
+        with repository.hold(name, version=version, label=label) as handle:
             version = handle.version
     return model_status(repository.status(name, version).versions)
 
@@ -270,7 +270,7 @@ def hold(core: Core, target: ModelSpec, exchange: Exchange) -> AbstractContextMa
     """The version the request addresses, held while it is served; the request counted under its
     model's name once that names a served model."""
     exchange.model = target.name if target.name in core.repository.names() else ""
-    return core.repository.handle(target.name, version=target.version, label=target.label)
+    return core.repository.hold(target.name, version=target.version, label=target.label)
 
 
 def _model_spec(parts: Parts) -> ModelSpec:

@@ -36,7 +36,7 @@ def app(examples, tmp_path_factory):
 
 
 def call(app, method, path, body=None):
-    response = asyncio.run(app.handle(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
+    response = asyncio.run(app.respond(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
                                               if body is not None else b"")))
     assert response.headers["Content-Type"] == "application/json"
     return response.status, orjson.loads(response.body)
@@ -154,7 +154,7 @@ def test_oip_errors(app, request_body, message):
 
 
 def test_a_deadline_passing_while_the_model_runs_answers_504_and_the_work_keeps_its_version(app, monkeypatch):
-    with app.repository.handle("half_plus_two", version=1) as handle:
+    with app.repository.hold("half_plus_two", version=1) as handle:
         engine, held = handle.engine, handle.held
     release, original = threading.Event(), engine.run
 
@@ -167,7 +167,7 @@ def test_a_deadline_passing_while_the_model_runs_answers_504_and_the_work_keeps_
                       orjson.dumps({"instances": [1.0]}))
     loop = asyncio.new_event_loop()  # kept open: asyncio.run would wait for the work at its end
     try:
-        response = loop.run_until_complete(app.handle(request))
+        response = loop.run_until_complete(app.respond(request))
         assert response.status == 504 and "before the model answered" in orjson.loads(response.body)["error"]
         assert held.in_flight == 1  # the request has gone; its running work still holds the version
         release.set()

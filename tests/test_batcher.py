@@ -55,7 +55,7 @@ class Recorder:
 @pytest.fixture
 def served(models, monkeypatch):
     """(handle, recorder) for half_plus_two version 1, held for the test."""
-    with models.handle("half_plus_two") as handle:
+    with models.hold("half_plus_two") as handle:
         yield handle, Recorder(handle.engine, monkeypatch)
 
 

@@ -195,7 +195,7 @@ class _Core:
     def __init__(self, answer):
         self.answer = answer
 
-    async def handle(self, request, refused=None):
+    async def respond(self, request, refused=None):
         return self.answer()
 
 

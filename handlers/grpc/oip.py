@@ -112,6 +112,6 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer, Service):  # 
     @contextmanager
     def _hold(self, name: str, version: str, exchange: Exchange) -> Iterator[ServableHandle]:
         """The version a call names ("": the newest available), held while the call uses it."""
-        with self.app.repository.handle(name, version=oip_grpc.version(version)) as handle:
+        with self.app.repository.hold(name, version=oip_grpc.version(version)) as handle:
             exchange.model, exchange.version = handle.name, str(handle.version)
             yield handle

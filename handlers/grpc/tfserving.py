@@ -88,7 +88,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
     async def _predict(self, request: Any, exchange: Exchange) -> Any:
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         inputs = {name: to_ndarray(tensor) for name, tensor in request.inputs.items()}
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.execute(handle, key, inputs, exchange)
             version = handle.version
         wanted = list(request.output_filter) or list(outputs)
@@ -107,7 +107,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         """Classify or Regress: one signature over the request's tf.Examples."""
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         serialized = examples.from_input(request.input)
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.run_examples(handle, key, method, serialized, exchange)
             version = handle.version
         response = _classification.ClassificationResponse() if method == CLASSIFY else _regression.RegressionResponse()
@@ -137,7 +137,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
                 )
         serialized = examples.from_input(request.input)
         response = _inference.MultiInferenceResponse()
-        with self.app.repository.handle(**_version_keywords(specs[0])) as handle:
+        with self.app.repository.hold(**_version_keywords(specs[0])) as handle:
             for task, key in zip(request.tasks, keys):
                 outputs = await self.app.run_examples(handle, key, task.method_name, serialized, exchange)
                 result = response.results.add()
@@ -156,7 +156,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         unsupported = [field for field in fields if field != "signature_def"]
         if unsupported:
             raise InvalidInput(f"Metadata field {unsupported[0]} is not supported")
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             signatures = dict(handle.engine.signatures)
             version = handle.version
         response = _metadata.GetModelMetadataResponse()

@@ -92,7 +92,7 @@ async def score_object(
     directory = "/".join(key_parts(f"{name or located.name}{RESULTS_SUFFIX}"))
     with (
         app.exchange("batch", "score", what=f"score {source}") as exchange,
-        app.repository.handle(model_name) as handle,
+        app.repository.hold(model_name) as handle,
     ):
         spec = handle.engine.signature(signature)
         if not spec.batched:
