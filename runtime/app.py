@@ -255,23 +255,20 @@ class App:
     async def _route(self, request: Request, exchange: Exchange) -> Response:
         """The request's route answers it; as TF Serving, a path no route has is malformed under
         /v1/ and unknown elsewhere, and a route asked with another method names the one it takes."""
-        for route in _routes(self.metrics_paths):
-            match = route.path.fullmatch(request.path)
-            if match is None:
-                continue
-            exchange.api = route.api
-            if request.method != route.method:
-                raise InvalidInput(
-                    route.refusal.format(
-                        method=request.method, path=request.path, allowed=route.method, **match.groupdict()
-                    )
-                )
-            if route.body:
-                self._check_size(request)
-            return await route.answer(self, request, exchange, match.groupdict())
-        if request.path.startswith("/v1/"):
-            raise InvalidInput(f"Malformed request: {request.method} {request.path}")
-        raise NotFound(f"no such endpoint: {request.method} {request.path}")
+        found = _routes(self.metrics_paths).find(request.path)
+        if found is None:
+            if request.path.startswith("/v1/"):
+                raise InvalidInput(f"Malformed request: {request.method} {request.path}")
+            raise NotFound(f"no such endpoint: {request.method} {request.path}")
+        route, parts = found
+        exchange.api = route.api
+        if request.method != route.method:
+            raise InvalidInput(
+                route.refusal.format(**parts, method=request.method, path=request.path, allowed=route.method)
+            )
+        if route.body:
+            self._check_size(request)
+        return await route.answer(self, request, exchange, parts)
 
     def ready(self) -> bool:
         """Every configured model has a version that can take requests, and there is one at least: a
@@ -301,49 +298,78 @@ class App:
 
 
 ONLY = "{method} is not supported on {path}; use {allowed}"
+VERB = ":{verb} takes {allowed}, not {method}"
 
 
 @dataclass(frozen=True)
 class Route:
-    """One REST endpoint: the method it takes, its path (a whole match), the api its metrics and
-    access log name, and its answer. `body`: the answer reads the body, whose size is checked first.
-    `refusal`: the message for another method (with the path's parts, method, path and allowed)."""
+    """One REST endpoint: the method it takes, its path (a regular expression, matched whole), the
+    api its metrics and access log name, and its answer. `body`: the answer reads the body, whose
+    size is checked first. `refusal`: the message for another method (with the path's parts, method,
+    path and allowed)."""
 
     method: str
-    path: re.Pattern[str]
+    path: str
     api: str
     answer: Callable[[Core, Request, Exchange, Parts], Awaitable[Response]]
     body: bool = False
     refusal: str = ONLY
 
 
-VERB = ":{verb} takes {allowed}, not {method}"
+class Routes:
+    """A route table, looked up as fast as the if-chain it replaced: paths without parts by a dict,
+    the others by their literal beginning, then their expression (in the table's order, which
+    matters only where two expressions share a beginning)."""
+
+    def __init__(self, routes: list[Route]):
+        self.exact: dict[str, Route] = {}
+        self.patterns: dict[str, list[tuple[re.Pattern[str], Route]]] = {}
+        for route in routes:
+            if re.escape(route.path) == route.path:
+                self.exact.setdefault(route.path, route)  # the first route of a path wins
+            else:
+                beginning = re.split(r"[\\()\[\]{}?*+|.^$]", route.path, maxsplit=1)[0]
+                self.patterns.setdefault(beginning, []).append((re.compile(route.path), route))
+
+    def find(self, path: str) -> tuple[Route, Parts] | None:
+        """The path's route and its named parts; None for a path no route has."""
+        route = self.exact.get(path)
+        if route is not None:
+            return route, {}
+        for beginning, routes in self.patterns.items():
+            if path.startswith(beginning):
+                for pattern, route in routes:
+                    if (match := pattern.fullmatch(path)) is not None:
+                        return route, match.groupdict()
+        return None
 
 
 @functools.cache
-def _routes(metrics_paths: tuple[str, ...]) -> tuple[Route, ...]:
-    """The route table: the metrics paths (configurable), TF Serving's REST API, the OIP's. No path
-    has two routes but a verb: a known one's comes first, then any other's (answered 400)."""
-    table: list[tuple] = [  # method, path, api, answer, whether it reads the body, refusal of another method
-        ("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", endpoints.predict, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", endpoints.classify_or_regress, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", endpoints.classify_or_regress, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", endpoints.generate, True, VERB),
-        ("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", endpoints.unknown_verb, True, VERB),
-        ("GET", MODEL_PATH, "status", endpoints.status),
-        ("GET", MODEL_PATH + "/metadata", "metadata", endpoints.metadata),
-        ("GET", "/v1/models/?", "list", endpoints.models),
-        ("POST", OIP_MODEL_PATH + "/infer", "infer", endpoints.infer, True),
-        ("GET", OIP_MODEL_PATH, "metadata", endpoints.model_metadata),
-        ("GET", OIP_MODEL_PATH + "/ready", "ready", endpoints.model_ready),
-        ("GET", "/v2", "server_metadata", endpoints.server_metadata),
-        ("GET", "/v2/health/live", "health", endpoints.live),
-        ("GET", "/v2/health/ready", "health", endpoints.ready),
-        ("POST", "/v2/repository/index", "repository_index", endpoints.repository_index),
-    ]
-    if metrics_paths:  # first: a configured path wins over an API's
-        table.insert(0, ("GET", "|".join(map(re.escape, metrics_paths)), "metrics", endpoints.metrics))
-    return tuple(Route(method, re.compile(path), *rest) for method, path, *rest in table)
+def _routes(metrics_paths: tuple[str, ...]) -> Routes:
+    """The route table: the metrics paths (configurable, first: they win over an API's path), TF
+    Serving's REST API, the OIP's. No path has two routes but a verb: a known one's comes first,
+    then any other's (answered 400)."""
+    return Routes(
+        [
+            *(Route("GET", re.escape(path), "metrics", endpoints.metrics) for path in metrics_paths),
+            Route("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", endpoints.predict, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", endpoints.classify_or_regress, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", endpoints.classify_or_regress, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", endpoints.generate, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", endpoints.unknown_verb, True, VERB),
+            Route("GET", MODEL_PATH, "status", endpoints.status),
+            Route("GET", MODEL_PATH + "/metadata", "metadata", endpoints.metadata),
+            Route("GET", "/v1/models", "list", endpoints.models),
+            Route("GET", "/v1/models/", "list", endpoints.models),
+            Route("POST", OIP_MODEL_PATH + "/infer", "infer", endpoints.infer, True),
+            Route("GET", OIP_MODEL_PATH, "metadata", endpoints.model_metadata),
+            Route("GET", OIP_MODEL_PATH + "/ready", "ready", endpoints.model_ready),
+            Route("GET", "/v2", "server_metadata", endpoints.server_metadata),
+            Route("GET", "/v2/health/live", "health", endpoints.live),
+            Route("GET", "/v2/health/ready", "health", endpoints.ready),
+            Route("POST", "/v2/repository/index", "repository_index", endpoints.repository_index),
+        ]
+    )
 
 
 def _deadline(request: Request) -> float | None:

@@ -117,6 +117,31 @@ def test_errors_are_tf_serving_json_with_its_statuses(app, method, path, body, s
     assert set(got) == {"error"} and message in got["error"]
 
 
+@pytest.mark.parametrize("method, path, status, message, api, model", [
+    ("POST", "/v1/models/half_plus_two", 400, "POST is not supported on /v1/models/half_plus_two; use GET", "status", ""),
+    ("PUT", "/v1/models/half_plus_two/labels/stable/metadata", 400, "use GET", "metadata", ""),
+    ("GET", "/v2/models/digits/infer", 400, "GET is not supported on /v2/models/digits/infer; use POST", "infer", ""),
+    ("DELETE", "/v1/models/half_plus_two:regress", 400, ":regress takes POST, not DELETE", "regress", ""),
+    ("GET", "/v1/models/half_plus_two:explain", 400, ":explain takes POST, not GET", "unknown", ""),
+    ("POST", "/metrics", 400, "POST is not supported on /metrics; use GET", "metrics", ""),
+    ("GET", "/v2/repository/index", 400, "use POST", "repository_index", ""),
+    ("GET", "/v1/models/half_plus_two/metadata/more", 400, "Malformed request", "unknown", ""),
+    ("GET", "/v2/models/digits/versions/one", 404, "no such endpoint", "unknown", ""),
+    ("GET", "/v1/models/half_plus_two", 200, None, "status", "half_plus_two"),
+    ("GET", "/v1/models/half_plus_two/labels/stable", 200, None, "status", "half_plus_two"),
+    ("GET", "/v2/models/digits/versions/1/ready", 200, None, "ready", "digits"),
+])
+def test_each_route_names_its_api_and_the_method_it_takes(app, method, path, status, message, api, model):
+    """The route table: a path's route labels the request's metrics with its api (and, once it holds
+    one, its model) whether or not it is answered; another method is refused naming the one taken."""
+    labels = {"model": model, "version": "", "api": api, "protocol": "rest", "status": str(status)}
+    before = app.metrics.registry.get_sample_value("kiln_requests_total", labels) or 0
+    got_status, got = call(app, method, path)
+    assert got_status == status
+    assert message is None or message in got["error"]
+    assert app.metrics.registry.get_sample_value("kiln_requests_total", labels) == before + 1
+
+
 def test_oip_health_metadata_and_readiness(app):
     assert call(app, "GET", "/v2/health/live") == (200, {"live": True})
     assert call(app, "GET", "/v2/health/ready") == (200, {"ready": True})
