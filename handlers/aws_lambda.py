@@ -43,8 +43,9 @@ from aws_lambda_powertools.utilities.data_classes import (
 
 from handlers.records import OutputStore, Written, predict_message, write_outcome
 from runtime import logs
-from runtime.app import App, Request, Response, whole
+from runtime.app import App
 from runtime.errors import InvalidInput, KilnError, retryable, status_of
+from runtime.exchange import Request, Response, whole
 from runtime.settings import Settings
 from runtime.storage import Storage
 
@@ -174,7 +175,7 @@ class LambdaFunction:
         request, refused = http_request(
             event, invocation.kind, invocation.deadline, getattr(invocation.context, "aws_request_id", None)
         )
-        response = self.run(whole(self.app.handle(request, refused)))  # Lambda answers whole bodies
+        response = self.run(whole(self.app.respond(request, refused)))  # Lambda answers whole bodies
         self._count(
             requests=1,
             predictions=int(request.method == "POST" and response.status < 400),

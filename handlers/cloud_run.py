@@ -30,8 +30,9 @@ WORKERS = prepare_forked_workers()  # before runtime.metrics imports prometheus_
 from handlers.gcp_events import ObjectFinalized, PubsubDelivery, PubsubMessage, read_event  # noqa: E402
 from handlers.local import AsgiApp  # noqa: E402
 from runtime import logs  # noqa: E402
-from runtime.app import App, Exchange, Request, Response, error_response  # noqa: E402
+from runtime.app import App  # noqa: E402
 from runtime.errors import KilnError, retryable  # noqa: E402
+from runtime.exchange import Exchange, Request, Response, error_response  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 log = logging.getLogger("handlers.cloud_run")  # functions-framework imports this file as "cloud_run"

@@ -1,6 +1,6 @@
 """The local server: the core as an ASGI application, served by uvicorn for `kiln serve`.
 
-The adapter only turns ASGI into runtime.app.Request and back. Bodies are read up to the core's
+The adapter only turns ASGI into runtime.exchange.Request and back. Bodies are read up to the core's
 limit and no further (a larger one is answered 413 without reading it all). The core runs model
 work off the event loop, so the loop stays free for other requests; uvicorn's own shutdown lets
 in-flight requests finish. With a gRPC port, TensorFlow Serving's gRPC API (handlers.grpc)
@@ -23,8 +23,9 @@ from dataclasses import replace
 from functools import partial
 
 from handlers.supervisor import GRACE_SECONDS
-from runtime.app import App, Request, Response, error_response
+from runtime.app import App
 from runtime.errors import BodyTooLarge
+from runtime.exchange import Request, Response, error_response
 from runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,13 @@ class AsgiApp:
         try:
             request = replace(request, body=await _read_body(receive, self.app.max_body_bytes))
         except BodyTooLarge as e:
-            return await self.app.handle(request, refused=e)
+            return await self.app.respond(request, refused=e)
         return await self.respond(request)
 
     async def respond(self, request: Request) -> Response:
         """The answer to a request read whole: the core's. A platform's adapter overrides it to
         answer some requests itself (the Cloud Run service: the events Google posts to it)."""
-        return await self.app.handle(request)
+        return await self.app.respond(request)
 
 
 async def _read_body(receive, limit: int) -> bytes:

@@ -15,9 +15,10 @@ from typing import Any
 
 import orjson
 
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.codecs.tfserving import decode_predict, predict_values, read_predict
 from runtime.errors import ConfigError, InvalidInput, KilnError, retryable, shown, status_of
+from runtime.exchange import Exchange
 from runtime.storage import Storage, open_storage
 
 
@@ -30,7 +31,7 @@ async def predict_message(
     name = request.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidInput(f"'model' must be a model's name, got {shown(name)}")
-    with app.repository.handle(app.repository.named_or_only(name or model)) as handle:
+    with app.repository.hold(app.repository.named_or_only(name or model)) as handle:
         decoded = decode_predict(signature_name, request, handle.engine.signature(signature_name))
         outputs = await app.execute(handle, signature_name, decoded.inputs, exchange)
         served = {"model": handle.name, "version": str(handle.version)}

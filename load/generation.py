@@ -1,4 +1,4 @@
-"""Agent sessions on tiny_lm, through the core (App.handle, the batcher, sessions in a real
+"""Agent sessions on tiny_lm, through the core (App.respond, the batcher, sessions in a real
 redis-server started here):
 
   resume      continuing a session whose context is C tokens (its state loaded from Redis) against
@@ -68,9 +68,9 @@ def open_app(models: Path, redis_url: str):
 async def generate(app, body: dict) -> dict:
     import orjson
 
-    from runtime.app import Request
+    from runtime.exchange import Request
 
-    response = await app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(body)))
+    response = await app.respond(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(body)))
     if response.status != 200:
         raise RuntimeError(f"generate answered {response.status}: {response.body[:300]!r}")
     return orjson.loads(response.body)
@@ -86,10 +86,10 @@ async def streamed(app, body: dict) -> tuple[float, float]:
     """Seconds to a streamed generate request's first token, and to its end (its session stored)."""
     import orjson
 
-    from runtime.app import Request
+    from runtime.exchange import Request
 
     started = time.perf_counter()
-    response = await app.handle(Request("POST", "/v1/models/tiny_lm:generate", {},
+    response = await app.respond(Request("POST", "/v1/models/tiny_lm:generate", {},
                                         orjson.dumps({**body, "stream": True})))
     first = None
     async for event in response.stream:

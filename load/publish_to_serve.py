@@ -31,7 +31,7 @@ def first_prediction_from(repo, name: str, version: int, inputs: dict, timeout: 
     """When a request, retried as a client would, is first answered by `version`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with repo.handle(name) as handle:
+        with repo.hold(name) as handle:
             if handle.version == version:
                 handle.engine.run("serving_default", inputs)
                 return time.perf_counter()
@@ -53,7 +53,7 @@ def measure(client, example, versions: int, poll_seconds: float) -> list[float]:
         repo = Repository(config, poll_seconds=poll_seconds, cache=ServableCache(Path(cache)))
         repo.start()
         try:
-            with repo.handle(example.name) as handle:
+            with repo.hold(example.name) as handle:
                 spec = handle.engine.signature("serving_default").inputs[0]
             inputs = {spec.name: np.zeros((1, *spec.shape[1:]), spec.dtype)}
             seconds = []

@@ -173,7 +173,7 @@ def main() -> None:
         app = App.start(Settings.from_env({}, batching_mode="fixed", overrides={
             "model_repository": str(work / "models"), "poll_seconds": 0}))
         try:
-            with app.repository.handle(MODEL) as handle:
+            with app.repository.hold(MODEL) as handle:
                 engine, signature = handle.engine, handle.engine.signature(KEY)
                 buckets = {b: engine_rate(engine, x[:4096], b) for b in handle.engine.manifest.batch_sizes}
                 best = max(buckets, key=buckets.get)

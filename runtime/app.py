@@ -1,6 +1,7 @@
-"""The protocol-neutral core: a request is (method, path, headers, body); the core routes it,
-decodes it with a codec, runs it on the version the repository hands out, and encodes the answer.
-Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.handle`, or for
+"""The protocol-neutral core: a request is (method, path, headers, body: runtime.exchange); the core
+routes it by the route table below to its endpoint (runtime.endpoints), which decodes it with a codec,
+runs it on the version the repository hands out (model work: runtime.runner) and encodes the answer.
+Every handler (local server, gRPC, Lambda, Cloud Run) adapts its events to `App.respond`, or for
 calls it decodes itself (gRPC) to `App.execute`; none routes, runs models or maps errors itself.
 
 Routes. TensorFlow Serving's REST API v1:
@@ -26,107 +27,41 @@ and a JSON access log line.
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import functools
 import gc
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from urllib.parse import unquote
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import orjson
 
-from runtime import __version__, logs, tracing
+from runtime import endpoints, logs, tracing
 from runtime.access import DEFAULT_TENANT, OPEN_PATHS, Auth, Cors
-from runtime.batcher import Batcher
 from runtime.batching import BatchingParameters, BatchingPolicy
-from runtime.codecs import examples, oip
-from runtime.codecs.oip import default_signature, oip_signature
-from runtime.codecs.tfserving import (
-    DEFAULT_SIGNATURE,
-    REPORTED_STATE,
-    decode_predict,
-    encode_predict,
-    fast_predict,
-    instances_text,
-    model_status,
-    read_predict,
-    signature_def,
-)
-from runtime.errors import BodyTooLarge, DeadlineExceeded, InvalidInput, KilnError, NotFound, Unauthenticated, status_of
-from runtime.manifest import Signature
-from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.codecs import examples
+from runtime.core import Core
+from runtime.endpoints import Parts
+from runtime.errors import BodyTooLarge, InvalidInput, KilnError, NotFound, status_of
+from runtime.exchange import Exchange, Request, Response, error_response
 from runtime.metrics import Metrics
 from runtime.repository import Repository, ServableHandle
+from runtime.runner import Runner, time_left
 from runtime.settings import Settings
-from runtime.version_policy import State
+
+if TYPE_CHECKING:
+    from runtime.sessions.services import Sessions
 
 log = logging.getLogger(__name__)
 access_logger = logging.getLogger("kiln.access")
-JSON = {"Content-Type": "application/json"}
 DEFAULT_MAX_BODY_BYTES = 64 << 20
 TIMEOUT_HEADER = "x-kiln-timeout-ms"
-MODEL_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?:(?P<metadata>/metadata)|:(?P<verb>[A-Za-z]+))?$"
-)
-OIP_MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?(?P<action>/ready|/infer)?$")
+MODEL_PATH = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+OIP_MODEL_PATH = r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>\d+))?"
 METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: Mapping[str, str] = field(default_factory=dict)  # names lower-case
-    body: bytes = b""
-    deadline: float | None = None  # time.monotonic() by which the answer is due, from the platform
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    headers: Mapping[str, str] = field(default_factory=lambda: dict(JSON))
-    stream: AsyncGenerator[bytes, None] | None = None  # a body sent as it is made (server-sent events), after `body`
-
-
-async def whole(pending: Awaitable[Response]) -> Response:
-    """The response with a streamed body read into `body`, for platforms that cannot stream (Lambda)."""
-    response = await pending
-    if response.stream is None:
-        return response
-    chunks = [chunk async for chunk in response.stream]
-    return replace(response, body=response.body + b"".join(chunks), stream=None)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which model version a request addresses."""
-
-    name: str
-    version: int | None = None
-    label: str | None = None
-
-
-@dataclass
-class Exchange:
-    """What one request is and did, filled in as it is served: the labels of its metrics and
-    its access log line, and the tenant its credentials name."""
-
-    protocol: str
-    api: str = "unknown"
-    model: str = ""
-    version: str = ""
-    tenant: str | None = None
-    deadline: float | None = None
-    started: float = field(default_factory=time.perf_counter)
-    status: str = "OK"  # as the protocol says it: an HTTP status, or a gRPC code's name
-    what: str = ""  # the access log line's description of the request
-    trace: tracing.RequestTrace = tracing.NO_TRACE  # its span (OpenTelemetry) or its caller's trace ids
 
 
 class App:
@@ -140,7 +75,7 @@ class App:
         cors: Cors = Cors(),
         batching: Callable[[str], BatchingParameters] | None = None,
         access_log: bool = False,
-        sessions=None,
+        sessions: Sessions | None = None,
     ):
         """`batching`: each model's batching parameters by name; None runs every request alone.
         `access_log`: a JSON line per request (off by default: Lambda and Cloud Run log requests
@@ -152,8 +87,8 @@ class App:
         self.cors = cors
         self.batching = batching
         self.access_log = access_log
-        self._sessions = sessions  # runtime.sessions.services.Sessions; see the property
-        self.batcher = Batcher(repository, batching, self.metrics) if batching is not None else None
+        self._sessions = sessions  # see the property
+        self.runner = Runner(repository, self.metrics, batching)
         self.metrics_paths: tuple[str, ...] = METRICS_PATHS
 
     @classmethod
@@ -228,7 +163,7 @@ class App:
             if token is not None:
                 logs.request_id.reset(token)
 
-    async def handle(self, request: Request, refused: KilnError | None = None) -> Response:
+    async def respond(self, request: Request, refused: KilnError | None = None) -> Response:
         """Answer one HTTP request; every failure becomes TF Serving's {"error": ...} with its status.
         `refused`: why the handler could not take the request (a body over the limit while reading
         it), answered here so that it is counted, logged and marked like any other answer."""
@@ -298,163 +233,42 @@ class App:
     async def execute(
         self, handle: ServableHandle, key: str, inputs: dict[str, np.ndarray], exchange: Exchange
     ) -> dict[str, np.ndarray]:
-        """Run a signature on decoded inputs: the one place model work starts. It runs in the event
-        loop's thread pool (the loop stays free), merged with other requests by the batcher where the
-        model's batching is on; a request whose deadline passes first answers DeadlineExceeded, and
-        its work is skipped if it has not started yet. With the prediction cache on, a stateless
-        signature's answer for the same tenant, version and inputs comes from the cache instead."""
+        """Run a signature on decoded inputs for a request: its work goes to the runner
+        (runtime.runner: the deadline, alone or batched, the metrics). With the prediction cache on, a
+        stateless signature's answer for the same tenant, version and inputs comes from the cache instead."""
         exchange.model, exchange.version = handle.name, str(handle.version)
-        remaining = None if exchange.deadline is None else exchange.deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded("the request's deadline passed before its model work could start")
-        cache = self._sessions.prediction_cache() if self._sessions is not None else None
-        if cache is None or handle.engine.signature(key).state:
-            return await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
-        tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, self._sessions.fingerprint(handle)
+        time_left(exchange.deadline)  # a request already late is not answered from the cache either
+        sessions = self._sessions
+        cache = sessions.prediction_cache() if sessions is not None else None
+        if sessions is None or cache is None or handle.engine.signature(key).state:
+            return await self.runner.run(handle, key, inputs, exchange.deadline, exchange.api)
+        tenant, fingerprint = exchange.tenant or DEFAULT_TENANT, sessions.fingerprint(handle)
         cached = await cache.get(tenant, fingerprint, key, inputs)
         if cached is not None:
             return cached
-        outputs = await self._timed(handle, key, exchange, self._run(handle, key, inputs, exchange, remaining))
+        outputs = await self.runner.run(handle, key, inputs, exchange.deadline, exchange.api)
         await cache.put(tenant, fingerprint, key, inputs, outputs)
         return outputs
-
-    async def _timed(
-        self, handle: ServableHandle, key: str, exchange: Exchange, run: Awaitable[dict[str, np.ndarray]]
-    ) -> dict[str, np.ndarray]:
-        """`run` (a _run), its time recorded as TF Serving's runtime latency (queue and batch included)."""
-        started = time.perf_counter()
-        with tracing.model_span(handle.name, handle.version, key):
-            outputs = await run
-        self.metrics.tfserving.runtime(
-            handle.name, exchange.api, handle.engine.signature(key).engine, time.perf_counter() - started
-        )
-        return outputs
-
-    async def _run(
-        self,
-        handle: ServableHandle,
-        key: str,
-        inputs: dict[str, np.ndarray],
-        exchange: Exchange,
-        remaining: float | None,
-    ) -> dict[str, np.ndarray]:
-        if (
-            self.batcher is not None
-            and self.batching is not None
-            and self.batching(handle.name).mode != "off"
-            and handle.engine.signature(key).batched
-        ):
-            return await self.batcher.run(handle, key, inputs, exchange.deadline)
-        abandoned = False
-        release = self.repository.retain(handle)
-        queue = self.metrics.queue_depth.labels(handle.name)
-
-        def work() -> dict[str, np.ndarray]:
-            try:
-                if abandoned:
-                    raise DeadlineExceeded("abandoned")
-                started = time.perf_counter()
-                with tracing.span("kiln.engine"):
-                    outputs = handle.engine.run(key, inputs)
-                signature = handle.engine.signatures.get(key)
-                first = next(iter(inputs.values()), None)
-                rows = (
-                    None
-                    if signature is None or not signature.batched or first is None
-                    else np.size(first)
-                    if signature.elementwise
-                    else len(first)
-                )
-                self.observe_execution(handle, key, rows, time.perf_counter() - started)
-                return outputs
-            finally:
-                queue.dec()
-                release()
-
-        queue.inc()
-        future = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, work)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), remaining)
-        except TimeoutError:
-            abandoned = True
-            raise DeadlineExceeded(
-                f"the request's deadline passed after {(remaining or 0) * 1e3:.0f} ms, before the model answered"
-            ) from None
-
-    def observe_execution(self, handle: ServableHandle, key: str, rows: int | None, seconds: float) -> None:
-        """Count one execution of a signature: its rows (None: unbatched) and its seconds."""
-        labels = (handle.name, str(handle.version), key)
-        if rows is not None:
-            self.metrics.batch_size.labels(*labels).observe(rows)
-        self.metrics.executed(labels, seconds)
 
     # Routing ------------------------------------------------------------------------------------
 
     async def _route(self, request: Request, exchange: Exchange) -> Response:
-        if request.path in self.metrics_paths:
-            exchange.api = "metrics"
-            _only(request, "GET")
-            return Response(200, self.metrics.render(), {"Content-Type": METRICS_CONTENT_TYPE})
-        if request.path == "/v2" or request.path.startswith("/v2/"):
-            return await self._route_oip(request, exchange)
-        if request.path in ("/v1/models", "/v1/models/"):
-            exchange.api = "list"
-            _only(request, "GET")
-            return _json({"models": self._served_models()})
-        match = MODEL_PATH.match(request.path)
-        if match is None:  # as TF Serving: malformed under /v1/, unknown elsewhere
+        """The request's route answers it; as TF Serving, a path no route has is malformed under
+        /v1/ and unknown elsewhere, and a route asked with another method names the one it takes."""
+        found = _routes(self.metrics_paths).find(request.path)
+        if found is None:
             if request.path.startswith("/v1/"):
                 raise InvalidInput(f"Malformed request: {request.method} {request.path}")
             raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = _model_spec(match)
-        verb, metadata = match["verb"], match["metadata"]
-        if verb is None:
-            exchange.api = "metadata" if metadata else "status"
-            _only(request, "GET")
-            return self._metadata(target, exchange) if metadata else self._status(target, exchange)
-        exchange.api = verb if verb in ("predict", "generate", *examples.METHODS) else "unknown"
-        if request.method != "POST":
-            raise InvalidInput(f":{verb} takes POST, not {request.method}")
-        self._check_size(request)
-        if verb == "predict":
-            return await self._predict(target, request, exchange)
-        if verb == "generate":
-            return await self._generate(target, request, exchange)
-        if verb in examples.METHODS:
-            return await self._classify_or_regress(target, request.body, examples.METHODS[verb], exchange)
-        raise InvalidInput(f"unknown method ':{verb}'; this server answers :predict, :classify, :regress and :generate")
-
-    async def _route_oip(self, request: Request, exchange: Exchange) -> Response:
-        if request.path == "/v2/repository/index":
-            exchange.api = "repository_index"
-            _only(request, "POST")
-            return Response(200, orjson.dumps(self._repository_index()))
-        if request.path in ("/v2", "/v2/health/live", "/v2/health/ready"):
-            exchange.api = "health" if "health" in request.path else "server_metadata"
-            _only(request, "GET")
-            if request.path == "/v2":
-                return _json(oip.server_metadata(__version__))
-            if request.path == "/v2/health/live":
-                return _json({"live": True})
-            ready = self.ready()
-            return _json({"ready": ready}, 200 if ready else 503)
-        match = OIP_MODEL_PATH.match(request.path)
-        if match is None:
-            raise NotFound(f"no such endpoint: {request.method} {request.path}")
-        target = ModelSpec(unquote(match["name"]), int(match["version"]) if match["version"] else None)
-        action = match["action"]
-        if action == "/infer":
-            exchange.api = "infer"
-            _only(request, "POST")
+        route, parts = found
+        exchange.api = route.api
+        if request.method != route.method:
+            raise InvalidInput(
+                route.refusal.format(**parts, method=request.method, path=request.path, allowed=route.method)
+            )
+        if route.body:
             self._check_size(request)
-            return await self._infer(target, request.body, exchange, request.headers)
-        exchange.api = "ready" if action == "/ready" else "metadata"
-        _only(request, "GET")
-        with self._hold(target, exchange) as handle:
-            if action == "/ready":
-                return _json({"name": handle.name, "ready": True})
-            versions = [v.version for v in self.repository.status(handle.name).versions if v.state is State.AVAILABLE]
-            return _json(oip.metadata(handle.name, versions, default_signature(handle.engine)[1]))
+        return await route.answer(self, request, exchange, parts)
 
     def ready(self) -> bool:
         """Every configured model has a version that can take requests, and there is one at least: a
@@ -462,170 +276,13 @@ class App:
         names = self.repository.names()
         return bool(names) and all(self.repository.is_available(name) for name in names)
 
-    # Endpoints ----------------------------------------------------------------------------------
-
-    async def _infer(self, target: ModelSpec, body: bytes, exchange: Exchange, headers: Mapping[str, str]) -> Response:
-        header, binary = oip.infer_header(body, headers.get(oip.HEADER_LENGTH.lower()))
-        parameters = header.get("parameters") or {}
-        session, extra = None, {}
-        with self._hold(target, exchange) as handle:
-            key, signature = oip_signature(handle.engine, parameters)
-            if signature.state:
-                from runtime.sessions.predict import infer_in_session, visible
-                from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-                request = oip.infer_request(header, binary, visible(signature))
-                outputs, session = await infer_in_session(
-                    self,
-                    handle,
-                    key,
-                    signature,
-                    request.inputs,
-                    parameters,
-                    tenant_of(exchange.tenant, headers),
-                    exchange,
-                )
-                extra = {SESSION_HEADER: session}
-            else:
-                request = oip.infer_request(header, binary, signature)
-                outputs = await self.execute(handle, key, request.inputs, exchange)
-            body, header_length = oip.write_infer(
-                handle.name, handle.version, outputs, request, None if session is None else {"sequence_id": session}
-            )
-        if header_length is None:
-            return Response(200, body, {**JSON, **extra})
-        # The binary tensor data extension: JSON, then the binary outputs (Triton's content type).
-        return Response(
-            200, body, {"Content-Type": "application/octet-stream", oip.HEADER_LENGTH: str(header_length), **extra}
-        )
-
     def _check_size(self, request: Request) -> None:
         if len(request.body) > self.max_body_bytes:
             raise BodyTooLarge(f"the request body has {len(request.body)} bytes; the limit is {self.max_body_bytes}")
 
-    def _status(self, target: ModelSpec, exchange: Exchange) -> Response:
-        version = target.version
-        if target.label is not None:
-            with self._hold(target, exchange) as handle:
-                version = handle.version
-        exchange.model = target.name
-        return _json(model_status(self.repository.status(target.name, version).versions))
-
-    def _served_models(self) -> list[dict]:
-        models = []
-        for name in self.repository.names():
-            try:
-                versions = self.repository.status(name).versions
-            except NotFound:  # configured, nothing found in its store yet
-                versions = []
-            labels = self.repository.config_of(name).version_labels
-            models.append(
-                {
-                    "name": name,
-                    "versions": [{"version": str(v.version), "state": REPORTED_STATE[v.state]} for v in versions],
-                    "labels": {label: str(number) for label, number in labels.items()},
-                }
-            )
-        return models
-
-    def _repository_index(self) -> list[dict]:
-        return [
-            {
-                "name": model["name"],
-                "version": v["version"],
-                "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE",
-                "reason": "",
-            }
-            for model in self._served_models()
-            for v in model["versions"]
-        ]
-
-    def _metadata(self, target: ModelSpec, exchange: Exchange) -> Response:
-        with self._hold(target, exchange) as handle:
-            signatures = {key: signature_def(sig) for key, sig in handle.engine.signatures.items()}
-            return _json(
-                {
-                    "model_spec": {"name": handle.name, "signature_name": "", "version": str(handle.version)},
-                    "metadata": {"signature_def": {"signature_def": signatures}},
-                }
-            )
-
-    async def _predict(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
-        body = request.body
-        instances = instances_text(body)  # perhaps rows of numbers only: see fast_predict
-        if instances is None:
-            signature_name, parsed = read_predict(body)
-        with self._hold(target, exchange) as handle:
-            signature = handle.engine.signatures.get(DEFAULT_SIGNATURE)
-            stateless = signature is not None and not signature.state
-            decoded = fast_predict(instances, signature) if instances is not None and stateless else None
-            if decoded is None:
-                if instances is not None:
-                    signature_name, parsed = read_predict(body)
-                signature = handle.engine.signature(signature_name)
-                if signature.state:
-                    return await self._predict_in_session(handle, signature_name, signature, parsed, request, exchange)
-                decoded = decode_predict(signature_name, parsed, signature)
-            outputs = await self.execute(handle, decoded.signature_name, decoded.inputs, exchange)
-        return Response(200, encode_predict(outputs, decoded.row_format))
-
-    async def _predict_in_session(
-        self, handle: ServableHandle, key: str, signature: Signature, parsed: dict, request: Request, exchange: Exchange
-    ) -> Response:
-        from runtime.sessions.predict import predict_in_session
-        from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-        outputs, row_format, session = await predict_in_session(
-            self, handle, key, signature, parsed, tenant_of(exchange.tenant, request.headers), exchange
-        )
-        body = encode_predict(outputs, row_format)  # an object: the session joins it as its last key
-        return Response(
-            200, body[:-1] + b',"session":' + orjson.dumps(session) + b"}", {**JSON, SESSION_HEADER: session}
-        )
-
-    async def _classify_or_regress(self, target: ModelSpec, body: bytes, method: str, exchange: Exchange) -> Response:
-        signature_name, rows = examples.read_examples(body)
-        serialized = examples.serialize(rows)
-        with self._hold(target, exchange) as handle:
-            outputs = await self.run_examples(handle, signature_name, method, serialized, exchange)
-        return _json(examples.encode_results(outputs, method))
-
-    async def _generate(self, target: ModelSpec, request: Request, exchange: Exchange) -> Response:
-        from runtime.sessions import generate as generation
-        from runtime.sessions.services import SESSION_HEADER, tenant_of
-
-        generate_request = generation.read_generate(request.body)
-        tenant = tenant_of(exchange.tenant, request.headers)
-        session = generation.session_of(self, tenant, generate_request)
-        if not generate_request.stream:
-            with self._hold(target, exchange) as handle:
-                answer = await generation.generate(self, handle, generate_request, tenant, session, exchange)
-            return Response(200, orjson.dumps(answer), {**JSON, SESSION_HEADER: session})
-        with self._hold(target, exchange):  # an unknown model or version answers 404 before the stream
-            pass
-
-        async def stream() -> AsyncGenerator[bytes, None]:
-            """Server-sent events; an error once the stream has begun is its last event."""
-            try:
-                with self._hold(target, exchange) as handle:
-                    async for event in generation.events(self, handle, generate_request, tenant, session, exchange):
-                        yield b"data: " + orjson.dumps(event) + b"\n\n"
-            except KilnError as e:
-                yield b"event: error\ndata: " + error_body(e, status=status_of(e)[0]) + b"\n\n"
-            except Exception:
-                log.exception("internal error streaming %s", request.path)
-                yield b'event: error\ndata: {"error": "internal error", "status": 500}\n\n'
-
-        return Response(
-            200,
-            b"",
-            {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", SESSION_HEADER: session},
-            stream=stream(),
-        )
-
     @property
-    def sessions(self):
-        """Where agent sessions live (runtime.sessions.services.Sessions), made on first use."""
+    def sessions(self) -> Sessions:
+        """Where agent sessions live, made on first use."""
         if self._sessions is None:
             from runtime.sessions.services import Sessions
 
@@ -639,14 +296,80 @@ class App:
         input_name = examples.check_method(key, handle.engine.signature(key), method)
         return await self.execute(handle, key, {input_name: serialized}, exchange)
 
-    def _hold(self, target: ModelSpec, exchange: Exchange):
-        exchange.model = target.name if target.name in self.repository.names() else ""
-        return self.repository.handle(target.name, version=target.version, label=target.label)
+
+ONLY = "{method} is not supported on {path}; use {allowed}"
+VERB = ":{verb} takes {allowed}, not {method}"
 
 
-def _only(request: Request, method: str) -> None:
-    if request.method != method:
-        raise InvalidInput(f"{request.method} is not supported on {request.path}; use {method}")
+@dataclass(frozen=True)
+class Route:
+    """One REST endpoint: the method it takes, its path (a regular expression, matched whole), the
+    api its metrics and access log name, and its answer. `body`: the answer reads the body, whose
+    size is checked first. `refusal`: the message for another method (with the path's parts, method,
+    path and allowed)."""
+
+    method: str
+    path: str
+    api: str
+    answer: Callable[[Core, Request, Exchange, Parts], Awaitable[Response]]
+    body: bool = False
+    refusal: str = ONLY
+
+
+class Routes:
+    """A route table, looked up as fast as the if-chain it replaced: paths without parts by a dict,
+    the others by their literal beginning, then their expression (in the table's order, which
+    matters only where two expressions share a beginning)."""
+
+    def __init__(self, routes: list[Route]):
+        self.exact: dict[str, Route] = {}
+        self.patterns: dict[str, list[tuple[re.Pattern[str], Route]]] = {}
+        for route in routes:
+            if re.escape(route.path) == route.path:
+                self.exact.setdefault(route.path, route)  # the first route of a path wins
+            else:
+                beginning = re.split(r"[\\()\[\]{}?*+|.^$]", route.path, maxsplit=1)[0]
+                self.patterns.setdefault(beginning, []).append((re.compile(route.path), route))
+
+    def find(self, path: str) -> tuple[Route, Parts] | None:
+        """The path's route and its named parts; None for a path no route has."""
+        route = self.exact.get(path)
+        if route is not None:
+            return route, {}
+        for beginning, routes in self.patterns.items():
+            if path.startswith(beginning):
+                for pattern, route in routes:
+                    if (match := pattern.fullmatch(path)) is not None:
+                        return route, match.groupdict()
+        return None
+
+
+@functools.cache
+def _routes(metrics_paths: tuple[str, ...]) -> Routes:
+    """The route table: the metrics paths (configurable, first: they win over an API's path), TF
+    Serving's REST API, the OIP's. No path has two routes but a verb: a known one's comes first,
+    then any other's (answered 400)."""
+    return Routes(
+        [
+            *(Route("GET", re.escape(path), "metrics", endpoints.metrics) for path in metrics_paths),
+            Route("POST", MODEL_PATH + ":(?P<verb>predict)", "predict", endpoints.predict, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>classify)", "classify", endpoints.classify_or_regress, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>regress)", "regress", endpoints.classify_or_regress, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>generate)", "generate", endpoints.generate, True, VERB),
+            Route("POST", MODEL_PATH + ":(?P<verb>[A-Za-z]+)", "unknown", endpoints.unknown_verb, True, VERB),
+            Route("GET", MODEL_PATH, "status", endpoints.status),
+            Route("GET", MODEL_PATH + "/metadata", "metadata", endpoints.metadata),
+            Route("GET", "/v1/models", "list", endpoints.models),
+            Route("GET", "/v1/models/", "list", endpoints.models),
+            Route("POST", OIP_MODEL_PATH + "/infer", "infer", endpoints.infer, True),
+            Route("GET", OIP_MODEL_PATH, "metadata", endpoints.model_metadata),
+            Route("GET", OIP_MODEL_PATH + "/ready", "ready", endpoints.model_ready),
+            Route("GET", "/v2", "server_metadata", endpoints.server_metadata),
+            Route("GET", "/v2/health/live", "health", endpoints.live),
+            Route("GET", "/v2/health/ready", "health", endpoints.ready),
+            Route("POST", "/v2/repository/index", "repository_index", endpoints.repository_index),
+        ]
+    )
 
 
 def _deadline(request: Request) -> float | None:
@@ -662,38 +385,3 @@ def _deadline(request: Request) -> float | None:
         raise InvalidInput(f"X-Kiln-Timeout-Ms must be a positive number of milliseconds, got {value!r}")
     deadline = time.monotonic() + milliseconds / 1e3
     return deadline if request.deadline is None else min(deadline, request.deadline)
-
-
-def _model_spec(match: re.Match) -> ModelSpec:
-    version, label = match["version"], match["label"]
-    return ModelSpec(
-        unquote(match["name"]),
-        int(version) if version is not None else None,
-        unquote(label) if label is not None else None,
-    )
-
-
-def _json(body: dict, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(body))
-
-
-def error_response(error: BaseException, message: str | None = None) -> Response:
-    """TF Serving's {"error": ...} with the error's status; `message` in place of the error's own."""
-    http, _ = status_of(error)
-    headers = {**JSON, "WWW-Authenticate": "Bearer"} if isinstance(error, Unauthenticated) else JSON
-    return Response(http, error_body(message if message is not None else error), headers)
-
-
-def error_body(error: BaseException | str, **fields) -> bytes:
-    """{"error": message, **fields} as JSON. It cannot fail, since it runs where every other failure
-    has been caught: a message JSON cannot hold (a lone surrogate quoted from a request) is written
-    with escapes, and an error whose str() fails or is empty is named by its type."""
-    try:
-        text = str(error)
-    except Exception:
-        text = ""
-    text = text or f"{type(error).__name__} (no message)"
-    try:
-        return orjson.dumps({"error": text, **fields})
-    except TypeError:  # orjson refuses text that is not Unicode
-        return orjson.dumps({"error": text.encode("utf-8", "backslashreplace").decode(), **fields})

@@ -1,4 +1,5 @@
-"""The in-container micro-batcher: requests that arrive together run as one compiled batch.
+"""The in-container micro-batcher: requests that arrive together run as one compiled batch
+(runtime.runner hands it a request's work where the model's batching is on).
 
 One queue per model version and signature, on the server's event loop. A request's inputs are
 checked on their own before they join a queue, so one bad request fails alone; a batch that fails
@@ -63,10 +64,17 @@ class _Request:
 
 
 class Batcher:
-    def __init__(self, repository: Repository, parameters: Callable[[str], BatchingParameters], metrics: Metrics):
+    def __init__(
+        self,
+        repository: Repository,
+        parameters: Callable[[str], BatchingParameters],
+        metrics: Metrics,
+        observe: Callable[[ServableHandle, str, int | None, float], None],
+    ):
+        """`observe`: how an execution is counted (runtime.runner's Runner.observe)."""
         self.repository = repository
         self.parameters = parameters  # by model name
-        self.metrics = metrics
+        self.metrics, self.observe = metrics, observe
         self._queues: dict[tuple[str, int, str], _Queue] = {}
 
     async def run(
@@ -154,7 +162,6 @@ class _Queue:
         engine = handle.engine
         self.call = engine.run_elements if engine.signature(key).elementwise else engine.run  # one batch
         self.depth = batcher.metrics.queue_depth.labels(handle.name)
-        self.labels = (handle.name, str(handle.version), key)
 
     @property
     def busy(self) -> bool:
@@ -311,8 +318,7 @@ class _Queue:
             if len(batch) == 1:
                 return [e], False
             return [self._run_alone(request) for request in batch], False
-        self.batcher.metrics.batch_size.labels(*self.labels).observe(rows)
-        self.batcher.metrics.executed(self.labels, elapsed)
+        self.batcher.observe(self.handle, self.key, rows, elapsed)
         results, start = [], 0
         for request in batch:
             results.append({name: array[start : start + request.rows] for name, array in outputs.items()})

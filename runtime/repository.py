@@ -306,7 +306,7 @@ class Repository:
     # Serving ----------------------------------------------------------------------------------
 
     @contextmanager
-    def handle(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[ServableHandle]:
+    def hold(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[ServableHandle]:
         """Hold a version for a request: the one asked for, the label's, or the newest AVAILABLE."""
         with self._lock:
             model = self._models.get(name)

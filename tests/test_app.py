@@ -10,7 +10,8 @@ import threading
 import orjson
 import pytest
 
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
 from runtime.servable_cache import ServableCache
@@ -35,7 +36,7 @@ def app(examples, tmp_path_factory):
 
 
 def call(app, method, path, body=None):
-    response = asyncio.run(app.handle(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
+    response = asyncio.run(app.respond(Request(method, path, {}, body if isinstance(body, bytes) else orjson.dumps(body)
                                               if body is not None else b"")))
     assert response.headers["Content-Type"] == "application/json"
     return response.status, orjson.loads(response.body)
@@ -116,6 +117,31 @@ def test_errors_are_tf_serving_json_with_its_statuses(app, method, path, body, s
     assert set(got) == {"error"} and message in got["error"]
 
 
+@pytest.mark.parametrize("method, path, status, message, api, model", [
+    ("POST", "/v1/models/half_plus_two", 400, "POST is not supported on /v1/models/half_plus_two; use GET", "status", ""),
+    ("PUT", "/v1/models/half_plus_two/labels/stable/metadata", 400, "use GET", "metadata", ""),
+    ("GET", "/v2/models/digits/infer", 400, "GET is not supported on /v2/models/digits/infer; use POST", "infer", ""),
+    ("DELETE", "/v1/models/half_plus_two:regress", 400, ":regress takes POST, not DELETE", "regress", ""),
+    ("GET", "/v1/models/half_plus_two:explain", 400, ":explain takes POST, not GET", "unknown", ""),
+    ("POST", "/metrics", 400, "POST is not supported on /metrics; use GET", "metrics", ""),
+    ("GET", "/v2/repository/index", 400, "use POST", "repository_index", ""),
+    ("GET", "/v1/models/half_plus_two/metadata/more", 400, "Malformed request", "unknown", ""),
+    ("GET", "/v2/models/digits/versions/one", 404, "no such endpoint", "unknown", ""),
+    ("GET", "/v1/models/half_plus_two", 200, None, "status", "half_plus_two"),
+    ("GET", "/v1/models/half_plus_two/labels/stable", 200, None, "status", "half_plus_two"),
+    ("GET", "/v2/models/digits/versions/1/ready", 200, None, "ready", "digits"),
+])
+def test_each_route_names_its_api_and_the_method_it_takes(app, method, path, status, message, api, model):
+    """The route table: a path's route labels the request's metrics with its api (and, once it holds
+    one, its model) whether or not it is answered; another method is refused naming the one taken."""
+    labels = {"model": model, "version": "", "api": api, "protocol": "rest", "status": str(status)}
+    before = app.metrics.registry.get_sample_value("kiln_requests_total", labels) or 0
+    got_status, got = call(app, method, path)
+    assert got_status == status
+    assert message is None or message in got["error"]
+    assert app.metrics.registry.get_sample_value("kiln_requests_total", labels) == before + 1
+
+
 def test_oip_health_metadata_and_readiness(app):
     assert call(app, "GET", "/v2/health/live") == (200, {"live": True})
     assert call(app, "GET", "/v2/health/ready") == (200, {"ready": True})
@@ -153,7 +179,7 @@ def test_oip_errors(app, request_body, message):
 
 
 def test_a_deadline_passing_while_the_model_runs_answers_504_and_the_work_keeps_its_version(app, monkeypatch):
-    with app.repository.handle("half_plus_two", version=1) as handle:
+    with app.repository.hold("half_plus_two", version=1) as handle:
         engine, held = handle.engine, handle.held
     release, original = threading.Event(), engine.run
 
@@ -166,7 +192,7 @@ def test_a_deadline_passing_while_the_model_runs_answers_504_and_the_work_keeps_
                       orjson.dumps({"instances": [1.0]}))
     loop = asyncio.new_event_loop()  # kept open: asyncio.run would wait for the work at its end
     try:
-        response = loop.run_until_complete(app.handle(request))
+        response = loop.run_until_complete(app.respond(request))
         assert response.status == 504 and "before the model answered" in orjson.loads(response.body)["error"]
         assert held.in_flight == 1  # the request has gone; its running work still holds the version
         release.set()

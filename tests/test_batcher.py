@@ -18,6 +18,7 @@ from runtime.errors import DeadlineExceeded, InvalidInput, ResourceExhausted
 from runtime.metrics import Metrics
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
+from runtime.runner import Runner
 from runtime.servable_cache import ServableCache
 
 
@@ -54,13 +55,15 @@ class Recorder:
 @pytest.fixture
 def served(models, monkeypatch):
     """(handle, recorder) for half_plus_two version 1, held for the test."""
-    with models.handle("half_plus_two") as handle:
+    with models.hold("half_plus_two") as handle:
         yield handle, Recorder(handle.engine, monkeypatch)
 
 
 def batcher_for(models, **parameters) -> Batcher:
     chosen = BatchingParameters(**parameters)
-    return Batcher(models, lambda name: chosen, Metrics())
+    batcher = Runner(models, Metrics(), lambda name: chosen).batcher
+    assert batcher is not None
+    return batcher
 
 
 def test_concurrent_requests_each_get_their_own_rows(models, served):

@@ -262,7 +262,7 @@ import asyncio, json, sys
 from handlers.cloud_run import SETTINGS, CloudRunApp
 from handlers.gcp_events import PubsubDelivery
 from runtime import errors
-from runtime.app import Exchange
+from runtime.exchange import Exchange
 
 
 async def decide(name):

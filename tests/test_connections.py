@@ -195,7 +195,7 @@ class _Core:
     def __init__(self, answer):
         self.answer = answer
 
-    async def handle(self, request, refused=None):
+    async def respond(self, request, refused=None):
         return self.answer()
 
 
@@ -230,7 +230,7 @@ def test_adapter_answers_json_when_the_core_fails():
 
 
 def test_adapter_drops_a_header_http_cannot_carry():
-    from runtime.app import Response
+    from runtime.exchange import Response
 
     start, body = _through_adapter(_Core(lambda: Response(200, b"{}", {"Content-Type": "application/json",
                                                                        "X-Echo": "a\r\nSet-Cookie: x",

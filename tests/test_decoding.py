@@ -15,12 +15,14 @@ import orjson
 import pytest
 
 from runtime.sessions import decode_loop as decoding
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.batching import BatchingParameters
 from runtime.sessions.generate import SHORT_CHUNK
 from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
 from runtime.repository import Repository
+from runtime.runner import Runner
 from runtime.servable_cache import ServableCache
 
 PROMPTS = ["Kiln ", "fires a SavedModel ", "into machine code, ", "once: ", "ünïcödé ✓ ", "a", "serving " * 15]
@@ -54,7 +56,7 @@ def seated(app) -> int:
 
 
 async def generate(app, body: dict) -> dict:
-    response = await app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(body)))
+    response = await app.respond(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(body)))
     assert response.status == 200, response.body
     return orjson.loads(response.body)
 
@@ -152,7 +154,7 @@ def test_more_sessions_than_seats_wait_for_one(app, run, monkeypatch):
         original(self, *args)
         self.buckets = (1, 2)
 
-    observe = App.observe_execution
+    observe = Runner.observe
 
     def watch(self, handle, key, rows, seconds):
         if key == "decode":
@@ -164,7 +166,7 @@ def test_more_sessions_than_seats_wait_for_one(app, run, monkeypatch):
     gc.collect()  # a loop left in a reference cycle (a cancelled session's traceback) goes now
     assert not app.sessions._decoders, "a decode loop outlived its sessions"
     monkeypatch.setattr(decoding.DecodeLoop, "__init__", two_seats)
-    monkeypatch.setattr(App, "observe_execution", watch)
+    monkeypatch.setattr(Runner, "observe", watch)
 
     async def together():
         return await asyncio.gather(*(generate(app, body) for body in bodies))
@@ -178,7 +180,7 @@ def test_a_session_that_fills_its_cache_fails_alone(app, run, examples):
     from examples.tiny_lm import CONTEXT
 
     async def both():
-        full = app.handle(Request("POST", "/v1/models/tiny_lm:generate", {},
+        full = app.respond(Request("POST", "/v1/models/tiny_lm:generate", {},
                                   orjson.dumps({"tokens": [65] * (CONTEXT - 1), "max_tokens": 3})))
         return await asyncio.gather(full, generate(app, {"prompt": "fine ", "max_tokens": 8}))
 
@@ -198,7 +200,7 @@ def test_a_seat_holds_exactly_its_sessions_state(app, run):
         return state
 
     async def scenario():
-        with app.repository.handle("tiny_lm") as handle:
+        with app.repository.hold("tiny_lm") as handle:
             loop = decoding.DecodeLoop(handle, lambda *args: None)
             long = await loop.join(None)
             for start in range(0, 300, 128):
@@ -232,7 +234,7 @@ def test_a_generation_past_its_deadline_ends_and_stores_nothing(app, run):
     from runtime.errors import SessionNotFound
 
     def late(stream: bool):
-        return app.handle(Request("POST", "/v1/models/tiny_lm:generate", {"x-kiln-timeout-ms": "30"},
+        return app.respond(Request("POST", "/v1/models/tiny_lm:generate", {"x-kiln-timeout-ms": "30"},
                                   orjson.dumps({"prompt": "slow and long ", "max_tokens": 4000, "stream": stream})))
 
     response = run(late(False))
@@ -245,6 +247,6 @@ def test_a_generation_past_its_deadline_ends_and_stores_nothing(app, run):
     session, events = run(streamed())
     assert events[-1].startswith(b"event: error") and b'"status":504' in events[-1]
     assert not seated(app)
-    with app.repository.handle("tiny_lm") as handle, pytest.raises(SessionNotFound):
+    with app.repository.hold("tiny_lm") as handle, pytest.raises(SessionNotFound):
         run(app.sessions.store().load("default", session, app.sessions.fingerprint(handle)))
     assert run(generate(app, {"prompt": "after ", "max_tokens": 3}))["tokens"]

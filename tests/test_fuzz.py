@@ -526,7 +526,7 @@ def test_a_shape_too_big_for_the_signatures_dtype_is_invalid_argument(server):
 def test_an_error_that_cannot_be_written_is_still_json():
     """The error path itself cannot fail: a message quoting text JSON cannot hold, or an exception
     whose str() raises, still makes {"error": "..."} (before: orjson raised inside error_response)."""
-    from runtime.app import error_response
+    from runtime.exchange import error_response
     from runtime.errors import InvalidInput
 
     class Unprintable(Exception):

@@ -11,7 +11,8 @@ import shutil
 import orjson
 import pytest
 
-from runtime.app import App, Request
+from runtime.app import App
+from runtime.exchange import Request
 from runtime.batching import BatchingParameters
 from runtime.sessions.services import Sessions
 from runtime.model_config import ModelConfig, ModelConfigList
@@ -40,7 +41,7 @@ def start_app(models, redis_url, monkeypatch) -> App:
 
 
 def generate(app, body: dict, loop, **headers):
-    response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:generate", headers,
+    response = loop.run_until_complete(app.respond(Request("POST", "/v1/models/tiny_lm:generate", headers,
                                                           orjson.dumps(body))))
     return response.status, orjson.loads(response.body), response.headers
 
@@ -103,7 +104,7 @@ def test_two_writers_of_one_session_one_wins_the_other_conflicts(served, monkeyp
     monkeypatch.setattr(store, "save", held_save)
 
     async def both():
-        return await asyncio.gather(*(app.handle(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(
+        return await asyncio.gather(*(app.respond(Request("POST", "/v1/models/tiny_lm:generate", {}, orjson.dumps(
             {"prompt": text, "max_tokens": 3, "session": first["session"]}))) for text in ("one", "two")))
 
     responses = sorted(loop.run_until_complete(both()), key=lambda response: response.status)
@@ -204,13 +205,13 @@ def test_the_prediction_cache_answers_repeats_without_the_engine_and_never_acros
     repository.start()
     app = App(repository, auth=Auth((("acme", "k1"), ("other", "k2"))),
               sessions=Sessions(redis_server.url, prediction_cache_seconds=60))
-    with repository.handle("half_plus_two") as handle:
+    with repository.hold("half_plus_two") as handle:
         runs, original = [], handle.engine.run
         monkeypatch.setattr(handle.engine, "run", lambda key, inputs: runs.append(key) or original(key, inputs))
     loop = asyncio.new_event_loop()
 
     def predict(key: str, x: list[float]):
-        response = loop.run_until_complete(app.handle(Request(
+        response = loop.run_until_complete(app.respond(Request(
             "POST", "/v1/models/half_plus_two:predict", {"authorization": f"Bearer {key}"},
             orjson.dumps({"instances": x}))))
         return orjson.loads(response.body)["predictions"]
@@ -237,7 +238,7 @@ def test_a_stateful_signature_predicts_in_a_session(served, examples):
     app, loop, _ = served
 
     def predict(body: dict):
-        response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:predict", {},
+        response = loop.run_until_complete(app.respond(Request("POST", "/v1/models/tiny_lm:predict", {},
                                                               orjson.dumps(body))))
         return response.status, orjson.loads(response.body), response.headers
 
@@ -328,7 +329,7 @@ def test_a_session_begun_by_predict_is_continued_by_generate_without_a_false_his
     none (a history of only the later tokens would rebuild a wrong state), so losing its state
     is an error rather than a silent rebuild."""
     app, loop, redis = served
-    response = loop.run_until_complete(app.handle(Request("POST", "/v1/models/tiny_lm:predict", {}, orjson.dumps(
+    response = loop.run_until_complete(app.respond(Request("POST", "/v1/models/tiny_lm:predict", {}, orjson.dumps(
         {"signature_name": "decode", "instances": [65]}))))
     session = orjson.loads(response.body)["session"]
     status, continued, _ = generate(app, {"prompt": "more", "max_tokens": 2, "session": session}, loop)

@@ -61,10 +61,10 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_graph_is_read():
-    """The reader sees what it should: runtime.app imports runtime.batcher; a lazy import counts too."""
+    """The reader sees what it should: runtime.app imports runtime.runner; a lazy import counts too."""
     known = modules()
     graph = {name: imported(name, path, set(known)) for name, path in known.items()}
-    assert "runtime.batcher" in graph["runtime.app"]
+    assert "runtime.runner" in graph["runtime.app"]
     assert "runtime.sessions.services" in graph["runtime.app"]  # imported inside App.start
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None

@@ -92,7 +92,7 @@ def states(repo, name="digits"):
 
 
 def served_version(repo, **which):
-    with repo.handle("digits", **which) as handle:
+    with repo.hold("digits", **which) as handle:
         assert handle.engine.run("serving_default", IMAGES)["probabilities"].shape == (2, 10)
         return handle.version
 
@@ -133,7 +133,7 @@ def test_unknown_model_is_not_found(store, tmp_path):
     repo = repository(store, tmp_path)
     try:
         with pytest.raises(NotFound, match="model 'other' is not served"):
-            with repo.handle("other"):
+            with repo.hold("other"):
                 pass
     finally:
         repo.stop()
@@ -210,10 +210,10 @@ def test_reload_adds_and_removes_models_and_checks_labels(store, tmp_path):
     try:
         other = ModelConfig(name="other", base_path=store.base_path("other"))
         repo.reload(ModelConfigList(models=(other,)))
-        with repo.handle("other") as handle:
+        with repo.hold("other") as handle:
             assert handle.version == 1
         with pytest.raises(NotFound):
-            with repo.handle("digits"):
+            with repo.hold("digits"):
                 pass
         assert states(repo) == {1: State.END}
         bad = other.model_copy(update={"version_labels": {"stable": 7}})
@@ -233,7 +233,7 @@ def test_hot_swap_under_load_fails_no_request(store, tmp_path):
     def client():
         while not stop.is_set():
             try:
-                with repo.handle("digits") as handle:
+                with repo.hold("digits") as handle:
                     assert repo.status("digits", handle.version).versions[0].state in (State.AVAILABLE, State.UNLOADING)
                     handle.engine.run("serving_default", IMAGES)
                     answers.append(handle.version)

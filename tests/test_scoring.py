@@ -79,7 +79,7 @@ def score(app, source: str, out: str, **options) -> ScoreResult:
 
 
 def engine(app, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    with app.repository.handle(model) as handle:
+    with app.repository.hold(model) as handle:
         return next(iter(handle.engine.run("serving_default", inputs).values()))
 
 

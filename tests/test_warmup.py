@@ -194,7 +194,7 @@ def test_a_failing_warmup_fails_the_load_and_the_old_version_keeps_serving(examp
     assert two.state is State.ERROR and "warm-up request 0 (signature 'serving_default') failed" in two.error
     assert "must have shape" in two.error
     assert one.state is State.AVAILABLE
-    with repository.handle("half_plus_two") as handle:
+    with repository.hold("half_plus_two") as handle:
         assert handle.version == 1
         assert handle.engine.run("serving_default", {"x": np.array([4.0], np.float32)})["y"].tolist() == [4.0]
     repository.stop()

@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 import grpc
 
 from runtime import logs
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.errors import KilnError, status_of
+from runtime.exchange import Exchange
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

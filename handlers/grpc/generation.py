@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from handlers.grpc.call import Service, serve_call, text_metadata
-from runtime.app import Exchange
+from runtime.exchange import Exchange
 from runtime.protos import generated_module
 from runtime.sessions import generate as generation
 from runtime.sessions.services import tenant_of
@@ -25,7 +25,7 @@ class GenerationService(_service.GenerationServicer, Service):  # type: ignore[n
             tenant = tenant_of(exchange.tenant, text_metadata(context))
             session = generation.session_of(self.app, tenant, generate_request)
             version = request.model_version or None
-            with self.app.repository.handle(request.model_name, version=version) as handle:
+            with self.app.repository.hold(request.model_name, version=version) as handle:
                 async for event in generation.events(self.app, handle, generate_request, tenant, session, exchange):
                     await context.write(_event(event))
 

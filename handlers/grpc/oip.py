@@ -26,10 +26,10 @@ import grpc
 
 from handlers.grpc.call import Service, serve_call, text_metadata
 from runtime import __version__
-from runtime.app import Exchange
 from runtime.codecs import oip_grpc
 from runtime.codecs.oip import default_signature, oip_signature
 from runtime.errors import NotFound
+from runtime.exchange import Exchange
 from runtime.protos import generated_module
 from runtime.repository import ServableHandle
 from runtime.version_policy import State
@@ -112,6 +112,6 @@ class InferenceService(_service_grpc.GRPCInferenceServiceServicer, Service):  # 
     @contextmanager
     def _hold(self, name: str, version: str, exchange: Exchange) -> Iterator[ServableHandle]:
         """The version a call names ("": the newest available), held while the call uses it."""
-        with self.app.repository.handle(name, version=oip_grpc.version(version)) as handle:
+        with self.app.repository.hold(name, version=oip_grpc.version(version)) as handle:
             exchange.model, exchange.version = handle.name, str(handle.version)
             yield handle

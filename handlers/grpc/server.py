@@ -17,8 +17,9 @@ from handlers.grpc.health import OPEN_METHODS as HEALTH_METHODS
 from handlers.grpc.health import Health
 from handlers.grpc.oip import InferenceService
 from handlers.grpc.tfserving import ModelService, PredictionService
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.errors import KilnError, status_of
+from runtime.exchange import Exchange
 from runtime.protos import generated_module
 from runtime.settings import Settings
 

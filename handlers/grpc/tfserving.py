@@ -19,11 +19,13 @@ import grpc
 from google.protobuf import json_format
 
 from handlers.grpc.call import Service, serve_call
-from runtime.app import App, Exchange
+from runtime.app import App
 from runtime.codecs import examples
 from runtime.codecs.tensor_proto import from_ndarray, to_ndarray
-from runtime.codecs.tfserving import DEFAULT_SIGNATURE, model_status, signature_def
+from runtime.codecs.tfserving import DEFAULT_SIGNATURE, signature_def
+from runtime.endpoints import model_status_of
 from runtime.errors import InvalidInput
+from runtime.exchange import Exchange
 from runtime.manifest import CLASSIFY, REGRESS
 from runtime.protos import generated_module
 
@@ -86,7 +88,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
     async def _predict(self, request: Any, exchange: Exchange) -> Any:
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         inputs = {name: to_ndarray(tensor) for name, tensor in request.inputs.items()}
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.execute(handle, key, inputs, exchange)
             version = handle.version
         wanted = list(request.output_filter) or list(outputs)
@@ -105,7 +107,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         """Classify or Regress: one signature over the request's tf.Examples."""
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         serialized = examples.from_input(request.input)
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             outputs = await self.app.run_examples(handle, key, method, serialized, exchange)
             version = handle.version
         response = _classification.ClassificationResponse() if method == CLASSIFY else _regression.RegressionResponse()
@@ -135,7 +137,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
                 )
         serialized = examples.from_input(request.input)
         response = _inference.MultiInferenceResponse()
-        with self.app.repository.handle(**_version_keywords(specs[0])) as handle:
+        with self.app.repository.hold(**_version_keywords(specs[0])) as handle:
             for task, key in zip(request.tasks, keys):
                 outputs = await self.app.run_examples(handle, key, task.method_name, serialized, exchange)
                 result = response.results.add()
@@ -154,7 +156,7 @@ class PredictionService(_prediction_grpc.PredictionServiceServicer, Service):  #
         unsupported = [field for field in fields if field != "signature_def"]
         if unsupported:
             raise InvalidInput(f"Metadata field {unsupported[0]} is not supported")
-        with self.app.repository.handle(**_version_keywords(request.model_spec)) as handle:
+        with self.app.repository.hold(**_version_keywords(request.model_spec)) as handle:
             signatures = dict(handle.engine.signatures)
             version = handle.version
         response = _metadata.GetModelMetadataResponse()
@@ -213,10 +215,5 @@ class ModelService(_model_grpc.ModelServiceServicer):  # type: ignore[name-defin
         return await serve_call(self.app, context, "reload_config", work, authenticate=self.app.auth.admin)
 
     def _get_model_status(self, request: Any) -> Any:
-        target = _version_keywords(request.model_spec)
-        version = target["version"]
-        if target["label"] is not None:
-            with self.app.repository.handle(**target) as handle:
-                version = handle.version
-        status = self.app.repository.status(target["name"], version)
-        return json_format.ParseDict(model_status(status.versions), _status.GetModelStatusResponse())
+        status = model_status_of(self.app.repository, **_version_keywords(request.model_spec))
+        return json_format.ParseDict(status, _status.GetModelStatusResponse())

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from runtime.app import Exchange
 from runtime.codecs.tfserving import DEFAULT_SIGNATURE
 from runtime.errors import ConfigError, InvalidInput, KilnError, ResourceExhausted
+from runtime.exchange import Exchange
 from runtime.manifest import Signature
 from runtime.scoring.formats import Chunk, Counting, Rows, error_line, open_rows, prediction_lines
 from runtime.scoring.pipeline import Part, Pipeline
@@ -87,7 +87,7 @@ async def score_object(
     directory = "/".join(key_parts(f"{name or located.name}{RESULTS_SUFFIX}"))
     with (
         app.exchange("batch", "score", what=f"score {source}") as exchange,
-        app.repository.handle(model_name) as handle,
+        app.repository.hold(model_name) as handle,
     ):
         spec = handle.engine.signature(signature)
         if not spec.batched:
@@ -130,7 +130,7 @@ class _Job:
     def _chunking(self, chunk_rows: int) -> tuple[int, int]:
         """Chunk size and chunks in flight that a batching queue takes without refusing them:
         no chunk over max_batch_size, at most half the queue's room."""
-        if self.app.batcher is None or self.app.batching is None:
+        if self.app.batching is None:
             return chunk_rows, IN_FLIGHT_CHUNKS
         parameters = self.app.batching(self.handle.name)
         if parameters.mode == "off":

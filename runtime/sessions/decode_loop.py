@@ -45,7 +45,7 @@ from runtime.sessions.state import (
 
 GATHER_SECONDS = 0.002
 
-Observe = Callable[[ServableHandle, str, int, float], None]  # App.observe_execution
+Observe = Callable[[ServableHandle, str, int, float], None]  # runtime.runner's Runner.observe
 
 
 class Seat:

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.codecs.tfserving import loads, row_shape
+from runtime.core import Core
 from runtime.errors import DeadlineExceeded, InvalidInput, shown
+from runtime.exchange import Exchange
 from runtime.repository import ServableHandle
 from runtime.sessions.decode_loop import DecodeLoop, Seat
 
@@ -91,13 +93,15 @@ def read_generate(body: bytes) -> GenerateRequest:
     return GenerateRequest(tokens, max_tokens, number, seed, session, stream)
 
 
-def session_of(app, tenant: str, request: GenerateRequest) -> str:
+def session_of(app: Core, tenant: str, request: GenerateRequest) -> str:
     """The request's session id, checked against its tenant, or a new one."""
     ids = app.sessions.ids
     return ids.new(tenant) if request.session is None else ids.check(tenant, request.session)
 
 
-async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange) -> dict:
+async def generate(
+    app: Core, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange: Exchange
+) -> dict:
     """The whole answer to a generate request (see the module's documentation)."""
     tokens, logprobs = [], []
     async for event in events(app, handle, request, tenant, session, exchange):
@@ -114,7 +118,7 @@ async def generate(app, handle: ServableHandle, request: GenerateRequest, tenant
 
 
 async def events(
-    app, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange
+    app: Core, handle: ServableHandle, request: GenerateRequest, tenant: str, session: str, exchange: Exchange
 ) -> AsyncIterator[dict]:
     """Each generated token as it comes ({"token", "text", "logprob"}), then, once the session's new
     state is stored, {"done": true, "session", "tokens"}."""
@@ -142,12 +146,12 @@ async def events(
                 raise
             history, version = lost.history, lost.version
     kept = request.session is None or history is not None  # a session begun by :predict keeps none
-    history = [] if history is None else history.tolist()
-    decoder = app.sessions.decoder(app, handle)
+    context: list[int] = [] if history is None else history.tolist()  # the tokens before this request's
+    decoder = app.sessions.decoder(handle, app.runner.observe)
     try:
         seat = await decoder.join(stored)
     except SessionLost:  # stored whole, but not for this model's state: rebuilt like a lost one
-        if not history:
+        if not context:
             raise
         stored, seat = None, await decoder.join(None)
     seated = Seated(decoder, seat, exchange.deadline)
@@ -155,7 +159,7 @@ async def events(
     generated = []
     try:
         if request.session is not None and stored is None:
-            await seated.prefill(prefill, history)
+            await seated.prefill(prefill, context)
         logits = await seated.prefill(prefill, request.tokens)
         for _ in range(request.max_tokens):
             assert logits is not None  # read_generate refuses an empty prompt with tokens to generate
@@ -166,7 +170,7 @@ async def events(
     finally:
         state = await decoder.leave(seat)
     await store.save(
-        tenant, session, version, state, history + request.tokens + generated if kept else None, fingerprint
+        tenant, session, version, state, context + request.tokens + generated if kept else None, fingerprint
     )
     yield {"done": True, "session": session, "tokens": generated}
 

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from runtime.codecs.tfserving import decode_predict
+from runtime.core import Core
 from runtime.errors import InvalidInput
+from runtime.exchange import Exchange
 from runtime.manifest import Signature
 from runtime.repository import ServableHandle
 from runtime.sessions.state import initial_state, state_after, trim_state, untrim_state
@@ -35,14 +37,14 @@ def visible(signature: Signature) -> Signature:
 
 
 async def run_in_session(
-    app,
+    app: Core,
     handle: ServableHandle,
     key: str,
     signature: Signature,
     inputs: dict[str, np.ndarray],
     session: object,
     tenant: str,
-    exchange,
+    exchange: Exchange,
     end: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     """(the outputs that are not state, the session id) for one row of inputs that are not state;
@@ -80,7 +82,7 @@ async def run_in_session(
 
 
 async def predict_in_session(
-    app, handle: ServableHandle, key: str, signature: Signature, parsed: dict, tenant: str, exchange
+    app: Core, handle: ServableHandle, key: str, signature: Signature, parsed: dict, tenant: str, exchange: Exchange
 ) -> tuple[dict[str, np.ndarray], bool, str]:
     """A TF Serving predict request in a session: (outputs, whether it was in row format, session id)."""
     decoded = decode_predict(key, parsed, visible(signature))
@@ -91,14 +93,14 @@ async def predict_in_session(
 
 
 async def infer_in_session(
-    app,
+    app: Core,
     handle: ServableHandle,
     key: str,
     signature: Signature,
     inputs: dict[str, np.ndarray],
     parameters: Mapping,
     tenant: str,
-    exchange,
+    exchange: Exchange,
 ) -> tuple[dict[str, np.ndarray], str]:
     """An Open Inference Protocol infer (REST or gRPC) in the session its sequence_id parameter
     names; sequence_end: true deletes the session once answered."""

@@ -9,7 +9,7 @@ import weakref
 
 from runtime.access import DEFAULT_TENANT
 from runtime.repository import ServableHandle
-from runtime.sessions.decode_loop import DecodeLoop
+from runtime.sessions.decode_loop import DecodeLoop, Observe
 from runtime.sessions.ids import SessionIds
 from runtime.sessions.keys import check_tenant
 from runtime.sessions.prediction_cache import PredictionCache
@@ -69,12 +69,13 @@ class Sessions:
             self._fingerprints[id(engine)] = known
         return known[1]
 
-    def decoder(self, app, handle: ServableHandle) -> DecodeLoop:
+    def decoder(self, handle: ServableHandle, observe: Observe) -> DecodeLoop:
         """The servable version's decode loop, shared by the sessions generating with it; it goes
-        (with its pool, and its hold on the engine) when the last of them lets go of it."""
+        (with its pool, and its hold on the engine) when the last of them lets go of it. `observe`
+        counts its executions (runtime.runner's Runner.observe)."""
         loop = self._decoders.get(id(handle.engine))
         if loop is None or loop.handle.engine is not handle.engine:
-            loop = self._decoders[id(handle.engine)] = DecodeLoop(handle, app.observe_execution)
+            loop = self._decoders[id(handle.engine)] = DecodeLoop(handle, observe)
         return loop
 
     async def close(self) -> None:
