@@ -68,7 +68,9 @@ def batcher_for(models, **parameters) -> Batcher:
 
 def test_concurrent_requests_each_get_their_own_rows(models, served):
     handle, recorder = served
-    batcher = batcher_for(models, mode="fixed", batch_timeout_micros=2000, max_batch_size=32)
+    # Room for every row at once: this is about whose rows come back, not back-pressure (tested below),
+    # and on a loaded machine 900 rows can outrun 10 batches' worth of queue while the engine thread waits.
+    batcher = batcher_for(models, mode="fixed", batch_timeout_micros=2000, max_batch_size=32, max_enqueued_batches=40)
     rng = np.random.default_rng(0)
     requests = [rng.uniform(-100, 100, size=rng.integers(1, 6)).astype(np.float32) for _ in range(300)]
 
