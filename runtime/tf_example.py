@@ -335,7 +335,7 @@ def _common_column(entry: tuple, values: list[bytes | None], rows: int) -> np.nd
         raise _Uncommon  # a required feature missing: protobuf's reader words the error
     if dtype == "float32":  # every example's Feature is the header and 4 * size bytes
         width = len(header) + 4 * size
-        features = [value or default for value in values]
+        features = values if default is None else [value or default for value in values]
         if set(map(len, features)) != {width}:
             raise _Uncommon
         table = np.frombuffer(b"".join(features), np.uint8).reshape(rows, width)
@@ -343,26 +343,18 @@ def _common_column(entry: tuple, values: list[bytes | None], rows: int) -> np.nd
             raise _Uncommon
         return np.ascontiguousarray(table[:, len(header) :]).view("<f4").astype(np.float32, copy=False)
     tag, flat = _LIST_TAGS[dtype], []
+    one_string = size == 1 and tag == 0x0A
     for value in values:
         if not value:
             flat.extend(default)
-        elif size == 1 and tag == 0x0A and _one_short_string(value):
-            flat.append(value[4:])
-        else:
-            kind, got = _feature_values(value)
-            if kind != tag or len(got) != size:
-                raise _Uncommon
-            flat.extend(got)
+            continue
+        if one_string:  # most string features: a BytesList of one string under 126 bytes, 0x0A n+2 0x0A n
+            length = len(value)
+            if 3 < length < 0x82 and value[0] == value[2] == 0x0A and value[1] == length - 2 and value[3] == length - 4:
+                flat.append(value[4:])
+                continue
+        kind, got = _feature_values(value)
+        if kind != tag or len(got) != size:
+            raise _Uncommon
+        flat.extend(got)
     return np.array(flat, dtype=object if dtype == "string" else np.int64)
-
-
-def _one_short_string(feature: bytes) -> bool:
-    """Whether the Feature is a BytesList of one string shorter than 126 bytes: 0x0A n+2 0x0A n,
-    the string (most string features, checked without walking the list)."""
-    length = len(feature)
-    return (
-        4 <= length < 0x82
-        and feature[0] == feature[2] == 0x0A
-        and feature[1] == length - 2
-        and feature[3] == length - 4
-    )
