@@ -233,38 +233,37 @@ def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
     raise _Uncommon
 
 
+def _delimited(data: bytes, pos: int, tag: int) -> tuple[int, int]:
+    """Where the content of the length-delimited field `tag` at pos starts and ends."""
+    if data[pos] != tag:
+        raise _Uncommon
+    size = data[pos + 1]
+    if size < 0x80:
+        return pos + 2, pos + 2 + size
+    size, pos = _varint_at(data, pos + 1)
+    return pos, pos + size
+
+
 def _wanted_features(data: bytes, wanted: frozenset[bytes]) -> dict[bytes, bytes]:
     """The serialized Feature of each wanted key in the example (the last of a key wins); every
     other Feature is checked, as protobuf's parser would, and skipped."""
     found: dict[bytes, bytes] = {}
     pos, end = 0, len(data)
     while pos < end:  # the Features fields (an example after its context: several)
-        if data[pos] != 0x0A:
-            raise _Uncommon
-        size = data[pos + 1]
-        pos += 2
-        if size > 0x7F:
-            size, pos = _varint_at(data, pos - 1)
-        stop = pos + size
+        pos, stop = _delimited(data, pos, 0x0A)
         if stop > end:
             raise _Uncommon
-        while pos < stop:  # each map entry: 0x0A length, key (0x0A length bytes), value (0x12 length Feature)
-            if data[pos] != 0x0A:
-                raise _Uncommon
-            size = data[pos + 1]
-            pos += 2
-            if size > 0x7F:
-                size, pos = _varint_at(data, pos - 1)
-            entry_end = pos + size
-            if entry_end > stop or data[pos] != 0x0A:
-                raise _Uncommon
-            size = data[pos + 1]
-            pos += 2
-            if size > 0x7F:
-                size, pos = _varint_at(data, pos - 1)
-            key = data[pos : pos + size]
-            pos += size
-            if pos >= entry_end or data[pos] != 0x12:
+        while pos < stop:  # each map entry: 0x0A length, its key (0x0A length bytes), its Feature (0x12 length)
+            entry_size, key_size = data[pos + 1], data[pos + 3]
+            if data[pos] == data[pos + 2] == 0x0A and entry_size < 0x80 and key_size < 0x80:  # a short entry
+                entry_end = pos + 2 + entry_size
+                pos += 4 + key_size
+                key = data[pos - key_size : pos]
+            else:
+                pos, entry_end = _delimited(data, pos, 0x0A)
+                start, pos = _delimited(data, pos, 0x0A)
+                key = data[start:pos]
+            if entry_end > stop or data[pos] != 0x12:
                 raise _Uncommon
             size = data[pos + 1]
             pos += 2
@@ -273,7 +272,7 @@ def _wanted_features(data: bytes, wanted: frozenset[bytes]) -> dict[bytes, bytes
             if pos + size != entry_end:
                 raise _Uncommon
             if key in wanted:
-                if key in found and found[key]:  # overwritten: still checked
+                if found.get(key):  # overwritten: still checked
                     _feature_values(found[key])
                 found[key] = data[pos:entry_end]
             elif size:
@@ -284,35 +283,21 @@ def _wanted_features(data: bytes, wanted: frozenset[bytes]) -> dict[bytes, bytes
 
 def _feature_values(feature: bytes) -> tuple[int, bytes | list]:
     """A non-empty Feature's list tag and values: strings, ints, or floats as their bytes."""
-    tag, end = feature[0], len(feature)
-    size = feature[1]
-    pos = 2
-    if size > 0x7F:
-        size, pos = _varint_at(feature, 1)
-    if tag not in (0x0A, 0x12, 0x1A) or pos + size != end:
+    tag = feature[0]
+    pos, end = _delimited(feature, 0, tag)
+    if tag not in (0x0A, 0x12, 0x1A) or end != len(feature):
         raise _Uncommon
     values: list = []
     if tag == 0x0A:  # BytesList: a run of strings
         while pos < end:
-            if feature[pos] != 0x0A:
-                raise _Uncommon
-            size = feature[pos + 1]
-            pos += 2
-            if size > 0x7F:
-                size, pos = _varint_at(feature, pos - 1)
-            values.append(feature[pos : pos + size])
-            pos += size
+            start, pos = _delimited(feature, pos, 0x0A)
+            values.append(feature[start:pos])
     elif pos < end:  # FloatList, Int64List: one packed run
-        if feature[pos] != 0x0A:
-            raise _Uncommon
-        size = feature[pos + 1]
-        pos += 2
-        if size > 0x7F:
-            size, pos = _varint_at(feature, pos - 1)
-        if pos + size != end:
+        pos, stop = _delimited(feature, pos, 0x0A)
+        if stop != end:
             raise _Uncommon
         if tag == 0x12:
-            if size % 4:
+            if (end - pos) % 4:
                 raise _Uncommon
             return tag, feature[pos:end]
         while pos < end:
@@ -335,7 +320,7 @@ def _common_column(entry: tuple, values: list[bytes | None], rows: int) -> np.nd
         raise _Uncommon  # a required feature missing: protobuf's reader words the error
     if dtype == "float32":  # every example's Feature is the header and 4 * size bytes
         width = len(header) + 4 * size
-        features = values if default is None else [value or default for value in values]
+        features: list = values if default is None else [value or default for value in values]
         if set(map(len, features)) != {width}:
             raise _Uncommon
         table = np.frombuffer(b"".join(features), np.uint8).reshape(rows, width)
