@@ -4,7 +4,8 @@ Cold start: a fresh process to its first prediction on a tf.Example/string signa
 TensorFlow) against `import tensorflow` + `tf.saved_model.load` + first call, runs interleaved,
 medians; and the same for wide_deep compiled with --engine saved-model (the fallback, which imports
 TensorFlow itself). Throughput: batch-32 calls per second in one process, Kiln's engine against the loaded
-SavedModel's signature (a TensorFlow graph function), interleaved rounds, medians.
+SavedModel's signature (a TensorFlow graph function), alternating rounds, the median of the
+rounds' ratios; the 32 rows differ (items in and out of the vocabulary, queries, dense values).
 
     python load/string_models.py [--runs 5] [--seconds 2] [--out load/results]
 """
@@ -29,17 +30,23 @@ CASES = {"wide_deep:serving_default": ("wide_deep", "serving_default"),
 
 
 def case_inputs(case: str, rows: int) -> dict:
-    """A request's inputs for the case: `rows` rows of strings or serialized tf.Examples."""
+    """A request's inputs for the case: `rows` rows of strings or serialized tf.Examples, different
+    from row to row (items in and out of the vocabulary, queries, dense values), seeded."""
     import numpy as np
 
     from runtime.codecs.examples import serialize
 
+    rng = np.random.default_rng(17)
+    items = [f"item_{i:04d}" for i in rng.integers(0, 600, rows)]  # 500 in the vocabulary
+    queries = [f"query {i} {'é' * int(i % 3)}" for i in rng.integers(0, 1000, rows)]
+    dense = rng.normal(size=(rows, 4)).astype(np.float32)
     if case == "wide_deep:serving_default":
-        return {"item": np.array([b"item_0007"] * rows, dtype=object),
-                "query": np.array([b"red shoes"] * rows, dtype=object), "dense": np.ones((rows, 4), np.float32)}
+        return {"item": np.array([i.encode() for i in items], dtype=object),
+                "query": np.array([q.encode() for q in queries], dtype=object), "dense": dense}
     if case == "wide_deep:examples":
-        return {"examples": serialize([{"item": "item_0007", "query": "red shoes", "dense": [1.0, 2.0, 3.0, 4.0]}] * rows)}
-    return {"inputs": serialize([{"x": 3.0}] * rows)}
+        return {"examples": serialize([{"item": i, "query": q, "dense": d.tolist()}
+                                       for i, q, d in zip(items, queries, dense)])}
+    return {"inputs": serialize([{"x": float(x)} for x in rng.normal(size=rows)])}
 
 
 PRELUDE = """
@@ -72,23 +79,26 @@ def cold_start(code: str, *args: str) -> float:
 
 
 def throughput(engine, function, key: str, inputs: dict, seconds: float, rounds: int) -> dict:
+    """Calls per second of each, in alternating rounds of `seconds` (who goes first alternates too),
+    and the median over the rounds of Kiln's rate over TensorFlow's in the same round."""
     import tensorflow as tf
 
     feeds = {name: tf.constant(value.tolist() if value.dtype == object else value) for name, value in inputs.items()}
     calls = {"kiln": lambda: engine.run(key, inputs), "tensorflow": lambda: function(**feeds)}
     rates: dict[str, list[float]] = {name: [] for name in calls}
-    for name, call in calls.items():
+    for call in calls.values():
         call()  # warm
-    for _ in range(rounds):
-        for name, call in calls.items():
-            count, begun = 0, time.perf_counter()
+    for round_ in range(rounds):
+        for name in sorted(calls, reverse=bool(round_ % 2)):
+            call, count, begun = calls[name], 0, time.perf_counter()
             while time.perf_counter() - begun < seconds:
                 call()
                 count += 1
             rates[name].append(count / (time.perf_counter() - begun))
-    kiln, tensorflow = statistics.median(rates["kiln"]), statistics.median(rates["tensorflow"])
-    return {"kiln_calls_per_s": round(kiln, 1), "tensorflow_calls_per_s": round(tensorflow, 1),
-            "ratio": round(kiln / tensorflow, 2)}
+    ratios = [k / t for k, t in zip(rates["kiln"], rates["tensorflow"])]
+    return {"kiln_calls_per_s": round(statistics.median(rates["kiln"]), 1),
+            "tensorflow_calls_per_s": round(statistics.median(rates["tensorflow"]), 1),
+            "ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios]}
 
 
 def main() -> None:

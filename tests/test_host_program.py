@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from runtime.errors import InvalidInput
 from runtime.host_program import hash_buckets, load_table, save_table
 from runtime.manifest import DenseFeature
-from runtime.tf_example import parse_dense
+from runtime.tf_example import parse_dense, parse_with_protobuf
 
 tf = pytest.importorskip("tensorflow")
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -126,3 +126,67 @@ def test_unparsable_example_is_refused_as_tensorflow_does(data):
         parse_dense(np.array([data], dtype=object), FEATURES)
     assert isinstance(theirs, str) and theirs.startswith("Could not parse example input")
     assert str(error.value).startswith("Could not parse example input")
+
+
+def outcome(parse, serialized: list[bytes]):
+    """A parser's arrays as lists (floats by their bits), or its error message."""
+    try:
+        arrays = parse(np.array(serialized, dtype=object), FEATURES)
+    except InvalidInput as e:
+        return str(e)
+    return [(a.dtype.str, a.shape, (a.view(np.uint32) if a.dtype == np.float32 else a).tolist()) for a in arrays]
+
+
+def mutated(example: bytes, how: str, at: int, byte: int) -> bytes:
+    """The example with one byte changed, cut short, or a byte put in: encodings the direct reader
+    must either read as protobuf does or leave to it."""
+    at %= len(example) + 1
+    if how == "change" and at < len(example):
+        return example[:at] + bytes([byte]) + example[at + 1 :]
+    if how == "cut":
+        return example[:at]
+    if how == "insert":
+        return example[:at] + bytes([byte]) + example[at:]
+    return example
+
+
+@SETTINGS
+@given(st.lists(st.tuples(examples, st.sampled_from(["change", "cut", "insert", "keep", "keep"]),
+                          st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=6),
+       st.booleans())
+def test_direct_reader_answers_as_protobufs(cases, with_context):
+    """parse_dense reads the common encoding itself and leaves the rest to the protobuf reader:
+    values (bit for bit) and errors are the same either way, for any bytes."""
+    serialized = [mutated(example, how, at, byte) for example, how, at, byte in cases]
+    if with_context:  # TF Serving's context before the example: two Features fields
+        serialized = [serialized[-1] + data for data in serialized]
+    assert outcome(parse_dense, serialized) == outcome(parse_with_protobuf, serialized)
+
+
+def test_what_serializers_write_is_read_without_protobuf(monkeypatch):
+    """The direct reader takes the common encoding: long strings and keys (lengths of several
+    bytes), negative and large ints, defaults, other features of every kind, a context."""
+    def refused(*_):
+        raise AssertionError("left to the protobuf reader")
+
+    monkeypatch.setattr("runtime.tf_example.parse_with_protobuf", refused)
+    other = {"k" * 200: tf.train.Feature(int64_list=tf.train.Int64List(value=[-1, 2**63 - 1, 300])),
+             "f": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5] * 70)),
+             "b": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"", b"x" * 300])),
+             "e": tf.train.Feature()}
+    rows = [
+        {"x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.5, -2.0])),
+         "i": tf.train.Feature(int64_list=tf.train.Int64List(value=[-(2**63)])),
+         "s": tf.train.Feature(bytes_list=tf.train.BytesList(value=["é".encode() * 100])), **other},
+        {"x": tf.train.Feature(float_list=tf.train.FloatList(value=[3.0, 4.0])),
+         "s": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b""]))},
+        {"x": tf.train.Feature(float_list=tf.train.FloatList(value=[5.0, 6.0])),
+         "m": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0, 2.0, 3.0, 4.0])),
+         "i": tf.train.Feature(int64_list=tf.train.Int64List(value=[123456789]))},
+    ]
+    serialized = [tf.train.Example(features=tf.train.Features(feature=row)).SerializeToString() for row in rows]
+    serialized.append(serialized[0] + serialized[1])
+    ours = parse_dense(np.array(serialized, dtype=object), FEATURES)
+    for feature, mine, want in zip(FEATURES, ours, tensorflow_parse(serialized)):
+        assert mine.dtype == want.dtype or feature.dtype == "string"
+        assert mine.shape == want.shape and mine.tolist() == want.tolist()
