@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
@@ -84,6 +84,18 @@ class TensorSpec(Model):
     shape: tuple[int | None, ...] | None = Field(
         description="None where any size is accepted; null for a tensor of unknown rank"
     )
+
+    @property
+    def known_shape(self) -> tuple[int | None, ...]:
+        """The shape of a tensor whose rank is known; ValueError for unknown rank, whose shapes cannot
+        be made up (an elementwise signature's buffers are runs of elements: Signature.buffer_shape)."""
+        if self.shape is None:
+            raise ValueError(f"tensor '{self.name}' has unknown rank")
+        return self.shape
+
+    def sized(self, size: int) -> tuple[int, ...]:
+        """The shape with `size` for every dimension of any size (a bucket's rows)."""
+        return tuple(size if d is None else d for d in self.known_shape)
 
 
 class Position(Model):
@@ -213,13 +225,18 @@ class Signature(Model):
         the inputs' declared rank (1 x ... x 1 after the first axis), so that each input fits."""
         return element_shape(self.inputs, elements)
 
+    def buffer_shape(self, spec: TensorSpec, bucket: int) -> tuple[int, ...]:
+        """The shape of a tensor's buffer in the compiled code for `bucket`: a run of `bucket` elements
+        (elementwise), else its shape with `bucket` for the batch and any other free dimension."""
+        return (bucket,) if self.elementwise else spec.sized(bucket)
+
     def append_axis(self, name: str) -> int:
         """The axis (batch included) along which an appended state input takes its entries: the one
-        where the input's size is the position's capacity and its output's is not."""
+        where the input's size is the position's capacity and its output's is not (state_problems
+        refuses an appended state with no such axis)."""
+        held = next(spec for spec in self.inputs if spec.name == name)
         output = next(spec for spec in self.outputs if spec.name == self.state[name])
-        return next(
-            axis for axis, (held, added) in enumerate(zip(self.input(name).shape, output.shape)) if held != added
-        )
+        return _differing_axes(held.known_shape, output.known_shape)[0]
 
 
 class Target(Model):
@@ -318,9 +335,10 @@ class Manifest(Model):
                 )
         if len(set(architectures)) < len(architectures):
             raise ValueError(f"two builds for one architecture: {', '.join(architectures)}")
-        for build in (self, *self.builds):
-            embedded = build.runtime.file if build.runtime and build.runtime.embedded else None
-            for shared in (embedded, build.weights):
+        owners: tuple[Manifest | Build, ...] = (self, *self.builds)  # its own target is its first build
+        for owner in owners:
+            embedded = owner.runtime.file if owner.runtime and owner.runtime.embedded else None
+            for shared in (embedded, owner.weights):
                 if shared is not None and self.files and shared not in self.files:
                     raise ValueError(f"shared library {shared} is not among the files")
         return self
@@ -466,7 +484,7 @@ def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, 
         return "an appended state needs a position (--state-capacity) to say where its entries go"
     if held.shape is None or fed.shape is None:
         return f"the input is {_describe(held)} and the output {_describe(fed)}; appended state needs a known rank"
-    differ = [axis for axis, (a, b) in enumerate(zip(held.shape, fed.shape)) if a != b]
+    differ = _differing_axes(held.shape, fed.shape)
     if (
         held.dtype == fed.dtype
         and len(held.shape) == len(fed.shape)
@@ -482,6 +500,10 @@ def _pair_problem(held: TensorSpec, fed: TensorSpec, position: Position | None, 
     )
 
 
+def _differing_axes(held: tuple[int | None, ...], fed: tuple[int | None, ...]) -> list[int]:
+    return [axis for axis, (a, b) in enumerate(zip(held, fed)) if a != b]
+
+
 def element_shape(inputs: tuple[TensorSpec, ...], elements: int) -> tuple[int, ...]:
     """`elements` elements in the one rank the inputs declare (1 when all have unknown rank)."""
     rank = next((len(spec.shape) for spec in inputs if spec.shape is not None), 1)
@@ -492,7 +514,7 @@ def _describe(spec: TensorSpec) -> str:
     return f"{spec.dtype}{show_shape(spec.shape)}"
 
 
-def show_shape(shape) -> str:
+def show_shape(shape: Sequence[int | None] | None) -> str:
     """A shape as TensorFlow prints it in signatures: [-1, 28, 28, 1], or <unknown> (unknown rank)."""
     if shape is None:
         return "<unknown>"

@@ -22,6 +22,7 @@ import pytest
 
 from runtime.manifest import Manifest
 from tests.conftest import ROOT, free_port, stop, wait_until_up
+from tests.scoring_rows import engine_module
 
 BUCKETS = "1,4"  # small, so that most requests span several buckets
 ROW_BODIES = [[1.0, 2.0, 5.0], [[1.0, 2.0], [3.0, 4.0]], [[[1.0, -2.5], [0.25, 8.0]], [[3.0, 4.0], [5.5, 6.0]]]]
@@ -232,6 +233,39 @@ def test_not_elementwise_unknown_rank_is_served_by_the_saved_model_engine(models
         status, answer = post(url, "/v1/models/any_rank:predict", {"signature_name": "total", "inputs": value})
         assert status == 200, answer
         assert answer["outputs"] == tensorflow_answers(saved["any_rank"], "total", value)["total"].tolist()
+
+
+def test_batch_scoring_takes_rows_of_any_rank(models):
+    """The batch engines' scorer (runtime/integrations/core.py) over an input and output of unknown
+    rank: rows of any one shape, a bad row reported beside the good, an all-bad and an empty batch."""
+    from runtime.integrations.core import Scorer
+
+    _, repository = models
+    scorer = Scorer.open(repository / "half_plus_two" / "1")
+    scored = scorer.score({"x": [1.0, 2.0, 5.0]})
+    assert scored.errors == [None] * 3
+    np.testing.assert_allclose(scored.outputs["y"], [2.5, 3.0, 4.5])
+    pairs = scorer.score({"x": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)})
+    np.testing.assert_allclose(pairs.outputs["y"], [[2.5, 3.0], [3.5, 4.0]])
+    one_bad = scorer.score({"x": [1.0, None, 5.0]})
+    assert one_bad.errors[0] is None and one_bad.errors[2] is None and "no value" in one_bad.errors[1]
+    np.testing.assert_allclose(one_bad.outputs["y"], [2.5, np.nan, 4.5])
+    all_bad = scorer.score({"x": [None, "text"]})
+    assert "no value" in all_bad.errors[0] and "must have dtype float32" in all_bad.errors[1]
+    assert all_bad.outputs["y"].shape == (2,) and np.isnan(all_bad.outputs["y"]).all()
+    empty = scorer.score({"x": []})
+    assert empty.errors == [] and empty.outputs["y"].shape == (0,)
+
+
+def test_spark_refuses_an_output_of_unknown_rank_by_name(models):
+    """predict_batch_udf needs each field's type (a value or an array per row) before any row is scored."""
+    engine_module("pyspark")
+    from runtime.errors import ConfigError
+    from runtime.integrations.spark import return_type
+
+    _, repository = models
+    with pytest.raises(ConfigError, match="output 'y' has unknown rank"):
+        return_type(repository / "half_plus_two" / "1")
 
 
 def test_metadata_reports_unknown_rank_as_tf_serving_does(server):

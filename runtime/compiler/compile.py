@@ -19,10 +19,10 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from runtime.compiler.aot import tfcompile
 from runtime.compiler.cross import toolchain_for
@@ -101,7 +101,7 @@ def compile_servable(
         positions or {},
         appended or {},
     )
-    fronts: dict = {}
+    fronts: dict[str, Partition] = {}
     embed_runtime = embed_runtime or architecture_of(target.triple) != host_architecture()
     if engine == "saved-model":
         reasons = {key: "built with --engine saved-model" for key in infos}
@@ -114,34 +114,11 @@ def compile_servable(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with tempfile.TemporaryDirectory(prefix="kiln-compile-") as work:
+            setup = _Setup(saved_model, tags, batch_sizes, multithreading, fronts, Path(work), staging, log)
             aot = {key: info for key, info in infos.items() if not reasons[key]}
-            libraries, runtime, weights = _compile_aot(
-                saved_model,
-                tags,
-                aot,
-                batch_sizes,
-                target,
-                multithreading,
-                Path(work),
-                staging,
-                reasons,
-                log,
-                fronts,
-                embed_runtime,
-            )
+            libraries, runtime, weights = _compile_aot(setup, aot, target, reasons, embed_runtime=embed_runtime)
             _refuse_if_forced(engine, reasons)
-            builds = _further_builds(
-                saved_model,
-                tags,
-                {key: info for key, info in aot.items() if not reasons[key]},
-                batch_sizes,
-                targets[1:],
-                multithreading,
-                Path(work),
-                staging,
-                log,
-                fronts,
-            )
+            builds = _further_builds(setup, {key: info for key, info in aot.items() if not reasons[key]}, targets[1:])
         # The saved-model engine runs a signature as declared: not over flat runs of elements, no host front.
         infos = {
             key: replace(info, elementwise=False, host=None) if reasons[key] else info for key, info in infos.items()
@@ -211,31 +188,42 @@ def _resolve_targets(cpus: list[str]) -> list[Target]:
     return targets
 
 
-def _further_builds(
-    saved_model, tags, infos, batch_sizes, targets, multithreading, work, staging, log, fronts
-) -> tuple[Build, ...]:
+@dataclass(frozen=True)
+class _Setup:
+    """What compiling for each target shares."""
+
+    saved_model: Path
+    tags: str
+    batch_sizes: tuple[int, ...]
+    multithreading: bool
+    fronts: Mapping[str, Partition]  # signature -> its string front on the host (runtime/compiler/partition.py)
+    work: Path  # scratch, one directory per target triple under it
+    staging: Path  # the servable being built
+    log: Callable[[str], None]
+
+
+class _Bucket(NamedTuple):
+    """One (signature, bucket) compiled by tfcompile, and the library in the servable it is linked into."""
+
+    key: str
+    batch: int
+    header: Path
+    cpp_class: str
+    objects: list[Path]
+    library: str
+
+
+def _further_builds(setup: _Setup, infos: dict[str, SignatureInfo], targets: list[Target]) -> tuple[Build, ...]:
     """The code for each target after the first, in lib/TRIPLE/ with its own runtime (a machine of that
     architecture finds it in the servable; the installed runtime is this machine's). Every signature
     compiled for the first target must compile for the others: a servable serves the same signatures
     on every machine."""
-    builds = []
+    builds: list[Build] = []
     for target in targets:
-        log(f"compiling for {target.triple} (cpu {target.cpu})")
+        setup.log(f"compiling for {target.triple} (cpu {target.cpu})")
         reasons = {key: "" for key in infos}
         libraries, runtime, weights = _compile_aot(
-            saved_model,
-            tags,
-            infos,
-            batch_sizes,
-            target,
-            multithreading,
-            work / target.triple,
-            staging,
-            reasons,
-            log,
-            fronts,
-            embed_runtime=True,
-            lib=f"lib/{target.triple}",
+            setup, infos, target, reasons, embed_runtime=True, lib=f"lib/{target.triple}"
         )
         failed = [f"{key}: {reason}" for key, reason in reasons.items() if reason]
         if failed:
@@ -348,18 +336,12 @@ def _engine_of(infos, reasons) -> str:
 
 
 def _compile_aot(
-    saved_model,
-    tags,
-    infos,
-    batch_sizes,
-    target,
-    multithreading,
-    work,
-    staging,
-    reasons,
-    log,
-    fronts,
-    embed_runtime=False,
+    setup: _Setup,
+    infos: dict[str, SignatureInfo],
+    target: Target,
+    reasons: dict[str, str],
+    *,
+    embed_runtime: bool = False,
     lib: str = "lib",
 ) -> tuple[dict[str, dict[int, str]], SharedRuntime | None, str | None]:
     """tfcompile every (signature, bucket), then link the libraries in parallel into `lib`.
@@ -371,23 +353,24 @@ def _compile_aot(
         return {}, None, None
     from tensorflow.python.tools import saved_model_utils
 
+    log, staging, work = setup.log, setup.staging, setup.work / target.triple
     aliases = same_functions(infos)
     for alias, key in aliases.items():
         log(f"{alias} is the same function as {key}: compiled once")
-    plan = {key: list(batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
+    plan = {key: list(setup.batch_sizes) if info.batched else [0] for key, info in infos.items() if key not in aliases}
     static = work / "static"
     log(f"exporting static shapes for {len(plan)} signature(s)")
     export_static(
-        saved_model,
-        tags,
+        setup.saved_model,
+        setup.tags,
         infos,
         plan,
         static,
-        {key: partial(remainder, partition=front) for key, front in fronts.items()},
+        {key: partial(remainder, partition=front) for key, front in setup.fronts.items()},
     )
     meta_graph = saved_model_utils.get_meta_graph_def(str(static), "serve")
     toolchain = toolchain_for(target)
-    jobs = []
+    jobs: list[_Bucket] = []
     with steps(sum(map(len, plan.values())), "compiling", "bucket") as bar:
         for index, (key, batches) in enumerate(plan.items()):
             compiled = []
@@ -397,7 +380,13 @@ def _compile_aot(
                 bar.set_postfix_str(f"{key} batch {batch or 'static'}")
                 try:
                     header, objects = tfcompile(
-                        static, meta_graph, bucket_key(key, batch), work / cpp_class, cpp_class, target, multithreading
+                        static,
+                        meta_graph,
+                        bucket_key(key, batch),
+                        work / cpp_class,
+                        cpp_class,
+                        target,
+                        setup.multithreading,
                     )
                 except CompileError as e:
                     reasons[key] = f"XLA could not compile it: {e}"
@@ -405,7 +394,7 @@ def _compile_aot(
                 finally:
                     bar.update()
                 library = f"{lib}/{index:02d}_{re.sub(r'[^0-9A-Za-z_]', '_', key)}_b{batch}.so"
-                compiled.append((key, batch, header, cpp_class, objects, library))
+                compiled.append(_Bucket(key, batch, header, cpp_class, objects, library))
             else:
                 jobs.extend(compiled)
     (staging / lib).mkdir(parents=True, exist_ok=True)
@@ -413,12 +402,12 @@ def _compile_aot(
     runtime = None
     if jobs:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            shims = list(pool.map(lambda job: toolchain.compile_shim(job[2], job[3], work / "shims"), jobs))
-            kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job[4])])
+            shims = list(pool.map(lambda job: toolchain.compile_shim(job.header, job.cpp_class, work / "shims"), jobs))
+            kernels = toolchain.kernels_called_by([*shims, *(o for job in jobs for o in job.objects)])
             log(f"linking the shared runtime ({', '.join(kernels) or 'no kernels'})")
             runtime = toolchain.link_runtime(kernels)
             weights = link_weights(
-                [o for job in jobs for o in job[4] if o.name.endswith(CONSTANTS)],
+                [o for job in jobs for o in job.objects if o.name.endswith(CONSTANTS)],
                 staging / lib,
                 work / "weights",
                 toolchain.cxx,
@@ -429,16 +418,16 @@ def _compile_aot(
                 for _ in pool.map(
                     lambda job, shim: toolchain.link_bucket(
                         shim,
-                        [o for o in job[4] if not o.name.endswith(CONSTANTS)],
+                        [o for o in job.objects if not o.name.endswith(CONSTANTS)],
                         [runtime, weights],
-                        staging / job[5],
+                        staging / job.library,
                     ),
                     jobs,
                     shims,
                 ):
                     bar.update()
-    for key, batch, _, _, _, library in jobs:
-        libraries.setdefault(key, {})[batch] = library
+    for job in jobs:
+        libraries.setdefault(job.key, {})[job.batch] = job.library
     for alias, key in aliases.items():
         if reasons[key]:
             reasons[alias] = reasons[key]
@@ -481,20 +470,22 @@ def _publish_runtime(runtime: SharedRuntime, base: Path, log) -> None:
     log(f"runtime {runtime.key}: shared by the servables of {base} ({target.relative_to(base)})")
 
 
-def _bytes_saved(jobs, aliases: dict[str, str], runtime: Path, weights: Path, staging: Path, embedded: bool) -> int:
+def _bytes_saved(
+    jobs: list[_Bucket], aliases: dict[str, str], runtime: Path, weights: Path, staging: Path, embedded: bool
+) -> int:
     """How many bytes format 1 would have needed more: each bucket library with its own runtime and
     its own constants (tfcompile's objects, as big as their padded symbols), once per name."""
-    names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job[0] for job in jobs}}
+    names = {key: 1 + sum(1 for alias in aliases.values() if alias == key) for key in {job.key for job in jobs}}
     alone = sum(
-        names[job[0]]
+        names[job.key]
         * (
-            (staging / job[5]).stat().st_size
+            (staging / job.library).stat().st_size
             + runtime.stat().st_size
-            + sum(o.stat().st_size for o in job[4] if o.name.endswith(CONSTANTS))
+            + sum(o.stat().st_size for o in job.objects if o.name.endswith(CONSTANTS))
         )
         for job in jobs
     )
-    shared = sum((staging / job[5]).stat().st_size for job in jobs) + weights.stat().st_size
+    shared = sum((staging / job.library).stat().st_size for job in jobs) + weights.stat().st_size
     return max(alone - shared - (runtime.stat().st_size if embedded else 0), 0)
 
 

@@ -79,9 +79,7 @@ def run_emulated(
                 command.append(f"in:{name}={path}")
             outputs = {}
             for spec in signature.outputs:
-                shape = (
-                    (bucket,) if signature.elementwise else tuple(bucket if d is None else d for d in spec.shape or ())
-                )
+                shape = signature.buffer_shape(spec, bucket)
                 outputs[spec.name] = (Path(scratch) / f"{n}-out-{len(command)}", np.dtype(spec.dtype), shape)
                 command.append(f"out:{spec.name}={outputs[spec.name][0]}")
             command.append("--")

@@ -38,6 +38,30 @@ int Fail(const std::string& message) {
   return 2;
 }
 
+// One in:NAME=FILE or out:NAME=FILE argument, with the index of its tensor in the library.
+struct Tensor {
+  std::string name, file;
+  int index;
+};
+
+// The arguments of `specs` with `prefix` ("in:" or "out:"), each found by `index_of`; false after
+// reporting one the library lacks.
+bool Find(const std::vector<std::string>& specs, const std::string& prefix, int (*index_of)(void*, const char*),
+          void* function, const char* path, std::vector<Tensor>* found) {
+  for (const std::string& spec : specs) {
+    size_t equals = spec.find('=');
+    if (spec.rfind(prefix, 0) != 0 || equals == std::string::npos) continue;
+    Tensor tensor{spec.substr(prefix.size(), equals - prefix.size()), spec.substr(equals + 1), -1};
+    tensor.index = index_of(function, tensor.name.c_str());
+    if (tensor.index < 0) {
+      std::fprintf(stderr, "no %s %s in %s\n", prefix == "in:" ? "input" : "output", tensor.name.c_str(), path);
+      return false;
+    }
+    found->push_back(tensor);
+  }
+  return true;
+}
+
 // Runs one library with its in:/out: arguments.
 int RunOne(const char* path, const std::vector<std::string>& specs) {
   void* lib = dlopen(path, RTLD_NOW);
@@ -51,34 +75,32 @@ int RunOne(const char* path, const std::vector<std::string>& specs) {
     return 2;
   }
   void* function = s.make();
-  for (const std::string& spec : specs) {
-    size_t equals = spec.find('=');
-    if (spec.rfind("in:", 0) != 0 || equals == std::string::npos) continue;
-    std::string name = spec.substr(3, equals - 3), file = spec.substr(equals + 1);
-    int index = s.arg_index(function, name.c_str());
-    if (index < 0) return Fail("no input " + name + " in " + path);
-    long size = s.arg_size(function, index);
-    FILE* in = std::fopen(file.c_str(), "rb");
-    if (in == nullptr) return Fail("cannot open " + file);
-    long got = static_cast<long>(std::fread(s.arg_data(function, index), 1, size, in));
+  std::vector<Tensor> inputs, outputs;
+  if (!Find(specs, "in:", s.arg_index, function, path, &inputs) ||
+      !Find(specs, "out:", s.result_index, function, path, &outputs)) {
+    return 2;
+  }
+  for (const Tensor& input : inputs) {
+    long size = s.arg_size(function, input.index);
+    FILE* in = std::fopen(input.file.c_str(), "rb");
+    if (in == nullptr) return Fail("cannot open " + input.file);
+    long got = static_cast<long>(std::fread(s.arg_data(function, input.index), 1, size, in));
     bool longer = std::fgetc(in) != EOF;
     std::fclose(in);
-    if (got != size || longer) return Fail(file + " does not hold input " + name + "'s " + std::to_string(size) + " bytes");
+    if (got != size || longer) {
+      return Fail(input.file + " does not hold input " + input.name + "'s " + std::to_string(size) + " bytes");
+    }
   }
   if (const char* error = s.run(function)) {
     std::fprintf(stderr, "%s: %s\n", path, error);
     return 3;
   }
-  for (const std::string& spec : specs) {
-    size_t equals = spec.find('=');
-    if (spec.rfind("out:", 0) != 0 || equals == std::string::npos) continue;
-    std::string name = spec.substr(4, equals - 4), file = spec.substr(equals + 1);
-    int index = s.result_index(function, name.c_str());
-    if (index < 0) return Fail("no output " + name + " in " + path);
-    FILE* out = std::fopen(file.c_str(), "wb");
-    long size = s.result_size(function, index);
-    if (out == nullptr || std::fwrite(s.result_data(function, index), 1, size, out) != static_cast<size_t>(size)) {
-      return Fail("cannot write " + file);
+  for (const Tensor& output : outputs) {
+    FILE* out = std::fopen(output.file.c_str(), "wb");
+    long size = s.result_size(function, output.index);
+    if (out == nullptr ||
+        std::fwrite(s.result_data(function, output.index), 1, size, out) != static_cast<size_t>(size)) {
+      return Fail("cannot write " + output.file);
     }
     std::fclose(out);
   }

@@ -126,7 +126,7 @@ class SignatureInfo:
             return tuple(spec.model_copy(update={"shape": shape}) for spec in self.inputs)
         if not self.batched:
             return self.compiled_inputs
-        return tuple(spec.model_copy(update={"shape": (batch, *spec.shape[1:])}) for spec in self.compiled_inputs)
+        return tuple(spec.model_copy(update={"shape": (batch, *spec.known_shape[1:])}) for spec in self.compiled_inputs)
 
 
 def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, SignatureInfo]:

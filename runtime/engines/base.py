@@ -231,11 +231,7 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
     """Zero inputs (empty strings) of the signature's shapes at one bucket, for warm-up."""
     inputs = {}
     for spec in signature.inputs:
-        shape = (
-            signature.element_shape(bucket)
-            if signature.elementwise
-            else tuple(bucket if d is None else d for d in spec.shape)
-        )
+        shape = signature.element_shape(bucket) if signature.elementwise else spec.sized(bucket)
         if spec.dtype == "string":
             from runtime.host_program import warmup_string
 

@@ -105,7 +105,7 @@ class SavedModelRunner:
         rows = next(iter(inputs.values())).shape[0] if self.signature.batched else None
         feed = {}
         for name, array in inputs.items():
-            if self.signature.batched and rows < bucket:
+            if rows is not None and rows < bucket:
                 pad = np.zeros((bucket - rows, *array.shape[1:]), dtype=array.dtype)
                 if array.dtype == object:
                     pad[...] = b""

@@ -226,7 +226,7 @@ class Instance:
     def _view(self, library, spec: TensorSpec, bucket, index_of, size_of, data_of) -> np.ndarray:
         index = index_of(self.handle, spec.name.encode())
         # An elementwise signature's buffers are runs of `bucket` elements, whatever their declared rank.
-        shape = (bucket,) if library.signature.elementwise else tuple(bucket if d is None else d for d in spec.shape)
+        shape = library.signature.buffer_shape(spec, bucket)
         dtype = np.dtype(spec.dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if index < 0 or size_of(self.handle, index) != nbytes:
@@ -234,7 +234,7 @@ class Instance:
                 f"{library.name} does not match the manifest: tensor '{spec.name}' "
                 f"of shape {list(shape)} {spec.dtype} is not in the compiled code"
             )
-        buffer = (ctypes.c_char * nbytes).from_address(data_of(self.handle, index))
+        buffer = memoryview((ctypes.c_char * nbytes).from_address(data_of(self.handle, index)))
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def lend(self, name: str, array: np.ndarray) -> None:

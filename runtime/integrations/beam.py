@@ -74,7 +74,7 @@ class KilnModelHandler(ModelHandler[Any, Any, Scorer]):
     def run_inference(
         self, batch: Sequence[Any], model: Scorer, inference_args: Mapping[str, Any] | None = None
     ) -> Iterable[Any]:
-        keys, rows = zip(*batch) if self.keyed else (None, batch)
+        keys, rows = zip(*batch) if self.keyed else ((), batch)
         checked = [row if isinstance(row, CheckedRow) else self.check(row) for row in rows]
         merged = {name: np.concatenate([row.inputs[name] for row in checked]) for name in model.input_names}
         outputs = model.engine.run(model.key, merged)

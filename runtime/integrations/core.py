@@ -224,8 +224,8 @@ class Scorer:
             first = next((result[spec.name] for result in scored.values()), None)
             if first is not None:
                 inner, dtype = first.shape[1:], first.dtype
-            else:
-                inner = tuple(d or 0 for d in spec.shape[1:])
+            else:  # no row to copy the shape from: one value a row where the rank is unknown
+                inner = () if spec.shape is None else tuple(d or 0 for d in spec.shape[1:])
                 dtype = np.dtype(object if spec.dtype == "string" else spec.dtype)
             array = np.full((count, *inner), _fill(dtype), dtype=dtype)
             for row, result in scored.items():
@@ -253,9 +253,10 @@ def as_column(spec: TensorSpec, values: Any) -> np.ndarray:
 
 def _shaped(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     """Flattened rows (n, k) given the input's fixed inner shape, when k is its size."""
-    inner = spec.shape[1:]
-    if len(inner) > 1 and None not in inner and array.ndim == 2 and array.shape[1] == int(np.prod(inner)):
-        return array.reshape(len(array), *inner)
+    inner = () if spec.shape is None else spec.shape[1:]  # unknown rank: rows of any shape
+    fixed = tuple(d for d in inner if d is not None)
+    if len(fixed) == len(inner) > 1 and array.ndim == 2 and array.shape[1] == int(np.prod(fixed)):
+        return array.reshape(len(array), *fixed)
     return array
 
 

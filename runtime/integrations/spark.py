@@ -67,23 +67,27 @@ def make_predict_fn(
 
     def make() -> Callable[..., dict[str, np.ndarray]]:
         scorer = Scorer.open(servable, signature, threads=threads or _task_cpus())
-        names = scorer.input_names
-        fields = {spec.name: _spark_type(spec) for spec in scorer.signature.outputs}
-
-        def predict(*columns: np.ndarray) -> dict[str, np.ndarray]:
-            scored = scorer.score(dict(zip(names, columns)))
-            result = {name: _as_field(array, fields[name]) for name, array in scored.outputs.items()}
-            result[ERROR_FIELD] = np.array(scored.errors, dtype=object)
-            return result
-
-        # Spark counts the predict function's parameters to decide how to pass the columns.
-        parameters = [*names, *(["_kiln_rows_as_given"] if checked_by_kiln else [])]
-        predict.__signature__ = inspect.Signature(
-            [inspect.Parameter(f"p{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(parameters))]
-        )
-        return predict
+        return _Predict(scorer, len(scorer.input_names) + (1 if checked_by_kiln else 0))  # predict_udf's constant
 
     return make
+
+
+class _Predict:
+    """A worker's predict function: the struct's fields of a batch of rows."""
+
+    def __init__(self, scorer: Scorer, columns: int):
+        self.scorer = scorer
+        self.fields = {spec.name: _spark_type(spec) for spec in scorer.signature.outputs}
+        # Spark counts the predict function's parameters to decide how to pass the columns.
+        self.__signature__ = inspect.Signature(
+            [inspect.Parameter(f"p{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(columns)]
+        )
+
+    def __call__(self, *columns: np.ndarray) -> dict[str, np.ndarray]:
+        scored = self.scorer.score(dict(zip(self.scorer.input_names, columns)))
+        result = {name: _as_field(array, self.fields[name]) for name, array in scored.outputs.items()}
+        result[ERROR_FIELD] = np.array(scored.errors, dtype=object)
+        return result
 
 
 def return_type(servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE):
@@ -95,6 +99,11 @@ def return_type(servable: str | os.PathLike, signature: str = DEFAULT_SIGNATURE)
         raise ConfigError(f"an output is named {ERROR_FIELD!r}, the field Kiln reports bad rows in")
     fields = []
     for spec in outputs:
+        if spec.shape is None:
+            raise ConfigError(
+                f"output {spec.name!r} has unknown rank: whether a row's value is one value or an array is "
+                f"known only once it is scored, and predict_batch_udf needs its return type before"
+            )
         element = getattr(types, _spark_type(spec))()
         fields.append(types.StructField(spec.name, element if len(spec.shape) == 1 else types.ArrayType(element)))
     return types.StructType([*fields, types.StructField(ERROR_FIELD, types.StringType())])
