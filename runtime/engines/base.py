@@ -236,7 +236,8 @@ def synthetic_inputs(signature: Signature, bucket: int) -> dict[str, np.ndarray]
             from runtime.host_program import warmup_string
 
             text = warmup_string(signature.host, spec.name) if signature.host else b""
-            inputs[spec.name] = np.full(shape, text, dtype=object)
+            strings = inputs[spec.name] = np.empty(shape, dtype=object)
+            strings.fill(text)  # np.full would strip the example's trailing zero bytes
         else:
             inputs[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return inputs
