@@ -139,7 +139,7 @@ def ray_rates(servable: Path, saved_model: Path, x) -> dict:
 
         def maker(cls, args, kwargs):
             def make_job(rows):
-                data = ray.data.from_numpy(rows).materialize()  # column "data"
+                data = ray.data.from_numpy(rows).repartition(2).materialize()  # column "data"; a block an actor
                 pool = ray.data.ActorPoolStrategy(size=2)
                 return lambda: data.map_batches(cls, fn_constructor_args=args, fn_constructor_kwargs=kwargs,
                                                 batch_size=BATCH, compute=pool).materialize()
