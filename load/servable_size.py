@@ -4,7 +4,7 @@ Keras applications (ResNet50, EfficientNetB0, weights=None, seeded, batch norm c
 examples/mobilenet_v2.py does), a BERT-style encoder and a bidirectional LSTM are built here and
 compiled at --batch-sizes (default 1,8: the big ones take minutes per bucket on 2 cores).
 
-    python load/servable_size.py [--examples digits,half_plus_two,mobilenet_v2,tiny_lm]
+    python load/servable_size.py [--examples digits,half_plus_two,mobilenet_v2,tiny_lm,wide_deep]
                                  [--keras resnet50,efficientnetb0,encoder,lstm] [--batch-sizes 1,8]
 """
 
@@ -82,7 +82,7 @@ def keras_model(name: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", default="digits,half_plus_two,mobilenet_v2,tiny_lm")
+    parser.add_argument("--examples", default="digits,half_plus_two,mobilenet_v2,tiny_lm,wide_deep")
     parser.add_argument("--keras", default="")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")

@@ -85,6 +85,20 @@ def test_buckets_link_one_runtime_library(servable):
         engine.close()
 
 
+def test_the_thread_pool_is_in_the_runtime_and_bucket_libraries_carry_no_assertions(servable):
+    """Eigen's pool templates (20 KB) and the shim's assertion strings were most of every bucket
+    library of a small model; the pool is now the runtime's, the shim built without assertions."""
+    manifest = read_manifest(servable)
+    runtime = servable / manifest.runtime.file
+    assert "kiln_thread_pool_new" in dynamic_symbols(runtime, "--defined-only")
+    assert b"ThreadPoolTempl" in runtime.read_bytes()  # typeinfo names survive stripping
+    for library in manifest.signatures["serving_default"].libraries.values():
+        code = (servable / library).read_bytes()
+        assert "kiln_thread_pool_new" not in dynamic_symbols(servable / library, "--defined-only")
+        assert b"ThreadPoolTempl" not in code
+        assert b"raw_hash_set.h" not in code and b"xla_compiled_cpu_function.h" not in code
+
+
 def test_two_buckets_share_one_copy_of_each_weight(servable):
     manifest = read_manifest(servable)
     weights = servable / manifest.weights

@@ -1,21 +1,14 @@
 // A C ABI over one tfcompile-generated class, so the thin runtime can drive it through ctypes.
-// Built by runtime/compiler/toolchain.py with -DKILN_HEADER="..." -DKILN_CLASS=... per bucket.
-#define EIGEN_USE_THREADS
+// Built by runtime/compiler/toolchain.py with -DKILN_HEADER="..." -DKILN_CLASS=... per bucket, small
+// (-Os, no assertions): it runs once per call, and every bucket library carries a copy.
 #include <string>
 
-#include "unsupported/Eigen/CXX11/Tensor"
 #include KILN_HEADER
 
-namespace {
+// The thread pool lives in the shared runtime library (kernels/thread_pool.cc).
+extern "C" const Eigen::ThreadPoolDevice* kiln_thread_pool_device(void* pool);
 
-// Owns the Eigen pool and the device the compiled code uses for its matmul and conv kernels.
-struct ThreadPool {
-  // No spinning: the caller blocks while the pool works, and spinning workers would take the
-  // cores the caller needs for the serial parts of the computation.
-  explicit ThreadPool(int threads) : pool(threads, /*allow_spinning=*/false), device(&pool, threads) {}
-  Eigen::ThreadPool pool;
-  Eigen::ThreadPoolDevice device;
-};
+namespace {
 
 KILN_CLASS* As(void* function) { return static_cast<KILN_CLASS*>(function); }
 
@@ -62,10 +55,9 @@ const char* kiln_run(void* function) {
   return error.c_str();
 }
 
-void* kiln_thread_pool_new(int threads) { return new ThreadPool(threads); }
-void kiln_thread_pool_delete(void* pool) { delete static_cast<ThreadPool*>(pool); }
+// `pool` comes from the runtime library's kiln_thread_pool_new.
 void kiln_set_thread_pool(void* function, void* pool) {
-  As(function)->set_thread_pool(pool ? &static_cast<ThreadPool*>(pool)->device : nullptr);
+  As(function)->set_thread_pool(pool ? kiln_thread_pool_device(pool) : nullptr);
 }
 
 }  // extern "C"

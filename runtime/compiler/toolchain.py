@@ -47,6 +47,19 @@ KERNEL_SOURCES = {
     "EigenConv2D<float>": "kiln:conv_f32.cc",
     "xla::cpu::SortInplace<": "xla/backends/cpu/runtime/sort_lib.cc",
 }
+# Kiln's own sources every shared runtime carries: the thread pool (see there why).
+KILN_RUNTIME_SOURCES = ["kiln:thread_pool.cc"]
+# A shim is compiled small: it runs once per call, and every bucket library carries a copy. Without
+# assertions it is half the size; with its own sections, the linker drops what nothing calls. No
+# unwind tables: an exception could not cross the C ABI into ctypes anyway (it would terminate).
+SHIM_FLAGS = [
+    "-Os",
+    "-DNDEBUG",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-fno-exceptions",
+    "-fno-asynchronous-unwind-tables",
+]
 # Never built: the first is replaced by kiln:conv_f32.cc (see there why); XLA's AOT emitter takes
 # no 3D convolutions, and the second does not build with the flags the others need.
 REPLACED_SOURCES = {
@@ -111,8 +124,9 @@ class Toolchain:
         return [s for s in every if s not in kernels]
 
     def runtime_objects(self, kernels: list[str]) -> list[Path]:
-        """The cached objects for the core plus the named kernel sources, building what is missing."""
-        wanted = self.core_sources() + kernels
+        """The cached objects for the core, Kiln's own runtime sources and the named kernel sources,
+        building what is missing."""
+        wanted = self.core_sources() + KILN_RUNTIME_SOURCES + kernels
         cache = self.cache_dir()
         missing = sum(not self._object_path(source, cache)[1].exists() for source in wanted)
         # The first build takes minutes on 2 cores: a bar on a terminal shows it moving.
@@ -147,7 +161,8 @@ class Toolchain:
         return target, True
 
     def compile_object(self, source: Path, target: Path, extra: Sequence[str] = ()) -> None:
-        """Compile one C++ file; the object appears under its final name only when complete."""
+        """Compile one C++ file with the common flags, then `extra` (which, coming later, wins over
+        them); the object appears under its final name only when complete."""
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".o", delete=False) as tmp:
             pass
         try:
@@ -166,7 +181,7 @@ class Toolchain:
         """The shared runtime library's key: TensorFlow version, compiler, flags and the kernels in it
         (Kiln's own by content), so equal keys mean interchangeable libraries."""
         digest = hashlib.sha256(self.cache_dir().name.encode())
-        for source in sorted(kernels):
+        for source in KILN_RUNTIME_SOURCES + sorted(kernels):
             digest.update(f"\0{source}".encode())
             if source.startswith("kiln:"):
                 digest.update((KILN_KERNELS / source.removeprefix("kiln:")).read_bytes())
@@ -211,7 +226,9 @@ class Toolchain:
         work.mkdir(parents=True, exist_ok=True)
         shim = work / f"{cpp_class}_shim.o"
         self.compile_object(
-            SHIM_SOURCE, shim, [f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"', f"-DKILN_CLASS={cpp_class}"]
+            SHIM_SOURCE,
+            shim,
+            [*SHIM_FLAGS, f"-I{header.parent}", f'-DKILN_HEADER="{header.name}"', f"-DKILN_CLASS={cpp_class}"],
         )
         return shim
 
@@ -240,6 +257,9 @@ class Toolchain:
                 f"-Wl,--version-script={exports}",
                 "-Wl,--no-undefined",
                 "-Wl,--as-needed",
+                "-Wl,--gc-sections",
+                # Segments unpadded: a page of padding between each would be most of a small library.
+                "-Wl,-z,noseparate-code",
                 *self.strip,
             ],
             f"linking {out.name}",
