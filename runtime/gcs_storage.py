@@ -81,7 +81,7 @@ class GcsStorage:
     def read_bytes(self, key: str) -> bytes:
         return self._call(f"reading {self._name(key)}", lambda: self._blob(key).download_as_bytes(retry=self._policy))
 
-    def download(self, key: str, dest: Path) -> Received:
+    def download(self, key: str, dest: Path, size: int | None = None) -> Received:
         return self._call(
             f"downloading {self._name(key)}",
             lambda: write_into_place(dest, lambda out: self._blob(key).download_to_file(out, retry=self._policy)),

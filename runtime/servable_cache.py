@@ -186,7 +186,7 @@ class ServableCache:
 
         def download(relative: str) -> None:
             try:
-                received = storage.download(f"{prefix}/{relative}", targets[relative])
+                received = storage.download(f"{prefix}/{relative}", targets[relative], manifest.files[relative].size)
             except KeyNotFound:
                 raise ServableError(
                     f"{storage.url}/{prefix}: file {relative} is listed in its manifest but missing from the store"
@@ -222,7 +222,7 @@ class ServableCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         key = runtime_library.store_key(runtime)
         try:
-            received = storage.download(key, target)
+            received = storage.download(key, target, runtime.size)
         except KeyNotFound:
             places = ", ".join(map(str, runtime_library.installed_dirs()))
             raise ServableError(

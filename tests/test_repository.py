@@ -303,7 +303,7 @@ def test_two_loads_of_one_version_share_one_download(bucket, digits, tmp_path, m
     downloads = []
     original = S3Storage.download
     monkeypatch.setattr(S3Storage, "download",
-                        lambda self, key, dest: (downloads.append(key), original(self, key, dest))[1])
+                        lambda self, key, dest, size=None: (downloads.append(key), original(self, key, dest, size))[1])
     cache = ServableCache(tmp_path / "cache")
     config = ModelConfigList(models=(ModelConfig(name="digits", base_path=store.base_path()),))
     repos = [Repository(config, poll_seconds=0, cache=cache, retry=FAST) for _ in range(2)]

@@ -124,7 +124,7 @@ def test_the_store_runtime_is_fetched_once_for_two_models(base, nothing_installe
     runtime = read_manifest(base / "a" / "1").runtime
     downloads = []
     fetch = storage.download
-    storage.download = lambda key, dest: downloads.append(key) or fetch(key, dest)
+    storage.download = lambda key, dest, size=None: downloads.append(key) or fetch(key, dest, size)
     cache = ServableCache(tmp_path / "servables")
     fetched = {model: cache.fetch(storage, model, 1) for model in MODELS}
     assert downloads.count(runtime_library.store_key(runtime)) == 1, downloads

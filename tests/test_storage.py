@@ -140,6 +140,23 @@ def test_fetch_downloads_and_verifies_once(s3_repository, local_repository, tmp_
     assert cache.fetch(storage, "tiny", 2) == fetched
 
 
+def test_a_fetch_asks_the_store_nothing_its_manifest_already_says(s3_repository, tmp_path):
+    """A file under the ranged-download threshold comes in one GET: the manifest gives its size, so
+    the transfer manager's HEAD per file (most of a small file's time) is not asked; what arrives
+    is still checked (test_a_broken_upload_leaves_nothing_in_the_cache)."""
+    _, _, storage = s3_repository
+    calls: list[str] = []
+    events = storage._client.meta.events
+    events.register("before-call.s3", lambda **kwargs: calls.append(kwargs["model"].name), unique_id="count-calls")
+    try:
+        fetched = ServableCache(tmp_path / "cache").fetch(storage, "tiny", 2)
+    finally:
+        events.unregister("before-call.s3", unique_id="count-calls")
+    files = read_manifest(fetched.directory).files
+    assert "HeadObject" not in calls
+    assert calls.count("GetObject") == len(files) + 1, calls  # and the manifest
+
+
 def test_a_local_store_is_served_in_place(local_repository, tmp_path):
     cache = ServableCache(tmp_path / "cache")
     fetched = cache.fetch(open_storage(str(local_repository)), "tiny", 1)
@@ -342,10 +359,10 @@ def test_concurrent_fetches_share_one_download(s3_repository, tmp_path):
     downloads: list[str] = []
     download = storage.download
 
-    def counted(key: str, dest: Path):
+    def counted(key: str, dest: Path, size: int | None = None):
         downloads.append(key)
         time.sleep(0.2)  # long enough for every caller to join this fetch
-        return download(key, dest)
+        return download(key, dest, size)
 
     storage.download = counted
     cache = ServableCache(tmp_path / "cache")
