@@ -293,7 +293,7 @@ class S3Storage:
     def download(self, key: str, dest: Path, size: int | None = None) -> Received:
         def fetch() -> Received:
             if size is not None and size < self._transfer.multipart_threshold:
-                return write_into_place(dest, lambda out: self._copy_object(key, out))
+                return write_into_place(dest, lambda out: self._copy_object(key, out, size))
             return write_into_place(
                 dest,
                 lambda out: self._client.download_fileobj(
@@ -303,13 +303,17 @@ class S3Storage:
 
         return self._call(f"downloading {self._name(key)}", fetch)
 
-    def _copy_object(self, key: str, out: io.RawIOBase) -> None:
+    def _copy_object(self, key: str, out: io.RawIOBase, size: int) -> None:
         """A small file in one GET: the transfer manager would first ask the store its size (a HEAD
-        per file, most of a small file's time on a fast network)."""
+        per file, most of a small file's time on a fast network). Reading stops past `size`: an
+        object larger than its manifest says is refused by the caller without filling the disk."""
         body = self._client.get_object(Bucket=self.bucket, Key=self._object_key(key))["Body"]
+        written = 0
         try:
-            for chunk in body.iter_chunks(1 << 20):
-                out.write(chunk)
+            for chunk in body.iter_chunks(64 << 10):
+                written += out.write(chunk)
+                if written > size:
+                    break
         finally:
             body.close()
 

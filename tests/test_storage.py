@@ -4,6 +4,7 @@ eviction by size, and concurrent fetches sharing one download."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -155,6 +156,19 @@ def test_a_fetch_asks_the_store_nothing_its_manifest_already_says(s3_repository,
     files = read_manifest(fetched.directory).files
     assert "HeadObject" not in calls
     assert calls.count("GetObject") == len(files) + 1, calls  # and the manifest
+
+
+def test_an_object_larger_than_its_manifest_says_is_refused_without_reading_it_all(s3_repository, tmp_path):
+    client, bucket, storage = s3_repository
+    key = "models/tiny/1/lib/model.so"
+    data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=data + bytes(4 << 20))
+    cache = ServableCache(tmp_path / "cache")
+    with pytest.raises(ServableError, match=f"lib/model.so has [0-9]+ bytes, the manifest says {len(data)}") as error:
+        cache.fetch(storage, "tiny", 1)
+    received = int(re.search(r"has ([0-9]+) bytes", str(error.value)).group(1))
+    assert len(data) < received <= len(data) + (64 << 10)  # it stopped reading a chunk past the size
+    assert cached_entries(cache) == []
 
 
 def test_a_local_store_is_served_in_place(local_repository, tmp_path):
