@@ -64,3 +64,32 @@ def test_every_convolution_matches_tensorflow(zoo, rows, threads):
     assert set(ours) == set(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(ours[name], value.numpy(), atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_the_compiled_code_calls_kilns_kernels_where_tensorflow_was_imported_first(digits, tmp_path):
+    """TensorFlow loads its own XLA runtime into the process's global scope, where the dynamic linker
+    looks before a library's own dependencies: a bucket library then called XLA's Eigen convolution,
+    13x slower on MobileNetV2 than Kiln's, in place of its runtime's. Bindings, as ld.so reports them."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, tensorflow\n"
+        "from runtime.engines import open_servable\n"
+        "engine = open_servable(sys.argv[1])\n"
+        "spec = engine.signature('serving_default').inputs[0]\n"
+        "engine.run('serving_default', {spec.name: np.zeros((2, *spec.shape[1:]), spec.dtype)})\n"
+    )
+    log = tmp_path / "bindings"
+    env = {**os.environ, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(log), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    subprocess.run([sys.executable, "-c", code, str(digits.servable)], env=env, check=True, capture_output=True)
+    bound = [
+        line
+        for path in tmp_path.glob("bindings*")
+        for line in path.read_text(errors="replace").splitlines()
+        if "EigenConv2D" in line and "_serving_default_b" in line.split(" to ")[0]
+    ]
+    assert bound, "the bucket library's convolution was never bound"
+    for line in bound:
+        assert "libkiln_runtime-" in line.split(" to ")[1], line
