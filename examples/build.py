@@ -35,7 +35,7 @@ from runtime.cache import cache_root  # noqa: E402
 
 EXAMPLES_DIR = REPO_ROOT / "examples"
 # The Kiln code whose changes change a built servable (serving code does not).
-BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/runtime_library.py", "runtime/warmup.py",
+BUILT_FROM = ("runtime/compiler", "runtime/manifest.py", "runtime/record.py", "runtime/runtime_library.py", "runtime/warmup.py",
               "runtime/engines/saved_model.py", "runtime/engines/base.py", "runtime/host_program.py")
 KEEP_ENTRIES = 2  # per example: the newest, and one more for switching back and forth
 # Each example is the module examples.NAME, whose save(out, log) writes its SavedModel to `out`

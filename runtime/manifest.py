@@ -39,21 +39,14 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SerializerFunctionWrapHandler,
-    ValidationError,
-    model_serializer,
-    model_validator,
-)
+from msgspec import Meta, field
 
 from runtime.cpu import architecture_of
 from runtime.errors import ServableError
+from runtime.record import Record, problem
 
 # 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
 # (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1
@@ -67,23 +60,20 @@ READABLE_FORMATS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 
 Engine = Literal["xla-aot", "saved-model"]
+ServableEngine = Literal["xla-aot", "saved-model", "mixed"]
+DenseDtype = Literal["float32", "int64", "string"]
 PREDICT = "tensorflow/serving/predict"
 CLASSIFY = "tensorflow/serving/classify"
 REGRESS = "tensorflow/serving/regress"
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TensorSpec(Model):
-    """One input or output. dtype is numpy's name ("float32"), or "string" for bytes."""
+class TensorSpec(Record, frozen=True):
+    """One input or output. dtype is numpy's name ("float32"), or "string" for bytes; `shape` has
+    None where any size is accepted, and is None for a tensor of unknown rank."""
 
     name: str
     dtype: str
-    shape: tuple[int | None, ...] | None = Field(
-        description="None where any size is accepted; null for a tensor of unknown rank"
-    )
+    shape: tuple[int | None, ...] | None
 
     @property
     def known_shape(self) -> tuple[int | None, ...]:
@@ -98,62 +88,67 @@ class TensorSpec(Model):
         return tuple(size if d is None else d for d in self.known_shape)
 
 
-class Position(Model):
+class Position(Record, frozen=True):
     """The state input counting the tokens a session's state holds, and the most it can hold."""
 
     input: str
-    capacity: int = Field(ge=1)
+    capacity: Annotated[int, Meta(ge=1)]
 
 
-class DenseFeature(Model):
+class DenseFeature(Record, frozen=True):
     """One dense feature ParseExample reads: its key, dtype ("float32", "int64", "string"), shape per
     example, and default values (flattened; bytes as base64) or None when the feature is required."""
 
     key: str
-    dtype: Literal["float32", "int64", "string"]
+    dtype: DenseDtype
     shape: tuple[int, ...]
     default: tuple[float | int | str, ...] | None = None
 
 
-class ParseExampleStep(Model):
+class HostStep(Record, frozen=True):
+    """One step of a host program; `op`, its kind, is its tag in manifest.json."""
+
+    @property
+    def op(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class ParseExampleStep(HostStep, frozen=True, tag_field="op", tag="parse_example"):
     """ParseExample/ParseExampleV2 over serialized tf.Examples, dense features only."""
 
-    op: Literal["parse_example"] = "parse_example"
     input: str
     outputs: tuple[str, ...]
     dense: tuple[DenseFeature, ...]
 
 
-class LookupStep(Model):
+class LookupStep(HostStep, frozen=True, tag_field="op", tag="lookup"):
     """LookupTableFindV2 over a static hash table whose keys and values are in `table` (an .npz file
     of the servable, runtime/host_program.py), with the default value for keys it lacks."""
 
-    op: Literal["lookup"] = "lookup"
     input: str
     output: str
     table: str
     default: float | int
 
 
-class HashBucketStep(Model):
+class HashBucketStep(HostStep, frozen=True, tag_field="op", tag="hash_bucket"):
     """StringToHashBucketFast: TensorFlow's Fingerprint64 of each string modulo `buckets`."""
 
-    op: Literal["hash_bucket"] = "hash_bucket"
     input: str
     output: str
-    buckets: int = Field(ge=1)
+    buckets: Annotated[int, Meta(ge=1)]
 
 
-class HostProgram(Model):
+class HostProgram(Record, frozen=True):
     """A signature's string-handling front, run on the host before its compiled remainder
     (runtime/host_program.py): steps over named tensors, starting from the signature's inputs;
     `outputs` are the compiled code's inputs, batched like the signature."""
 
-    steps: tuple[Annotated[ParseExampleStep | LookupStep | HashBucketStep, Field(discriminator="op")], ...]
+    steps: tuple[ParseExampleStep | LookupStep | HashBucketStep, ...]
     outputs: tuple[TensorSpec, ...]
 
 
-class Signature(Model):
+class Signature(Record, frozen=True, kw_only=True):
     """One callable entry point, TensorFlow Serving's SignatureDef as Kiln runs it.
 
     When batched, dimension 0 of every input and output is the batch, and a request of any batch
@@ -165,52 +160,38 @@ class Signature(Model):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batched: bool = True
-    libraries: dict[int, str] = Field(default_factory=dict, description="bucket -> library (xla-aot)")
-    reason: str = Field("", description="why this signature is not ahead-of-time compiled")
-    jit: bool = Field(False, description="saved-model: runs under XLA JIT from the prebuilt cache")
-    state: dict[str, str] = Field(default_factory=dict, description="state input -> the output fed back into it")
-    position: Position | None = Field(None, description="the state input counting tokens held, and its capacity")
-    appended: tuple[str, ...] = Field(
-        (), description="state inputs whose output is only the entries to write at the position"
-    )
-    elementwise: bool = Field(
-        False,
-        description="compiled over flat runs of elements; takes any shape its "
-        "inputs allow (see the module's documentation)",
-    )
-    host: HostProgram | None = Field(
-        None, description="xla-aot: the string front run on the host, whose outputs the libraries take"
-    )
+    libraries: dict[int, str] = field(default_factory=dict)  # bucket -> library (xla-aot)
+    reason: str = ""  # why this signature is not ahead-of-time compiled
+    jit: bool = False  # saved-model: runs under XLA JIT from the prebuilt cache
+    state: dict[str, str] = field(default_factory=dict)  # state input -> the output fed back into it
+    position: Position | None = None  # the state input counting tokens held, and its capacity
+    appended: tuple[str, ...] = ()  # state inputs whose output is only the entries to write at the position
+    elementwise: bool = False  # compiled over flat runs of elements (see the module's documentation)
+    host: HostProgram | None = None  # xla-aot: the string front run on the host, whose outputs the libraries take
 
-    @model_validator(mode="after")
-    def _libraries_match_engine(self) -> Signature:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.engine == "xla-aot" and not self.libraries:
             raise ValueError("an xla-aot signature needs a library for each bucket")
         if self.elementwise and (self.state or not self.batched):
             raise ValueError("an elementwise signature is batched over its elements and has no state")
         if self.host is not None and (self.engine != "xla-aot" or self.state or self.elementwise or not self.batched):
             raise ValueError("a host program fronts a batched, stateless xla-aot signature")
-        return self
 
     def compiled(self) -> Signature:
         """The signature the libraries implement: behind a host program, its outputs as the inputs."""
         if self.host is None:
             return self
-        return self.model_copy(update={"inputs": self.host.outputs, "host": None})
+        return self.replace(inputs=self.host.outputs, host=None)
 
-    @model_serializer(mode="wrap")
-    def _stateless_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def to_builtins(self) -> dict[str, Any]:
         """A stateless signature is written without the state fields, as before they existed."""
-        data = handler(self)
+        data = super().to_builtins()
         if not self.state and self.position is None:
-            data.pop("state", None)
-            data.pop("position", None)
-        if not self.appended:
-            data.pop("appended", None)
-        if not self.elementwise:
-            data.pop("elementwise", None)
-        if self.host is None:
-            data.pop("host", None)
+            del data["state"], data["position"]
+        for name in ("appended", "elementwise", "host"):
+            if not data[name]:
+                del data[name]
         return data
 
     @property
@@ -239,7 +220,7 @@ class Signature(Model):
         return _differing_axes(held.known_shape, output.known_shape)[0]
 
 
-class Target(Model):
+class Target(Record, frozen=True):
     """The machine code's target: the LLVM triple, the CPU name, the features it needs."""
 
     triple: str
@@ -247,7 +228,7 @@ class Target(Model):
     features: tuple[str, ...]
 
 
-class SharedRuntime(Model):
+class SharedRuntime(Record, frozen=True):
     """The XLA AOT runtime and Kiln's kernels, linked once for every bucket library of the servable.
 
     `key` names its TensorFlow version, compiler, flags, target CPU and kernels; `file` is its path
@@ -258,22 +239,20 @@ class SharedRuntime(Model):
 
     key: str
     file: str
-    embedded: bool = Field(True, description="in the servable (format 2), else found by its key")
-    size: int = Field(0, description="shared: the library's size")
-    sha256: str = Field("", description="shared: the library's sha256")
-    bytes_saved: int = Field(0, description="about how many bytes format 1 would have needed more")
+    embedded: bool = True  # in the servable (format 2), else found by its key
+    size: int = 0  # shared: the library's size
+    sha256: str = ""  # shared: the library's sha256
+    bytes_saved: int = 0  # about how many bytes format 1 would have needed more
 
-    @model_serializer(mode="wrap")
-    def _embedded_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
+    def to_builtins(self) -> dict[str, Any]:
         """An embedded runtime is written as format 2 wrote it."""
-        data = handler(self)
+        data = super().to_builtins()
         if self.embedded:
-            for field in ("embedded", "size", "sha256"):
-                data.pop(field, None)
+            del data["embedded"], data["size"], data["sha256"]
         return data
 
 
-class Build(Model):
+class Build(Record, frozen=True, kw_only=True):
     """The compiled code for one more target, so that one servable serves a mixed fleet (x86_64 and
     aarch64 instances under one S3 prefix). The manifest's own target, runtime, weights and signature
     libraries are its first build; each further one keeps its libraries in their own directory
@@ -283,30 +262,33 @@ class Build(Model):
     target: Target
     runtime: SharedRuntime | None = None
     weights: str | None = None
-    libraries: dict[str, dict[int, str]] = Field(description="signature -> bucket -> library")
+    libraries: dict[str, dict[int, str]]  # signature -> bucket -> library
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {**super().to_builtins(), "runtime": self.runtime and self.runtime.to_builtins()}
 
 
-class FileEntry(Model):
+class FileEntry(Record, frozen=True):
     sha256: str
     size: int
 
 
-class Manifest(Model):
+class Manifest(Record, frozen=True, kw_only=True):
     format_version: int = FORMAT_VERSION
     name: str
     version: int
-    engine: Literal["xla-aot", "saved-model", "mixed"]
+    engine: ServableEngine
     signatures: dict[str, Signature]
     batch_sizes: tuple[int, ...]
     target: Target
     tensorflow_version: str
-    runtime: SharedRuntime | None = Field(None, description="format 2: the runtime library every bucket links")
-    weights: str | None = Field(None, description="format 2: the library holding each distinct constant once")
+    runtime: SharedRuntime | None = None  # format 2: the runtime library every bucket links
+    weights: str | None = None  # format 2: the library holding each distinct constant once
     files: dict[str, FileEntry]
-    builds: tuple[Build, ...] = Field((), description="the code for further targets (one per architecture)")
+    builds: tuple[Build, ...] = ()  # the code for further targets (one per architecture)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         engines = {sig.engine for sig in self.signatures.values()}
         expected = engines.pop() if len(engines) == 1 else "mixed"
         if self.engine != expected:
@@ -341,7 +323,6 @@ class Manifest(Model):
             for shared in (embedded, owner.weights):
                 if shared is not None and self.files and shared not in self.files:
                     raise ValueError(f"shared library {shared} is not among the files")
-        return self
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -362,32 +343,27 @@ class Manifest(Model):
                 f"machine is {architecture}"
             )
         signatures = {
-            key: sig.model_copy(update={"libraries": build.libraries[key]}) if key in build.libraries else sig
+            key: sig.replace(libraries=build.libraries[key]) if key in build.libraries else sig
             for key, sig in self.signatures.items()
         }
-        return self.model_copy(
-            update={
-                "target": build.target,
-                "runtime": build.runtime,
-                "weights": build.weights,
-                "signatures": signatures,
-                "builds": (),
-            }
+        return self.replace(
+            target=build.target, runtime=build.runtime, weights=build.weights, signatures=signatures, builds=()
         )
 
-    @model_serializer(mode="wrap")
-    def _format_one_as_before(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """A manifest without a shared runtime is written without the field, as format 1 was."""
-        data = handler(self)
-        for field in ("runtime", "weights"):
-            if data.get(field) is None:
-                data.pop(field, None)
-        if not self.builds:  # single-target servables read as before builds existed
-            data.pop("builds", None)
+    def to_builtins(self) -> dict[str, Any]:
+        """Written as the format it needs: a manifest without a shared runtime, weights or further
+        builds has no such fields, as format 1 and single-target servables were written."""
+        data = super().to_builtins()
+        data["signatures"] = {key: sig.to_builtins() for key, sig in self.signatures.items()}
+        data["runtime"] = self.runtime and self.runtime.to_builtins()
+        data["builds"] = [build.to_builtins() for build in self.builds]
+        for name in ("runtime", "weights", "builds"):
+            if not data[name]:
+                del data[name]
         return data
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+        return orjson.dumps(self.to_builtins(), option=orjson.OPT_INDENT_2)
 
     def write(self, directory: Path) -> None:
         """Write manifest.json last and atomically: its presence publishes the servable."""
@@ -553,10 +529,9 @@ def read_manifest(directory: Path) -> Manifest:
             f"{', '.join(map(str, READABLE_FORMATS))}: recompile it with this Kiln (kiln compile)"
         )
     try:
-        return Manifest.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ServableError(f"{path} is not a valid manifest: {problems}") from None
+        return Manifest.parse(raw)
+    except ValueError as e:
+        raise ServableError(f"{path} is not a valid manifest: {problem(e)}") from None
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:

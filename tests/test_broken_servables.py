@@ -57,7 +57,7 @@ def truncated_library_with_matching_manifest(servable):
     name = first_library(servable)
     path = servable / name
     path.write_bytes(path.read_bytes()[:4096])
-    entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).model_dump()
+    entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).to_builtins()
     edit_manifest(servable, lambda m: m["files"].__setitem__(name, entry))
     return "is truncated"
 
@@ -67,7 +67,7 @@ def not_a_library(servable):
     name = first_library(servable)
     path = servable / name
     path.write_bytes(b"#!/bin/sh\necho not a library\n" * 10)
-    entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).model_dump()
+    entry = FileEntry(sha256=sha256_of(path), size=path.stat().st_size).to_builtins()
     edit_manifest(servable, lambda m: m["files"].__setitem__(name, entry))
     return "is not a 64-bit little-endian ELF library"
 
@@ -99,7 +99,7 @@ def manifest_not_json(servable):
 
 def manifest_invalid(servable):
     edit_manifest(servable, lambda m: m.pop("signatures"))
-    return "signatures: Field required"
+    return "signatures: is required"
 
 
 def manifest_missing(servable):

@@ -55,7 +55,7 @@ def check_runs(servable: Path, weights: np.ndarray, **options) -> None:
 def test_two_servables_share_one_runtime_copy(base, nothing_installed):
     manifests = {name: read_manifest(base / name / "1") for name in MODELS}
     runtime = manifests["a"].runtime
-    assert runtime == manifests["b"].runtime.model_copy(update={"bytes_saved": runtime.bytes_saved})
+    assert runtime == manifests["b"].runtime.replace(bytes_saved=runtime.bytes_saved)
     assert manifests["a"].format_version == SHARED_RUNTIME_FORMAT and not runtime.embedded
     for name, manifest in manifests.items():
         assert not any("libkiln_runtime" in path for path in manifest.files)

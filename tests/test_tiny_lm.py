@@ -225,7 +225,7 @@ def test_manifest_records_the_state_pairing(tiny_lm, engine):
     for key in ("prefill", "decode"):
         signature = engine.signature(key)
         assert signature.stateful and signature.state == STATE[key]
-        assert signature.position is not None and signature.position.model_dump() == {"input": "position",
+        assert signature.position is not None and signature.position.to_builtins() == {"input": "position",
                                                                                       "capacity": CONTEXT}
         assert raw["signatures"][key]["state"] == STATE[key]
         assert signature.input("kv_cache").shape == (None, *CACHE_SHAPE)
@@ -263,9 +263,9 @@ def test_stateless_manifests_read_as_before(tiny_lm, tmp_path):
     """A stateless signature is written without the state fields (older Kilns read it); one whose
     state pairing does not fit its tensors is refused when the manifest is read."""
     spec = TensorSpec(name="x", dtype="float32", shape=(None, 2))
-    dumped = Signature(engine="saved-model", inputs=(spec,), outputs=(spec,)).model_dump(mode="json")
+    dumped = Signature(engine="saved-model", inputs=(spec,), outputs=(spec,)).to_builtins()
     assert "state" not in dumped and "position" not in dumped
-    assert Signature.model_validate(dumped).state == {}
+    assert Signature.parse(dumped).state == {}
 
     import shutil
 

@@ -142,14 +142,14 @@ def post(url: str, path: str, body) -> tuple[int, dict]:
 
 def test_compile_records_unknown_rank_elementwise_or_the_reason(models):
     _, repository = models
-    half = Manifest.model_validate_json((repository / "half_plus_two" / "1" / "manifest.json").read_bytes())
+    half = Manifest.parse_json((repository / "half_plus_two" / "1" / "manifest.json").read_bytes())
     predict = half.signatures["serving_default"]
     assert predict.engine == "xla-aot" and predict.elementwise and predict.inputs[0].shape is None
     assert half.signatures["predict"].elementwise
     for key in ("classify_x_to_y", "regress_x_to_y"):  # tf.Examples parsed on the host (issue 17)
         assert half.signatures[key].engine == "xla-aot" and half.signatures[key].host is not None
 
-    any_rank = Manifest.model_validate_json((repository / "any_rank" / "1" / "manifest.json").read_bytes())
+    any_rank = Manifest.parse_json((repository / "any_rank" / "1" / "manifest.json").read_bytes())
     assert any_rank.signatures["serving_default"].elementwise
     total = any_rank.signatures["total"]
     assert total.engine == "saved-model" and not total.elementwise and not total.batched
@@ -210,7 +210,7 @@ def test_requests_of_different_shapes_batched_together_each_get_their_own(server
 def test_dynamic_inner_dimensions_of_a_known_rank_are_elementwise_too(models, server):
     saved, repository = models
     url, _ = server
-    manifest = Manifest.model_validate_json((repository / "any_rank" / "1" / "manifest.json").read_bytes())
+    manifest = Manifest.parse_json((repository / "any_rank" / "1" / "manifest.json").read_bytes())
     assert manifest.signatures["matrix"].elementwise and manifest.signatures["matrix"].inputs[0].shape == (None, None)
     value = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     status, answer = post(url, "/v1/models/any_rank:predict", {"signature_name": "matrix", "inputs": value})
@@ -299,6 +299,6 @@ def test_a_manifest_from_before_unknown_rank_loads_and_reads_as_before():
                "outputs": [{"name": "y", "dtype": "float32", "shape": [None, 1]}]}},
            "batch_sizes": [1, 4], "target": {"triple": "x86_64-pc-linux", "cpu": "x86-64", "features": []},
            "tensorflow_version": "2.21.0", "files": {}}
-    manifest = Manifest.model_validate(old)
+    manifest = Manifest.parse(old)
     assert not manifest.signatures["serving_default"].elementwise
     assert orjson.loads(manifest.to_json()) == json.loads(json.dumps(old)), "written back exactly as it was"

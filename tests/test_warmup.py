@@ -33,7 +33,7 @@ def with_warmup(servable, directory, name: str, data: bytes):
     (directory / WARMUP_DIR).mkdir(exist_ok=True)
     (directory / WARMUP_DIR / name).write_bytes(data)
     manifest = read_manifest(directory)
-    manifest.model_copy(update={"files": describe_files(directory)}).write(directory)
+    manifest.replace(files=describe_files(directory)).write(directory)
     return directory
 
 

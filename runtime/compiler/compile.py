@@ -38,7 +38,9 @@ from runtime.manifest import (
     EMBEDDED_RUNTIME_FORMAT,
     FORMAT_VERSION,
     Build,
+    Engine,
     Manifest,
+    ServableEngine,
     SharedRuntime,
     Signature,
     Target,
@@ -163,7 +165,7 @@ def compile_servable(
             else:  # XLA's cache holds this machine's code: those signatures run as TensorFlow graphs
                 log(f"no XLA cache prebuilt for {', '.join(fallback)}: it would hold {host_architecture()} code only")
         _copy_warmup_requests(saved_model, staging, log)
-        manifest = manifest.model_copy(update={"files": describe_files(staging)})
+        manifest = manifest.replace(files=describe_files(staging))
         manifest.write(staging)
         if runtime and not runtime.embedded and out.name.isdigit():
             _publish_runtime(runtime, out.parent.parent, log)
@@ -286,11 +288,11 @@ def _host_fronts(
             continue
         # The front reads a batch of strings: a string input of unknown rank is served as a vector.
         inputs = tuple(
-            spec.model_copy(update={"shape": (None,)}) if spec.shape is None and spec.dtype == "string" else spec
+            spec.replace(shape=(None,)) if spec.shape is None and spec.dtype == "string" else spec
             for spec in infos[key].inputs
         )
         outputs = tuple(
-            spec.model_copy(update={"shape": found.output_shapes.get(spec.name)}) if spec.shape is None else spec
+            spec.replace(shape=found.output_shapes.get(spec.name)) if spec.shape is None else spec
             for spec in infos[key].outputs
         )
         split = replace(infos[key], host=found.program, inputs=inputs, outputs=outputs)
@@ -330,8 +332,8 @@ def _refuse_if_forced(engine: EngineChoice, reasons: dict[str, str]) -> None:
                 raise CompileError(f"signature '{key}' cannot be compiled ahead of time: {reason}")
 
 
-def _engine_of(infos, reasons) -> str:
-    engines = {"saved-model" if reasons[key] else "xla-aot" for key in infos}
+def _engine_of(infos, reasons) -> ServableEngine:
+    engines: set[Engine] = {"saved-model" if reasons[key] else "xla-aot" for key in infos}
     return engines.pop() if len(engines) == 1 else "mixed"
 
 
@@ -514,12 +516,8 @@ def _prebuild_xla_cache(staging: Path, manifest: Manifest) -> Manifest:
     if done.returncode != 0:
         raise CompileError(f"prebuilding the XLA cache failed:\n{done.stderr[-3000:]}")
     jit = json.loads(done.stdout.strip().splitlines()[-1])
-    return manifest.model_copy(
-        update={
-            "signatures": {
-                key: sig.model_copy(update={"jit": jit.get(key, False)}) for key, sig in manifest.signatures.items()
-            }
-        }
+    return manifest.replace(
+        signatures={key: sig.replace(jit=jit.get(key, False)) for key, sig in manifest.signatures.items()}
     )
 
 

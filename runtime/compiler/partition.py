@@ -22,11 +22,19 @@ from typing import Any
 import numpy as np
 
 from runtime.compiler import elementwise
-from runtime.manifest import DenseFeature, HashBucketStep, HostProgram, LookupStep, ParseExampleStep, TensorSpec
+from runtime.manifest import (
+    DenseDtype,
+    DenseFeature,
+    HashBucketStep,
+    HostProgram,
+    LookupStep,
+    ParseExampleStep,
+    TensorSpec,
+)
 
 HOST_OPS = ("ParseExample", "ParseExampleV2", "LookupTableFindV2", "StringToHashBucketFast")
 TABLES_DIR = "host"
-DENSE_DTYPES = {"float32": "float32", "int64": "int64", "string": "string"}
+DENSE_DTYPES: dict[str, DenseDtype] = {"float32": "float32", "int64": "int64", "string": "string"}
 
 
 class Unsupported(Exception):

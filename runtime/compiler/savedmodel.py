@@ -123,10 +123,10 @@ class SignatureInfo:
         elementwise one, `batch` elements in the inputs' declared rank."""
         if self.elementwise:
             shape = element_shape(self.inputs, batch)
-            return tuple(spec.model_copy(update={"shape": shape}) for spec in self.inputs)
+            return tuple(spec.replace(shape=shape) for spec in self.inputs)
         if not self.batched:
             return self.compiled_inputs
-        return tuple(spec.model_copy(update={"shape": (batch, *spec.known_shape[1:])}) for spec in self.compiled_inputs)
+        return tuple(spec.replace(shape=(batch, *spec.known_shape[1:])) for spec in self.compiled_inputs)
 
 
 def read_signatures(saved_model_dir: Path, tags: str = "serve") -> dict[str, SignatureInfo]:

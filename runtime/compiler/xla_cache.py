@@ -21,7 +21,7 @@ def prebuild(directory: Path) -> dict[str, bool]:
         if any(spec.shape is None or None in spec.shape[1 if signature.batched else 0 :] for spec in signature.inputs):
             jit[key] = False  # every new inner shape would compile again: run it as a graph
             continue
-        runner = SavedModelRunner(directory, key, signature.model_copy(update={"jit": True}), writable_cache=True)
+        runner = SavedModelRunner(directory, key, signature.replace(jit=True), writable_cache=True)
         try:
             for bucket in manifest.batch_sizes if signature.batched else (0,):
                 runner.run(synthetic_inputs(signature, bucket), bucket)

@@ -28,11 +28,9 @@ from runtime.sessions.state import initial_state, state_after, trim_state, untri
 def visible(signature: Signature) -> Signature:
     """The signature as a client sees it: without the state inputs and outputs the store supplies."""
     outputs = set(signature.state.values())
-    return signature.model_copy(
-        update={
-            "inputs": tuple(s for s in signature.inputs if s.name not in signature.state),
-            "outputs": tuple(s for s in signature.outputs if s.name not in outputs),
-        }
+    return signature.replace(
+        inputs=tuple(s for s in signature.inputs if s.name not in signature.state),
+        outputs=tuple(s for s in signature.outputs if s.name not in outputs),
     )
 
 

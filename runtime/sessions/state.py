@@ -20,7 +20,7 @@ from runtime.manifest import Position, Signature
 def initial_state(signature: Signature, rows: int) -> dict[str, np.ndarray]:
     """The state of `rows` new sessions (one for an unbatched signature): zeros, by state input."""
     state = tuple(spec for spec in signature.inputs if spec.name in signature.state)
-    return synthetic_inputs(signature.model_copy(update={"inputs": state}), rows)
+    return synthetic_inputs(signature.replace(inputs=state), rows)
 
 
 def state_after(
