@@ -23,11 +23,13 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated, Any, Self, TypeVar
 
+import msgspec
 import orjson
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.errors import InvalidInput
+from runtime.record import Record, problem
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
@@ -39,17 +41,20 @@ EXPECTED = (
 BINARY_HEADERS = ("ce-id", "ce-source", "ce-specversion", "ce-type")
 # A message id names its result object, so it must be a plain file name (Pub/Sub's are digits).
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# Pub/Sub's keys in snake case, for the camelCase names the records read.
+CAMEL_CASE = {"message_id": "messageId", "publish_time": "publishTime", "delivery_attempt": "deliveryAttempt"}
+Named = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+class _Wire(Record, frozen=True, forbid_unknown_fields=False):
+    """Google's payloads carry more than this service reads, and gain fields over time."""
 
 
-class PubsubMessage(_Wire):
+class PubsubMessage(_Wire, frozen=True):
+    id: Annotated[str, msgspec.Meta(pattern=ID_PATTERN)] = msgspec.field(name="messageId")
     data: str = ""  # base64
-    attributes: dict[str, str] = Field(default_factory=dict)
-    id: str = Field(validation_alias=AliasChoices("messageId", "message_id"), pattern=ID_PATTERN)
-    publish_time: str | None = Field(None, validation_alias=AliasChoices("publishTime", "publish_time"))
+    attributes: dict[str, str] = msgspec.field(default_factory=dict)
+    publish_time: str | None = msgspec.field(default=None, name="publishTime")
 
     def payload(self) -> bytes:
         try:
@@ -58,19 +63,28 @@ class PubsubMessage(_Wire):
             raise InvalidInput(f"the Pub/Sub message's data is not base64: {self.data[:60]!r}") from None
 
 
-class PubsubDelivery(_Wire):
+class PubsubDelivery(_Wire, frozen=True):
     """A Pub/Sub message as pushed, or as the data of a messagePublished CloudEvent."""
 
     message: PubsubMessage
     subscription: str = ""
-    delivery_attempt: int | None = Field(None, validation_alias=AliasChoices("deliveryAttempt", "delivery_attempt"))
+    delivery_attempt: int | None = msgspec.field(default=None, name="deliveryAttempt")
+
+    @classmethod
+    def parse(cls, data: Any) -> Self:
+        """Either spelling of the keys Pub/Sub repeats (messageId or message_id, ...); camelCase wins."""
+        if isinstance(data, dict):
+            data = _camel_case(data)
+            if isinstance(data.get("message"), dict):
+                data["message"] = _camel_case(data["message"])
+        return super().parse(data)
 
 
-class ObjectFinalized(_Wire):
+class ObjectFinalized(_Wire, frozen=True):
     """A Cloud Storage object that was created or overwritten (the event's StorageObjectData)."""
 
-    bucket: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    bucket: Named
+    name: Named
     generation: int | str | None = None
 
     @property
@@ -128,11 +142,17 @@ def _cloud_event(headers: Mapping[str, str], body: bytes) -> Event:
     )
 
 
-def _validated(model: type[_Wire], data, what: str):
+_W = TypeVar("_W", bound=_Wire)
+
+
+def _validated(model: type[_W], data: Any, what: str) -> _W:
     if not isinstance(data, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(data).__name__}: {str(data)[:60]!r}")
     try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or 'body'}: {error['msg']}" for error in e.errors())
-        raise InvalidInput(f"{what} does not fit: {problems}") from None
+        return model.parse(data)
+    except ValueError as e:
+        raise InvalidInput(f"{what} does not fit: {problem(e)}") from None
+
+
+def _camel_case(data: dict[str, Any]) -> dict[str, Any]:
+    return {**{CAMEL_CASE.get(key, key): value for key, value in data.items()}, **data}

@@ -16,33 +16,33 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import msgspec
 
 from runtime.errors import ConfigError
+from runtime.record import Record, problem
 
 Mode = Literal["adaptive", "fixed", "off"]
 # Adaptive mode's ceiling on waiting when none is configured (TF Serving's default, 0, would
 # forbid waiting at all): short against a request's round trip, long against one execution.
 ADAPTIVE_DEFAULT_TIMEOUT_MICROS = 2000
+Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class BatchingParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class BatchingParameters(Record, frozen=True):
     mode: Mode = "adaptive"
-    max_batch_size: int = Field(1000, ge=1)
-    batch_timeout_micros: int | None = Field(None, ge=0)  # None: 0, or adaptive's own ceiling
-    max_enqueued_batches: int = Field(10, ge=1)
-    num_batch_threads: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
+    max_batch_size: Positive = 1000
+    batch_timeout_micros: Annotated[int, msgspec.Meta(ge=0)] | None = None  # None: 0, or adaptive's own ceiling
+    max_enqueued_batches: Positive = 10
+    num_batch_threads: Positive = msgspec.field(default_factory=lambda: len(os.sched_getaffinity(0)))
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
     # TF Serving refuses a request larger than max_batch_size; with this it is split instead.
     enable_large_batch_splitting: bool = False
 
-    @model_validator(mode="after")
-    def _check_allowed_sizes(self) -> BatchingParameters:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         sizes = self.allowed_batch_sizes
         if sizes:
             if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
@@ -51,7 +51,6 @@ class BatchingParameters(BaseModel):
                 raise ValueError(
                     f"the last of allowed_batch_sizes ({sizes[-1]}) must equal max_batch_size ({self.max_batch_size})"
                 )
-        return self
 
     @property
     def timeout_seconds(self) -> float:
@@ -61,7 +60,7 @@ class BatchingParameters(BaseModel):
 
     def merged(self, overrides: dict[str, Any], source: str) -> BatchingParameters:
         """These parameters with some fields replaced; a ConfigError names the source and the field."""
-        return parse({**self.model_dump(exclude_unset=True), **overrides}, source)
+        return parse({**self.to_builtins(), **overrides}, source)
 
 
 def server_parameters(file: str | None, flags: dict[str, Any]) -> BatchingParameters:
@@ -73,14 +72,9 @@ def server_parameters(file: str | None, flags: dict[str, Any]) -> BatchingParame
 
 def parse(fields: dict[str, Any], source: str) -> BatchingParameters:
     try:
-        return BatchingParameters(**fields)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'batching parameters'}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
-    except TypeError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        return BatchingParameters.parse(fields)
+    except ValueError as e:  # Invalid, with __post_init__'s own errors among them
+        raise ConfigError(f"{source}: {problem(e)}") from None
 
 
 def load_batching_parameters(path: str | Path) -> BatchingParameters:

@@ -36,11 +36,12 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any, Literal
 
+import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.errors import ConfigError, KilnError
-from runtime.version_policy import Latest, Specific, VersionPolicy
+from runtime.record import Record, problem
+from runtime.version_policy import All, Latest, Specific, VersionPolicy
 
 Format = Literal["text", "yaml", "json"]
 FORMATS: dict[str, Format] = {
@@ -52,43 +53,37 @@ FORMATS: dict[str, Format] = {
     ".json": "json",
 }
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+PLATFORMS = ("tensorflow", "kiln")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
-class ModelConfig(_Model):
+class ModelConfig(Record, frozen=True):
     """One model: where its versions are (BASE/NAME, holding VERSION/ directories), which of them
     to serve, and names for some of them."""
 
     name: str
     base_path: str
-    model_platform: Literal["tensorflow", "kiln"] = "tensorflow"
+    model_platform: str = "tensorflow"  # one of PLATFORMS: checked below, to list them in the error
     version_policy: VersionPolicy = Latest()
-    version_labels: dict[str, int] = Field(default_factory=dict)
+    version_labels: dict[str, int] = msgspec.field(default_factory=dict)
     # Kiln's extension, YAML and JSON only: this model's batching parameters (runtime.batching)
     # over the server's.
-    batching_parameters: dict[str, Any] = Field(default_factory=dict)
+    batching_parameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _named(cls, name: str) -> str:
-        if not name:
-            raise ValueError("is missing")
-        return name
-
-    @field_validator("base_path")
-    @classmethod
-    def _absolute_or_url(cls, base_path: str) -> str:
-        if not base_path:
-            raise ValueError("is missing")
-        if not (_URL.match(base_path) or os.path.isabs(base_path)):
-            raise ValueError(f"must be an absolute path or a URL such as s3://bucket/models/NAME, got {base_path!r}")
-        return base_path
-
-    @model_validator(mode="after")
-    def _labels_can_be_served(self) -> ModelConfig:
+    def __post_init__(self) -> None:
+        """The checks name their field themselves: msgspec places an error raised here at the
+        record, not at a field."""
+        super().__post_init__()
+        if not self.name:
+            raise ValueError("name: is missing")
+        if not self.base_path:
+            raise ValueError("base_path: is missing")
+        if not (_URL.match(self.base_path) or os.path.isabs(self.base_path)):
+            raise ValueError(
+                f"base_path: must be an absolute path or a URL such as s3://bucket/models/NAME, got {self.base_path!r}"
+            )
+        if self.model_platform not in PLATFORMS:
+            allowed = " or ".join(map(repr, PLATFORMS))
+            raise ValueError(f"model_platform: Input should be {allowed} (got {self.model_platform!r})")
         for label, version in self.version_labels.items():
             if version < 0:
                 raise ValueError(
@@ -99,18 +94,16 @@ class ModelConfig(_Model):
                     f"version_labels: label {label!r} points to version {version}, which the specific "
                     f"policy does not list (versions {list(self.version_policy.versions)})"
                 )
-        return self
 
 
-class ModelConfigList(_Model):
+class ModelConfigList(Record, frozen=True):
     models: tuple[ModelConfig, ...] = ()
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> ModelConfigList:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         names = [model.name for model in self.models]
         if repeated := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"model {repeated[0]!r} is listed more than once; names must be unique")
-        return self
 
 
 def load_model_config(location: str | Path) -> ModelConfigList:
@@ -157,13 +150,8 @@ def parse_model_config(data: bytes | str, format: Format, source: str = "<config
         return from_proto(_parse_text(data, source), source)
     mapping, batching = _batching_parameters(_load_mapping(data, format, source), source)
     config = from_proto(_parse_mapping(mapping, source), source)
-    return config.model_copy(
-        update={
-            "models": tuple(
-                model.model_copy(update={"batching_parameters": batching.get(model.name, {})})
-                for model in config.models
-            )
-        }
+    return config.replace(
+        models=tuple(model.replace(batching_parameters=batching.get(model.name, {})) for model in config.models)
     )
 
 
@@ -174,8 +162,8 @@ def single_model(name: str, base_path: str) -> ModelConfigList:
         base_path = os.path.abspath(base_path)
     try:
         return ModelConfigList(models=(ModelConfig(name=name, base_path=base_path),))
-    except ValidationError as e:
-        raise ConfigError(f"--model_name/--model_base_path: {_problems(e)}") from None
+    except ValueError as e:
+        raise ConfigError(f"--model_name/--model_base_path: {problem(e)}") from None
 
 
 def from_proto(message: Any, source: str = "<ModelServerConfig>") -> ModelConfigList:
@@ -190,8 +178,8 @@ def from_proto(message: Any, source: str = "<ModelServerConfig>") -> ModelConfig
         models.append(_model_from_proto(model, f"{where} (model {model.name!r})" if model.name else where))
     try:
         return ModelConfigList(models=tuple(models))
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {_problems(e)}") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: {problem(e)}") from None
 
 
 def check_version_labels(
@@ -295,35 +283,25 @@ def _model_from_proto(model: Any, where: str) -> ModelConfig:
     fields: dict[str, Any] = {
         "name": model.name,
         "base_path": model.base_path,
-        "version_policy": _policy_from_proto(model.model_version_policy),
+        "version_policy": _policy_from_proto(model.model_version_policy, where),
         "version_labels": dict(model.version_labels),
     }
     if platform:
         fields["model_platform"] = platform
     try:
-        return ModelConfig.model_validate(fields)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_problems(e)}") from None
+        return ModelConfig.parse(fields)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {problem(e)}") from None
 
 
-def _policy_from_proto(policy: Any) -> dict[str, Any]:
+def _policy_from_proto(policy: Any, where: str) -> VersionPolicy:
     """As TF Serving reads it: unset means latest 1, and num_versions 0 counts as 1."""
     choice = policy.WhichOneof("policy_choice")
     if choice == "all":
-        return {"kind": "all"}
+        return All()
     if choice == "specific":
-        return {"kind": "specific", "versions": list(policy.specific.versions)}
-    return {"kind": "latest", "num_versions": max(policy.latest.num_versions, 1)}
-
-
-def _problems(error: ValidationError) -> str:
-    """pydantic's errors as 'field: what is wrong (got what)', one clause each."""
-    clauses = []
-    for err in error.errors():
-        where = ".".join(str(part) for part in err["loc"])
-        if err["type"] == "value_error":
-            text = str(err["ctx"]["error"])
-        else:
-            text = f"{err['msg']} (got {err['input']!r})"
-        clauses.append(f"{where}: {text}" if where else text)
-    return "; ".join(clauses)
+        try:
+            return Specific(versions=tuple(policy.specific.versions))
+        except ValueError as e:  # named by its place in the message, which the policy does not know
+            raise ConfigError(f"{where}: version_policy.specific.versions: {e}") from None
+    return Latest(num_versions=max(policy.latest.num_versions, 1))

@@ -14,46 +14,44 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import msgspec
 
-
-class _Policy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from runtime.record import Record
 
 
-class Latest(_Policy):
+class Latest(Record, frozen=True, tag_field="kind", tag="latest"):
     """The num_versions highest versions found (TF Serving's default, with num_versions 1)."""
 
-    kind: Literal["latest"] = "latest"
-    num_versions: int = Field(1, ge=1)
+    num_versions: int = 1
+
+    def __post_init__(self) -> None:
+        # Checked here rather than as a constraint, which msgspec applies only when parsing.
+        super().__post_init__()
+        if self.num_versions < 1:
+            raise ValueError(f"num_versions: must be at least 1, got {self.num_versions}")
 
 
-class All(_Policy):
+class All(Record, frozen=True, tag_field="kind", tag="all"):
     """Every version found."""
 
-    kind: Literal["all"] = "all"
 
-
-class Specific(_Policy):
+class Specific(Record, frozen=True, tag_field="kind", tag="specific"):
     """The listed versions, those of them that are found; the others are reported as missing."""
 
-    kind: Literal["specific"] = "specific"
     versions: tuple[int, ...]
 
-    @field_validator("versions")
-    @classmethod
-    def _distinct_sorted(cls, versions: tuple[int, ...]) -> tuple[int, ...]:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         # TF Serving accepts an empty list and then waits forever for a model that never loads.
-        if not versions:
+        if not self.versions:
             raise ValueError("lists no versions; a specific policy needs at least one")
-        if negative := [v for v in versions if v < 0]:
+        if negative := [v for v in self.versions if v < 0]:
             raise ValueError(f"versions are numbered from 0, got {negative}")
-        return tuple(sorted(set(versions)))
+        msgspec.structs.force_setattr(self, "versions", tuple(sorted(set(self.versions))))
 
 
-VersionPolicy = Annotated[Latest | All | Specific, Field(discriminator="kind")]
+VersionPolicy = Latest | All | Specific
 
 
 def aspired_versions(policy: VersionPolicy, available: set[int]) -> set[int]:

@@ -272,7 +272,7 @@ async def decide(name):
         raise getattr(errors, name)("failed")
 
     service._predict = fail
-    delivery = PubsubDelivery.model_validate({"message": {"data": "", "messageId": name}})
+    delivery = PubsubDelivery.parse({"message": {"data": "", "messageId": name}})
     try:
         return json.loads((await service._pubsub(delivery, Exchange("event"))).body)["status"]
     except errors.KilnError:

@@ -216,7 +216,7 @@ def test_reload_adds_and_removes_models_and_checks_labels(store, tmp_path):
             with repo.hold("digits"):
                 pass
         assert states(repo) == {1: State.END}
-        bad = other.model_copy(update={"version_labels": {"stable": 7}})
+        bad = other.replace(version_labels={"stable": 7})
         with pytest.raises(ConfigError, match="label 'stable' cannot be assigned to version 7"):
             repo.reload(ModelConfigList(models=(bad,)))
     finally:

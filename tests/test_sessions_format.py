@@ -141,7 +141,7 @@ def test_the_manifest_round_trips_and_names_its_chunks():
                         history=True, tensors=(TensorEntry(name="k", chunks=2), TensorEntry(name="v", chunks=0)))
     value = manifest.value()
     assert value.startswith(b"7\n") and version_of(value) == 7
-    assert SessionManifest.parse(value) == manifest
+    assert SessionManifest.from_value(value) == manifest
     keys = SessionKeys("acme", "s1")
     assert manifest.chunk_keys(keys) == [[f"kiln:{{acme:s1}}:chunk:0123456789abcdef:0:{part}" for part in range(3)],
                                          ["kiln:{acme:s1}:chunk:0123456789abcdef:1:0"]]
@@ -159,7 +159,7 @@ def test_the_manifest_round_trips_and_names_its_chunks():
 ])
 def test_an_unreadable_manifest_is_a_format_error(value, message):
     with pytest.raises(FormatError, match=message):
-        SessionManifest.parse(value)
+        SessionManifest.from_value(value)
 
 
 def test_the_version_is_read_as_the_compare_and_set_script_reads_it():

@@ -41,3 +41,15 @@ def test_concurrent_calls_from_many_threads_match_serial(digits):
             np.testing.assert_array_equal(s, p)
     finally:
         engine.close()
+
+
+def test_serving_paths_leave_pydantic_out(digits):
+    """pydantic's import and schemas were a third of a small servable's cold start: the manifest, the
+    model and batching configuration, sessions and events are msgspec records (runtime/record.py)."""
+    code = SERVE_AND_LIST_MODULES.replace(
+        "import numpy as np", "import numpy as np, runtime.cli, runtime.app, handlers.local, handlers.gcp_events, "
+        "handlers.aws_lambda, runtime.model_config, runtime.sessions.manifest")
+    code = code.replace('("tensorflow", "keras", "tf_keras", "jax", "torch")', '("pydantic", "pydantic_core")')
+    done = run_python(code, str(digits.servable))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shape": [3, 10], "heavy": []}

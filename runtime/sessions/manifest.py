@@ -2,15 +2,17 @@
 
 Stored at the session's manifest key as `VERSION\\n` followed by JSON. The compare-and-set that
 advances a session (runtime.sessions.backend) reads only the leading version, by the same rule as
-version_of(); everything a reader needs is in the JSON, validated by pydantic before it is used.
+version_of(); everything a reader needs is in the JSON, validated (runtime.record) before it is used.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import msgspec
 
+from runtime.record import Record, problem
 from runtime.sessions.encoding import FormatError
 from runtime.sessions.keys import SessionKeys
 
@@ -24,35 +26,34 @@ def version_of(value: bytes | None) -> int:
     return int(match[1]) if match else 0
 
 
-class TensorEntry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(min_length=1)
-    chunks: int = Field(ge=0)  # data chunks, after the header chunk
+Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class SessionManifest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class TensorEntry(Record, frozen=True):
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    chunks: Annotated[int, msgspec.Meta(ge=0)]  # data chunks, after the header chunk
 
-    version: int = Field(ge=1)
-    write_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+
+class SessionManifest(Record, frozen=True):
+    version: Positive
+    write_id: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
     fingerprint: str
-    ttl_ms: int = Field(ge=1)
-    history_ttl_ms: int = Field(ge=1)
+    ttl_ms: Positive
+    history_ttl_ms: Positive
     history: bool  # whether a token history was saved with this version
     tensors: tuple[TensorEntry, ...]
 
     def value(self) -> bytes:
-        return b"%d\n" % self.version + self.model_dump_json().encode()
+        return b"%d\n" % self.version + msgspec.json.encode(self)
 
     @classmethod
-    def parse(cls, value: bytes) -> SessionManifest:
+    def from_value(cls, value: bytes) -> SessionManifest:
         """The manifest in a stored value; FormatError when it is not one, or disagrees with its version."""
         version = version_of(value)
         try:
-            manifest = cls.model_validate_json(value[value.index(b"\n") + 1 :])
-        except (ValueError, ValidationError) as e:
-            raise FormatError(f"the session manifest is unreadable: {_first_line(e)}") from None
+            manifest = cls.parse_json(value[value.index(b"\n") + 1 :])
+        except ValueError as e:  # no newline, or msgspec's DecodeError (a ValueError; Invalid among them)
+            raise FormatError(f"the session manifest is unreadable: {problem(e)}") from None
         if manifest.version != version:
             raise FormatError(f"the session manifest says version {manifest.version} inside, {version} in front")
         if len({tensor.name for tensor in manifest.tensors}) != len(manifest.tensors):
@@ -65,7 +66,3 @@ class SessionManifest(BaseModel):
             [keys.chunk(self.write_id, index, part) for part in range(tensor.chunks + 1)]
             for index, tensor in enumerate(self.tensors)
         ]
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__

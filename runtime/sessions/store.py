@@ -113,7 +113,7 @@ class SessionStore:
                     f"{named} has no stored state: it expired, was deleted, or was never saved", history=history
                 )
             try:
-                manifest = SessionManifest.parse(manifest_value)
+                manifest = SessionManifest.from_value(manifest_value)
             except FormatError as e:
                 raise SessionCorrupt(f"{named}: {e}", version=version, history=history) from None
             if history_problem or (manifest.history and history is None):
@@ -198,7 +198,7 @@ class SessionStore:
             )
         if won and replaced is not None:
             try:
-                old = _chunk_keys(SessionManifest.parse(replaced), keys)
+                old = _chunk_keys(SessionManifest.from_value(replaced), keys)
             except FormatError:
                 old = []  # whatever it pointed to expires with its time to live
             if old:  # off the request's path: one round trip fewer before the answer
@@ -236,7 +236,7 @@ class SessionStore:
         may point to expire with their time to live)."""
         (value,) = await self.backend.get([keys.manifest])
         try:
-            return None if value is None else SessionManifest.parse(value)
+            return None if value is None else SessionManifest.from_value(value)
         except FormatError:
             return None
 
