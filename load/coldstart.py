@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, example_servables, pyplot, write_results
+from common import ROOT, compile_bytecode, example_servables, pyplot, write_results
 
 # Each child prints one line when its first prediction is done: "<peak RSS in KiB>", read from
 # VmHWM (getrusage's ru_maxrss would carry the parent's peak over a fork).
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits,mobilenet_v2")
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     args = parser.parse_args()
+    compile_bytecode()
     examples = example_servables(Path(tempfile.mkdtemp(prefix="kiln-coldstart-")), args.models.split(","))
     results = {"runs": args.runs, "models": {}}
     for name, example in examples.items():

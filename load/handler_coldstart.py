@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, example_servables, free_ports, pyplot, write_results
+from common import ROOT, compile_bytecode, example_servables, free_ports, pyplot, write_results
 
 PLAIN_FUNCTION = '''
 import json
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits")
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     args = parser.parse_args()
+    compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="kiln-handler-coldstart-"))
     results = {"runs": args.runs, "models": {}}
     for name, example in example_servables(work / "models", args.models.split(",")).items():

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, write_results
+from common import ROOT, compile_bytecode, write_results
 
 PATHS = {
     "floor (python + numpy)": "import numpy",
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     args = parser.parse_args()
+    compile_bytecode()
     runs: dict[str, list[tuple[float, float, dict[str, int]]]] = {name: [] for name in PATHS}
     for _ in range(args.rounds + 1):  # the first round, uncounted, warms the page cache
         for name, code in PATHS.items():

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, moto_server, write_results
+from common import ROOT, compile_bytecode, moto_server, write_results
 
 BUCKET = "kiln-coldstart"
 # The TensorFlow side, the download included; it prints the moment of its first prediction on
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--signature", default="serving_default")
     parser.add_argument("--out", type=Path, default=ROOT / "load" / "results")
     args = parser.parse_args()
+    compile_bytecode()
     import boto3
 
     from warmpool.coldstart import measure
