@@ -22,24 +22,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import unquote, unquote_plus
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    SqsFifoPartialProcessor,
-    process_partial_response,
-)
-from aws_lambda_powertools.utilities.data_classes import (
-    S3BatchOperationEvent,
-    S3BatchOperationResponseRecord,
-    S3Event,
-    S3EventBridgeNotificationEvent,
-)
 
 from handlers.records import OutputStore, Written, predict_message, write_outcome
 from runtime import logs
@@ -48,6 +36,10 @@ from runtime.errors import InvalidInput, KilnError, retryable, status_of
 from runtime.exchange import Request, Response, whole
 from runtime.settings import Settings
 from runtime.storage import Storage
+
+if TYPE_CHECKING:  # Powertools' record and S3 helpers are imported by the events that need them (cold start)
+    from aws_lambda_powertools.utilities.batch import BatchProcessor
+    from aws_lambda_powertools.utilities.data_classes import S3BatchOperationResponseRecord
 
 SERVICE = "kiln"
 NAMESPACE = "Kiln"
@@ -233,6 +225,8 @@ class LambdaFunction:
         the records whose failure may pass reported for Lambda to retry."""
         outputs = self.outputs.open(f"{invocation.kind} events")
         records = event["Records"]
+        from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+
         processor = _processor(invocation.kind, records)
         fifo = isinstance(processor, SqsFifoPartialProcessor)
         chains: dict[str, list[dict]] = {}  # run one after another: a FIFO message group, else one record
@@ -332,6 +326,8 @@ class LambdaFunction:
         return results
 
     def _s3_event(self, event: dict, invocation: Invocation) -> dict:
+        from aws_lambda_powertools.utilities.data_classes import S3Event, S3EventBridgeNotificationEvent
+
         if invocation.kind == "s3_eventbridge":
             detail = S3EventBridgeNotificationEvent(event).detail
             objects = [(detail.bucket.name, detail.object.key)]
@@ -351,6 +347,8 @@ class LambdaFunction:
         }
 
     def _s3_batch(self, event: dict, invocation: Invocation) -> dict:
+        from aws_lambda_powertools.utilities.data_classes import S3BatchOperationEvent
+
         batch = S3BatchOperationEvent(event)
         tasks = list(batch.tasks)
         results = self._score_all([(task.s3_bucket, task.s3_key) for task in tasks], invocation)
@@ -487,6 +485,8 @@ def _source_name(arn: str) -> str:
 def _processor(kind: str, records: list[dict]) -> BatchProcessor:
     """Powertools' batch processor for the event; it reports every failed record, never raising
     for a batch that failed whole (that is reported the same way)."""
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, SqsFifoPartialProcessor
+
     processor: BatchProcessor
     if kind == "sqs" and records[0].get("eventSourceARN", "").endswith(".fifo"):
         processor = SqsFifoPartialProcessor(skip_group_on_error=True)
@@ -513,6 +513,8 @@ def _result_dict(source: str, result: Any) -> dict:
 
 
 def _task_result(task_id: str, result: Any) -> S3BatchOperationResponseRecord:
+    from aws_lambda_powertools.utilities.data_classes import S3BatchOperationResponseRecord
+
     if isinstance(result, BaseException):
         code: Literal["TemporaryFailure", "PermanentFailure"] = (
             "TemporaryFailure" if retryable(result) else "PermanentFailure"

@@ -643,7 +643,8 @@ class Context:
 
 answer = handler({"instances": [[[[0.5]] * 28] * 28]}, Context())
 print(json.dumps({"import_s": imported, "init_s": initialized, "tensorflow": "tensorflow" in sys.modules,
-                  "scoring": "runtime.scoring" in sys.modules, "classes": len(answer["predictions"][0])}))
+                  "scoring": "runtime.scoring" in sys.modules,
+                  "record batches": "aws_lambda_powertools.utilities.batch" in sys.modules, "classes": len(answer["predictions"][0])}))
 """
 
 
@@ -665,7 +666,9 @@ def test_a_bad_setting_fails_init_naming_it(served, env, message):
 
 def test_init_loads_the_models_without_tensorflow(served):
     """Importing and initializing the handler never imports TensorFlow (digits is all XLA AOT), nor
-    batch scoring before an S3 event or a record needs it (import time is cold start)."""
+    batch scoring or Powertools' record batches (about 25 ms) before an S3 event or a record needs
+    them (import time is cold start)."""
     answer = run_init({"KILN_MODEL_REPOSITORY": str(served), "KILN_MODEL_NAME": "digits"})
     assert answer["tensorflow"] is False and answer["scoring"] is False and answer["classes"] == 10
+    assert answer["record batches"] is False
     print(f"import {answer['import_s']:.3f} s, init (import + models loaded) {answer['init_s']:.3f} s")
