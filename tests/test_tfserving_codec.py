@@ -108,6 +108,8 @@ def test_the_fast_path_decodes_numeric_rows_exactly_as_the_general_one():
     b'{"instances": [[[["1"],[2],[3]],[[4],[5],[6]]]]}',  # a string
     b'{"instances": [[[[1],[2],[3]],[[4],[5],[6]]]], "signature_name": "other"}',
     b'{"instances": [[[[1e],[2],[3]],[[4],[5],[6]]]]}',  # not a number
+    b'{"instances": [[[[1.2.3],[2],[3]],[[4],[5],[6]]]]}',  # nor this
+    b'{"instances": [[[[1e400],[2],[3]],[[4],[5],[6]]]]}',  # beyond a double: the general parser's
     b'{"instances": []}',
     b'{"inputs": [[[[1],[2],[3]],[[4],[5],[6]]]]}',
 ])
