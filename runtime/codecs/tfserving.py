@@ -108,7 +108,10 @@ def flat_numbers(text: bytes) -> np.ndarray:
     whole decode of a 32x32x3 image, load/codec_cost.py). It does not check that the lists nest
     evenly: numeric_rows has done so. A fresh parser per call: it is cheap, and parsers are not
     shared between threads."""
-    return np.frombuffer(simdjson.Parser().parse(text).as_buffer(of_type="d"), np.float64)
+    document = simdjson.Parser().parse(text)
+    if not isinstance(document, simdjson.Array):
+        raise TypeError("not a list")
+    return np.frombuffer(document.as_buffer(of_type="d"), np.float64)
 
 
 def instances_text(body: bytes) -> bytes | None:
