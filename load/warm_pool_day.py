@@ -165,7 +165,7 @@ def hourly_plans(arrivals: np.ndarray, service: float, concurrency: int, memory_
         plan = make_plan(traffic=buckets, concurrency=concurrency, memory_gb=memory_gb,
                          headroom=Headroom.parse(headroom))
         plans[headroom] = {"instances_by_hour": [w.instances for w in plan.windows
-                                                 for _ in range((w.end - w.start) // 60)], **plan.totals.model_dump()}
+                                                 for _ in range((w.end - w.start) // 60)], **plan.totals.to_builtins()}
     return plans
 
 

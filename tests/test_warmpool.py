@@ -27,14 +27,14 @@ def hour(start: str, end: str, rate: float, latency: float, **more) -> TrafficBu
 
 
 def schedule(*windows: dict, tz: str = "UTC") -> Schedule:
-    return Schedule.model_validate({"timezone": tz, "windows": list(windows)})
+    return Schedule.parse({"timezone": tz, "windows": list(windows)})
 
 
 def row(plan: Plan, start: str, days: str | None = None):
     """The plan's window starting at `start` (HH:MM) on `days`."""
-    found = [w for w in plan.windows if w.model_dump(mode="json")["start"] == start
-             and w.model_dump(mode="json")["days"] == days]
-    assert len(found) == 1, [w.model_dump(mode="json") for w in plan.windows]
+    found = [w for w in plan.windows if w.to_builtins()["start"] == start
+             and w.to_builtins()["days"] == days]
+    assert len(found) == 1, [w.to_builtins() for w in plan.windows]
     return found[0]
 
 
@@ -57,7 +57,7 @@ def test_one_hour_of_ten_requests_a_second_hand_computed():
     busy = row(plan, "09:00")
     assert (busy.load, busy.instances, busy.gb_seconds) == (pytest.approx(2.0), 4, pytest.approx(28_800))
     assert busy.cold_start_fraction == pytest.approx(2 / 21)
-    assert [(w.model_dump(mode="json")["start"], w.model_dump(mode="json")["end"], w.instances)
+    assert [(w.to_builtins()["start"], w.to_builtins()["end"], w.instances)
             for w in plan.windows] == [("00:00", "09:00", 0), ("09:00", "10:00", 4), ("10:00", "24:00", 0)]
     assert plan.totals.gb_seconds_per_day == pytest.approx(28_800)
     assert plan.totals.requests_per_day == pytest.approx(36_000)
@@ -197,7 +197,7 @@ def test_traffic_from_requests_hand_computed():
 
 
 def test_weekly_traffic_profile_and_file_forms():
-    traffic = Traffic.model_validate({
+    traffic = Traffic.parse({
         "requests": [["2025-01-06T09:00:00Z", 0.1], [MONDAY.timestamp() + 9 * 3600 + 1, 0.3]],  # both forms
         "profile": "weekly", "observed_from": "2025-01-06T00:00:00Z", "observed_to": "2025-01-13T00:00:00Z"})
     buckets = traffic_buckets(traffic)
@@ -205,9 +205,9 @@ def test_weekly_traffic_profile_and_file_forms():
     monday_nine = next(b for b in buckets if b.days == (0,) and b.start == 540)
     assert (monday_nine.rate, monday_nine.latency) == (pytest.approx(2 / 3600), pytest.approx(0.2))
     with pytest.raises(ValueError, match="bucket_minutes must divide a day"):
-        Traffic.model_validate({"bucket_minutes": 7})
+        Traffic.parse({"bucket_minutes": 7})
     with pytest.raises(ConfigError, match="both buckets and requests"):
-        traffic_buckets(Traffic.model_validate({"requests": [[0, 1]], "buckets": [
+        traffic_buckets(Traffic.parse({"requests": [[0, 1]], "buckets": [
             {"start": "00:00", "end": "01:00", "rate": 1, "latency": 1}]}))
 
 
@@ -225,18 +225,18 @@ def test_plan_command_reads_yaml_and_writes_a_plan_apply_reads(tmp_path, capsys)
     rows = [line.split() for line in table.splitlines()]
     assert ["mon-fri", "09:00-10:00", "2", "10", "0.2", "2", "4", "28,800", "9.52%"] in rows
     assert "36,000 requests a day" in table
-    plan = Plan.model_validate_json((tmp_path / "plan.json").read_text())
+    plan = Plan.parse_json((tmp_path / "plan.json").read_bytes())
     assert row(plan, "08:00", "mon-fri").instances == 2 and row(plan, "09:00", "sat-sun").instances == 4
     assert main(["warmpool", "plan", "--traffic", str(tmp_path / "traffic.json"), "--json"]) == 0
-    assert row(Plan.model_validate_json(capsys.readouterr().out), "09:00").instances == 4
+    assert row(Plan.parse_json(capsys.readouterr().out.encode()), "09:00").instances == 4
 
 
 @pytest.mark.parametrize("text, message", [
-    ("windows:\n  - {start: '8am', end: '10:00', min_instances: 1}\n", "windows.0.start: Value error, expected a time"),
+    ("windows:\n  - {start: '8am', end: '10:00', min_instances: 1}\n", "windows[0]: start: expected a time"),
     ("windows:\n  - {days: [funday], start: '08:00', end: '10:00', min_instances: 1}\n", "expected day names"),
     ("windows:\n  - {start: '08:00', end: '25:00', min_instances: 1}\n", "from 00:00 to 24:00"),
-    ("windows:\n  - {start: '08:00', end: '10:00', min_instances: -1}\n", "greater than or equal to 0"),
-    ("windows:\n  - {start: '08:00', end: '10:00', minimum: 1}\n", "Extra inputs are not permitted"),
+    ("windows:\n  - {start: '08:00', end: '10:00', min_instances: -1}\n", "windows[0]: min_instances: must be at least 0"),
+    ("windows:\n  - {start: '08:00', end: '10:00', minimum: 1}\n", "windows[0].minimum: is not a known field"),
     ("windows: [\n", "is not valid JSON or YAML"),
 ])
 def test_bad_schedule_files_get_one_line_errors(tmp_path, capsys, text, message):
@@ -251,7 +251,7 @@ def test_bad_schedule_files_get_one_line_errors(tmp_path, capsys, text, message)
 def _plan_file(tmp_path, *windows: dict):
     """A plan of the schedule's windows, written where `kiln warmpool apply --plan` reads it."""
     path = tmp_path / "plan.json"
-    path.write_text(make_plan(schedule(*windows)).model_dump_json())
+    path.write_text(json.dumps(make_plan(schedule(*windows)).to_builtins()))
     return path
 
 
@@ -276,7 +276,7 @@ def test_cloud_run_apply_changes_only_the_min_scale(tmp_path, capsys):
     # Service-level minimum: a line added to the service's annotations; the file keeps using it.
     from warmpool.apply import apply_cloud_run
 
-    written = Plan.model_validate_json(plan.read_text())
+    written = Plan.parse_json(plan.read_bytes())
     done = apply_cloud_run(written, service, at=MONDAY.replace(day=11), level="service")
     assert (done.annotation, done.instances, done.previous, done.rewritten) == ("run.googleapis.com/minScale", 0,
                                                                                 None, False)

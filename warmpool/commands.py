@@ -7,10 +7,14 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+import orjson
 
 from runtime.errors import ConfigError, KilnError
+from runtime.record import Record, problem
+
+R = TypeVar("R", bound=Record)
 
 
 def plan(args) -> int:
@@ -31,7 +35,7 @@ def plan(args) -> int:
     )
     if args.out:
         write_model(result, Path(args.out))
-    print(result.model_dump_json(indent=2) if args.json else render_plan(result))
+    print(orjson.dumps(result.to_builtins(), option=orjson.OPT_INDENT_2).decode() if args.json else render_plan(result))
     return 0
 
 
@@ -122,8 +126,8 @@ def coldstart(args) -> int:
     return 0
 
 
-def read_model(model: type[BaseModel], path: str | Path):
-    """A model from a YAML or JSON file (by its extension; JSON is read as YAML otherwise too)."""
+def read_model(model: type[R], path: str | Path) -> R:
+    """A record from a YAML or JSON file (by its extension; JSON is read as YAML otherwise too)."""
     import yaml
 
     path = Path(path)
@@ -133,22 +137,20 @@ def read_model(model: type[BaseModel], path: str | Path):
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return model.model_validate(data if data is not None else {})
     except (ValueError, yaml.YAMLError) as e:
-        if isinstance(e, ValidationError):
-            problems = "; ".join(
-                f"{'.'.join(map(str, error['loc'])) or '(top)'}: {error['msg']}" for error in e.errors()
-            )
-            raise ConfigError(f"{path}: {problems}") from None
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid JSON or YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    try:
+        return model.parse(data if data is not None else {})
+    except ValueError as e:  # Invalid: the first problem, as 'field.path: what is wrong'
+        raise ConfigError(f"{path}: {problem(e)}") from None
 
 
-def write_model(value: BaseModel, path: Path) -> None:
+def write_model(value: Record, path: Path) -> None:
     import yaml
 
-    data = value.model_dump(mode="json")
+    data = value.to_builtins()
     path.write_text(
         json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     )

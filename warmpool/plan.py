@@ -76,12 +76,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator
+import msgspec
 
 from runtime.errors import ConfigError
+from runtime.record import Record
 
 DAY = 1440  # minutes
 WEEK = 7 * DAY
@@ -152,10 +153,6 @@ def show_days(days: tuple[int, ...] | None) -> str | None:
     return ",".join(DAY_NAMES[r[0]] if len(r) == 1 else f"{DAY_NAMES[r[0]]}-{DAY_NAMES[r[-1]]}" for r in runs)
 
 
-TimeOfDay = Annotated[int, BeforeValidator(parse_time), PlainSerializer(show_time)]
-Days = Annotated[tuple[int, ...] | None, BeforeValidator(parse_days), PlainSerializer(show_days)]
-
-
 def parse_timestamp(value) -> float:
     """Epoch seconds from a number or an ISO 8601 string (naive: UTC)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -172,7 +169,14 @@ def parse_timestamp(value) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-Timestamp = Annotated[float, BeforeValidator(parse_timestamp)]
+if TYPE_CHECKING:  # what the records' fields hold
+    TimeOfDay = int  # minutes after midnight
+    Days = tuple[int, ...] | None  # 0 = Monday; None: every day
+    Timestamp = float  # epoch seconds
+else:  # what parsing accepts: the files' forms too, which the records' __post_init__ reads into the above
+    TimeOfDay = int | str  # "HH:MM", or minutes (YAML 1.1's 18:00)
+    Days = str | tuple[int | str, ...] | None
+    Timestamp = Any  # epoch seconds, ISO 8601 text, or a datetime (YAML's unquoted timestamps)
 
 
 def zone(name: str) -> ZoneInfo:
@@ -185,22 +189,33 @@ def zone(name: str) -> ZoneInfo:
 # The files ------------------------------------------------------------------------------------
 
 
-class Window(BaseModel):
+class Window(Record, frozen=True, kw_only=True):
     """A recurring stretch of time: from `start` to `end` (minutes after midnight) on each of `days`
-    (None: every day). An end at or before the start runs past midnight."""
+    (None: every day). An end at or before the start runs past midnight.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Given as the files write them ("08:00", "mon-fri") or as held (480, (0, 1, 2, 3, 4)), to the
+    constructor or parsed; written back as the files write them (`to_builtins`)."""
 
     days: Days = None
     start: TimeOfDay
     end: TimeOfDay
 
-    @field_validator("start")
-    @classmethod
-    def _start_in_day(cls, start: int) -> int:
-        if start >= DAY:
-            raise ValueError("a window starts before 24:00")
-        return start
+    def __post_init__(self) -> None:
+        """The checks name their field themselves: msgspec places an error raised here at the
+        record, not at a field."""
+        super().__post_init__()
+        for name, read in (("days", parse_days), ("start", parse_time), ("end", parse_time)):
+            try:
+                msgspec.structs.force_setattr(self, name, read(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if self.start >= DAY:
+            raise ValueError("start: a window starts before 24:00")
+
+    def to_builtins(self) -> dict[str, Any]:
+        """As the files write it: times as HH:MM, days as "mon-fri,sun" (None: every day)."""
+        written = {"days": show_days(self.days), "start": show_time(self.start), "end": show_time(self.end)}
+        return {**super().to_builtins(), **written}
 
     def spans(self, horizon: int) -> list[tuple[int, int]]:
         """The window's occurrences as [a, b) minutes of a horizon (a day, or a week from Monday 00:00)."""
@@ -220,44 +235,73 @@ class Window(BaseModel):
         return f"{show_days(self.days) or 'every day'} {show_time(self.start)}-{show_time(self.end)}"
 
 
-class Minimum(Window):
+def _at_least_zero(record: Record, *names: str) -> None:
+    for name in names:
+        if getattr(record, name) < 0:
+            raise ValueError(f"{name}: must be at least 0, got {getattr(record, name)}")
+
+
+class Minimum(Window, frozen=True, kw_only=True):
     name: str = ""
-    min_instances: int = Field(ge=0)
+    min_instances: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least_zero(self, "min_instances")
 
 
-class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Schedule(Record, frozen=True):
     timezone: str = "UTC"
-    windows: list[Minimum] = []
+    windows: tuple[Minimum, ...] = ()
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {**super().to_builtins(), "windows": [w.to_builtins() for w in self.windows]}
 
 
-class TrafficBucket(Window):
-    rate: float = Field(ge=0, description="arrivals per second (λ)")
-    latency: float = Field(ge=0, description="mean seconds a request holds an instance (W)")
+class TrafficBucket(Window, frozen=True, kw_only=True):
+    rate: float  # arrivals per second (λ)
+    latency: float  # mean seconds a request holds an instance (W)
     # From a log: seen[k] of the bucket's requests arrived while k of the log's requests were in service.
     seen: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least_zero(self, "rate", "latency")
+        for name in ("rate", "latency"):  # as parsing makes them, and a plan writes them
+            msgspec.structs.force_setattr(self, name, float(getattr(self, name)))
 
-class Traffic(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-    buckets: list[TrafficBucket] = []
-    requests: list[tuple[Timestamp, float]] = []
-    bucket_minutes: int = Field(60, ge=1, le=DAY)
+class Traffic(Record, frozen=True):
+    buckets: tuple[TrafficBucket, ...] = ()
+    requests: tuple[tuple[Timestamp, float], ...] = ()
+    bucket_minutes: int = 60
     profile: Literal["daily", "weekly"] = "daily"
     observed_from: Timestamp | None = None
     observed_to: Timestamp | None = None
 
-    @field_validator("bucket_minutes")
-    @classmethod
-    def _divides_day(cls, minutes: int) -> int:
-        if DAY % minutes:
-            raise ValueError(f"bucket_minutes must divide a day (1440 minutes), got {minutes}")
-        return minutes
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bucket_minutes < 1 or DAY % self.bucket_minutes:
+            raise ValueError(f"bucket_minutes must divide a day (1440 minutes), got {self.bucket_minutes}")
+        requests = []
+        for index, (time, duration) in enumerate(self.requests):
+            try:
+                requests.append((parse_timestamp(time), float(duration)))
+            except ValueError as e:
+                raise ValueError(f"requests[{index}]: {e}") from None
+        msgspec.structs.force_setattr(self, "requests", tuple(requests))
+        for name in ("observed_from", "observed_to"):
+            if (value := getattr(self, name)) is not None:
+                try:
+                    msgspec.structs.force_setattr(self, name, parse_timestamp(value))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {**super().to_builtins(), "buckets": [b.to_builtins() for b in self.buckets]}
 
 
-class PlanWindow(Window):
+class PlanWindow(Window, frozen=True, kw_only=True):
     """One row of a plan: a stretch of one day (start < end, never past midnight)."""
 
     instances: int
@@ -269,22 +313,23 @@ class PlanWindow(Window):
     cold_start_fraction: float | None = None
 
 
-class Totals(BaseModel):
+class Totals(Record, frozen=True):
     gb_seconds_per_day: float
     requests_per_day: float | None
     cold_start_fraction: float | None
     max_instances: int
 
 
-class Plan(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Plan(Record, frozen=True, kw_only=True):
     timezone: str = "UTC"
     concurrency: int = 1
     memory_gb: float = 1.0
     headroom: str = "sqrt:1"
-    windows: list[PlanWindow]
+    windows: tuple[PlanWindow, ...]
     totals: Totals | None = None
+
+    def to_builtins(self) -> dict[str, Any]:
+        return {**super().to_builtins(), "windows": [w.to_builtins() for w in self.windows]}
 
     @property
     def horizon(self) -> int:
@@ -447,6 +492,7 @@ def make_plan(
         raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
     if memory_gb <= 0:
         raise ConfigError(f"memory must be positive, got {memory_gb} GB")
+    memory_gb = float(memory_gb)  # as a plan file holds it, however it was given
     minimums = schedule.windows if schedule else []
     buckets = list(traffic or [])
     tz = timezone or (schedule.timezone if schedule else "UTC")
@@ -502,9 +548,10 @@ def make_plan(
                 cold_start_fraction=None if load is None else overflow(instances * concurrency, load, seen),
             )
         )
-    plan = Plan(timezone=tz, concurrency=concurrency, memory_gb=memory_gb, headroom=str(headroom), windows=windows)
-    plan.totals = totals(plan)
-    return plan
+    plan = Plan(
+        timezone=tz, concurrency=concurrency, memory_gb=memory_gb, headroom=str(headroom), windows=tuple(windows)
+    )
+    return plan.replace(totals=totals(plan))
 
 
 def _covers(spans: list[tuple[int, int]], minute: int) -> bool:
