@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ def fixed_size(shape: tuple | None) -> int | None:
     if shape is None:
         return None
     inner = shape[1:]
-    return None if any(d is None for d in inner) else int(np.prod(inner, dtype=np.int64))
+    return None if any(d is None for d in inner) else math.prod(inner)  # exact: numpy's int64 product wraps around
 
 
 def row_shape(spec: TensorSpec) -> tuple[int, ...]:
