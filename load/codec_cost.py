@@ -8,8 +8,9 @@ the model; this says how much, per protocol, and how many bytes each puts on the
 
 What is timed, on the server's side only (a client's own encoding is not counted):
   decode  request bytes -> the numpy arrays the engine takes, on what a client sends:
-          tfserving_rest_json: tfserving.read_predict + decode_predict on the row-format body
-            ({"instances": x.tolist()}: common.tfserving_requests);
+          tfserving_rest_json: as the server decodes the row-format body ({"instances":
+            x.tolist()}: common.tfserving_requests): the numeric-rows fast path (simdjson), else
+            tfserving.read_predict + decode_predict;
           tfserving_grpc: PredictRequest.FromString + tensor_proto.to_ndarray per input, on a
             PredictRequest with packed tensor_content (byte for byte what tf.make_tensor_proto
             writes: common.tfserving_requests);
