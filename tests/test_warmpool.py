@@ -16,8 +16,9 @@ import yaml
 
 from runtime.cli import main
 from runtime.errors import ConfigError
-from warmpool.plan import (Change, Headroom, Plan, Schedule, Traffic, TrafficBucket, buckets_from_requests,
-                           changes, erlang_b, instances_at, make_plan, traffic_buckets)
+from warmpool.files import Plan, Schedule, Traffic, TrafficBucket
+from warmpool.plan import (Change, Headroom, buckets_from_requests, changes, erlang_b, instances_at, make_plan,
+                           traffic_buckets)
 
 MONDAY = datetime(2025, 1, 6, tzinfo=timezone.utc)  # 2025-01-06 was a Monday
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 
 from runtime.errors import ConfigError, KilnError
-from warmpool.plan import DAY_NAMES, Plan, changes, instances_at, show_days, show_time
+from warmpool.files import DAY_NAMES, Plan, show_days, show_time
+from warmpool.plan import changes, instances_at
 
 ACTION_PREFIX = "kiln-warmpool-"
 LAMBDA_DIMENSION = "lambda:function:ProvisionedConcurrency"

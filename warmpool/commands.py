@@ -18,7 +18,8 @@ R = TypeVar("R", bound=Record)
 
 
 def plan(args) -> int:
-    from warmpool.plan import Headroom, Schedule, Traffic, make_plan, traffic_buckets
+    from warmpool.files import Schedule, Traffic
+    from warmpool.plan import Headroom, make_plan, traffic_buckets
 
     if not args.schedule and not args.traffic:
         raise ConfigError("give --schedule, --traffic or both")
@@ -41,7 +42,7 @@ def plan(args) -> int:
 
 def render_plan(plan) -> str:
     from runtime.table import table
-    from warmpool.plan import show_days, show_time
+    from warmpool.files import show_days, show_time
 
     def number(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -80,7 +81,7 @@ def render_plan(plan) -> str:
 
 
 def apply(args) -> int:
-    from warmpool.plan import Plan
+    from warmpool.files import Plan
 
     plan_ = read_model(Plan, args.plan)
     at = _moment(args.at) if args.at else datetime.now(UTC)
@@ -157,7 +158,7 @@ def write_model(value: Record, path: Path) -> None:
 
 
 def _moment(text: str) -> datetime:
-    from warmpool.plan import parse_timestamp
+    from warmpool.files import parse_timestamp
 
     try:
         return datetime.fromtimestamp(parse_timestamp(text), UTC)
