@@ -29,7 +29,7 @@ import msgspec
 import orjson
 
 from runtime.errors import InvalidInput
-from runtime.record import Record, problem
+from runtime.record import NonEmpty, Record, problem
 
 PUBSUB_PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 STORAGE_FINALIZED = "google.cloud.storage.object.v1.finalized"
@@ -43,7 +43,6 @@ BINARY_HEADERS = ("ce-id", "ce-source", "ce-specversion", "ce-type")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 # Pub/Sub's keys in snake case, for the camelCase names the records read.
 CAMEL_CASE = {"message_id": "messageId", "publish_time": "publishTime", "delivery_attempt": "deliveryAttempt"}
-Named = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class _Wire(Record, frozen=True, forbid_unknown_fields=False):
@@ -83,8 +82,8 @@ class PubsubDelivery(_Wire, frozen=True):
 class ObjectFinalized(_Wire, frozen=True):
     """A Cloud Storage object that was created or overwritten (the event's StorageObjectData)."""
 
-    bucket: Named
-    name: Named
+    bucket: NonEmpty
+    name: NonEmpty
     generation: int | str | None = None
 
     @property

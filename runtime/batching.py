@@ -16,24 +16,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 
 from runtime.errors import ConfigError
-from runtime.record import Record, problem
+from runtime.record import NonNegative, Positive, Record, problem
 
 Mode = Literal["adaptive", "fixed", "off"]
 # Adaptive mode's ceiling on waiting when none is configured (TF Serving's default, 0, would
 # forbid waiting at all): short against a request's round trip, long against one execution.
 ADAPTIVE_DEFAULT_TIMEOUT_MICROS = 2000
-Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class BatchingParameters(Record, frozen=True):
     mode: Mode = "adaptive"
     max_batch_size: Positive = 1000
-    batch_timeout_micros: Annotated[int, msgspec.Meta(ge=0)] | None = None  # None: 0, or adaptive's own ceiling
+    batch_timeout_micros: NonNegative | None = None  # None: 0, or adaptive's own ceiling
     max_enqueued_batches: Positive = 10
     num_batch_threads: Positive = msgspec.field(default_factory=lambda: len(os.sched_getaffinity(0)))
     allowed_batch_sizes: tuple[int, ...] = ()

@@ -39,14 +39,14 @@ import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
-from msgspec import Meta, field
+from msgspec import field
 
 from runtime.cpu import architecture_of
 from runtime.errors import ServableError
-from runtime.record import Record, problem
+from runtime.record import Positive, Record, problem
 
 # 2: the bucket libraries link one shared runtime library (Manifest.runtime) and one weights library
 # (Manifest.weights) instead of each carrying the AOT runtime and its own constants. Format 1
@@ -92,7 +92,7 @@ class Position(Record, frozen=True):
     """The state input counting the tokens a session's state holds, and the most it can hold."""
 
     input: str
-    capacity: Annotated[int, Meta(ge=1)]
+    capacity: Positive
 
 
 class DenseFeature(Record, frozen=True):
@@ -136,7 +136,7 @@ class HashBucketStep(HostStep, frozen=True, tag_field="op", tag="hash_bucket"):
 
     input: str
     output: str
-    buckets: Annotated[int, Meta(ge=1)]
+    buckets: Positive
 
 
 class HostProgram(Record, frozen=True):

@@ -83,7 +83,7 @@ class ModelConfig(Record, frozen=True):
             )
         if self.model_platform not in PLATFORMS:
             allowed = " or ".join(map(repr, PLATFORMS))
-            raise ValueError(f"model_platform: Input should be {allowed} (got {self.model_platform!r})")
+            raise ValueError(f"model_platform: must be {allowed}, got {self.model_platform!r}")
         for label, version in self.version_labels.items():
             if version < 0:
                 raise ValueError(

@@ -4,17 +4,21 @@ msgspec, not pydantic: importing pydantic and building these schemas was about 1
 start (python -X importtime, load/import_floor.py), a third of a small servable's process-to-first-
 prediction; msgspec imports in about 10 ms and checks types, constraints and unknown fields while it
 converts. A record's own rules (between fields) are its `__post_init__`, which runs both when it is
-constructed and when it is parsed.
+constructed and when it is parsed; constraints on one field (Positive, NonEmpty, msgspec.Meta) are
+checked when parsing only, what Kiln builds itself being checked where it is made.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import msgspec
 
 Invalid = msgspec.ValidationError  # a ValueError
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 _LOCATION = re.compile(r"^(?P<what>.*?)(?: - at `(?:key` in `)?\$\.?(?P<where>[^`]*)`)?$", re.S)
 # msgspec names an unknown or missing field in its message, at the enclosing object's path.
 _FIELD = re.compile(r"^Object (?:(?P<unknown>contains unknown)|missing required) field `(?P<field>[^`]*)`$")

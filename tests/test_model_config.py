@@ -205,7 +205,7 @@ TEXT_ERRORS = [
     (model("name: 'm' base_path: 'models/m'"),
      r"config\[0\] \(model 'm'\): base_path: must be an absolute path or a URL .*got 'models/m'"),
     (model("name: 'm' base_path: '/m' model_platform: 'pytorch'"),
-     r"model_platform: Input should be 'tensorflow' or 'kiln' \(got 'pytorch'\)"),
+     r"model_platform: must be 'tensorflow' or 'kiln', got 'pytorch'"),
     (model("name: 'm' base_path: '/m' model_type: TENSORFLOW model_platform: 'tensorflow'"),
      r"sets both model_platform and the deprecated model_type"),
     (model("name: 'm' base_path: '/m' model_type: OTHER"), r"model_type OTHER is not supported"),
@@ -244,7 +244,7 @@ MAPPING_ERRORS = [
      r"model 'm' is listed more than once"),
     ("model_config_list: [{base_path: /m}]", r"config\[0\]: name: is missing"),
     ("model_config_list: [{name: m, base_path: /m, model_platform: onnx}]",
-     r"model_platform: Input should be 'tensorflow' or 'kiln' \(got 'onnx'\)"),
+     r"model_platform: must be 'tensorflow' or 'kiln', got 'onnx'"),
     ("custom_model_config: {}", r"custom_model_config is not supported"),
     ("model_config_list: [{name: m, base_path: /m, model_version_policy: {specific: {versions: [1]}}, "
      "version_labels: {canary: 2}}]", r"label 'canary' points to version 2, which the specific policy"),

@@ -105,10 +105,9 @@ def numeric_rows(text: bytes, shape: tuple | None, dtype: str) -> np.ndarray | N
 
 def flat_numbers(text: bytes) -> np.ndarray:
     """Every number of nested JSON lists, in order, as float64: simdjson writes them straight into
-    one buffer, where orjson made a Python float of each and numpy then read them back (about 2x the
-    whole decode of a 32x32x3 image, load/codec_cost.py). It does not check that the lists nest
-    evenly: numeric_rows has done so. A fresh parser per call: it is cheap, and parsers are not
-    shared between threads."""
+    one buffer, where orjson made a Python float of each for numpy to read back (that took twice as
+    long for a 32x32x3 image). It does not check that the lists nest evenly: numeric_rows has. A
+    fresh parser per call: it is cheap, and a parser must not be shared between threads."""
     document = simdjson.Parser().parse(text)
     if not isinstance(document, simdjson.Array):
         raise TypeError("not a list")

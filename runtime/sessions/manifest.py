@@ -12,7 +12,7 @@ from typing import Annotated
 
 import msgspec
 
-from runtime.record import Record, problem
+from runtime.record import NonEmpty, NonNegative, Positive, Record, problem
 from runtime.sessions.encoding import FormatError
 from runtime.sessions.keys import SessionKeys
 
@@ -26,12 +26,9 @@ def version_of(value: bytes | None) -> int:
     return int(match[1]) if match else 0
 
 
-Positive = Annotated[int, msgspec.Meta(ge=1)]
-
-
 class TensorEntry(Record, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1)]
-    chunks: Annotated[int, msgspec.Meta(ge=0)]  # data chunks, after the header chunk
+    name: NonEmpty
+    chunks: NonNegative  # data chunks, after the header chunk
 
 
 class SessionManifest(Record, frozen=True):
